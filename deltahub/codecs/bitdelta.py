@@ -1,0 +1,137 @@
+"""BitDelta (arXiv 2402.10193): ``delta ≈ scale * sign(delta)``, one bit per weight plus scales.
+
+Scales are the L2-optimal ``mean(|delta|)`` over a whole tensor (the paper's), each output
+row, or each group of ``group_size`` consecutive columns of a row. Decoding is exact:
+the decoded delta is ``+scale`` where the stored bit is 1 and ``-scale`` where it is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import register_codec
+from ._bits import pack_bits, packed_cols, unpack_bits
+from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from ..errors import CodecError, InvalidCodecParamsError
+
+GRANULARITIES = ("tensor", "row", "group")
+# Byte value -> its 8 signs (+1.0 for bit 1, -1.0 for bit 0), LSB first.
+_PM1_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
+
+
+def scale_shape(rows: int, cols: int, granularity: str, group_size: int) -> tuple[int, ...]:
+    """Shape of the stored float32 scale tensor."""
+    if granularity == "tensor":
+        return (1,)
+    if granularity == "row":
+        return (rows,)
+    return (rows, (cols + group_size - 1) // group_size)
+
+
+def bitdelta_scales(delta2d: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-optimal scales for ``sign(delta)`` (mean |delta| per tensor / row / column group) and group sizes."""
+    l1 = torch.linalg.vector_norm
+    rows, cols = delta2d.shape
+    if granularity == "tensor":
+        n = torch.tensor([float(rows * cols)], dtype=torch.float64)
+        sums = l1(delta2d, 1, dtype=torch.float64).reshape(1)
+    elif granularity == "row":
+        n = torch.tensor([float(cols)], dtype=torch.float64)
+        sums = l1(delta2d, 1, dim=1)
+    else:
+        ngroups = (cols + group_size - 1) // group_size
+        pad = ngroups * group_size - cols
+        padded = torch.nn.functional.pad(delta2d, (0, pad)) if pad else delta2d
+        sums = l1(padded.reshape(rows, ngroups, group_size), 1, dim=2)
+        n = torch.full((ngroups,), float(group_size), dtype=torch.float64)
+        n[-1] = group_size - pad
+    return (sums.to(torch.float64) / n).to(torch.float32), n
+
+
+def expand_scales(scale: torch.Tensor, rows: int, cols: int, granularity: str, group_size: int) -> torch.Tensor:
+    """Broadcastable float32 scale for a ``[rows, cols]`` matrix."""
+    if granularity == "tensor":
+        return scale.reshape(1, 1)
+    if granularity == "row":
+        return scale.reshape(rows, 1)
+    return scale.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+@register_codec
+class BitDelta(Codec):
+    """1-bit sign of the delta, packed 8 per byte along the last axis, with float32 scales."""
+
+    name = "bitdelta"
+    default_params: dict[str, Any] = {"granularity": "tensor", "group_size": 128}
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = super().validate_params(params)
+        if p["granularity"] not in GRANULARITIES:
+            raise InvalidCodecParamsError(
+                f"codec 'bitdelta': granularity={p['granularity']!r} is not one of {', '.join(GRANULARITIES)}"
+            )
+        check_range(self.name, "group_size", p["group_size"], lo=1, integer=True)
+        if p["granularity"] != "group":
+            p.pop("group_size")
+        return p
+
+    def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
+        delta = inp.delta
+        rows, cols = matrix_view_shape(delta.shape)
+        d2 = delta.reshape(rows, cols)
+        g = params.get("group_size", 0)
+        scale, counts = bitdelta_scales(d2, params["granularity"], g)
+        # A finite sum of |delta| means every element is finite: no separate NaN/Inf pass.
+        if not bool(torch.isfinite(scale).all()):
+            raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; BitDelta cannot code them")
+        sign = pack_bits(d2 >= 0)
+        # ||delta - s*sign||^2 = ||delta||^2 - n*s^2 per scale group (s = mean|delta| is L2-optimal).
+        d_sq = float(torch.linalg.vector_norm(d2, 2)) ** 2
+        s64 = scale.to(torch.float64)
+        captured = float((s64 * s64 * counts).sum())
+        stats = {"delta_l2": d_sq**0.5, "error_l2": max(d_sq - captured, 0.0) ** 0.5}
+        return Encoded({"sign": sign, "scale": scale}, dict(params), stats)
+
+    def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        rows, cols = matrix_view_shape(shape)
+        g = params.get("group_size", 0)
+        granularity = params["granularity"]
+        sign, scale = stored["sign"], stored["scale"]
+        if tuple(sign.shape) != (rows, packed_cols(cols)) or tuple(scale.shape) != scale_shape(rows, cols, granularity, g):
+            raise CodecError(
+                f"bitdelta: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not fit tensor shape {list(shape)}"
+            )
+        s = expand_scales(scale.to(torch.float32), rows, cols, granularity, g)
+        return torch.where(unpack_bits(sign, cols), s, -s).reshape(shape)
+
+    def reconstruct(
+        self,
+        stored: dict[str, torch.Tensor],
+        params: dict[str, Any],
+        base: torch.Tensor | None,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``dtype(float32(base) + where(bit, s, -s))`` in one fused multiply-add (±1·s is exact)."""
+        if base is None:
+            raise CodecError("bitdelta needs the base tensor to rebuild")
+        rows, cols = matrix_view_shape(shape)
+        sign, scale = stored["sign"], stored["scale"]
+        g = params.get("group_size", 0)
+        if tuple(sign.shape) != (rows, packed_cols(cols)) or tuple(scale.shape) != scale_shape(rows, cols, params["granularity"], g):
+            raise CodecError(
+                f"bitdelta: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not fit tensor shape {list(shape)}"
+            )
+        pm1 = _PM1_TABLE[sign.to(torch.int64)].reshape(rows, -1)[:, :cols]
+        s = expand_scales(scale.to(torch.float32), rows, cols, params["granularity"], g)
+        out = torch.addcmul(base.reshape(rows, cols).to(torch.float32), pm1, s)
+        return out.to(dtype).reshape(shape)
+
+    def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int:
+        rows, cols = matrix_view_shape(shape)
+        n_scale = 1
+        for s in scale_shape(rows, cols, params["granularity"], params.get("group_size", 0)):
+            n_scale *= s
+        return rows * packed_cols(cols) + 4 * n_scale

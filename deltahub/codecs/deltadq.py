@@ -1,0 +1,274 @@
+"""DeltaDQ (arXiv 2410.08666): group-wise dropout of the delta, then separate quantization.
+
+1. **Group-wise dropout.** Each row of the ``[rows, cols]`` view is cut into groups of
+   ``group_size`` consecutive columns; in every group exactly ``keep = round((1 - p) * group_size)``
+   elements survive, chosen by the seeded counter-based generator (``_rng.group_keep_mask``), and
+   are rescaled by ``group_size / keep``. The mask costs zero bytes: it is regenerated from
+   ``(seed, stream)``.
+2. **Group size.** With ``group_size="auto"`` the group size minimizing the *expected* squared
+   error of the layer output ``X @ delta.T`` is chosen (:func:`group_size_errors`); ``X`` is the
+   calibration input when given, else one all-ones input (the delta entries are the intermediate
+   results).
+3. **Separate quantization.** Kept (rescaled) values are quantized to ``bits``-bit codes
+   (per-tensor k-means codebook or per-group uniform), then split by value range into ``parts``
+   parts: the part id of every kept value, and for each part the low bits of its members, stored
+   as separate streams, each zstd-compressed when that is smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import register_codec
+from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_stream,
+                     merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
+from ._rng import check_seed, group_keep_mask, name_stream
+from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from ..errors import CodecError, InvalidCodecParamsError
+
+#: Presets named by the compression ratio against the fp16 delta, ``16 / ((1 - p) * bits)``
+#: (stream rounding and the codebook excluded; zstd only makes them smaller). Chosen by
+#: measurement, see docs/deltadq.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "16x": {"p": 0.5, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+    "32x": {"p": 0.75, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+    "64x": {"p": 0.875, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+    "128x": {"p": 0.9375, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+    "256x": {"p": 0.96875, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+    "512x": {"p": 0.984375, "bits": 2, "parts": 2, "quantizer": "kmeans"},
+}
+#: Largest power-of-two group size ``group_size="auto"`` tries (the row length is always tried too).
+AUTO_MAX_GROUP = 4096
+#: Calibration rows used by the group-size procedure (an even-stride subsample beyond this).
+CALIB_MAX_TOKENS = 512
+DEFAULT_QGROUP = 64
+
+
+def keep_count(p: float, group_size: int) -> int:
+    """Kept elements per group: ``floor((1 - p) * group_size + 0.5)`` in IEEE-754 double."""
+    return int(math.floor((1.0 - float(p)) * group_size + 0.5))
+
+
+def auto_candidates(cols: int, p: float) -> list[int]:
+    """Group sizes ``auto`` compares: powers of two dividing ``cols`` whose keep count is a whole,
+    non-zero number (``(1 - p) * g`` integral), and ``cols`` itself (rounded keep count)."""
+    out = []
+    g = 2
+    while g <= min(cols, AUTO_MAX_GROUP):
+        exact = (1.0 - p) * g
+        if cols % g == 0 and abs(exact - round(exact)) < 1e-9 and round(exact) >= 1:
+            out.append(g)
+        g *= 2
+    if cols not in out and keep_count(p, cols) >= 1:
+        out.append(cols)
+    return out
+
+
+def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
+                      calibration: torch.Tensor | None = None) -> dict[int, float]:
+    """Expected ``||X (D_hat - D)^T||_F^2`` of group-wise dropout for each candidate group size.
+
+    Keeping ``n`` of ``g`` elements uniformly at random and rescaling by ``g / n`` estimates each
+    group's partial sum ``sum_j x_tj D_ij`` without bias, with the sampling-without-replacement
+    variance ``g (g - n) / (n (g - 1)) * sum_j (z_tj - mean_G z_t)^2``, ``z_tj = x_tj D_ij``.
+    Groups are independent, so summing over tokens ``t``, rows ``i`` and groups gives
+    ``c(g) * (sum_ij D_ij^2 H_jj - sum_{i,G} (1/g) D_iG^T H_GG D_iG)`` with ``H = X^T X``.
+    The smaller the within-group spread of the intermediate results ("balanced intermediate
+    results"), the smaller the error. ``calibration=None`` takes one all-ones input (``H = 1 1^T``),
+    i.e. the delta entries themselves as the intermediate results; isotropic inputs (``H = I``)
+    would make every group size equal (``E = p / (1 - p) * ||D||^2``) and so could not choose.
+    """
+    d = delta2d.to(torch.float64)
+    rows, cols = d.shape
+    x = None
+    if calibration is not None:
+        x = calibration.reshape(-1, calibration.shape[-1]).to(torch.float64)
+        if x.shape[1] != cols:
+            raise CodecError(f"calibration has {x.shape[1]} features but the tensor has {cols} columns")
+        if x.shape[0] > CALIB_MAX_TOKENS:
+            x = x[:: (x.shape[0] + CALIB_MAX_TOKENS - 1) // CALIB_MAX_TOKENS]
+    hdiag = (x * x).sum(0) if x is not None else torch.ones(cols, dtype=torch.float64)
+    term1 = float((d * d * hdiag).sum())
+    h = x.T @ x if x is not None else None
+    out: dict[int, float] = {}
+    for g in candidates:
+        n = keep_count(p, g)
+        if n >= g:
+            out[g] = 0.0
+            continue
+        nb = cols // g
+        d3 = d.view(rows, nb, g)
+        if x is None:
+            term2 = float((d3.sum(2) ** 2).sum()) / g
+        elif g <= x.shape[0]:
+            hb = h.view(nb, g, nb, g).diagonal(dim1=0, dim2=2)  # [g, g, nb]: the diagonal blocks
+            term2 = float(torch.einsum("rbj,jkb,rbk->", d3, hb, d3)) / g
+        else:
+            y = torch.einsum("tbj,rbj->tbr", x.view(-1, nb, g), d3)  # per-group partial outputs
+            term2 = float((y * y).sum()) / g
+        c = g * (g - n) / (n * (g - 1))
+        out[g] = c * max(term1 - term2, 0.0)
+    return out
+
+
+def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor | None = None) -> int:
+    """The candidate group size with the smallest expected output error (ties: the larger group)."""
+    cols = delta2d.shape[1]
+    cands = auto_candidates(cols, p)
+    if not cands:
+        raise InvalidCodecParamsError(f"codec 'deltadq': no group size keeps an element at p={p} for {cols} columns")
+    errs = group_size_errors(delta2d, p, cands, calibration)
+    best = min(errs.values())
+    return max(g for g, e in errs.items() if e <= best * (1 + 1e-9))
+
+
+def _part_bits(bits: int, parts: int) -> tuple[int, int]:
+    """(bits of a part id, bits of a value inside its part)."""
+    pb = parts.bit_length() - 1
+    return pb, bits - pb
+
+
+@register_codec
+class DeltaDQ(Codec):
+    """Group-wise dropout (seeded, zero-byte mask) + separate quantization of the kept values."""
+
+    name = "deltadq"
+    default_params: dict[str, Any] = {
+        "preset": "16x", "p": None, "bits": None, "parts": None, "quantizer": None, "qgroup": None,
+        "group_size": "auto", "seed": 0, "stream": None, "entropy": "zstd",
+    }
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        m = super().validate_params(params)
+        preset = m["preset"]
+        if preset is not None:
+            if preset not in PRESETS:
+                raise InvalidCodecParamsError(
+                    f"codec 'deltadq': unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+            for key, val in PRESETS[preset].items():
+                if m[key] is None:
+                    m[key] = val
+        if m["p"] is None or m["bits"] is None:
+            raise InvalidCodecParamsError("codec 'deltadq': give a preset, or both p and bits")
+        m["parts"] = 1 if m["parts"] is None else m["parts"]
+        m["quantizer"] = "kmeans" if m["quantizer"] is None else m["quantizer"]
+        check_range(self.name, "p", m["p"], lo=0.0, hi=1.0, hi_open=True)
+        check_range(self.name, "bits", m["bits"], lo=1, hi=8, integer=True)
+        check_range(self.name, "parts", m["parts"], lo=1, hi=1 << m["bits"], integer=True)
+        if m["parts"] & (m["parts"] - 1):
+            raise InvalidCodecParamsError(f"codec 'deltadq': parts={m['parts']} must be a power of two")
+        if m["quantizer"] not in QUANTIZERS:
+            raise InvalidCodecParamsError(
+                f"codec 'deltadq': quantizer={m['quantizer']!r} is not one of {', '.join(QUANTIZERS)}")
+        if m["quantizer"] == "uniform":
+            m["qgroup"] = DEFAULT_QGROUP if m["qgroup"] is None else m["qgroup"]
+            check_range(self.name, "qgroup", m["qgroup"], lo=1, integer=True)
+        else:
+            m["qgroup"] = None
+        if m["group_size"] != "auto":
+            check_range(self.name, "group_size", m["group_size"], lo=1, integer=True)
+            if keep_count(m["p"], m["group_size"]) < 1:
+                raise InvalidCodecParamsError(
+                    f"codec 'deltadq': group_size={m['group_size']} keeps no element at p={m['p']}; "
+                    f"use group_size >= {math.ceil(0.5 / (1 - m['p']))}")
+        check_seed(self.name, m["seed"])
+        if m["stream"] is not None:
+            check_range(self.name, "stream", m["stream"], lo=0, hi=0xFFFFFFFF, integer=True)
+        if m["entropy"] not in ("zstd", "none"):
+            raise InvalidCodecParamsError(f"codec 'deltadq': entropy={m['entropy']!r} is not 'zstd' or 'none'")
+        return m
+
+    def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
+        delta = inp.delta
+        if not torch.isfinite(delta).all():
+            raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; deltadq cannot code them")
+        rows, cols = matrix_view_shape(delta.shape)
+        d2 = delta.reshape(rows, cols)
+        p, bits, parts = float(params["p"]), params["bits"], params["parts"]
+        g = params["group_size"]
+        if g == "auto":
+            g = choose_group_size(d2, p, inp.calibration)
+        elif cols % g:
+            raise InvalidCodecParamsError(
+                f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
+        keep = keep_count(p, g)
+        stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
+        mask = group_keep_mask(params["seed"], stream, rows, cols, g, keep)
+        values = d2[mask] * (g / keep)
+        out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
+               "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
+        tensors: dict[str, torch.Tensor] = {}
+        if params["quantizer"] == "kmeans":
+            codebook, codes = kmeans_codebook(values, bits)
+            tensors["codebook"] = codebook
+        else:
+            q = quantize_uniform(values, bits, params["qgroup"])
+            codes = q.codes
+            tensors.update(norm=q.norm, qmin=q.mins, qstep=q.steps)
+            out["qgroup"] = params["qgroup"]
+        entropy = params["entropy"] == "zstd"
+        pbits, lbits = _part_bits(bits, parts)
+        part, low = split_parts(codes, bits, parts)
+        if pbits:
+            tensors["part"] = store_stream(part, pbits, entropy=entropy)
+        if lbits:
+            for j in range(parts):
+                tensors[f"low{j}"] = store_stream(low[part == j], lbits, entropy=entropy)
+        return Encoded(tensors, out)
+
+    def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        rows, cols = matrix_view_shape(shape)
+        g, bits, parts = params["group_size"], params["bits"], params["parts"]
+        if cols % g:
+            raise CodecError(f"deltadq: group_size {g} does not divide the last dimension of shape {list(shape)}")
+        mask = group_keep_mask(params["seed"], params["stream"], rows, cols, g, keep_count(params["p"], g))
+        n = rows * (cols // g) * keep_count(params["p"], g)
+        codes = self._codes(stored, n, bits, parts)
+        if params["quantizer"] == "kmeans":
+            cb = stored["codebook"]
+            if cb.dtype != torch.float32 or tuple(cb.shape) != (1 << bits,):
+                raise CodecError(f"deltadq: codebook must be float32 [{1 << bits}], got {cb.dtype} {list(cb.shape)}")
+            values = cb[codes]
+        else:
+            qg = params["qgroup"]
+            ng = num_groups(n, qg)
+            qmin, qstep, norm = stored["qmin"], stored["qstep"], stored["norm"]
+            if tuple(qmin.shape) != (ng,) or tuple(qstep.shape) != (ng,) or tuple(norm.shape) != (1,):
+                raise CodecError(f"deltadq: uniform scales do not fit {n} values in groups of {qg}")
+            values = dequantize_uniform(codes, qmin, qstep, norm, qg)
+        out = torch.zeros(rows, cols, dtype=torch.float32)
+        out[mask] = values
+        return out.reshape(shape)
+
+    @staticmethod
+    def _codes(stored: dict[str, torch.Tensor], n: int, bits: int, parts: int) -> torch.Tensor:
+        pbits, lbits = _part_bits(bits, parts)
+        part = load_stream(stored["part"], n, pbits) if pbits else torch.zeros(n, dtype=torch.int64)
+        low = torch.zeros(n, dtype=torch.int64)
+        if lbits:
+            for j in range(parts):
+                sel = part == j
+                low[sel] = load_stream(stored[f"low{j}"], int(sel.sum()), lbits)
+        return merge_parts(part, low, bits, parts)
+
+    def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
+        """Exact only without entropy coding and with one part (per-part streams round to whole bytes);
+        otherwise None (see :func:`max_nbytes` for the bound)."""
+        if params.get("entropy", "zstd") != "none" or params["parts"] != 1 or params["group_size"] == "auto":
+            return None
+        return max_nbytes(shape, params)
+
+
+def max_nbytes(shape: tuple[int, ...], params: dict[str, Any]) -> int:
+    """Upper bound of the stored bytes (exact for ``entropy="none"`` and ``parts=1``):
+    side info + ``ceil(N log2(parts) / 8) + sum_j ceil(N_j b / 8) <= ... + ceil(N b / 8) + parts - 1``."""
+    rows, cols = matrix_view_shape(shape)
+    g, bits, parts = params["group_size"], params["bits"], params["parts"]
+    n = rows * (cols // g) * keep_count(params["p"], g)
+    pbits, lbits = _part_bits(bits, parts)
+    side = 4 * (1 << bits) if params["quantizer"] == "kmeans" else 4 + 4 * num_groups(n, params["qgroup"])
+    low = (packed_nbytes(n, lbits) + parts - 1) if lbits else 0
+    return side + (packed_nbytes(n, pbits) if pbits else 0) + low

@@ -1,0 +1,120 @@
+"""Lossless storage: the exact fine-tuned bits, as an XOR against the base or in full, optionally zstd.
+
+``xor`` stores ``bits(finetuned) XOR bits(base)`` (same dtype and shape required): it is exact
+and, because sign and exponent bits rarely change, compresses well with zstd, better still
+when the bytes are first regrouped into byte planes (``shuffle``, as in blosc). ``full`` stores
+the fine-tuned tensor itself, for tensors with no base counterpart or a different shape
+(e.g. a resized vocabulary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import zstandard
+
+from . import register_codec
+from .base import Codec, EncodeInput, Encoded, check_range
+from ..errors import CodecError, InvalidCodecParamsError
+from ..format.io import bytes_to_tensor, tensor_bytes
+
+MODES = ("auto", "xor", "full")
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    """Same bytes, as a signed integer dtype of the same width (so XOR is defined)."""
+    t = t.contiguous()
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.numel() else torch.empty(t.shape, dtype=_INT_OF_SIZE[t.element_size()])
+
+
+def _shuffle(data: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """Byte planes: byte 0 of every element, then byte 1, ... (identity for 1-byte dtypes)."""
+    return data.reshape(-1, itemsize).t().contiguous().reshape(-1) if itemsize > 1 else data
+
+
+def _unshuffle(planes: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """Inverse of :func:`_shuffle`."""
+    return planes.reshape(itemsize, -1).t().contiguous().reshape(-1) if itemsize > 1 else planes
+
+
+@register_codec
+class Raw(Codec):
+    """Exact storage; ``mode='auto'`` picks ``xor`` when the base tensor matches in shape and dtype."""
+
+    name = "raw"
+    needs_base = False
+    default_params: dict[str, Any] = {"mode": "auto", "zstd_level": 1, "shuffle": True}
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        p = super().validate_params(params)
+        if p["mode"] not in MODES:
+            raise InvalidCodecParamsError(f"codec 'raw': mode={p['mode']!r} is not one of {', '.join(MODES)}")
+        check_range(self.name, "zstd_level", p["zstd_level"], lo=0, hi=22, integer=True)
+        if not isinstance(p["shuffle"], bool):
+            raise InvalidCodecParamsError(f"codec 'raw': shuffle must be true or false, got {p['shuffle']!r}")
+        return p
+
+    def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
+        ft, base = inp.finetuned, inp.base
+        can_xor = base is not None and base.shape == ft.shape and base.dtype == ft.dtype
+        mode = params["mode"]
+        if mode == "auto":
+            mode = "xor" if can_xor else "full"
+        if mode == "xor" and not can_xor:
+            raise CodecError(
+                f"tensor {inp.name!r}: raw mode 'xor' needs a base tensor of the same shape and dtype "
+                f"(fine-tune {ft.dtype} {list(ft.shape)}, base {None if base is None else (base.dtype, list(base.shape))})"
+            )
+        payload = _int_view(ft) ^ _int_view(base) if mode == "xor" else ft
+        data = tensor_bytes(payload)
+        level = params["zstd_level"]
+        if level > 0 and data.numel():
+            planes = _shuffle(data, ft.element_size()) if params["shuffle"] else data
+            comp = zstandard.ZstdCompressor(level=level).compress(memoryview(planes.numpy()))
+            if len(comp) < data.numel():
+                out = {"mode": mode, "zstd_level": level, "shuffle": params["shuffle"]}
+                return Encoded({"zstd": torch.frombuffer(bytearray(comp), dtype=torch.uint8)}, out)
+        return Encoded({"data": data}, {"mode": mode, "zstd_level": 0, "shuffle": False})
+
+    def _payload(self, stored: dict[str, torch.Tensor], params: dict[str, Any], nbytes: int, itemsize: int) -> torch.Tensor:
+        if "zstd" in stored:
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(memoryview(stored["zstd"].contiguous().numpy()), max_output_size=nbytes)
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"raw: zstd payload is corrupt ({exc})") from None
+            buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+            if params.get("shuffle") and buf.numel() == nbytes:
+                buf = _unshuffle(buf, itemsize)
+        else:
+            buf = stored["data"]
+        if buf.numel() != nbytes:
+            raise CodecError(f"raw: payload has {buf.numel()} bytes, the tensor needs {nbytes}")
+        return buf
+
+    def reconstruct(
+        self,
+        stored: dict[str, torch.Tensor],
+        params: dict[str, Any],
+        base: torch.Tensor | None,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        buf = self._payload(stored, params, nbytes, torch.empty((), dtype=dtype).element_size())
+        if params["mode"] == "full":
+            return bytes_to_tensor(buf, dtype, tuple(shape))
+        if base is None:
+            raise CodecError("raw mode 'xor' needs the base tensor to rebuild")
+        x = bytes_to_tensor(buf, _INT_OF_SIZE[base.element_size()], tuple(shape))
+        return (_int_view(base) ^ x).view(dtype) if n else torch.empty(shape, dtype=dtype)
+
+    def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        raise CodecError("raw stores exact tensors; rebuild with reconstruct() and subtract the base for a delta")
+
+    def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
+        return None

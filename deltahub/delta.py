@@ -1,0 +1,271 @@
+"""A delta on disk, and rebuilding the fine-tune from base + delta (streaming, verified, atomic)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._progress import progress_bar
+from .codecs import get_codec
+from .errors import BaseMismatchError, CodecError, ShapeMismatchError, UnsupportedFormatError
+from .format.delta_files import DeltaFiles
+from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
+from .format.manifest import Manifest, TensorEntry
+from .format.spec import MANIFEST_NAME, dtype_from_name
+
+#: Output model shards are cut above this size, like transformers' ``max_shard_size``.
+DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
+
+
+class Delta:
+    """A compressed fine-tune: manifest + stored tensors + tokenizer files, in one directory."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(self.directory)
+        for name, entry in self.manifest.tensors.items():
+            try:
+                get_codec(entry.codec)
+            except CodecError:
+                raise UnsupportedFormatError(
+                    f"tensor {name!r} uses codec {entry.codec!r}, which this deltahub does not know (written by a newer version?)",
+                    path=self.directory / MANIFEST_NAME,
+                ) from None
+        self.files = DeltaFiles(self.directory, self.manifest)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | Path | None = None, endpoint: str | None = None) -> Delta:
+        """Open a delta: a local directory, or a Hub repo id (``namespace/name[@rev]``) downloaded to the Hub cache.
+
+        Only the delta is fetched; the base comes later (:meth:`apply`, :func:`deltahub.hub.pull`).
+        """
+        from .hub import download_delta, is_hub_spec
+
+        if is_hub_spec(path_or_repo_id):
+            return cls(download_delta(str(path_or_repo_id), revision, token=token, cache_dir=cache_dir, endpoint=endpoint))
+        return cls(path_or_repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Publish this delta as a Hub model repo in one commit, with a model card (see :func:`deltahub.hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    # ------------------------------------------------------------------ per tensor
+
+    def reconstruct(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """The fine-tuned tensor ``name`` rebuilt from its stored tensors and the base tensor."""
+        return self._rebuild(name, self.files.stored(self.manifest.tensors[name].stored), base)
+
+    def _rebuild(self, name: str, stored: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        entry = self.manifest.tensors[name]
+        codec = get_codec(entry.codec)
+        out = codec.reconstruct(stored, entry.params, base, tuple(entry.shape), dtype_from_name(entry.dtype))
+        if list(out.shape) != entry.shape:
+            raise ShapeMismatchError(f"tensor {name!r} rebuilt as {list(out.shape)}, manifest says {entry.shape}", path=self.directory)
+        return out
+
+    def delta_tensor(self, name: str) -> torch.Tensor:
+        """The float32 delta of a delta-coded tensor (for resident delta modules)."""
+        entry = self.manifest.tensors[name]
+        return get_codec(entry.codec).decode_delta(self.files.stored(entry.stored), entry.params, tuple(entry.shape))
+
+    # ------------------------------------------------------------------ base checks
+
+    def _needs_base(self, entry: TensorEntry) -> bool:
+        return entry.base_sha256 is not None and not (entry.codec == "raw" and entry.params.get("mode") == "full")
+
+    def check_base_structure(self, base: Checkpoint, *, check_base: bool = True) -> None:
+        """Header-only check that ``base`` has every tensor the delta needs, with the recorded shape.
+
+        With ``check_base`` the base must also have exactly the tensors the delta was made
+        against (same names, dtypes, shapes); content is verified while streaming.
+        """
+        m = self.manifest
+        for name, entry in m.tensors.items():
+            if not self._needs_base(entry):
+                continue
+            if name not in base:
+                raise BaseMismatchError(
+                    f"the base has no tensor {name!r}, which the delta was made against "
+                    f"(delta base: {m.base.name_or_path}, fingerprint {m.base.fingerprint})",
+                    path=base.path,
+                )
+            info = base.info(name)
+            if list(info.shape) != entry.shape:
+                raise ShapeMismatchError(
+                    f"base tensor {name!r} has shape {list(info.shape)}, the delta expects {entry.shape}", path=base.path
+                )
+            if entry.codec == "raw" and str(info.dtype).removeprefix("torch.") != entry.dtype:
+                raise ShapeMismatchError(f"base tensor {name!r} is {info.dtype}, the exact delta needs {entry.dtype}", path=base.path)
+        if not check_base:
+            return
+        expected = {n for n, e in m.tensors.items() if e.base_sha256 is not None} | set(m.base.extra_tensors)
+        have = set(base.keys())
+        if have != expected:
+            extra, missing = sorted(have - expected), sorted(expected - have)
+            raise BaseMismatchError(
+                f"the base's tensors differ from those the delta was made against ({m.base.name_or_path}): "
+                f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]}); "
+                "pass check_base=False / --ignore-base-mismatch to apply anyway",
+                path=base.path,
+            )
+
+    # ------------------------------------------------------------------ whole model
+
+    def iter_tensors(self, base: Checkpoint, *, check_base: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, rebuilt tensor)`` in storage order, verifying each base tensor's sha256."""
+        self.check_base_structure(base, check_base=check_base)
+        m = self.manifest
+        digests: dict[str, str] = {}
+
+        def load(name: str) -> tuple[torch.Tensor | None, str | None, dict[str, torch.Tensor]]:
+            entry = m.tensors[name]
+            stored = self.files.stored(entry.stored)
+            if self._needs_base(entry) or (check_base and entry.base_sha256 is not None):
+                return (*read_with_digest(base, name), stored)
+            return None, None, stored
+
+        for name, (base_t, digest, stored) in prefetch(list(m.tensors), load):
+            entry = m.tensors[name]
+            if check_base and entry.base_sha256 is not None:
+                if digest != entry.base_sha256:
+                    raise BaseMismatchError(
+                        f"base tensor {name!r} has sha256 {str(digest)[:16]}…, the delta was made against {entry.base_sha256[:16]}… "
+                        f"(base {m.base.name_or_path}, fingerprint {m.base.fingerprint}); "
+                        "pass check_base=False / --ignore-base-mismatch to apply anyway",
+                        path=base.path,
+                    )
+                digests[name] = digest
+            yield name, self._rebuild(name, stored, base_t)
+        if check_base:
+            for name, e in m.base.extra_tensors.items():
+                digests[name] = read_with_digest(base, name)[1]
+            fp = fingerprint({n: (base.info(n).dtype, base.info(n).shape, d) for n, d in digests.items()})
+            if fp != m.base.fingerprint:
+                raise BaseMismatchError(f"base fingerprint {fp} != {m.base.fingerprint} recorded in the delta", path=base.path)
+
+    def apply(
+        self,
+        base: str | Path,
+        output_dir: str | Path,
+        *,
+        check_base: bool = True,
+        overwrite: bool = False,
+        max_shard_size: int = DEFAULT_MODEL_SHARD_BYTES,
+        progress: bool | None = None,
+    ) -> Path:
+        """Write the rebuilt fine-tune as a complete model directory (config, tokenizer, safetensors)."""
+        m = self.manifest
+        with Checkpoint(base) as base_ckpt:
+            self.check_base_structure(base_ckpt, check_base=check_base)
+            specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
+            shards = _plan_shards(specs, max_shard_size)
+            total = sum(_nbytes(s) for s in specs)
+            with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress_bar("apply", total, enabled=progress) as advance:
+                stream = self.iter_tensors(base_ckpt, check_base=check_base)
+
+                def produce() -> Iterator[torch.Tensor]:
+                    for _, t in stream:
+                        advance(t.numel() * t.element_size())
+                        yield t
+
+                gen = produce()
+                weight_map: dict[str, str] = {}
+                for i, shard in enumerate(shards, start=1):
+                    fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                    write_safetensors(tmp / fname, shard, gen, {"format": "pt"})
+                    weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
+                for _ in gen:  # drain: runs the final whole-base fingerprint check
+                    pass
+                if len(shards) > 1:
+                    write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+                if m.config is not None:
+                    write_json_atomic(tmp / "config.json", m.config)
+                for fname in m.files:
+                    src = self.directory / fname
+                    if src.is_file() and not fname.startswith("delta") and fname != MANIFEST_NAME:
+                        shutil.copy2(src, tmp / fname)
+        return Path(output_dir)
+
+    def state_dict(self, base: str | Path, *, check_base: bool = True, progress: bool | None = None) -> dict[str, torch.Tensor]:
+        """All rebuilt tensors in memory."""
+        with Checkpoint(base) as base_ckpt:
+            total = sum(_nbytes((n, dtype_from_name(e.dtype), tuple(e.shape))) for n, e in self.manifest.tensors.items())
+            with progress_bar("rebuild", total, enabled=progress) as advance:
+                out = {}
+                for name, t in self.iter_tensors(base_ckpt, check_base=check_base):
+                    out[name] = t
+                    advance(t.numel() * t.element_size())
+        return out
+
+    def to_model(self, base: str | Path, *, check_base: bool = True, torch_dtype: torch.dtype | None = None,
+                 progress: bool | None = None, **model_kwargs: Any) -> Any:
+        """The rebuilt fine-tune as a ``transformers`` model (class from the config's ``architectures``)."""
+        import transformers
+
+        if self.manifest.config is None:
+            raise UnsupportedFormatError("the delta has no model config, so no transformers model can be built", path=self.directory)
+        config = transformers.AutoConfig.for_model(**self.manifest.config)
+        archs = self.manifest.config.get("architectures") or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        cls = cls or transformers.AutoModelForCausalLM
+        sd = self.state_dict(base, check_base=check_base, progress=progress)
+        kwargs = dict(model_kwargs)
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        else:
+            kwargs["dtype"] = next(iter(sd.values())).dtype if sd else None
+        model = cls.from_pretrained(None, config=config, state_dict=sd, **kwargs)
+        model.eval()
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """Manifest totals plus the format version and base, for ``deltahub info``."""
+        m = self.manifest
+        return {"format_version": m.format_version, "base": m.base.name_or_path, "fingerprint": m.base.fingerprint, **m.totals}
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
+    return math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
+
+
+def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    shards: list[list[Any]] = [[]]
+    size = 0
+    for s in specs:
+        n = _nbytes(s)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
+
+
+def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:
+    """Rebuild the fine-tune from ``base`` + ``delta`` into ``output_dir`` (see :meth:`Delta.apply`)."""
+    d = Delta(delta)
+    try:
+        return d.apply(base, output_dir, **kwargs)
+    finally:
+        d.close()
+
+
+def load_model(delta: str | Path, base: str | Path, **kwargs: Any) -> Any:
+    """The rebuilt fine-tune as a ``transformers`` model (see :meth:`Delta.to_model`)."""
+    d = Delta(delta)
+    try:
+        return d.to_model(base, **kwargs)
+    finally:
+        d.close()

@@ -1,0 +1,122 @@
+"""The delta's tensor files: ``delta.safetensors`` or ``delta-0000N-of-0000M.safetensors`` + index."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptFileError, ManifestError, MissingFileError
+from .io import SafetensorsFile, save_tensors, write_json_atomic
+from .manifest import Manifest
+from .spec import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SHARD_PATTERN,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+
+class DeltaShardWriter:
+    """Buffers stored tensors and cuts a new shard when ``max_shard_bytes`` would be exceeded.
+
+    Shards are written as they fill (memory holds at most one shard) under temporary names,
+    then renamed by :meth:`finish` once their count is known.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._codecs: Counter[str] = Counter()
+        self._buffered = 0
+        self._written: list[tuple[Path, list[str], int]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor], codec: str) -> None:
+        """Queue the stored tensors of one model tensor (kept together in one shard)."""
+        n = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._buffer and self._buffered + n > self.max_shard_bytes:
+            self._flush()
+        self._buffer.update(tensors)
+        self._buffered += n
+        if tensors:
+            self._codecs[codec] += 1
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self._written):05d}.tmp"
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "codecs": json.dumps(dict(sorted(self._codecs.items())))}
+        save_tensors(path, self._buffer, meta)
+        self._written.append((path, list(self._buffer), self._buffered))
+        self._buffer, self._buffered, self._codecs = {}, 0, Counter()
+
+    def finish(self) -> list[str]:
+        """Write the last shard, give shards their final names, write the index when sharded."""
+        if self._buffer or not self._written:
+            self._flush()
+        total = len(self._written)
+        if total == 1:
+            os.replace(self._written[0][0], self.directory / WEIGHTS_NAME)
+            return [WEIGHTS_NAME]
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (path, keys, _) in enumerate(self._written, start=1):
+            final = SHARD_PATTERN.format(index=i, total=total)
+            os.replace(path, self.directory / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            names.append(final)
+        index = {
+            "metadata": {"total_size": sum(n for *_, n in self._written), "format": FORMAT_NAME, "format_version": FORMAT_VERSION},
+            "weight_map": weight_map,
+        }
+        write_json_atomic(self.directory / WEIGHTS_INDEX_NAME, index)
+        return [*names, WEIGHTS_INDEX_NAME]
+
+
+class DeltaFiles:
+    """Read access to the stored tensors of a delta directory, checked against its manifest."""
+
+    def __init__(self, directory: str | Path, manifest: Manifest) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / WEIGHTS_INDEX_NAME
+        single = self.directory / WEIGHTS_NAME
+        self._by_key: dict[str, SafetensorsFile] = {}
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CorruptFileError(f"not a valid delta index ({exc!r})", path=index_path) from None
+            files = {name: SafetensorsFile(self.directory / name) for name in sorted(set(weight_map.values()))}
+            for key, fname in weight_map.items():
+                if key not in files[fname].tensors:
+                    raise CorruptFileError(f"index says {key!r} is in {fname}, but it is not there", path=index_path)
+                self._by_key[key] = files[fname]
+        elif single.is_file():
+            f = SafetensorsFile(single)
+            self._by_key = dict.fromkeys(f.tensors, f)
+        else:
+            raise MissingFileError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}", path=self.directory)
+        for name, entry in manifest.tensors.items():
+            for role, key in entry.stored.items():
+                if key not in self._by_key:
+                    raise ManifestError(
+                        f"manifest entry {name!r} names stored tensor {key!r} ({role}), which no delta file contains",
+                        path=self.directory,
+                    )
+
+    def stored(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Read the stored tensors of one entry, keyed by role."""
+        return {role: self._by_key[key].read(key) for role, key in keys.items()}
+
+    def metadata(self) -> list[dict[str, str]]:
+        """The ``__metadata__`` of every delta file."""
+        seen = {id(f): f for f in self._by_key.values()}
+        return [f.metadata for f in seen.values()]
+
+    def close(self) -> None:
+        for f in {id(f): f for f in self._by_key.values()}.values():
+            f.close()

@@ -1,0 +1,125 @@
+"""Storage-cost reports: bytes per codec and per tensor, bits per weight, ratios, delta error."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from rich.table import Table
+
+from .format.manifest import Manifest
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ints pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", text.upper())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 500MB, 2GB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, 3 significant digits: ``12.3 MB``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n} TB"
+
+
+def _rel_l2(stats: list[dict[str, float]]) -> float | None:
+    """Aggregate relative L2 error: sqrt(sum err^2) / sqrt(sum delta^2) over tensors with stats."""
+    d2 = sum(s["delta_l2"] ** 2 for s in stats if "delta_l2" in s)
+    e2 = sum(s["error_l2"] ** 2 for s in stats if "error_l2" in s)
+    if not any("delta_l2" in s for s in stats):
+        return None
+    return math.sqrt(e2 / d2) if d2 > 0 else 0.0
+
+
+def storage_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per codec plus a total row: tensors, parameters, bytes, bits/weight, ratio vs fp16, rel. L2."""
+    rows = []
+    by: dict[str, list[Any]] = {}
+    for e in manifest.tensors.values():
+        by.setdefault(e.codec, []).append(e)
+    total_params = sum(math.prod(e.shape) for e in manifest.tensors.values())
+    for codec, entries in sorted(by.items()):
+        params = sum(math.prod(e.shape) for e in entries)
+        nbytes = sum(e.stored_bytes for e in entries)
+        rows.append({
+            "codec": codec,
+            "tensors": len(entries),
+            "parameters": params,
+            "share": params / total_params if total_params else 0.0,
+            "stored_bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / params if params else 0.0,
+            "ratio_vs_fp16": (2 * params / nbytes) if nbytes else math.inf,
+            "rel_l2": _rel_l2([e.stats for e in entries if e.stats]),
+        })
+    nbytes = sum(r["stored_bytes"] for r in rows)
+    rows.append({
+        "codec": "total",
+        "tensors": len(manifest.tensors),
+        "parameters": total_params,
+        "share": 1.0,
+        "stored_bytes": nbytes,
+        "bits_per_weight": 8 * nbytes / total_params if total_params else 0.0,
+        "ratio_vs_fp16": (2 * total_params / nbytes) if nbytes else math.inf,
+        "rel_l2": _rel_l2([e.stats for e in manifest.tensors.values() if e.stats]),
+    })
+    return rows
+
+
+def storage_table(manifest: Manifest, title: str | None = None) -> Table:
+    """The ``deltahub info`` size table."""
+    table = Table(title=title, title_justify="left")
+    for col, just in (("codec", "left"), ("tensors", "right"), ("params", "right"), ("share", "right"),
+                      ("stored", "right"), ("bits/weight", "right"), ("vs fp16", "right"), ("delta rel. L2", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in storage_rows(manifest):
+        table.add_row(
+            r["codec"], str(r["tensors"]), f"{r['parameters']:,}", f"{100 * r['share']:.1f}%",
+            human_bytes(r["stored_bytes"]), f"{r['bits_per_weight']:.3f}",
+            "∞" if math.isinf(r["ratio_vs_fp16"]) else f"{r['ratio_vs_fp16']:.1f}x",
+            "" if r["rel_l2"] is None else f"{r['rel_l2']:.3f}",
+            style="bold" if r["codec"] == "total" else None,
+        )
+    return table
+
+
+def tensor_table(manifest: Manifest, limit: int | None = None) -> Table:
+    """Per-tensor rows: codec, shape, dtype, stored bytes, bits/weight, relative L2 of the delta."""
+    table = Table(title_justify="left")
+    for col in ("tensor", "codec", "shape", "dtype", "stored", "bits/weight", "rel. L2"):
+        table.add_column(col, justify="left" if col in ("tensor", "codec", "shape", "dtype") else "right")
+    items = list(manifest.tensors.items())[: limit or None]
+    for name, e in items:
+        n = math.prod(e.shape)
+        rel = e.stats.get("error_l2", 0) / e.stats["delta_l2"] if e.stats.get("delta_l2") else None
+        table.add_row(name, e.codec, "×".join(map(str, e.shape)), e.dtype, human_bytes(e.stored_bytes),
+                      f"{8 * e.stored_bytes / n:.3f}" if n else "-", "" if rel is None else f"{rel:.3f}")
+    return table
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """Render rows as a GitHub markdown table; ``columns`` = [(key, header)]."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞"
+        return f"{v:.4g}"
+    return str(v)

