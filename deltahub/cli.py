@@ -16,7 +16,7 @@ from rich.table import Table
 from . import __version__
 from .errors import DeltaHubError
 from .policy import Policy, Rule, parse_params
-from .report import human_bytes, parse_size, storage_table, tensor_table
+from .report import auto_table, human_bytes, parse_size, storage_table, tensor_table
 
 app = typer.Typer(
     name="deltahub",
@@ -93,7 +93,12 @@ def compress(
     base: str = typer.Argument(..., help="Base model: a directory with safetensors weights, a .safetensors file, or a Hub id namespace/name[@revision]."),
     finetuned: str = typer.Argument(..., help="Fine-tuned model, same forms as BASE."),
     output: Path = typer.Option(..., "-o", "--output", help="Delta directory to write (atomically)."),
-    codec: str = typer.Option("bitdelta", "--codec", help="Codec for transformer-block matrices (see `deltahub codecs`)."),
+    codec: str = typer.Option("bitdelta", "--codec", help="Codec for transformer-block matrices (see `deltahub codecs`), or auto: the lowest-error candidate per tensor within --target-ratio / --max-bytes."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named setting of the main codec, e.g. deltadq's 16x, 32x, ... 512x."),
+    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="--codec auto: each auto-coded tensor at most numel*2/R bytes (R times smaller than its fp16 delta)."),
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count."),
+    candidate: list[str] = typer.Option([], "--candidate", help="--codec auto: a candidate CODEC[:key=value,...] (repeat; default: bitdelta, deltadq presets, dare, topk-ternary)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE. Auto then scores output error."),
     scale_granularity: Optional[str] = typer.Option(None, "--scale-granularity", help="BitDelta scales: tensor | row | group."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="BitDelta: columns per scale group (implies group)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Codec parameters, key=value[,key=value]."),
@@ -116,11 +121,63 @@ def compress(
     from .compression import compress as _compress
 
     policy = _policy(codec, scale_granularity, group_size, param, rule, include, exclude)
+    cands = [_candidate(c) for c in candidate] or None
+    if cands is not None and not policy.uses_auto():
+        from .errors import InvalidCodecParamsError
+
+        raise InvalidCodecParamsError(f"--candidate only applies to --codec auto (or a PATTERN=auto rule); codec is {codec!r}")
     manifest = _compress(base, finetuned, output, policy=policy, overwrite=overwrite, max_shard_size=_size(max_shard_size),
                          compute_stats=not no_stats, progress=False if quiet else None,
-                         token=token, cache_dir=cache_dir, endpoint=endpoint)
+                         token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
+                         max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
+                         calibration=calibration)
     if not quiet:
         console.print(storage_table(manifest, title=f"delta written to {output}"))
+        table = auto_table(manifest)
+        if table is not None:
+            console.print(table)
+
+
+def _candidate(text: str) -> tuple[str, dict[str, Any]]:
+    """``CODEC[:key=value,...]`` -> ``(codec, params)`` (the --candidate syntax)."""
+    name, _, args = text.partition(":")
+    if not name.strip():
+        from .errors import InvalidCodecParamsError
+
+        raise InvalidCodecParamsError(f"candidate {text!r} is not CODEC[:key=value,...]")
+    return name.strip(), parse_params(args)
+
+
+@app.command()
+@_friendly
+def calibrate(
+    base: Path = typer.Argument(..., help="Base model directory (transformers loads it, float32 on CPU)."),
+    text: list[Path] = typer.Option(..., "--text", help="UTF-8 text file(s) to run through the model (tokenized with its tokenizer)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Calibration .safetensors file to write."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens to run (the texts are concatenated, then cut)."),
+    max_rows: int = typer.Option(512, "--max-rows", help="Input rows kept per layer (an even-stride subsample)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per forward pass."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Record the inputs of every Linear layer of BASE on some text, for `compress --calibration`."""
+    from .calibration import collect_activations, save_calibration
+    from .errors import CorruptFileError, MissingFileError, OutputExistsError
+
+    if output.exists() and not overwrite:
+        raise OutputExistsError("output already exists (pass --overwrite to replace it)", path=output)
+    texts = []
+    for t in text:
+        if not t.is_file():
+            raise MissingFileError("calibration text not found", path=t)
+        try:
+            texts.append(t.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CorruptFileError(f"not UTF-8 text ({exc})", path=t) from None
+    acts = collect_activations(base, texts, max_tokens=max_tokens, max_rows=max_rows, seq_len=seq_len)
+    save_calibration(acts, output, overwrite=overwrite, metadata={"model": str(base), "max_tokens": str(max_tokens)})
+    nbytes = sum(a.numel() * 4 for a in acts.values())
+    console.print(f"[green]calibration written to[/] {output}: {len(acts)} layers, "
+                  f"{max((a.shape[0] for a in acts.values()), default=0)} rows each at most, {human_bytes(nbytes)}", highlight=False)
 
 
 @app.command()
@@ -233,11 +290,13 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
                 remote_files: list[dict[str, Any]] | None = None) -> None:
     """Render a manifest (and, for Hub repos, the delta files' headers) as `deltahub info` prints it."""
     if as_json:
-        from .report import storage_rows
+        from .report import auto_rows, storage_rows
 
         out = {"format_version": m.format_version, "created_with": m.created_with, "base": m.base.name_or_path,
                "base_revision": m.base.revision, "fingerprint": m.base.fingerprint, "totals": m.totals,
                "codecs": storage_rows(m)}
+        if auto_rows(m):
+            out["auto"] = auto_rows(m)
         if remote_files is not None:
             out["repo"] = source
             out["files"] = remote_files
@@ -258,6 +317,9 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
                          f"({fp16 / stored if stored else float('inf'):.1f}x); checkpoint {human_bytes(ft_b)}")
     console.print(head)
     console.print(storage_table(m))
+    auto = auto_table(m)
+    if auto is not None:
+        console.print(auto)
     if remote_files:
         t = Table("file", "tensors", "payload", "codecs (header)", title="delta files on the Hub (headers only)", title_justify="left")
         for f in remote_files:

@@ -6,9 +6,11 @@ output shard of stored tensors; the base fingerprint is computed from the same r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,15 @@ import torch
 
 from . import __version__
 from ._progress import progress_bar
-from .codecs import EncodeInput, get_codec
+from .autoselect import choose, default_candidates
+from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
-from .errors import CodecError, DeltaHubError
+from .errors import CodecError, CorruptFileError, DeltaHubError, InvalidCodecParamsError, MissingFileError, ShapeMismatchError
 from .format.delta_files import DeltaShardWriter
 from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
-from .policy import Policy
+from .policy import AUTO, Policy, check_preset
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,6 +59,11 @@ def compress(
     token: str | bool | None = None,
     cache_dir: str | Path | None = None,
     endpoint: str | None = None,
+    preset: str | None = None,
+    target_ratio: float | None = None,
+    max_bytes: int | str | None = None,
+    candidates: list[tuple[str, dict[str, Any]]] | None = None,
+    calibration: str | Path | Mapping[str, torch.Tensor] | None = None,
 ) -> Manifest:
     """Compress ``finetuned`` against ``base`` into ``output_dir``.
 
@@ -65,12 +73,27 @@ def compress(
     so a pull fetches exactly that base. ``codec``/``params`` is the main codec applied by the
     default policy (transformer-block matrices); pass a :class:`~deltahub.policy.Policy` for
     per-pattern rules. The output is written to a temporary directory and renamed when complete.
+
+    ``preset`` names a preset of the main codec (e.g. DeltaDQ's ``"16x"``). A codec of ``"auto"``
+    (main, or a rule's) picks per tensor, among ``candidates`` (default
+    :func:`~deltahub.autoselect.default_candidates`), the setting of lowest error within the
+    budget: ``target_ratio`` R caps each auto-coded tensor at ``numel * 2 / R`` bytes (R times
+    smaller than its fp16 delta); ``max_bytes`` caps the auto-coded tensors' total: each one may
+    use its numel-proportional share of what earlier ones left, so the total never exceeds it.
+    ``calibration`` (a dict or a ``.safetensors`` file from :mod:`deltahub.calibration`, or any
+    other file read as UTF-8 text and run through the base) gives each tensor its layer's inputs;
+    auto then scores by output error (``rel_output``) instead of the delta's L2 error.
     """
     hub_kw = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint}
     base, base_name_or_path, base_revision = _resolve_input(base, base_name_or_path, base_revision, role="base", **hub_kw)
     finetuned, finetuned_name_or_path, finetuned_revision = _resolve_input(finetuned, finetuned_name_or_path, finetuned_revision, role="fine-tune", **hub_kw)
     policy = policy or Policy(codec=codec, params=dict(params or {}))
-    base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
+    if preset is not None:
+        policy = dataclasses.replace(policy, preset=preset)
+    if policy.preset is not None:
+        check_preset(policy.codec, policy.preset)
+    budget_bytes = _check_auto(policy, target_ratio, max_bytes)
+    cands = list(candidates) if candidates is not None else default_candidates()
     validated: dict[tuple[str, str], dict[str, Any]] = {}
 
     def resolve(codec_name: str, p: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -81,12 +104,26 @@ def compress(
         return c, dict(validated[key])
 
     # Validate every codec named up front, so a typo fails before any work.
-    resolve(policy.codec, policy.params)
+    if policy.codec != AUTO:
+        resolve(policy.codec, policy.main_params())
     for rule in policy.rules:
-        resolve(rule.codec, rule.params)
+        if rule.codec != AUTO:
+            resolve(rule.codec, rule.params)
     resolve("raw", policy.raw_params)
-
+    if policy.uses_auto():
+        if not cands:
+            raise InvalidCodecParamsError("codec 'auto' needs at least one candidate")
+        for cname, cparams in cands:
+            resolve(cname, dict(cparams))
+    calib = _open_calibration(calibration, base)
+    base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
     names = ft_ckpt.keys()
+    if calib is not None and not any(n in calib for n in names):
+        raise ShapeMismatchError("the calibration activations name none of the fine-tune's tensors "
+                                 "(made for another model?)")
+    # --max-bytes: the bytes left are shared among the auto-coded tensors still to come, by numel.
+    auto_names = {n for n in names if _auto_candidate(policy, n, ft_ckpt, base_ckpt)}
+    auto_left = {"bytes": budget_bytes, "numel": sum(math.prod(ft_ckpt.info(n).shape) for n in auto_names)}
     entries: dict[str, TensorEntry] = {}
     base_digests: dict[str, str] = {}
     total_bytes = sum(ft_ckpt.info(n).nbytes for n in names)
@@ -104,20 +141,36 @@ def compress(
             if digest is not None:
                 base_digests[name] = digest
             codec_name, p = policy.choose(name, len(info.shape))
-            c, p = resolve(codec_name, p)
+            auto = codec_name == AUTO
+            c, p = (None, p) if auto else resolve(codec_name, p)
             compatible = base_t is not None and base_t.shape == ft_t.shape and info.dtype in _FLOATS and base_t.dtype in _FLOATS
             if base_t is not None and same_bits(base_t, ft_t):
-                c, p = resolve("unchanged", {})
-            elif c.needs_base and not compatible:
+                c, p, auto = *resolve("unchanged", {}), False
+            elif (auto or c.needs_base) and not compatible:
                 # No usable base counterpart (new tensor, resized vocabulary, integer buffer): keep it exact.
-                c, p = resolve("raw", policy.raw_params)
-            inp = EncodeInput(name=name, finetuned=ft_t, base=base_t)
+                c, p, auto = *resolve("raw", policy.raw_params), False
+            numel = math.prod(info.shape)
+            inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(calib, name, info.shape))
+            auto_stats: dict[str, Any] = {}
             try:
-                enc = c.encode(inp, p)
+                if auto:
+                    allowance = None
+                    if auto_left["bytes"] is not None:
+                        allowance = int(auto_left["bytes"] * numel // max(auto_left["numel"], 1))
+                    cname, p, enc, report = choose(inp, cands, target_ratio=target_ratio, max_bytes=allowance)
+                    c = get_codec(cname)
+                    picked = report["candidates"][report["chosen"]]
+                    auto_stats = {"auto_choice": candidate_label(cname, picked["params"]), "auto_metric": report["metric"],
+                                  "auto_error": picked["error"], "auto_budget_bytes": report["budget_bytes"]}
+                else:
+                    enc = c.encode(inp, p)
             except DeltaHubError:
                 raise
             except (RuntimeError, ValueError) as exc:
-                raise CodecError(f"tensor {name!r}: codec {c.name!r} failed: {exc}") from exc
+                raise CodecError(f"tensor {name!r}: codec {codec_name if auto else c.name!r} failed: {exc}") from exc
+            if auto_left["bytes"] is not None and name in auto_names:
+                auto_left["bytes"] -= enc.nbytes if auto else 0
+                auto_left["numel"] -= numel
             stored = {role: f"{name}.{role}" for role in enc.tensors}
             entry = TensorEntry(
                 codec=c.name,
@@ -129,7 +182,8 @@ def compress(
                 base_sha256=base_digests.get(name),
             )
             if compute_stats and c.needs_base and c.name != "unchanged":
-                entry.stats = enc.stats or _stats(c, enc, inp, tuple(info.shape))
+                entry.stats = dict(enc.stats or _stats(c, enc, inp, tuple(info.shape)))
+            entry.stats.update(auto_stats)
             writer.add({stored[r]: t for r, t in enc.tensors.items()}, c.name)
             entries[name] = entry
             del ft_t, base_t, inp, enc
@@ -162,6 +216,84 @@ def compress(
     base_ckpt.close()
     ft_ckpt.close()
     return manifest
+
+
+def candidate_label(codec: str, params: dict[str, Any]) -> str:
+    """``CODEC[:k=v,...]`` (the ``--candidate`` / ``--rule`` syntax) naming an auto candidate."""
+    args = ",".join(f"{k}={v}" for k, v in params.items())
+    return f"{codec}:{args}" if args else codec
+
+
+def _check_auto(policy: Policy, target_ratio: float | None, max_bytes: int | str | None) -> int | None:
+    """Check that a budget is given exactly when ``auto`` is used; returns ``max_bytes`` in bytes."""
+    from .report import parse_size
+
+    budget = target_ratio is not None or max_bytes is not None
+    if policy.uses_auto() and not budget:
+        raise InvalidCodecParamsError("codec 'auto' needs a budget: target_ratio (--target-ratio) or max_bytes (--max-bytes)")
+    if budget and not policy.uses_auto():
+        raise InvalidCodecParamsError(f"target_ratio / max_bytes (--target-ratio / --max-bytes) only apply to codec 'auto'; "
+                                      f"codec is {policy.codec!r}")
+    for rule in policy.rules:
+        if rule.codec == AUTO and rule.params:
+            raise InvalidCodecParamsError(f"rule {rule.pattern!r}: codec 'auto' takes no parameters (got {sorted(rule.params)}); "
+                                          "its budget is target_ratio / max_bytes")
+    if policy.codec == AUTO and policy.params:
+        raise InvalidCodecParamsError(f"codec 'auto' takes no parameters (got {sorted(policy.main_params())}); "
+                                      "its budget is target_ratio / max_bytes")
+    if target_ratio is not None and (isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float))
+                                     or not target_ratio > 0 or math.isinf(target_ratio)):
+        raise InvalidCodecParamsError(f"target_ratio={target_ratio!r} must be a number > 0")
+    if max_bytes is None:
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, str)):
+        raise InvalidCodecParamsError(f"max_bytes={max_bytes!r} must be a number of bytes or a size like '50MB'")
+    try:
+        size = parse_size(max_bytes)
+    except ValueError as exc:
+        raise InvalidCodecParamsError(f"max_bytes: {exc}") from None
+    if size < 0:
+        raise InvalidCodecParamsError(f"max_bytes={max_bytes!r} must be a size >= 0")
+    return size
+
+
+def _auto_candidate(policy: Policy, name: str, ft_ckpt: Checkpoint, base_ckpt: Checkpoint) -> bool:
+    """True when the policy gives ``name`` to auto and the base has a float tensor of the same shape (from headers)."""
+    info = ft_ckpt.info(name)
+    if policy.choose(name, len(info.shape))[0] != AUTO or name not in base_ckpt:
+        return False
+    binfo = base_ckpt.info(name)
+    return tuple(binfo.shape) == tuple(info.shape) and info.dtype in _FLOATS and binfo.dtype in _FLOATS
+
+
+def _open_calibration(calibration: str | Path | Mapping[str, torch.Tensor] | None, base: str | Path) -> Mapping[str, torch.Tensor] | None:
+    """A dict passes through; a ``.safetensors`` file is opened lazily; another file is text run through the base."""
+    if calibration is None or isinstance(calibration, Mapping):
+        return calibration
+    from .calibration import CalibrationFile, collect_activations
+
+    path = Path(calibration)
+    if path.suffix == ".safetensors":
+        return CalibrationFile(path)
+    if not path.is_file():
+        raise MissingFileError("calibration file not found (a .safetensors from `deltahub calibrate`, or a text file)", path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"calibration text is not UTF-8 ({exc})", path=path) from None
+    return collect_activations(base, text)
+
+
+def _layer_input(calib: Mapping[str, torch.Tensor] | None, name: str, shape: Any) -> torch.Tensor | None:
+    """The calibration inputs of tensor ``name`` (None when absent); their width must match its columns."""
+    if calib is None or name not in calib:
+        return None
+    x = calib[name]
+    cols = matrix_view_shape(tuple(shape))[1]
+    if x.ndim < 1 or x.shape[-1] != cols:
+        raise ShapeMismatchError(f"tensor {name!r}: calibration activations have {x.shape[-1] if x.ndim else 0} features "
+                                 f"but the tensor has {cols} columns (made for another model?)")
+    return x
 
 
 def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, token: str | bool | None,

@@ -13,6 +13,9 @@ from typing import Any
 
 from .errors import InvalidCodecParamsError
 
+#: Pseudo-codec name: pick, per tensor, the best codec setting within a byte budget (see :mod:`deltahub.autoselect`).
+AUTO = "auto"
+
 #: A dotted name segment that is a block index: ``model.layers.3.``, ``transformer.h.11.``.
 _BLOCK = re.compile(r"\.\d+\.")
 _NOT_A_BLOCK_MATRIX = re.compile(r"(embed|wte|wpe|lm_head|word_embeddings|position_embeddings|norm|ln_|layernorm|bias)", re.I)
@@ -92,7 +95,10 @@ class Policy:
 
     Order: the first matching ``rules`` entry; else ``exclude`` -> ``raw``; else, when
     ``include`` is given, matching names get the main codec and others ``raw``; else the
-    default BitDelta policy (:func:`in_transformer_block_matrix`).
+    default BitDelta policy (:func:`in_transformer_block_matrix`). ``preset`` (a named setting
+    of the main codec, e.g. DeltaDQ's ``"16x"``) is added to the main codec's params. A codec
+    of ``"auto"`` (main or in a rule) means "choose per tensor within the budget"
+    (:func:`deltahub.compression.compress`'s ``target_ratio`` / ``max_bytes``).
     """
 
     codec: str = "bitdelta"
@@ -101,6 +107,15 @@ class Policy:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     raw_params: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+
+    def main_params(self) -> dict[str, Any]:
+        """The main codec's params, with ``preset`` added when given."""
+        return {**self.params, "preset": self.preset} if self.preset is not None else dict(self.params)
+
+    def uses_auto(self) -> bool:
+        """True when the main codec or any rule is ``"auto"``."""
+        return self.codec == AUTO or any(r.codec == AUTO for r in self.rules)
 
     def choose(self, name: str, ndim: int) -> tuple[str, dict[str, Any]]:
         for rule in self.rules:
@@ -110,7 +125,22 @@ class Policy:
             return "raw", dict(self.raw_params)
         if self.include:
             hit = any(Rule(p, self.codec).matches(name) for p in self.include)
-            return (self.codec, dict(self.params)) if hit else ("raw", dict(self.raw_params))
+            return (self.codec, self.main_params()) if hit else ("raw", dict(self.raw_params))
         if in_transformer_block_matrix(name, ndim):
-            return self.codec, dict(self.params)
+            return self.codec, self.main_params()
         return "raw", dict(self.raw_params)
+
+
+def check_preset(codec: str, preset: str) -> None:
+    """Raise :class:`InvalidCodecParamsError` unless ``codec`` has a preset called ``preset`` (the error lists them)."""
+    from .codecs import available_codecs, get_codec
+
+    if codec == AUTO:
+        raise InvalidCodecParamsError(f"preset {preset!r}: codec 'auto' has no presets; it chooses among its candidates")
+    presets = get_codec(codec).presets
+    if not presets:
+        having = [f"{n} ({', '.join(get_codec(n).presets)})" for n in available_codecs() if get_codec(n).presets]
+        raise InvalidCodecParamsError(f"codec {codec!r} has no presets (preset {preset!r} given); codecs with presets: "
+                                      + ("; ".join(having) or "none"))
+    if preset not in presets:
+        raise InvalidCodecParamsError(f"codec {codec!r} has no preset {preset!r}; its presets: {', '.join(presets)}")

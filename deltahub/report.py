@@ -93,6 +93,45 @@ def storage_table(manifest: Manifest, title: str | None = None) -> Table:
     return table
 
 
+def auto_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """What ``--codec auto`` chose: one row per chosen setting (tensors, parameters, bytes, ratio, mean error)."""
+    by: dict[str, list[Any]] = {}
+    for e in manifest.tensors.values():
+        if "auto_choice" in e.stats:
+            by.setdefault(str(e.stats["auto_choice"]), []).append(e)
+    rows = []
+    for choice, entries in sorted(by.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        params = sum(math.prod(e.shape) for e in entries)
+        nbytes = sum(e.stored_bytes for e in entries)
+        errors = [float(e.stats["auto_error"]) for e in entries if e.stats.get("auto_error") is not None]
+        rows.append({
+            "choice": choice,
+            "tensors": len(entries),
+            "parameters": params,
+            "stored_bytes": nbytes,
+            "ratio_vs_fp16": (2 * params / nbytes) if nbytes else math.inf,
+            "metric": "/".join(sorted({str(e.stats.get("auto_metric")) for e in entries})),
+            "mean_error": sum(errors) / len(errors) if errors else None,
+        })
+    return rows
+
+
+def auto_table(manifest: Manifest, title: str | None = "auto: chosen per tensor") -> Table | None:
+    """The table of :func:`auto_rows`, or None when no tensor was auto-coded."""
+    rows = auto_rows(manifest)
+    if not rows:
+        return None
+    table = Table(title=title, title_justify="left")
+    for col, just in (("choice", "left"), ("tensors", "right"), ("params", "right"), ("stored", "right"),
+                      ("vs fp16", "right"), ("metric", "left"), ("mean error", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["choice"], str(r["tensors"]), f"{r['parameters']:,}", human_bytes(r["stored_bytes"]),
+                      "∞" if math.isinf(r["ratio_vs_fp16"]) else f"{r['ratio_vs_fp16']:.1f}x", r["metric"],
+                      "" if r["mean_error"] is None else f"{r['mean_error']:.4f}")
+    return table
+
+
 def tensor_table(manifest: Manifest, limit: int | None = None) -> Table:
     """Per-tensor rows: codec, shape, dtype, stored bytes, bits/weight, relative L2 of the delta."""
     table = Table(title_justify="left")

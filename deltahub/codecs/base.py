@@ -77,6 +77,8 @@ class Codec(ABC):
     needs_base: ClassVar[bool] = True
     #: Default params, merged under the user's params before validation.
     default_params: ClassVar[dict[str, Any]] = {}
+    #: Named settings selectable with the ``preset`` param (``--preset``); empty when the codec has none.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Merge defaults and check ranges; raise :class:`InvalidCodecParamsError` on bad input."""
