@@ -214,7 +214,9 @@ def test_group_size_auto() -> None:
     ({"seed": -1}, "seed"), ({"seed": 2**32}, "seed"), ({"entropy": "lz4"}, "entropy"),
     ({"qgroup": 0, "quantizer": "uniform"}, "qgroup"), ({"group_size": 0}, "group_size"),
     ({"preset": "128x", "group_size": 4}, "keeps no element"), ({"gamma": 1}, "does not take"),
-    ({"p": "0.5"}, "must be a number"),
+    ({"p": "0.5"}, "must be a number"), ({"preset": None, "p": float("nan"), "bits": 2}, "p=nan"),
+    ({"stream": 2**32}, "stream"), ({"group_size": "big"}, "group_size must be an integer"),
+    ({"group_size": 8.0}, "group_size must be an integer"), ({"bits": 2.0}, "bits must be an integer"),
 ])
 def test_deltadq_bad_params(params: dict, match: str) -> None:
     with pytest.raises(InvalidCodecParamsError, match=match):
@@ -236,6 +238,12 @@ def test_deltadq_decode_errors_and_1d() -> None:
         codec.decode_delta(bad, enc.params, (8, 32))
     with pytest.raises(CodecError, match="does not divide"):
         codec.decode_delta(enc.tensors, enc.params, (8, 36))
+    for bad_g in (0, -4, 4.0, None):  # a corrupt manifest: a typed error, not ZeroDivisionError / TypeError
+        with pytest.raises(CodecError, match="positive integer"):
+            codec.decode_delta(enc.tensors, dict(enc.params, group_size=bad_g), (8, 32))
+    for bad_p in (-1.0, 1.0):
+        with pytest.raises(CodecError, match="keeps"):
+            codec.decode_delta(enc.tensors, dict(enc.params, p=bad_p), (8, 32))
     inp = EncodeInput("norm.weight", torch.ones(64) + 1e-3, torch.ones(64))
     codec, enc = encode("deltadq", inp, preset="16x")
     assert codec.decode_delta(enc.tensors, enc.params, (64,)).shape == (64,)
@@ -267,7 +275,8 @@ def test_dare_exact_reference(p: float, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("params,match", [({"p": 1.0}, "p=1.0"), ({"p": -0.5}, "p=-0.5"),
-                                          ({"dtype": "float32"}, "dtype"), ({"seed": 1.5}, "seed")])
+                                          ({"dtype": "float32"}, "dtype"), ({"seed": 1.5}, "seed"),
+                                          ({"p": float("nan")}, "p=nan"), ({"stream": -1}, "stream")])
 def test_dare_bad_params(params: dict, match: str) -> None:
     with pytest.raises(InvalidCodecParamsError, match=match):
         get_codec("dare").validate_params(params)
@@ -319,6 +328,7 @@ def test_topk_ties_and_scale() -> None:
 
 
 @pytest.mark.parametrize("params,match", [({"density": 0.0}, "density=0.0"), ({"density": 1.5}, "density=1.5"),
+                                          ({"density": float("nan")}, "density=nan"),
                                           ({"mask_encoding": "rle"}, "mask_encoding")])
 def test_topk_bad_params(params: dict, match: str) -> None:
     with pytest.raises(InvalidCodecParamsError, match=match):

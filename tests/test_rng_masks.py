@@ -35,7 +35,7 @@ def ref_u(seed: int, stream: int, i: int) -> int:
     return ref_h((i & M32) ^ key) ^ k1
 
 
-# The fixed test vectors of docs/spec_codecs_deltadq.md ("Seeded masks").
+# Fixed vectors of the generator (format_spec.md 3.5 has more; tests/test_spec_vectors.py parses those).
 VECTORS = {
     (0, 0): [1380034501, 546650681, 1012638151, 3750264175, 3619959183, 172991981, 3568116162, 1589604770],
     (1234, 7): [3383186200, 2607922001, 830127526, 430606989, 2833008684, 374939467, 1807691397, 2684924375],
@@ -181,3 +181,23 @@ def test_streams_and_parts() -> None:
     assert part.max() < 4 and low.max() < 4 and torch.equal(part, uniform >> 2)
     assert torch.equal(merge_parts(part, low, 4, 4), uniform)
     assert packed_cols(9) == 2
+
+
+def test_zstd_frames_are_single_with_content_size() -> None:
+    """format_spec.md 3.4: exactly one frame that records its content size, nothing after it."""
+    codes = torch.zeros(4000, dtype=torch.int64)
+    good = store_stream(codes, 2)
+    assert good.numel() < packed_nbytes(4000, 2)
+    assert torch.equal(load_stream(good, 4000, 2), codes)
+    blob = good.numpy().tobytes()
+    no_size = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(bytes(1000))
+    trailing = torch.frombuffer(bytearray(blob + b"\x00"), dtype=torch.uint8)
+    two = torch.frombuffer(bytearray(blob + zstandard.ZstdCompressor().compress(b"x")), dtype=torch.uint8)
+    for bad, match in ((trailing, "corrupt zstd frame"), (two, "corrupt zstd frame"),
+                       (torch.frombuffer(bytearray(no_size), dtype=torch.uint8), "content size"),
+                       (store_stream(codes[:2000], 2), "expected 1000")):
+        with pytest.raises(CodecError, match=match):
+            load_stream(bad, 4000, 2)
+    _, idx = encode_mask(torch.zeros(64, 64, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True), "indices")
+    with pytest.raises(CodecError, match="mask indices"):
+        decode_mask("indices", torch.cat([idx, idx]), 64, 64)

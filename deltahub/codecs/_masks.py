@@ -1,11 +1,11 @@
-"""Stored sparse masks, in whichever of two exact encodings is smaller (format_spec.md, "Masks").
+"""Stored sparse masks, in whichever of two exact encodings is smaller (format_spec.md, "Stored masks").
 
 * ``bitmap``: the ``[rows, cols]`` mask packed with :func:`._bits.pack_bits` (LSB first, rows
   padded to whole bytes): ``rows * ceil(cols / 8)`` bytes, whatever the density.
 * ``indices``: the row-major flat indices ``i_0 < i_1 < ...`` of the set elements as gaps
   ``g_0 = i_0``, ``g_k = i_k - i_{k-1} - 1`` (uint32), written byte-plane by byte-plane (all
-  least-significant bytes first, then all second bytes, ...) and compressed with zstd into one
-  uint8 tensor. Sparse masks cost about ``log2(1 / density) + 1.5`` bits per set element.
+  least-significant bytes first, then all second bytes, ...) and compressed into one zstd frame
+  (``_zstd``), one uint8 tensor. Sparse masks cost about ``log2(1 / density) + 1.5`` bits per set element.
 
 Random dropout masks are never stored: they are regenerated from a seed (``_rng.py``).
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import zstandard
 
 from ._bits import pack_bits, packed_cols, unpack_bits
+from ._zstd import compress, decompress_frame
 from ..errors import CodecError
 
 MASK_ENCODINGS = ("bitmap", "indices")
@@ -34,15 +34,11 @@ def _encode_indices(mask: torch.Tensor) -> torch.Tensor:
     idx = mask.reshape(-1).nonzero().squeeze(1)
     gaps = torch.diff(idx, prepend=torch.tensor([-1], dtype=torch.int64)) - 1
     planes = np.ascontiguousarray(gaps.numpy().astype("<u4").view(np.uint8).reshape(-1, 4).T)
-    blob = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(planes.tobytes())
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return compress(planes.tobytes(), ZSTD_LEVEL)
 
 
 def _decode_indices(stored: torch.Tensor, numel: int) -> torch.Tensor:
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(stored.numpy().tobytes(), max_output_size=4 * numel + 64)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"mask indices: corrupt zstd stream ({exc})") from None
+    raw = decompress_frame(stored.numpy().tobytes(), what="mask indices", max_size=4 * numel)
     if len(raw) % 4:
         raise CodecError(f"mask indices: {len(raw)} bytes is not a whole number of uint32 gaps")
     count = len(raw) // 4

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import zstandard
 
 from ._bits import pack_bits, unpack_bits
+from ._zstd import compress, decompress_frame
 from ..errors import CodecError
 
 QUANTIZERS = ("uniform", "kmeans")
@@ -208,9 +208,9 @@ def store_stream(codes: torch.Tensor, bits: int, *, entropy: bool = True) -> tor
     """
     packed = pack_codes(codes, bits)
     if entropy and packed.numel() > 0:
-        blob = zstandard.ZstdCompressor(level=STREAM_ZSTD_LEVEL).compress(packed.numpy().tobytes())
-        if len(blob) < packed.numel():
-            return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        blob = compress(packed.numpy().tobytes(), STREAM_ZSTD_LEVEL)
+        if blob.numel() < packed.numel():
+            return blob
     return packed
 
 
@@ -222,11 +222,6 @@ def load_stream(stored: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     if stored.numel() > raw_len:
         raise CodecError(f"code stream has {stored.numel()} bytes, more than the {raw_len} of {n} raw {bits}-bit codes")
     if stored.numel() < raw_len:
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(stored.numpy().tobytes(), max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"code stream: corrupt zstd data ({exc})") from None
-        if len(raw) != raw_len:
-            raise CodecError(f"code stream: zstd data holds {len(raw)} bytes, expected {raw_len}")
+        raw = decompress_frame(stored.numpy().tobytes(), what="code stream", size=raw_len)
         stored = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return unpack_codes(stored, n, bits)

@@ -127,7 +127,8 @@ def check_range(codec: str, key: str, value: Any, *, lo: float | None = None, hi
     if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise InvalidCodecParamsError(f"codec {codec!r}: {key} must be a number, got {value!r}")
     bad = (
-        (lo is not None and (value <= lo if lo_open else value < lo))
+        value != value  # NaN lies in no interval (and would pass every comparison below)
+        or (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and (value >= hi if hi_open else value > hi))
     )
     if bad:

@@ -223,10 +223,15 @@ class DeltaDQ(Codec):
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         rows, cols = matrix_view_shape(shape)
         g, bits, parts = params["group_size"], params["bits"], params["parts"]
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise CodecError(f"deltadq: group_size {g!r} is not a positive integer")
         if cols % g:
             raise CodecError(f"deltadq: group_size {g} does not divide the last dimension of shape {list(shape)}")
-        mask = group_keep_mask(params["seed"], params["stream"], rows, cols, g, keep_count(params["p"], g))
-        n = rows * (cols // g) * keep_count(params["p"], g)
+        keep = keep_count(params["p"], g)
+        if not 1 <= keep <= g:
+            raise CodecError(f"deltadq: p={params['p']!r} keeps {keep} of every {g} elements; it must keep 1 to {g}")
+        mask = group_keep_mask(params["seed"], params["stream"], rows, cols, g, keep)
+        n = rows * (cols // g) * keep
         codes = self._codes(stored, n, bits, parts)
         if params["quantizer"] == "kmeans":
             cb = stored["codebook"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import zstandard
 
 from . import register_codec
+from ._zstd import compress, decompress_frame
 from .base import Codec, EncodeInput, Encoded, check_range
 from ..errors import CodecError, InvalidCodecParamsError
 from ..format.io import bytes_to_tensor, tensor_bytes
@@ -72,18 +72,15 @@ class Raw(Codec):
         level = params["zstd_level"]
         if level > 0 and data.numel():
             planes = _shuffle(data, ft.element_size()) if params["shuffle"] else data
-            comp = zstandard.ZstdCompressor(level=level).compress(memoryview(planes.numpy()))
-            if len(comp) < data.numel():
+            comp = compress(memoryview(planes.numpy()), level)
+            if comp.numel() < data.numel():
                 out = {"mode": mode, "zstd_level": level, "shuffle": params["shuffle"]}
-                return Encoded({"zstd": torch.frombuffer(bytearray(comp), dtype=torch.uint8)}, out)
+                return Encoded({"zstd": comp}, out)
         return Encoded({"data": data}, {"mode": mode, "zstd_level": 0, "shuffle": False})
 
     def _payload(self, stored: dict[str, torch.Tensor], params: dict[str, Any], nbytes: int, itemsize: int) -> torch.Tensor:
         if "zstd" in stored:
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(memoryview(stored["zstd"].contiguous().numpy()), max_output_size=nbytes)
-            except zstandard.ZstdError as exc:
-                raise CodecError(f"raw: zstd payload is corrupt ({exc})") from None
+            raw = decompress_frame(memoryview(stored["zstd"].contiguous().numpy()), what="raw: zstd payload", size=nbytes)
             buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
             if params.get("shuffle") and buf.numel() == nbytes:
                 buf = _unshuffle(buf, itemsize)

@@ -1,0 +1,52 @@
+"""zstd-compressed stored tensors (format_spec.md, "zstd frames").
+
+A compressed stored tensor is exactly one zstd frame (RFC 8878) whose header records its content
+size, with no bytes before or after it. Readers check all three, so every reader decodes a
+given file the same way (a multi-frame or trailing-garbage blob would otherwise decode to the
+first frame in some libraries and to the concatenation in others), and the declared size bounds
+the allocation before anything is decompressed.
+"""
+
+from __future__ import annotations
+
+import torch
+import zstandard
+
+from ..errors import CodecError
+
+
+def compress(data: bytes | memoryview, level: int) -> torch.Tensor:
+    """One zstd frame (content size recorded, as python-zstandard does by default) as a uint8 tensor."""
+    blob = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def decompress_frame(blob: bytes | memoryview, *, what: str, size: int | None = None, max_size: int | None = None) -> bytes:
+    """The content of a single zstd frame; :class:`CodecError` unless it is exactly one frame that
+    declares its content size (equal to ``size`` / at most ``max_size`` when given)."""
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{what}: not a zstd frame ({exc})") from None
+    if declared < 0:
+        raise CodecError(f"{what}: the zstd frame does not record its content size")
+    if size is not None and declared != size:
+        raise CodecError(f"{what}: zstd frame holds {declared} bytes, expected {size}")
+    if max_size is not None and declared > max_size:
+        raise CodecError(f"{what}: zstd frame holds {declared} bytes, more than the {max_size} possible")
+    dec = zstandard.ZstdDecompressor()
+    try:
+        try:
+            out = dec.decompress(blob, allow_extra_data=False)
+        except TypeError:  # zstandard < 0.23 has no allow_extra_data
+            obj = dec.decompressobj()
+            out = obj.decompress(blob)
+            if not obj.eof:
+                raise zstandard.ZstdError("did not decompress full frame") from None
+            if obj.unused_data:
+                raise zstandard.ZstdError(f"{len(obj.unused_data)} bytes after the frame") from None
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{what}: corrupt zstd frame ({exc})") from None
+    if len(out) != declared:
+        raise CodecError(f"{what}: zstd frame decompressed to {len(out)} bytes, its header says {declared}")
+    return out
