@@ -22,30 +22,43 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-#: name -> (main codec, params, extra rules)
-CONFIGS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
-    "bitdelta-tensor": ("bitdelta", {"granularity": "tensor"}, []),
-    "bitdelta-row": ("bitdelta", {"granularity": "row"}, []),
-    "bitdelta-group128": ("bitdelta", {"granularity": "group", "group_size": 128}, []),
-    "raw (lossless)": ("raw", {}, []),
+#: name -> (main codec, params, extra rules, extra compress() keyword arguments)
+CONFIGS: dict[str, tuple[str, dict[str, Any], list[str], dict[str, Any]]] = {
+    "bitdelta-tensor": ("bitdelta", {"granularity": "tensor"}, [], {}),
+    "bitdelta-row": ("bitdelta", {"granularity": "row"}, [], {}),
+    "bitdelta-group128": ("bitdelta", {"granularity": "group", "group_size": 128}, [], {}),
+    "bitdelta-row+emb": ("bitdelta", {"granularity": "row"}, ["model.embed_tokens.weight=bitdelta:granularity=row"], {}),
+    **{f"deltadq-{r}": ("deltadq", {"preset": r}, [], {}) for r in ("16x", "32x", "64x", "128x", "256x", "512x")},
+    "deltadq-p0.75-k4": ("deltadq", {"p": 0.75, "bits": 4, "parts": 2}, [], {}),
+    "dare-p0.9": ("dare", {"p": 0.9}, [], {}),
+    "topk-ternary-0.1": ("topk-ternary", {"density": 0.1}, [], {}),
+    "topk-ternary-0.02": ("topk-ternary", {"density": 0.02}, [], {}),
+    "auto-16x": ("auto", {}, [], {"target_ratio": 16}),
+    "auto-64x": ("auto", {}, [], {"target_ratio": 64}),
+    "auto-64x (metric rel)": ("auto", {}, [], {"target_ratio": 64, "auto_metric": "rel"}),
+    "auto-64x+calib": ("auto", {}, [], {"target_ratio": 64, "calibration": "CALIB"}),
+    "raw (lossless)": ("raw", {}, [], {}),
 }
 
 _CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(1)
 from deltahub.compression import compress
 from deltahub.delta import apply_delta
 from deltahub.policy import Policy, Rule
 args = json.loads(sys.argv[1])
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status_kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+rss0 = status_kb("VmRSS")
 t0 = time.perf_counter()
 if args["op"] == "compress":
     policy = Policy(codec=args["codec"], params=args["params"], rules=[Rule.parse(r) for r in args["rules"]])
-    compress(args["base"], args["ft"], args["out"], policy=policy, overwrite=True, progress=False)
+    compress(args["base"], args["ft"], args["out"], policy=policy, overwrite=True, progress=False, **args["kwargs"])
 else:
     apply_delta(args["delta"], args["base"], args["out"], overwrite=True, progress=False)
 wall = time.perf_counter() - t0
-print(json.dumps({"wall_s": wall, "rss_before_kb": rss0, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM is this process's own high-water mark (ru_maxrss would include the parent's RSS at fork time).
+print(json.dumps({"wall_s": wall, "rss_before_kb": rss0, "peak_rss_kb": status_kb("VmHWM")}))
 """
 
 
@@ -78,12 +91,23 @@ def main() -> None:
     largest_shard = max(f.path.stat().st_size for f in ckpt.files)
     fp16_bytes = 2 * n_params
     work = Path(tempfile.mkdtemp(prefix="deltahub-bench-"))
+    calib = work / "calibration.safetensors"
+    if any("CALIB" in CONFIGS[n][3].values() for n in a.configs.split(",")):
+        # Inputs of every Linear of the base on 4 training blocks (never the held-out files).
+        from transformers import AutoTokenizer
+
+        from deltahub.calibration import collect_activations, save_calibration
+        from deltahub.demo import stdlib_corpus
+
+        train, _ = stdlib_corpus(AutoTokenizer.from_pretrained(ft), block_size=512)
+        save_calibration(collect_activations(base, train[:4], max_tokens=2048, max_rows=256), calib)
     rows, rebuilt = [], {}
     for name in a.configs.split(","):
-        codec, params, rules = CONFIGS[name]
-        slug = name.split(" ")[0]
+        codec, params, rules, kwargs = CONFIGS[name]
+        kwargs = {k: str(calib) if v == "CALIB" else v for k, v in kwargs.items()}
+        slug = "".join(c if c.isalnum() or c in ".+-" else "_" for c in name)
         delta_dir, out_dir = work / f"delta-{slug}", work / f"rebuilt-{slug}"
-        c = run_child({"op": "compress", "base": str(base), "ft": str(ft), "out": str(delta_dir), "codec": codec, "params": params, "rules": rules})
+        c = run_child({"op": "compress", "base": str(base), "ft": str(ft), "out": str(delta_dir), "codec": codec, "params": params, "rules": rules, "kwargs": kwargs})
         ap_ = run_child({"op": "apply", "delta": str(delta_dir), "base": str(base), "out": str(out_dir)})
         d = Delta(delta_dir)
         tot = d.manifest.totals
@@ -99,11 +123,13 @@ def main() -> None:
             "delta": human_bytes(stored),
             "vs fp16 fine-tune": f"{fp16_bytes / stored:.1f}x",
             "bits/weight (coded)": f"{8 * cbytes / cparams:.3f}" if cparams else "-",
+            "coded vs fp16 delta": f"{16 * cparams / (8 * cbytes):.1f}x" if cbytes else "-",
             "bits/weight (all)": f"{8 * stored / n_params:.3f}",
             "delta rel. L2": "0 (exact)" if rel is None else f"{rel:.3f}",
             "compress s": f"{c['wall_s']:.1f}",
             "compress GB/s fp16": f"{fp16_bytes / c['wall_s'] / 1e9:.2f}",
             "compress peak RSS": human_bytes(c["peak_rss_kb"] * 1024),
+            "(after imports)": human_bytes(c["rss_before_kb"] * 1024),
             "apply s": f"{ap_['wall_s']:.1f}",
             "apply GB/s fp16": f"{fp16_bytes / ap_['wall_s'] / 1e9:.2f}",
             "apply peak RSS": human_bytes(ap_["peak_rss_kb"] * 1024),
@@ -127,10 +153,10 @@ def main() -> None:
         f"fp16 fine-tune = {human_bytes(fp16_bytes)}; largest checkpoint shard = {human_bytes(largest_shard)} (fp32).",
         f"Run {dt.date.today().isoformat()} on {platform.node() or 'unknown'} ({cpu}, {os.cpu_count()} cores), "
         f"torch {__import__('torch').__version__}, one torch thread per compress/apply process "
-        "(the sha256 of the base runs beside it in a second thread). Peak RSS includes ~0.4 GB of "
+        "(the sha256 of the base runs beside it in a second thread). Peak RSS (VmHWM) includes the "
         "Python + torch + transformers imports.",
         "",
-        "Command: `python benchmarks/bench_real_pair.py --steps " + str(a.steps) + "`",
+        f"Command: `python benchmarks/bench_real_pair.py --steps {a.steps} --eval-blocks {a.eval_blocks}`",
         "",
         "## Size and speed",
         "",

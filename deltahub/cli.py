@@ -99,6 +99,7 @@ def compress(
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count."),
     candidate: list[str] = typer.Option([], "--candidate", help="--codec auto: a candidate CODEC[:key=value,...] (repeat; default: bitdelta, deltadq presets, dare, topk-ternary)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE. Auto then scores output error."),
+    auto_metric: str = typer.Option("aligned", "--auto-metric", help="--codec auto: aligned (lost delta counts fully, orthogonal noise little; ranks like measured KL) or rel (plain relative error)."),
     scale_granularity: Optional[str] = typer.Option(None, "--scale-granularity", help="BitDelta scales: tensor | row | group."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="BitDelta: columns per scale group (implies group)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Codec parameters, key=value[,key=value]."),
@@ -130,7 +131,7 @@ def compress(
                          compute_stats=not no_stats, progress=False if quiet else None,
                          token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
                          max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
-                         calibration=calibration)
+                         calibration=calibration, auto_metric=auto_metric)
     if not quiet:
         console.print(storage_table(manifest, title=f"delta written to {output}"))
         table = auto_table(manifest)

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from ._progress import progress_bar
-from .autoselect import choose, default_candidates
+from .autoselect import METRICS, choose, default_candidates
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
 from .errors import CodecError, CorruptFileError, DeltaHubError, InvalidCodecParamsError, MissingFileError, ShapeMismatchError
@@ -63,6 +63,7 @@ def compress(
     target_ratio: float | None = None,
     max_bytes: int | str | None = None,
     candidates: list[tuple[str, dict[str, Any]]] | None = None,
+    auto_metric: str = "aligned",
     calibration: str | Path | Mapping[str, torch.Tensor] | None = None,
 ) -> Manifest:
     """Compress ``finetuned`` against ``base`` into ``output_dir``.
@@ -82,7 +83,9 @@ def compress(
     use its numel-proportional share of what earlier ones left, so the total never exceeds it.
     ``calibration`` (a dict or a ``.safetensors`` file from :mod:`deltahub.calibration`, or any
     other file read as UTF-8 text and run through the base) gives each tensor its layer's inputs;
-    auto then scores by output error (``rel_output``) instead of the delta's L2 error.
+    auto then measures errors on the layer outputs instead of the delta itself. ``auto_metric``:
+    ``"aligned"`` (default: lost delta counts fully, orthogonal noise little) or ``"rel"`` (plain
+    relative error); see :mod:`deltahub.autoselect`.
     """
     hub_kw = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint}
     base, base_name_or_path, base_revision = _resolve_input(base, base_name_or_path, base_revision, role="base", **hub_kw)
@@ -93,6 +96,8 @@ def compress(
     if policy.preset is not None:
         check_preset(policy.codec, policy.preset)
     budget_bytes = _check_auto(policy, target_ratio, max_bytes)
+    if auto_metric not in METRICS:
+        raise InvalidCodecParamsError(f"auto_metric={auto_metric!r} is not one of {', '.join(METRICS)}")
     cands = list(candidates) if candidates is not None else default_candidates()
     validated: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -157,7 +162,8 @@ def compress(
                     allowance = None
                     if auto_left["bytes"] is not None:
                         allowance = int(auto_left["bytes"] * numel // max(auto_left["numel"], 1))
-                    cname, p, enc, report = choose(inp, cands, target_ratio=target_ratio, max_bytes=allowance)
+                    cname, p, enc, report = choose(inp, cands, target_ratio=target_ratio, max_bytes=allowance,
+                                                         metric=auto_metric)
                     c = get_codec(cname)
                     picked = report["candidates"][report["chosen"]]
                     auto_stats = {"auto_choice": candidate_label(cname, picked["params"]), "auto_metric": report["metric"],

@@ -80,7 +80,7 @@ def test_auto_target_ratio_budget_and_error(pair: tuple[Path, Path], tmp_path: P
     errors = {}
     for ratio in (4, 32):
         out = tmp_path / f"r{ratio}"
-        m = compress(base, ft, out, codec="auto", target_ratio=ratio, candidates=CANDS, progress=False)
+        m = compress(base, ft, out, codec="auto", target_ratio=ratio, candidates=CANDS, progress=False, auto_metric="rel")
         auto = _auto(out)
         assert len(auto) == 14
         for name, e in auto.items():
@@ -214,12 +214,12 @@ def test_compress_with_calibration(pair: tuple[Path, Path], tmp_path: Path) -> N
     compress(base, ft, tmp_path / "a", codec="auto", target_ratio=8, candidates=CANDS, calibration=tmp_path / "c.safetensors",
              progress=False)
     auto = _auto(tmp_path / "a")
-    assert len(auto) == 14 and {e["stats"]["auto_metric"] for e in auto.values()} == {"rel_output"}
+    assert len(auto) == 14 and {e["stats"]["auto_metric"] for e in auto.values()} == {"aligned_output"}
     # tensors without activations get None (here: all but one) and fall back to the delta's L2 error
     one = "model.layers.1.mlp.up_proj.weight"
     compress(base, ft, tmp_path / "b", codec="auto", target_ratio=8, candidates=CANDS, calibration={one: acts[one]}, progress=False)
     metrics = {k: e["stats"]["auto_metric"] for k, e in _auto(tmp_path / "b").items()}
-    assert metrics.pop(one) == "rel_output" and set(metrics.values()) == {"rel_l2"}
+    assert metrics.pop(one) == "aligned_output" and set(metrics.values()) == {"aligned_l2"}
     # deltadq's group_size="auto" gets the layer's activations
     compress(base, ft, tmp_path / "q", codec="deltadq", preset="16x", calibration=acts, progress=False, compute_stats=False)
     name = "model.layers.0.self_attn.o_proj.weight"
@@ -256,4 +256,4 @@ def test_calibrate_cli_and_text_calibration(pair: tuple[Path, Path], tmp_path: P
                                 "--candidate", "bitdelta:granularity=row", "--candidate", "topk-ternary:density=0.1",
                                 "--calibration", str(calib), "-q"])
         assert r.exit_code == 0, r.output
-        assert {e["stats"]["auto_metric"] for e in _auto(tmp_path / d).values()} == {"rel_output"}
+        assert {e["stats"]["auto_metric"] for e in _auto(tmp_path / d).values()} == {"aligned_output"}

@@ -24,7 +24,7 @@ CANDIDATES = [("bitdelta", {"granularity": "tensor"}), ("deltadq", {"preset": "1
 
 def test_choose_lowest_error_within_budget() -> None:
     inp = gaussian_input()
-    name, params, enc, report = choose(inp, CANDIDATES, target_ratio=15)  # 1 bit/weight + the scale fits
+    name, params, enc, report = choose(inp, CANDIDATES, target_ratio=15, metric="rel")  # 1 bit/weight + scale fits
     budget = inp.delta.numel() * 2 / 15
     assert report["budget_bytes"] == int(budget) and report["metric"] == "rel_l2"
     scored = [r for r in report["candidates"] if "error" in r]
@@ -50,7 +50,7 @@ def test_choose_tight_budget_skips_without_encoding() -> None:
 
 def test_choose_output_error_with_calibration() -> None:
     inp = gaussian_input(calib=True)
-    _, _, _, report = choose(inp, CANDIDATES)
+    _, _, _, report = choose(inp, CANDIDATES, metric="rel")
     assert report["metric"] == "rel_output" and report["budget_bytes"] is None
     x = inp.calibration
     for row in report["candidates"]:
@@ -62,7 +62,7 @@ def test_choose_output_error_with_calibration() -> None:
     # calibration passed as an argument is used too (and given to the codecs)
     plain = gaussian_input()
     _, _, _, rep2 = choose(plain, CANDIDATES[:2], calibration=x)
-    assert rep2["metric"] == "rel_output"
+    assert rep2["metric"] == "aligned_output"
 
 
 def test_choose_ties_prefer_fewer_bytes() -> None:
@@ -100,3 +100,32 @@ def test_default_candidates_are_valid() -> None:
     inp = gaussian_input(16, 64)
     name, _, enc, report = choose(inp, cands, target_ratio=32)
     assert enc.nbytes <= inp.delta.numel() * 2 / 32 and len(report["candidates"]) == len(cands)
+
+
+def test_aligned_metric_weights_lost_delta_fully_and_orthogonal_noise_little() -> None:
+    from deltahub.autoselect import NOISE_WEIGHT
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(32, 64, generator=g)
+    n = torch.randn(32, 64, generator=g)
+    n -= (n * d).sum() / (d * d).sum() * d  # orthogonal to d
+    assert relative_error(d, 0.5 * d, None, "aligned") == ("aligned_l2", pytest.approx(0.5))
+    name, err = relative_error(d, d + n, None, "aligned")
+    assert err == pytest.approx((NOISE_WEIGHT * float((n * n).sum() / (d * d).sum())) ** 0.5, rel=1e-4)
+    assert relative_error(d, d + n, None, "rel")[1] == pytest.approx(float(n.norm() / d.norm()), rel=1e-5)
+    # with calibration the split happens on the outputs X D^T
+    x = torch.randn(16, 64, generator=g)
+    assert relative_error(d, 0.25 * d, x, "aligned") == ("aligned_output", pytest.approx(0.75))
+    with pytest.raises(InvalidCodecParamsError, match="metric"):
+        relative_error(d, d, None, "mse")
+
+
+def test_aligned_metric_prefers_unbiased_dropout_over_shrinking_topk() -> None:
+    inp = gaussian_input()
+    cands = [("deltadq", {"preset": "16x"}), ("topk-ternary", {"density": 0.05})]
+    name_rel, *_ = choose(inp, cands, metric="rel")
+    name_al, _, _, report = choose(inp, cands)
+    assert report["metric"] == "aligned_l2"
+    assert (name_rel, name_al) == ("topk-ternary", "deltadq")
+    with pytest.raises(InvalidCodecParamsError, match="metric"):
+        choose(inp, cands, metric="mse")

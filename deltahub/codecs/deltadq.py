@@ -30,8 +30,8 @@ from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
 from ..errors import CodecError, InvalidCodecParamsError
 
 #: Presets named by the compression ratio against the fp16 delta, ``16 / ((1 - p) * bits)``
-#: (stream rounding and the codebook excluded; zstd only makes them smaller). Chosen by
-#: measurement, see docs/deltadq.md.
+#: (stream rounding and the codebook excluded; zstd only makes them smaller). Compared on the
+#: real pair in benchmarks/README.md (``python benchmarks/bench_real_pair.py``).
 PRESETS: dict[str, dict[str, Any]] = {
     "16x": {"p": 0.5, "bits": 2, "parts": 2, "quantizer": "kmeans"},
     "32x": {"p": 0.75, "bits": 2, "parts": 2, "quantizer": "kmeans"},

@@ -2,40 +2,5 @@
 
 from __future__ import annotations
 
-from .pair import (
-    GGUF_FILE,
-    INSTALL_HINT,
-    MARKER,
-    DemoBuildError,
-    DemoDependencyError,
-    ProgressCallback,
-    build_base,
-    build_finetune,
-    build_pair,
-    default_cache_dir,
-    finetune_dir_name,
-    gguf_path,
-    heldout_split,
-    is_heldout,
-    load_model,
-    stdlib_corpus,
-)
-
-__all__ = [
-    "GGUF_FILE",
-    "INSTALL_HINT",
-    "MARKER",
-    "DemoBuildError",
-    "DemoDependencyError",
-    "ProgressCallback",
-    "build_base",
-    "build_finetune",
-    "build_pair",
-    "default_cache_dir",
-    "finetune_dir_name",
-    "gguf_path",
-    "heldout_split",
-    "is_heldout",
-    "load_model",
-    "stdlib_corpus",
-]
+from .pair import *  # noqa: F403  (the public names are pair.__all__)
+from .pair import __all__  # noqa: F401

@@ -26,7 +26,7 @@ class TensorEntry:
     stored: dict[str, str] = field(default_factory=dict)
     stored_bytes: int = 0
     base_sha256: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
