@@ -26,10 +26,12 @@ sys.path.insert(0, str(HERE.parent))
 CONFIGS: dict[str, tuple[str, dict[str, Any], list[str], dict[str, Any]]] = {
     "bitdelta-tensor": ("bitdelta", {"granularity": "tensor"}, [], {}),
     "bitdelta-row": ("bitdelta", {"granularity": "row"}, [], {}),
-    "bitdelta-group128": ("bitdelta", {"granularity": "group", "group_size": 128}, [], {}),
     "bitdelta-row+emb": ("bitdelta", {"granularity": "row"}, ["model.embed_tokens.weight=bitdelta:granularity=row"], {}),
     **{f"deltadq-{r}": ("deltadq", {"preset": r}, [], {}) for r in ("16x", "32x", "64x", "128x", "256x", "512x")},
-    "deltadq-p0.75-k4": ("deltadq", {"p": 0.75, "bits": 4, "parts": 2}, [], {}),
+    # other (p, bits) at the same nominal ratios 16 / ((1 - p) * bits); the presets are the winners
+    "deltadq-p0.5-k2 (16x)": ("deltadq", {"preset": None, "p": 0.5, "bits": 2, "parts": 2}, [], {}),
+    **{f"deltadq-p{p}-k4 ({r})": ("deltadq", {"preset": None, "p": p, "bits": 4, "parts": 2}, [], {})
+       for p, r in ((0.875, "32x"), (0.9375, "64x"), (0.96875, "128x"))},
     "dare-p0.9": ("dare", {"p": 0.9}, [], {}),
     "topk-ternary-0.1": ("topk-ternary", {"density": 0.1}, [], {}),
     "topk-ternary-0.02": ("topk-ternary", {"density": 0.02}, [], {}),

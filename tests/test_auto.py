@@ -225,7 +225,7 @@ def test_compress_with_calibration(pair: tuple[Path, Path], tmp_path: Path) -> N
     name = "model.layers.0.self_attn.o_proj.weight"
     b, f = Checkpoint(base), Checkpoint(ft)
     delta = f.read(name).float() - b.read(name).float()
-    assert _tensors(tmp_path / "q")[name]["params"]["group_size"] == choose_group_size(delta, 0.5, acts[name])
+    assert _tensors(tmp_path / "q")[name]["params"]["group_size"] == choose_group_size(delta, PRESETS["16x"]["p"], acts[name])
     # activations of the wrong width, or for another model, are refused
     with pytest.raises(ShapeMismatchError, match="16 features but the tensor has 32 columns"):
         compress(base, ft, tmp_path / "x", calibration={name: torch.zeros(4, 16)}, progress=False)

@@ -336,7 +336,8 @@ def test_topk_bad_params(params: dict, match: str) -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(name=st.sampled_from(["deltadq", "dare", "topk-ternary"]), rows=st.integers(1, 6), cols=st.integers(1, 40),
+# cols >= 2: deltadq's default preset (p = 0.75) keeps no element of a 1-column row (refused, tested above)
+@given(name=st.sampled_from(["deltadq", "dare", "topk-ternary"]), rows=st.integers(1, 6), cols=st.integers(2, 40),
        seed=st.integers(0, 50))
 def test_reconstruct_shapes(name: str, rows: int, cols: int, seed: int) -> None:
     inp = make_input(rows, cols, seed=seed)
@@ -345,3 +346,11 @@ def test_reconstruct_shapes(name: str, rows: int, cols: int, seed: int) -> None:
     assert w.shape == (rows, cols) and w.dtype == torch.bfloat16
     for t in enc.tensors.values():
         assert t.dtype in (torch.uint8, torch.float16, torch.bfloat16, torch.float32) and t.is_contiguous()
+
+
+def test_deltadq_auto_group_refuses_rows_too_short_to_keep_anything() -> None:
+    # p = 0.75 keeps floor(0.25 * g + 0.5) of g: nothing of a 1-column row, so no group size works
+    with pytest.raises(InvalidCodecParamsError, match="no group size keeps"):
+        encode("deltadq", make_input(3, 1), preset="16x")
+    _, enc = encode("deltadq", make_input(3, 2), preset="16x")  # g = 2 keeps 1
+    assert enc.params["group_size"] == 2
