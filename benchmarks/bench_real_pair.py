@@ -64,6 +64,15 @@ print(json.dumps({"wall_s": wall, "rss_before_kb": rss0, "peak_rss_kb": status_k
 """
 
 
+def auto_summary(delta_dir: Path) -> str:
+    """What ``--codec auto`` chose in a delta: ``choice x count`` over its auto-coded tensors."""
+    from collections import Counter
+
+    tensors = json.loads((delta_dir / "delta_config.json").read_text())["tensors"]
+    counts = Counter(e["stats"]["auto_choice"] for e in tensors.values() if "auto_choice" in e.get("stats", {}))
+    return ", ".join(f"`{k}` x {v}" for k, v in counts.most_common())
+
+
 def run_child(args: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "DELTAHUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(HERE.parent)}
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
@@ -103,7 +112,7 @@ def main() -> None:
 
         train, _ = stdlib_corpus(AutoTokenizer.from_pretrained(ft), block_size=512)
         save_calibration(collect_activations(base, train[:4], max_tokens=2048, max_rows=256), calib)
-    rows, rebuilt = [], {}
+    rows, rebuilt, chosen = [], {}, {}
     for name in a.configs.split(","):
         codec, params, rules, kwargs = CONFIGS[name]
         kwargs = {k: str(calib) if v == "CALIB" else v for k, v in kwargs.items()}
@@ -137,6 +146,8 @@ def main() -> None:
             "apply peak RSS": human_bytes(ap_["peak_rss_kb"] * 1024),
         })
         rebuilt[name] = out_dir
+        if codec == "auto":
+            chosen[name] = auto_summary(delta_dir)
         d.close()
         print(rows[-1], flush=True)
     quality = evaluate_pair(base, ft, rebuilt, eval_blocks=a.eval_blocks)
@@ -168,7 +179,12 @@ def main() -> None:
         "",
         markdown_table(qrows, [(k, k) for k in ["model", "held-out loss", "perplexity", "KL(fine-tune ‖ model)", "share of fine-tune gain kept"]]),
         "",
-    ])
+    ] + ([
+        "## What `--codec auto` chose (per tensor, among the default candidates)",
+        "",
+        *[f"* {k}: {v}" for k, v in chosen.items()],
+        "",
+    ] if chosen else []))
     a.out.write_text(text)
     print(text)
 
