@@ -64,15 +64,6 @@ print(json.dumps({"wall_s": wall, "rss_before_kb": rss0, "peak_rss_kb": status_k
 """
 
 
-def auto_summary(delta_dir: Path) -> str:
-    """What ``--codec auto`` chose in a delta: ``choice x count`` over its auto-coded tensors."""
-    from collections import Counter
-
-    tensors = json.loads((delta_dir / "delta_config.json").read_text())["tensors"]
-    counts = Counter(e["stats"]["auto_choice"] for e in tensors.values() if "auto_choice" in e.get("stats", {}))
-    return ", ".join(f"`{k}` x {v}" for k, v in counts.most_common())
-
-
 def run_child(args: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "DELTAHUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(HERE.parent)}
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
@@ -126,7 +117,7 @@ def main() -> None:
         compressed = {k: v for k, v in tot["by_codec"].items() if k not in ("raw", "unchanged")}
         cparams = sum(v["parameters"] for v in compressed.values())
         cbytes = sum(v["stored_bytes"] for v in compressed.values())
-        from deltahub.report import storage_rows
+        from deltahub.report import auto_rows, storage_rows
 
         rel = next(r["rel_l2"] for r in storage_rows(d.manifest) if r["codec"] == "total")
         rows.append({
@@ -147,7 +138,7 @@ def main() -> None:
         })
         rebuilt[name] = out_dir
         if codec == "auto":
-            chosen[name] = auto_summary(delta_dir)
+            chosen[name] = ", ".join(f"`{r['choice']}` x {r['tensors']}" for r in auto_rows(d.manifest))
         d.close()
         print(rows[-1], flush=True)
     quality = evaluate_pair(base, ft, rebuilt, eval_blocks=a.eval_blocks)

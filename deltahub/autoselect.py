@@ -67,6 +67,12 @@ NOISE_WEIGHT = 0.005
 METRICS = ("aligned", "rel")
 
 
+def check_metric(metric: str) -> None:
+    """Raise :class:`InvalidCodecParamsError` unless ``metric`` is one of :data:`METRICS`."""
+    if metric not in METRICS:
+        raise InvalidCodecParamsError(f"auto metric {metric!r} is not one of {', '.join(METRICS)}")
+
+
 def relative_error(delta: torch.Tensor, approx: torch.Tensor, calibration: torch.Tensor | None,
                    metric: str = "rel") -> tuple[str, float]:
     """``(metric name, error)`` of ``approx`` against ``delta``; see the module docstring for the metrics.
@@ -74,8 +80,7 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor, calibration: torch
     ``calibration`` is used when its width matches the delta's columns (``*_output``), else
     the delta itself is compared (``*_l2``).
     """
-    if metric not in METRICS:
-        raise InvalidCodecParamsError(f"auto metric {metric!r} is not one of {', '.join(METRICS)}")
+    check_metric(metric)
     rows, cols = matrix_view_shape(delta.shape)
     y = delta.reshape(rows, cols).to(torch.float32)
     e = approx.reshape(rows, cols).to(torch.float32) - y
@@ -105,8 +110,7 @@ def choose(inp: EncodeInput, candidates: list[tuple[str, dict[str, Any]]], *, ta
     Raises :class:`CodecError` when no candidate fits, :class:`InvalidCodecParamsError` for
     a malformed candidate.
     """
-    if metric not in METRICS:
-        raise InvalidCodecParamsError(f"auto metric {metric!r} is not one of {', '.join(METRICS)}")
+    check_metric(metric)
     x = calibration if calibration is not None else inp.calibration
     if x is not inp.calibration:
         inp = dataclasses.replace(inp, calibration=x)

@@ -10,8 +10,6 @@ read them through ``EncodeInput.calibration``. On disk it is one safetensors fil
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError
+from .format.io import atomic_file
 
 CALIBRATION_FORMAT = "deltahub-calibration"
 #: Default cap of rows (tokens) kept per layer; DeltaDQ's group-size search uses at most 512 too.
@@ -119,14 +118,21 @@ def save_calibration(activations: Mapping[str, torch.Tensor], path: str | Path, 
     if path.exists() and not overwrite:
         raise OutputExistsError("output already exists (pass overwrite=True / --overwrite to replace it)", path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in activations.items()}
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": CALIBRATION_FORMAT})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A calibration text file's contents; :class:`MissingFileError` / :class:`CorruptFileError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found", path=path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{what} is not UTF-8 ({exc})", path=path) from None
 
 
 class CalibrationFile(Mapping[str, torch.Tensor]):

@@ -161,19 +161,12 @@ def calibrate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Record the inputs of every Linear layer of BASE on some text, for `compress --calibration`."""
-    from .calibration import collect_activations, save_calibration
-    from .errors import CorruptFileError, MissingFileError, OutputExistsError
+    from .calibration import collect_activations, read_text_file, save_calibration
+    from .errors import OutputExistsError
 
     if output.exists() and not overwrite:
         raise OutputExistsError("output already exists (pass --overwrite to replace it)", path=output)
-    texts = []
-    for t in text:
-        if not t.is_file():
-            raise MissingFileError("calibration text not found", path=t)
-        try:
-            texts.append(t.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise CorruptFileError(f"not UTF-8 text ({exc})", path=t) from None
+    texts = [read_text_file(t, "calibration text") for t in text]
     acts = collect_activations(base, texts, max_tokens=max_tokens, max_rows=max_rows, seq_len=seq_len)
     save_calibration(acts, output, overwrite=overwrite, metadata={"model": str(base), "max_tokens": str(max_tokens)})
     nbytes = sum(a.numel() * 4 for a in acts.values())
@@ -296,8 +289,9 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
         out = {"format_version": m.format_version, "created_with": m.created_with, "base": m.base.name_or_path,
                "base_revision": m.base.revision, "fingerprint": m.base.fingerprint, "totals": m.totals,
                "codecs": storage_rows(m)}
-        if auto_rows(m):
-            out["auto"] = auto_rows(m)
+        auto = auto_rows(m)
+        if auto:
+            out["auto"] = auto
         if remote_files is not None:
             out["repo"] = source
             out["files"] = remote_files

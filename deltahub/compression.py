@@ -18,10 +18,10 @@ import torch
 
 from . import __version__
 from ._progress import progress_bar
-from .autoselect import METRICS, choose, default_candidates
+from .autoselect import check_metric, choose, default_candidates
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
-from .errors import CodecError, CorruptFileError, DeltaHubError, InvalidCodecParamsError, MissingFileError, ShapeMismatchError
+from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError
 from .format.delta_files import DeltaShardWriter
 from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic
 from .format.manifest import BaseInfo, Manifest, TensorEntry
@@ -96,8 +96,7 @@ def compress(
     if policy.preset is not None:
         check_preset(policy.codec, policy.preset)
     budget_bytes = _check_auto(policy, target_ratio, max_bytes)
-    if auto_metric not in METRICS:
-        raise InvalidCodecParamsError(f"auto_metric={auto_metric!r} is not one of {', '.join(METRICS)}")
+    check_metric(auto_metric)
     cands = list(candidates) if candidates is not None else default_candidates()
     validated: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -148,7 +147,7 @@ def compress(
             codec_name, p = policy.choose(name, len(info.shape))
             auto = codec_name == AUTO
             c, p = (None, p) if auto else resolve(codec_name, p)
-            compatible = base_t is not None and base_t.shape == ft_t.shape and info.dtype in _FLOATS and base_t.dtype in _FLOATS
+            compatible = base_t is not None and _has_delta(base_t.shape, base_t.dtype, ft_t.shape, info.dtype)
             if base_t is not None and same_bits(base_t, ft_t):
                 c, p, auto = *resolve("unchanged", {}), False
             elif (auto or c.needs_base) and not compatible:
@@ -269,25 +268,24 @@ def _auto_candidate(policy: Policy, name: str, ft_ckpt: Checkpoint, base_ckpt: C
     if policy.choose(name, len(info.shape))[0] != AUTO or name not in base_ckpt:
         return False
     binfo = base_ckpt.info(name)
-    return tuple(binfo.shape) == tuple(info.shape) and info.dtype in _FLOATS and binfo.dtype in _FLOATS
+    return _has_delta(binfo.shape, binfo.dtype, info.shape, info.dtype)
+
+
+def _has_delta(base_shape: Any, base_dtype: torch.dtype, shape: Any, dtype: torch.dtype) -> bool:
+    """True when a base tensor can give a delta: same shape, both floating point."""
+    return tuple(base_shape) == tuple(shape) and dtype in _FLOATS and base_dtype in _FLOATS
 
 
 def _open_calibration(calibration: str | Path | Mapping[str, torch.Tensor] | None, base: str | Path) -> Mapping[str, torch.Tensor] | None:
     """A dict passes through; a ``.safetensors`` file is opened lazily; another file is text run through the base."""
     if calibration is None or isinstance(calibration, Mapping):
         return calibration
-    from .calibration import CalibrationFile, collect_activations
+    from .calibration import CalibrationFile, collect_activations, read_text_file
 
     path = Path(calibration)
     if path.suffix == ".safetensors":
         return CalibrationFile(path)
-    if not path.is_file():
-        raise MissingFileError("calibration file not found (a .safetensors from `deltahub calibrate`, or a text file)", path=path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptFileError(f"calibration text is not UTF-8 ({exc})", path=path) from None
-    return collect_activations(base, text)
+    return collect_activations(base, read_text_file(path, "calibration file (a .safetensors from `deltahub calibrate`, or a text file)"))
 
 
 def _layer_input(calib: Mapping[str, torch.Tensor] | None, name: str, shape: Any) -> torch.Tensor | None:
