@@ -53,6 +53,23 @@ class OutputExistsError(DeltaHubError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class UnsafePathError(DeltaHubError, ValueError):
+    """A file name read from a delta, an index or a Hub listing is not a plain name inside its
+    directory (``..``, absolute, a symlink out of it), or collides with a file deltahub writes."""
+
+
+class IntegrityError(CorruptFileError):
+    """A stored tensor or aux file does not match the digest the manifest records for it."""
+
+
+class UnsafeOutputError(DeltaHubError):
+    """The output directory is, contains or lies inside an input (overwriting it would delete the input)."""
+
+
+class OutputWriteError(DeltaHubError, OSError):
+    """Writing the output failed at the OS level: disk full, read-only, file too large, permission denied."""
+
+
 class HubError(DeltaHubError):
     """A Hub operation failed (missing repo, bad token, interrupted download)."""
 
