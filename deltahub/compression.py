@@ -23,7 +23,8 @@ from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
 from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError
 from .format.delta_files import DeltaShardWriter
-from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic
+from .format.integrity import file_digest, is_weights_file, manifest_bytes
+from .format.io import Checkpoint, atomic_directory, atomic_file, fingerprint, prefetch, read_with_digest
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
 from .policy import AUTO, Policy, check_preset
@@ -189,7 +190,8 @@ def compress(
             if compute_stats and c.needs_base and c.name != "unchanged":
                 entry.stats = dict(enc.stats or _stats(c, enc, inp, tuple(info.shape)))
             entry.stats.update(auto_stats)
-            writer.add({stored[r]: t for r, t in enc.tensors.items()}, c.name)
+            written = writer.add({stored[r]: t for r, t in enc.tensors.items()}, c.name)
+            entry.digests = {r: written[k] for r, k in stored.items()}
             entries[name] = entry
             del ft_t, base_t, inp, enc
             advance(info.nbytes)
@@ -215,9 +217,11 @@ def compress(
             finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision},
             totals=totals(entries, ft_ckpt),
             files=sorted(files + aux),
+            file_digests={n: file_digest(tmp / n) for n in sorted(files + aux) if not is_weights_file(n)},
             created_with=f"deltahub {__version__}",
         )
-        write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
+        with atomic_file(tmp / MANIFEST_NAME) as mtmp:
+            mtmp.write_bytes(manifest_bytes(manifest.to_dict()))
     base_ckpt.close()
     ft_ckpt.close()
     return manifest

@@ -15,6 +15,7 @@ from ._progress import progress_bar
 from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, ShapeMismatchError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
+from .format.integrity import verify_aux_files
 from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
 from .format.manifest import Manifest, TensorEntry
 from .format.spec import MANIFEST_NAME, dtype_from_name
@@ -166,6 +167,7 @@ class Delta:
         m = self.manifest
         with Checkpoint(base) as base_ckpt:
             self.check_base_structure(base_ckpt, check_base=check_base)
+            verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
             specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
             shards = _plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)

@@ -100,7 +100,7 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     # Every delta file carries format version and codec summary in its header.
     d = Delta(tmp_path / "delta")
     for meta in d.files.metadata():
-        assert meta["format"] == "deltahub" and meta["format_version"] == "1.0"
+        assert meta["format"] == "deltahub" and meta["format_version"] == "1.1"
         assert set(json.loads(meta["codecs"])) <= {"bitdelta", "raw"}
 
 

@@ -18,6 +18,7 @@ from deltahub.errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
+from deltahub.format.integrity import manifest_bytes
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def _edit_manifest(d: Path, fn) -> None:  # type: ignore[no-untyped-def]
     p = d / "delta_config.json"
     m = json.loads(p.read_text())
     fn(m)
-    p.write_text(json.dumps(m))
+    p.write_bytes(manifest_bytes(m))  # re-sealed: these tests are about the edited field, not the digest
 
 
 def test_missing_model_dir(tmp_path: Path) -> None:

@@ -16,8 +16,12 @@ from ..errors import CodecError
 
 
 def compress(data: bytes | memoryview, level: int) -> torch.Tensor:
-    """One zstd frame (content size recorded, as python-zstandard does by default) as a uint8 tensor."""
-    blob = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    """One zstd frame, content size and content checksum recorded (format 1.1), as a uint8 tensor.
+
+    The checksum (the frame's last 4 bytes) is verified by the decompressor whenever the frame
+    header's Content_Checksum_flag is set; frames without it (format 1.0) stay readable.
+    """
+    blob = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(data)
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError
-from .io import SafetensorsFile, save_tensors, write_json_atomic
+from .integrity import check_file_bytes, check_tensor, tensor_digest
+from .io import SafetensorsFile, bytes_to_tensor, save_tensors, tensor_bytes, write_json_atomic
 from .manifest import Manifest
 from .spec import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -37,8 +38,12 @@ class DeltaShardWriter:
         self._buffered = 0
         self._written: list[tuple[Path, list[str], int]] = []
 
-    def add(self, tensors: dict[str, torch.Tensor], codec: str) -> None:
-        """Queue the stored tensors of one model tensor (kept together in one shard)."""
+    def add(self, tensors: dict[str, torch.Tensor], codec: str) -> dict[str, str]:
+        """Queue the stored tensors of one model tensor (kept together in one shard).
+
+        Returns each stored tensor's digest (:func:`.integrity.tensor_digest` of the bytes written).
+        """
+        digests = {k: tensor_digest(t.dtype, t.shape, memoryview(tensor_bytes(t).numpy())) for k, t in tensors.items()}
         n = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._buffer and self._buffered + n > self.max_shard_bytes:
             self._flush()
@@ -46,6 +51,7 @@ class DeltaShardWriter:
         self._buffered += n
         if tensors:
             self._codecs[codec] += 1
+        return digests
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self._written):05d}.tmp"
@@ -86,8 +92,10 @@ class DeltaFiles:
         single = self.directory / WEIGHTS_NAME
         self._by_key: dict[str, SafetensorsFile] = {}
         if index_path.is_file():
+            raw = index_path.read_bytes()
+            check_file_bytes(raw, WEIGHTS_INDEX_NAME, manifest, index_path)
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = json.loads(raw)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CorruptFileError(f"not a valid delta index ({exc!r})", path=index_path) from None
             files = {name: SafetensorsFile(self.directory / name) for name in sorted(set(weight_map.values()))}
@@ -100,6 +108,8 @@ class DeltaFiles:
             self._by_key = dict.fromkeys(f.tensors, f)
         else:
             raise MissingFileError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}", path=self.directory)
+        #: stored tensor name -> (tensor name, role, recorded digest), for the keys that have a digest.
+        self._digests: dict[str, tuple[str, str, str]] = {}
         for name, entry in manifest.tensors.items():
             for role, key in entry.stored.items():
                 if key not in self._by_key:
@@ -107,10 +117,22 @@ class DeltaFiles:
                         f"manifest entry {name!r} names stored tensor {key!r} ({role}), which no delta file contains",
                         path=self.directory,
                     )
+                if role in entry.digests:
+                    self._digests[key] = (name, role, entry.digests[role])
 
     def stored(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
-        """Read the stored tensors of one entry, keyed by role."""
-        return {role: self._by_key[key].read(key) for role, key in keys.items()}
+        """Read the stored tensors of one entry, keyed by role, each checked against its digest
+        (when the manifest records one) before anything decodes it."""
+        out = {}
+        for role, key in keys.items():
+            f = self._by_key[key]
+            info = f.tensors[key]
+            raw = f.read_bytes(key)
+            if key in self._digests:
+                tname, trole, expected = self._digests[key]
+                check_tensor(expected, info.dtype, info.shape, memoryview(raw.numpy()), tensor=tname, key=key, role=trole, path=f.path)
+            out[role] = bytes_to_tensor(raw, info.dtype, info.shape)
+        return out
 
     def metadata(self) -> list[dict[str, str]]:
         """The ``__metadata__`` of every delta file."""

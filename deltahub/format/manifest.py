@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsupportedFormatError
+from . import integrity
 from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, check_version, dtype_from_name
 
 
@@ -27,6 +28,8 @@ class TensorEntry:
     stored_bytes: int = 0
     base_sha256: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    #: role -> tensor digest of the stored tensor (format 1.1, see :mod:`.integrity`).
+    digests: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -34,6 +37,8 @@ class TensorEntry:
             del d["base_sha256"]
         if not d["stats"]:
             del d["stats"]
+        if not d["digests"]:
+            del d["digests"]
         return d
 
 
@@ -58,6 +63,8 @@ class Manifest:
     finetuned: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    #: file name -> digest of every ``files`` entry that is not a delta safetensors file (format 1.1).
+    file_digests: dict[str, str] = field(default_factory=dict)
     created_with: str = ""
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
@@ -72,6 +79,7 @@ class Manifest:
             "config": self.config,
             "totals": self.totals,
             "files": self.files,
+            **({"file_digests": self.file_digests} if self.file_digests else {}),
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
         }
 
@@ -105,6 +113,7 @@ class Manifest:
                     stored_bytes=int(e.get("stored_bytes", 0)),
                     base_sha256=e.get("base_sha256"),
                     stats=dict(e.get("stats") or {}),
+                    digests={str(k): v for k, v in (e.get("digests") or {}).items()},
                 )
                 dtype_from_name(entry.dtype)
                 tensors[str(name)] = entry
@@ -117,6 +126,7 @@ class Manifest:
             finetuned=dict(d.get("finetuned") or {}),
             totals=dict(d.get("totals") or {}),
             files=list(d.get("files") or []),
+            file_digests={str(k): v for k, v in (d.get("file_digests") or {}).items()},
             created_with=str(d.get("created_with", "")),
             format=d["format"],
             format_version=str(d["format_version"]),
@@ -128,8 +138,12 @@ class Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise MissingFileError(f"no {MANIFEST_NAME}: not a deltahub delta directory", path=Path(directory))
+        raw = path.read_bytes()
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptFileError(f"manifest is not valid JSON ({exc})", path=path) from None
-        return cls.from_dict(d, path=path)
+        manifest = cls.from_dict(d, path=path)
+        integrity.verify_manifest_bytes(raw, d, path=path)
+        integrity.check_manifest_digests(manifest, d, path=path)
+        return manifest

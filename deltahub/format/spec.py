@@ -7,8 +7,9 @@ import torch
 from ..errors import UnsupportedFormatError
 
 FORMAT_NAME = "deltahub"
-#: Version this code writes. Readers accept any ``1.x``; a higher minor only adds optional fields.
-FORMAT_VERSION = "1.0"
+#: Version this code writes. Readers accept any ``1.x``; a higher minor only adds optional fields
+#: (1.1: digests of stored tensors, files and the manifest itself, see ``integrity.py``).
+FORMAT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "delta_config.json"
