@@ -165,9 +165,11 @@ def manifest_bytes(d: dict[str, Any], alg: str = ALGORITHM) -> bytes:
     d["manifest_digest"] = _placeholder(alg)
     raw = (json.dumps(d, indent=2) + "\n").encode()
     hexdigest = ALGORITHMS[alg][0](raw).hexdigest()
-    out = raw.replace(_placeholder(alg).encode(), f"{alg}:{hexdigest}".encode())
-    if out.count(f"{alg}:{hexdigest}".encode()) != 1 or len(out) != len(raw):
-        raise ManifestError("the manifest digest placeholder occurs more than once in the manifest")  # only if a value is the placeholder
+    at = raw.rindex(_placeholder(alg).encode())  # manifest_digest is the last key: the last occurrence
+    token = f"{alg}:{hexdigest}".encode()
+    out = raw[:at] + token + raw[at + len(token):]
+    if out.count(token) != 1:  # the hex digest also occurs elsewhere: practically impossible
+        raise ManifestError("cannot write a manifest_digest: its value occurs elsewhere in the manifest")
     return out
 
 
