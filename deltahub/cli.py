@@ -283,12 +283,14 @@ def _looks_like_repo_id(text: str) -> bool:
 def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source: str | None = None,
                 remote_files: list[dict[str, Any]] | None = None) -> None:
     """Render a manifest (and, for Hub repos, the delta files' headers) as `deltahub info` prints it."""
+    from .format.integrity import describe as describe_integrity
+
     if as_json:
         from .report import auto_rows, storage_rows
 
         out = {"format_version": m.format_version, "created_with": m.created_with, "base": m.base.name_or_path,
                "base_revision": m.base.revision, "fingerprint": m.base.fingerprint, "totals": m.totals,
-               "codecs": storage_rows(m)}
+               "codecs": storage_rows(m), "integrity": describe_integrity(m)}
         auto = auto_rows(m)
         if auto:
             out["auto"] = auto
@@ -303,6 +305,7 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
     head.add_row("format", f"{m.format} {m.format_version} ({m.created_with})")
     head.add_row("base", f"{m.base.name_or_path}" + (f" @ {m.base.revision}" if m.base.revision else ""))
     head.add_row("fingerprint", m.base.fingerprint)
+    head.add_row("integrity", describe_integrity(m))
     head.add_row("fine-tune", str(m.finetuned.get("name_or_path", "")))
     arch = (m.config or {}).get("architectures") or ["?"]
     head.add_row("model", f"{arch[0]}, {m.totals.get('parameters', 0):,} parameters")

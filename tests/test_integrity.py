@@ -377,3 +377,23 @@ def test_spec_manifest_digest_example(tmp_path: Path) -> None:
     # the writer's rule reproduces the recorded value for its own serialization
     written = manifest_bytes(m)
     verify_manifest_bytes(written, json.loads(written), path="written")
+
+
+def test_cli_info_and_apply_exit_code(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deltahub.cli import app
+
+    base, _, d = _make(tmp_path, "bitdelta")
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", str(d), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["integrity"] == "sha256 (verified on read)"
+    r = runner.invoke(app, ["info", str(d)])
+    assert r.exit_code == 0 and "sha256 (verified on read)" in r.output
+    f = SafetensorsFile(d / "delta.safetensors")
+    info = f.tensors["model.layers.0.self_attn.q_proj.weight.scale"]
+    f.close()
+    _flip(d / "delta.safetensors", info.start)
+    r = runner.invoke(app, ["apply", str(d), "--base", str(base), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and "q_proj" in r.output and "digest" in r.output
+    assert not (tmp_path / "out").exists()

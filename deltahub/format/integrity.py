@@ -222,3 +222,12 @@ def check_manifest_digests(manifest: Manifest, d: dict[str, Any], *, path: str |
         )
     for name, value in manifest.file_digests.items():
         parse_digest(value, what=f"file_digests[{name!r}]", path=path)
+
+
+def describe(manifest: Manifest) -> str:
+    """One line for ``deltahub info``: the digest algorithms a delta records, or that it has none."""
+    algs = {v.partition(":")[0] for e in manifest.tensors.values() for v in e.digests.values()}
+    algs |= {v.partition(":")[0] for v in manifest.file_digests.values()}
+    if not algs:
+        return f"none (format {manifest.format_version}: no digests recorded)"
+    return f"{', '.join(sorted(algs))} (verified on read)"
