@@ -84,7 +84,8 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """The ``delta_config.json`` text, ``manifest_digest`` included (format 1.1)."""
+        return integrity.manifest_bytes(self.to_dict()).decode()
 
     @classmethod
     def from_dict(cls, d: Any, *, path: str | Path | None = None) -> Manifest:
