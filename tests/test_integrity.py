@@ -370,7 +370,7 @@ def test_spec_manifest_digest_example(tmp_path: Path) -> None:
     assert e.digests == {"sign": tensor_digest("U8", [2, 2], bytes.fromhex("ad010000")),
                          "scale": tensor_digest("F32", [2], bytes.fromhex("6666e63e0000003f"))}
     assert manifest.file_digests["generation_config.json"] == bytes_digest(b"{}\n")
-    # one changed byte anywhere (here a space) is caught
+    # one changed byte anywhere (here the fine-tune's name) is caught
     (tmp_path / MANIFEST_NAME).write_bytes(raw.replace(b'"ft"', b'"fu"'))
     with pytest.raises(IntegrityError, match="manifest_digest"):
         Manifest.load(tmp_path)
