@@ -139,3 +139,34 @@ def test_fuzz_every_corruption_is_typed_or_identical_long(corpus: list[fz.Target
         pytest.skip("long fuzz: select with -m slow or set DELTAHUB_FUZZ_CASES")
     rep = _run_fuzz(corpus, tmp_path, cases=int(os.environ.get("DELTAHUB_FUZZ_CASES") or 30000), seed=7)
     assert rep.n_failures == 0, rep.table()
+
+
+def test_protected_manifest_gets_as_is_and_restamped_variants(corpus: list[fz.Target], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a v1.1 manifest (``manifest_digest``) and a library digest function, each structured edit
+    runs as-is (must be refused) and re-stamped (judged on its meaning)."""
+    import dataclasses
+    import hashlib
+    import json
+    import sys
+    import types
+
+    def manifest_digest(d: dict) -> str:
+        body = {k: v for k, v in d.items() if k != fz.DIGEST_KEY}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    monkeypatch.setitem(sys.modules, "deltahub.format.integrity", types.SimpleNamespace(manifest_digest=manifest_digest))
+    t = corpus[0]
+    m = dict(t.manifest)
+    m[fz.DIGEST_KEY] = manifest_digest(m)
+    pt = dataclasses.replace(t, manifest=m)
+    assert pt.protected
+    rng = random.Random(3)
+    muts = [mut for _ in range(300) for mut in fz._manifest_struct(rng, pt)]
+    as_is = [x for x in muts if not x.desc.endswith("[restamped]")]
+    stamped = [x for x in muts if x.desc.endswith("[restamped]")]
+    assert stamped and all(x.must_fail for x in as_is)
+    assert not any(x.must_fail for x in stamped)
+    for x in stamped:
+        d = json.loads(x.files[fz.MANIFEST_NAME])
+        assert d[fz.DIGEST_KEY] == manifest_digest(d)
+    assert any(x.desc.startswith("manifest_digest") for x in as_is)
