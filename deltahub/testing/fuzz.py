@@ -505,6 +505,8 @@ def _manifest_struct(rng: random.Random, t: Target) -> list[Mutation]:
                     return []
             parent[path[-1]] = value
             desc = f"set {_fmt_path(path)} = {_short(value)} (was {_short(old)})"
+    if d == m:
+        return []  # a no-op (e.g. swapping two equal codec names) is no mutation at all
     sem_rule = semantic_rule(path, value) if kind == "replace" else None
     sem = sem_rule.key if sem_rule else None
     cfg = kind != "swap" and len(path) >= 2 and path[0] == "config" and path[1] != "architectures"
