@@ -91,7 +91,7 @@ class Delta:
             raise type(exc)(f"tensor {name!r}: {exc}", path=self.directory) from None
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError) as exc:
             # check_decode should make this unreachable; untrusted input never escapes untyped.
-            raise CodecError(f"tensor {name!r}: cannot decode ({type(exc).__name__}: {str(exc)[:200]})", path=self.directory) from None
+            raise CodecError(f"tensor {name!r}: cannot decode ({type(exc).__name__}: {_oneline(exc)})", path=self.directory) from None
         if list(out.shape) != entry.shape:
             raise ShapeMismatchError(f"tensor {name!r} rebuilt as {list(out.shape)}, manifest says {entry.shape}", path=self.directory)
         return out
@@ -268,7 +268,7 @@ class Delta:
             raise
         except Exception as exc:  # an untrusted config that transformers cannot build: one typed line
             raise UnsupportedFormatError(f"transformers cannot build {cls.__name__} from the delta's config "
-                                         f"({type(exc).__name__}: {str(exc)[:200]})", path=self.directory) from None
+                                         f"({type(exc).__name__}: {_oneline(exc)})", path=self.directory) from None
         model.eval()
         return model
 
@@ -304,7 +304,7 @@ def model_class_for(config: Any, shapes: dict[str, tuple[int, ...]], *, path: st
         cfg = transformers.AutoConfig.for_model(**config)
     except Exception as exc:  # transformers raises ValueError/TypeError/KeyError/... on bad configs
         raise UnsupportedFormatError(f"config of model_type {model_type!r} is not valid for transformers "
-                                     f"({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
+                                     f"({type(exc).__name__}: {_oneline(exc)})", path=path) from None
     cls = None
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
@@ -332,13 +332,19 @@ def model_class_for(config: Any, shapes: dict[str, tuple[int, ...]], *, path: st
         mismatched = [k for k, t in skeleton.state_dict().items() if k in shapes and tuple(t.shape) != shapes[k]]
     except Exception as exc:
         raise UnsupportedFormatError(f"transformers cannot build {cls.__name__} from the delta's config "
-                                     f"({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
+                                     f"({type(exc).__name__}: {_oneline(exc)})", path=path) from None
     if mismatched:
         k = mismatched[0]
         raise ShapeMismatchError(f"the config makes {k!r} {list(skeleton.state_dict()[k].shape)}, the delta has {list(shapes[k])}", path=path)
     if need > 2 * have + (1 << 24):
         raise UnsupportedFormatError(f"the config describes a model of {need} parameters, far more than the delta's {have}", path=path)
     return cls, cfg
+
+
+def _oneline(exc: BaseException) -> str:
+    """An exception's message on one line, shortened (errors from untrusted input are printed as-is)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:

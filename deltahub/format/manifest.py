@@ -222,7 +222,7 @@ def _tensor_entry(name: Any, e: Any, path: Any) -> TensorEntry:
     if base_sha256 is not None and (not isinstance(base_sha256, str) or not _SHA256.fullmatch(base_sha256)):
         raise ManifestError(f"{what}: base_sha256 must be 64 lowercase hex digits, got {str(base_sha256)[:80]!r}", path=path)
     return TensorEntry(codec=codec, shape=shape, dtype=dtype, params=dict(params), stored=dict(stored),
-                       stored_bytes=stored_bytes, base_sha256=base_sha256, stats=_informative(e.get("stats")))
+                       stored_bytes=stored_bytes, base_sha256=base_sha256, stats=_informative(e.get("stats"), strings=_STRING_STATS))
 
 
 def _extra_tensors(extra: Any, path: Any) -> dict[str, dict[str, Any]]:
@@ -243,17 +243,22 @@ def _extra_tensors(extra: Any, path: Any) -> dict[str, dict[str, Any]]:
     return dict(extra)
 
 
-def _informative(value: Any, depth: int = 0) -> dict[str, Any]:
-    """``totals`` / ``stats``: informative only, so never an error. Keeps strings, finite non-negative
-    numbers (no bools) and nested objects of those; drops everything else."""
+#: ``stats`` keys whose values are strings; every other ``stats`` / ``totals`` value is a number.
+_STRING_STATS = ("auto_choice", "auto_metric")
+
+
+def _informative(value: Any, depth: int = 0, strings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``totals`` / ``stats``: informative only, so never an error. Keeps finite non-negative numbers
+    (no bools), strings under the keys in ``strings``, and nested objects of those; drops the rest."""
     if not isinstance(value, dict) or depth > 3:
         return {}
     out: dict[str, Any] = {}
     for k, v in value.items():
         if isinstance(v, dict):
             out[k] = _informative(v, depth + 1)
-        elif isinstance(v, str) and len(v) <= 1000:
-            out[k] = v
+        elif k in strings:
+            if isinstance(v, str) and len(v) <= 1000:
+                out[k] = v
         elif (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 2**63):
             out[k] = v
     return out
