@@ -89,7 +89,7 @@ class Delta:
             if name in str(exc):
                 raise
             raise type(exc)(f"tensor {name!r}: {exc}", path=self.directory) from None
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError) as exc:
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError, MemoryError) as exc:
             # check_decode should make this unreachable; untrusted input never escapes untyped.
             raise CodecError(f"tensor {name!r}: cannot decode ({type(exc).__name__}: {_oneline(exc)})", path=self.directory) from None
         if list(out.shape) != entry.shape:
@@ -275,7 +275,8 @@ class Delta:
     def summary(self) -> dict[str, Any]:
         """Manifest totals plus the format version and base, for ``deltahub info``."""
         m = self.manifest
-        return {"format_version": m.format_version, "base": m.base.name_or_path, "fingerprint": m.base.fingerprint, **m.totals}
+        # totals are informative (and untrusted): they never override the fields read from the manifest itself.
+        return {**m.totals, "format_version": m.format_version, "base": m.base.name_or_path, "fingerprint": m.base.fingerprint}
 
     def close(self) -> None:
         self.files.close()
