@@ -13,7 +13,7 @@ import torch
 
 from ._progress import progress_bar
 from .codecs import get_codec
-from .errors import BaseMismatchError, CodecError, ShapeMismatchError, UnsupportedFormatError
+from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
 from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
@@ -39,6 +39,22 @@ class Delta:
                     path=self.directory / MANIFEST_NAME,
                 ) from None
         self.files = DeltaFiles(self.directory, self.manifest)
+        for name, entry in self.manifest.tensors.items():
+            self._check_entry(name, entry)
+
+    def _check_entry(self, name: str, entry: TensorEntry) -> None:
+        """Header-only validation of one untrusted entry, before any stored byte is read (format_spec.md,
+        Security considerations): the codec checks every param and its stored tensors' roles, dtypes
+        and shapes against the entry's shape, so decoding allocates O(numel) and fails typed."""
+        codec = get_codec(entry.codec)
+        where = self.directory / MANIFEST_NAME
+        if entry.base_sha256 is None and (codec.needs_base or (entry.codec == "raw" and entry.params.get("mode") == "xor")):
+            raise ManifestError(f"tensor {name!r} uses codec {entry.codec!r}, which needs a base tensor, but has no base_sha256", path=where)
+        specs = {role: (info.dtype, info.shape) for role, info in self.files.infos(entry.stored).items()}
+        try:
+            codec.check_decode(entry.params, specs, tuple(entry.shape), dtype_from_name(entry.dtype))
+        except CodecError as exc:
+            raise type(exc)(f"tensor {name!r}: {exc}", path=where) from None
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None, token: str | bool | None = None,
@@ -68,7 +84,15 @@ class Delta:
     def _rebuild(self, name: str, stored: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         entry = self.manifest.tensors[name]
         codec = get_codec(entry.codec)
-        out = codec.reconstruct(stored, entry.params, base, tuple(entry.shape), dtype_from_name(entry.dtype))
+        try:
+            out = codec.reconstruct(stored, entry.params, base, tuple(entry.shape), dtype_from_name(entry.dtype))
+        except DeltaHubError as exc:
+            if name in str(exc):
+                raise
+            raise type(exc)(f"tensor {name!r}: {exc}", path=self.directory) from None
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError, MemoryError) as exc:
+            # check_decode should make this unreachable; untrusted input never escapes untyped.
+            raise CodecError(f"tensor {name!r}: cannot decode ({type(exc).__name__}: {_oneline(exc)})", path=self.directory) from None
         if list(out.shape) != entry.shape:
             raise ShapeMismatchError(f"tensor {name!r} rebuilt as {list(out.shape)}, manifest says {entry.shape}", path=self.directory)
         return out
@@ -90,6 +114,7 @@ class Delta:
         against (same names, dtypes, shapes); content is verified while streaming.
         """
         m = self.manifest
+        self._check_output_size(base)
         for name, entry in m.tensors.items():
             if not self._needs_base(entry):
                 continue
@@ -117,6 +142,24 @@ class Delta:
                 f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]}); "
                 "pass check_base=False / --ignore-base-mismatch to apply anyway",
                 path=base.path,
+            )
+
+    def _check_output_size(self, base: Checkpoint) -> None:
+        """Bound the rebuilt model by what the (trusted) base justifies: a tensor with a same-named,
+        same-shaped base tensor is as large as it (times the dtype ratio); all the others together
+        (new tensors, resized ones: ``raw`` ``full``, whose zstd frames may expand ~32000x) may add
+        at most the base's own size plus :data:`NEW_TENSOR_SLACK_BYTES`."""
+        new_bytes = 0
+        for name, entry in self.manifest.tensors.items():
+            if name in base and list(base.info(name).shape) == entry.shape:
+                continue
+            new_bytes += _nbytes((name, dtype_from_name(entry.dtype), tuple(entry.shape)))
+        limit = base.total_bytes() + NEW_TENSOR_SLACK_BYTES
+        if new_bytes > limit:
+            raise ManifestError(
+                f"the delta declares {new_bytes} bytes of tensors the base has no same-shape counterpart for, more than "
+                f"the {limit} a reader accepts (the base's size + {NEW_TENSOR_SLACK_BYTES // 2**20} MiB)",
+                path=self.directory / MANIFEST_NAME,
             )
 
     # ------------------------------------------------------------------ whole model
@@ -211,31 +254,100 @@ class Delta:
     def to_model(self, base: str | Path, *, check_base: bool = True, torch_dtype: torch.dtype | None = None,
                  progress: bool | None = None, **model_kwargs: Any) -> Any:
         """The rebuilt fine-tune as a ``transformers`` model (class from the config's ``architectures``)."""
-        import transformers
-
         if self.manifest.config is None:
             raise UnsupportedFormatError("the delta has no model config, so no transformers model can be built", path=self.directory)
-        config = transformers.AutoConfig.for_model(**self.manifest.config)
-        archs = self.manifest.config.get("architectures") or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        cls = cls or transformers.AutoModelForCausalLM
+        cls, config = model_class_for(self.manifest.config, {n: tuple(e.shape) for n, e in self.manifest.tensors.items()},
+                                      path=self.directory / MANIFEST_NAME)
         sd = self.state_dict(base, check_base=check_base, progress=progress)
         kwargs = dict(model_kwargs)
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         else:
             kwargs["dtype"] = next(iter(sd.values())).dtype if sd else None
-        model = cls.from_pretrained(None, config=config, state_dict=sd, **kwargs)
+        try:
+            model = cls.from_pretrained(None, config=config, state_dict=sd, **kwargs)
+        except DeltaHubError:
+            raise
+        except Exception as exc:  # an untrusted config that transformers cannot build: one typed line
+            raise UnsupportedFormatError(f"transformers cannot build {cls.__name__} from the delta's config "
+                                         f"({type(exc).__name__}: {_oneline(exc)})", path=self.directory) from None
         model.eval()
         return model
 
     def summary(self) -> dict[str, Any]:
         """Manifest totals plus the format version and base, for ``deltahub info``."""
         m = self.manifest
-        return {"format_version": m.format_version, "base": m.base.name_or_path, "fingerprint": m.base.fingerprint, **m.totals}
+        # totals are informative (and untrusted): they never override the fields read from the manifest itself.
+        return {**m.totals, "format_version": m.format_version, "base": m.base.name_or_path, "fingerprint": m.base.fingerprint}
 
     def close(self) -> None:
         self.files.close()
+
+
+#: Bytes of new (or resized) tensors a reader accepts beyond the base's own size (see ``_check_output_size``).
+NEW_TENSOR_SLACK_BYTES = 64 * 2**20
+
+
+def model_class_for(config: Any, shapes: dict[str, tuple[int, ...]], *, path: str | Path | None = None) -> tuple[type, Any]:
+    """The ``transformers`` model class and config object for an untrusted config dict.
+
+    ``architectures[0]`` is used only when it names a concrete ``PreTrainedModel`` subclass whose
+    ``config_class`` fits the config (never an Auto* class, a tokenizer, or any other attribute of
+    ``transformers``); otherwise the causal-LM class registered for the config's ``model_type``.
+    The model is first built on the meta device (no memory) and must not hold more parameters than
+    the delta's tensors (``shapes``), so a config cannot make ``from_pretrained`` allocate and
+    initialize weights the delta does not provide. Every failure is an :class:`UnsupportedFormatError`.
+    """
+    import transformers
+
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UnsupportedFormatError("the delta's config has no string model_type, so no transformers model can be built", path=path)
+    model_type = config["model_type"][:60]
+    try:
+        cfg = transformers.AutoConfig.for_model(**config)
+    except Exception as exc:  # transformers raises ValueError/TypeError/KeyError/... on bad configs
+        raise UnsupportedFormatError(f"config of model_type {model_type!r} is not valid for transformers "
+                                     f"({type(exc).__name__}: {_oneline(exc)})", path=path) from None
+    cls = None
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        try:
+            cand = getattr(transformers, archs[0], None)
+        except Exception:  # a lazy import failing
+            cand = None
+        config_class = getattr(cand, "config_class", None)
+        if (isinstance(cand, type) and issubclass(cand, transformers.PreTrainedModel)
+                and isinstance(config_class, type) and isinstance(cfg, config_class)):
+            cls = cand
+    if cls is None:
+        try:
+            cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+        except Exception:
+            raise UnsupportedFormatError(f"no transformers causal-LM class for model_type {model_type!r}", path=path) from None
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 <= layers <= len(shapes):
+        raise UnsupportedFormatError(f"config has num_hidden_layers={layers} but the delta has {len(shapes)} tensors", path=path)
+    try:
+        with torch.device("meta"):
+            skeleton = cls(cfg)
+        have = sum(math.prod(s) for s in shapes.values())
+        need = sum(p.numel() for p in skeleton.parameters()) + sum(b.numel() for b in skeleton.buffers())
+        mismatched = [k for k, t in skeleton.state_dict().items() if k in shapes and tuple(t.shape) != shapes[k]]
+    except Exception as exc:
+        raise UnsupportedFormatError(f"transformers cannot build {cls.__name__} from the delta's config "
+                                     f"({type(exc).__name__}: {_oneline(exc)})", path=path) from None
+    if mismatched:
+        k = mismatched[0]
+        raise ShapeMismatchError(f"the config makes {k!r} {list(skeleton.state_dict()[k].shape)}, the delta has {list(shapes[k])}", path=path)
+    if need > 2 * have + (1 << 24):
+        raise UnsupportedFormatError(f"the config describes a model of {need} parameters, far more than the delta's {have}", path=path)
+    return cls, cfg
+
+
+def _oneline(exc: BaseException) -> str:
+    """An exception's message on one line, shortened (errors from untrusted input are printed as-is)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:

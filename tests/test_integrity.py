@@ -175,14 +175,23 @@ def test_flip_in_every_stored_tensor_is_caught(tmp_path: Path, codec: str) -> No
 
 
 def test_header_dtype_change_is_caught(tmp_path: Path) -> None:
-    """A same-size dtype flip in the safetensors header (F16 -> I16) would change the decode."""
+    """A same-size dtype flip in the safetensors header (F16 -> I16) would change the decode: the
+    codec's header check refuses it first; with that check bypassed, the digest (which covers the
+    dtype) still does."""
+    from deltahub.codecs.dare import Dare
+    from deltahub.errors import CodecError
+
     base, _, d = _make(tmp_path, "dare")
     path = d / "delta.safetensors"
     raw = path.read_bytes()
     i = raw.index(b'"dtype":"F16"')
     path.write_bytes(raw[:i] + b'"dtype":"I16"' + raw[i + len(b'"dtype":"I16"'):])
-    with pytest.raises(IntegrityError, match="values"):
+    with pytest.raises(CodecError, match="values"):
         Delta(d).state_dict(base, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Dare, "check_decode", lambda self, *a, **k: None)
+        with pytest.raises(IntegrityError, match="values"):
+            Delta(d).state_dict(base, progress=False)
 
 
 def test_state_dict_and_resident_attach_verify(tmp_path: Path) -> None:

@@ -111,8 +111,10 @@ def dequantize_uniform(codes: torch.Tensor, mins: torch.Tensor, steps: torch.Ten
                        qgroup: int) -> torch.Tensor:
     """``norm * (min_g + step_g * c)`` in float32 (three separately rounded operations)."""
     n = codes.numel()
-    mn = mins.to(torch.float32).repeat_interleave(qgroup)[:n]
-    st = steps.to(torch.float32).repeat_interleave(qgroup)[:n]
+    # Gather by group index (not repeat_interleave): O(n) whatever qgroup, even one far above n.
+    group = torch.arange(n) // min(qgroup, max(n, 1))
+    mn = mins.to(torch.float32)[group]
+    st = steps.to(torch.float32)[group]
     out = st * codes.to(torch.float32)
     out = mn + out
     return out * norm.to(torch.float32).reshape(())

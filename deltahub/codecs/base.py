@@ -8,7 +8,9 @@ to the fine-tune's dtype, which is the reconstruction rule of ``format_spec.md``
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -117,6 +119,85 @@ class Codec(ABC):
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
         """Stored bytes predicted from shape and params alone (None when data-dependent, e.g. zstd)."""
         return None
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Validate an *untrusted* entry before anything is read or allocated.
+
+        ``params`` come from the manifest, ``stored`` maps each role to the ``(dtype, shape)`` its
+        stored tensor has in the safetensors header, ``shape``/``dtype`` are the entry's (already
+        checked: non-negative ints, numel <= 2^40, a known dtype). Implementations check every
+        param (type, range, membership) and the exact role set, dtype and shape of every stored
+        tensor, so that decoding allocates O(numel) and raises nothing but typed errors:
+        :class:`InvalidCodecParamsError` for params, :class:`CodecError` for stored tensors.
+        The default (third-party codecs) checks nothing.
+        """
+
+
+#: What the safetensors header says of one stored tensor: ``(dtype, shape)``.
+StoredSpec = tuple[torch.dtype, tuple[int, ...]]
+#: Bound on every dimension and element count of a tensor read from a delta (1 Ti elements).
+MAX_NUMEL = 1 << 40
+
+
+def param_int(codec: str, params: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    """``params[key]`` as an integer in ``[lo, hi]`` (bools, floats, strings refused)."""
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidCodecParamsError(f"codec {codec!r}: {key}={_short(value)} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def param_float(codec: str, params: Mapping[str, Any], key: str, lo: float, hi: float, *,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """``params[key]`` as a finite number in the interval (bools, NaN, inf, strings refused)."""
+    value = params.get(key)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        v = float(value) if not isinstance(value, int) or abs(value) < 1 << 53 else float("inf")
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise InvalidCodecParamsError(f"codec {codec!r}: {key}={_short(value)} must be a number in {left}{lo}, {hi}{right}")
+    return float(value)
+
+
+def param_choice(codec: str, params: Mapping[str, Any], key: str, choices: tuple[Any, ...]) -> Any:
+    """``params[key]``, which must be one of ``choices`` (compared by type too: ``1`` is not ``True``)."""
+    value = params.get(key)
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise InvalidCodecParamsError(f"codec {codec!r}: {key}={_short(value)} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def expect_stored(codec: str, stored: Mapping[str, StoredSpec],
+                  expected: Mapping[str, tuple[torch.dtype, tuple[int, ...] | int]]) -> None:
+    """The stored roles are exactly ``expected``'s, each with its dtype and shape; a shape given as an
+    int ``L`` means "1-D, at most ``L`` elements" (a code stream or zstd frame that may be shorter)."""
+    if set(stored) != set(expected):
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        raise CodecError(f"codec {codec!r}: stored roles {sorted(stored)} are not the expected {sorted(expected)}"
+                         + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
+    for role, (dtype, shape) in expected.items():
+        got_dtype, got_shape = stored[role][0], tuple(stored[role][1])
+        if isinstance(shape, int):
+            ok_shape = len(got_shape) == 1 and got_shape[0] <= shape
+            want = f"1-D of at most {shape} elements"
+        else:
+            ok_shape = got_shape == tuple(shape)
+            want = str(list(shape))
+        if got_dtype != dtype or not ok_shape:
+            raise CodecError(f"codec {codec!r}: stored {role!r} is {_dt(got_dtype)} {list(got_shape)}, "
+                             f"expected {_dt(dtype)} {want}")
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_range(codec: str, key: str, value: Any, *, lo: float | None = None, hi: float | None = None,

@@ -7,13 +7,15 @@ the decoded delta is ``+scale`` where the stored bit is 1 and ``-scale`` where i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import register_codec
 from ._bits import pack_bits, packed_cols, unpack_bits
-from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 GRANULARITIES = ("tensor", "row", "group")
@@ -56,7 +58,8 @@ def expand_scales(scale: torch.Tensor, rows: int, cols: int, granularity: str, g
         return scale.reshape(1, 1)
     if granularity == "row":
         return scale.reshape(rows, 1)
-    return scale.repeat_interleave(group_size, dim=1)[:, :cols]
+    # Gather (not repeat_interleave): O(rows * cols) whatever group_size, even one far above cols.
+    return scale[:, torch.arange(cols, device=scale.device) // min(group_size, max(cols, 1))]
 
 
 @register_codec
@@ -76,6 +79,20 @@ class BitDelta(Codec):
         if p["granularity"] != "group":
             p.pop("group_size")
         return p
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        rows, cols = matrix_view_shape(shape)
+        granularity = param_choice(self.name, params, "granularity", GRANULARITIES)
+        g = 0
+        if granularity == "group":
+            # Any size >= 1 is valid (a group wider than the row is the whole row); decoding gathers
+            # scales by column, so the size never drives an allocation.
+            g = param_int(self.name, params, "group_size", 1, 2**63 - 1)
+        expect_stored(self.name, stored, {
+            "sign": (torch.uint8, (rows, packed_cols(cols))),
+            "scale": (torch.float32, scale_shape(rows, cols, granularity, g)),
+        })
 
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta

@@ -9,13 +9,16 @@ normal range (~6e-5) keep 11 significant bits; ``dtype="bfloat16"`` trades 3 of 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import register_codec
 from ._rng import check_seed, keep_mask, name_stream
-from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,6 +54,15 @@ class Dare(Codec):
         values = (kept / norm).to(VALUE_DTYPES[params["dtype"]])
         out = {"p": p, "seed": params["seed"], "stream": stream, "dtype": params["dtype"]}
         return Encoded({"values": values, "norm": norm}, out)
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        param_float(self.name, params, "p", 0.0, 1.0, hi_open=True)
+        param_int(self.name, params, "seed", 0, 0xFFFFFFFF)
+        param_int(self.name, params, "stream", 0, 0xFFFFFFFF)
+        vdtype = VALUE_DTYPES[param_choice(self.name, params, "dtype", tuple(VALUE_DTYPES))]
+        # The exact count is the seeded mask's popcount (checked when decoding); at most numel.
+        expect_stored(self.name, stored, {"values": (vdtype, math.prod(shape)), "norm": (torch.float32, (1,))})
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         numel = 1

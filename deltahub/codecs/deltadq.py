@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +27,8 @@ from . import register_codec
 from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
 from ._rng import check_seed, group_keep_mask, name_stream
-from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 #: Presets named by the compression ratio against the fp16 delta, ``16 / ((1 - p) * bits)``
@@ -221,6 +223,45 @@ class DeltaDQ(Codec):
             for j in range(parts):
                 tensors[f"low{j}"] = store_stream(low[part == j], lbits, entropy=entropy)
         return Encoded(tensors, out)
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        rows, cols = matrix_view_shape(shape)
+        p = param_float(self.name, params, "p", 0.0, 1.0, hi_open=True)
+        bits = param_int(self.name, params, "bits", 1, 8)
+        parts = param_int(self.name, params, "parts", 1, 1 << bits)
+        if parts & (parts - 1):
+            raise InvalidCodecParamsError(f"codec 'deltadq': parts={parts} must be a power of two")
+        quantizer = param_choice(self.name, params, "quantizer", QUANTIZERS)
+        # group_size divides cols, so it never exceeds the row (no allocation beyond the tensor's).
+        g = param_int(self.name, params, "group_size", 1, max(cols, 1))
+        if cols % g:
+            raise InvalidCodecParamsError(f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols})")
+        keep = keep_count(p, g)
+        if not 1 <= keep <= g:
+            raise InvalidCodecParamsError(f"codec 'deltadq': p={p!r} keeps {keep} of every {g} elements; it must keep 1 to {g}")
+        param_int(self.name, params, "seed", 0, 0xFFFFFFFF)
+        param_int(self.name, params, "stream", 0, 0xFFFFFFFF)
+        if "entropy" in params:
+            param_choice(self.name, params, "entropy", ("zstd", "none"))
+        n = rows * (cols // g) * keep
+        expected: dict[str, tuple[torch.dtype, tuple[int, ...] | int]] = {}
+        if quantizer == "kmeans":
+            if params.get("qgroup") is not None:
+                raise InvalidCodecParamsError(f"codec 'deltadq': qgroup={params['qgroup']!r} is only for quantizer 'uniform'")
+            expected["codebook"] = (torch.float32, (1 << bits,))
+        else:
+            # Any qgroup >= 1 is valid (a group larger than n is one group); dequantizing gathers by index.
+            qg = param_int(self.name, params, "qgroup", 1, 2**63 - 1)
+            ng = num_groups(n, qg)
+            expected.update(norm=(torch.float32, (1,)), qmin=(torch.float16, (ng,)), qstep=(torch.float16, (ng,)))
+        pbits, lbits = _part_bits(bits, parts)
+        if pbits:
+            expected["part"] = (torch.uint8, packed_nbytes(n, pbits))
+        if lbits:
+            for j in range(parts):
+                expected[f"low{j}"] = (torch.uint8, packed_nbytes(n, lbits))
+        expect_stored(self.name, stored, expected)
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         rows, cols = matrix_view_shape(shape)

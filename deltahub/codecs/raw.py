@@ -9,13 +9,15 @@ the fine-tuned tensor itself, for tensors with no base counterpart or a differen
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import register_codec
 from ._zstd import compress, decompress_frame
-from .base import Codec, EncodeInput, Encoded, check_range
+from .base import Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, param_choice, param_int
 from ..errors import CodecError, InvalidCodecParamsError
 from ..format.io import bytes_to_tensor, tensor_bytes
 
@@ -77,6 +79,19 @@ class Raw(Codec):
                 out = {"mode": mode, "zstd_level": level, "shuffle": params["shuffle"]}
                 return Encoded({"zstd": comp}, out)
         return Encoded({"data": data}, {"mode": mode, "zstd_level": 0, "shuffle": False})
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        param_choice(self.name, params, "mode", ("xor", "full"))
+        level = param_int(self.name, params, "zstd_level", 0, 22)
+        param_choice(self.name, params, "shuffle", (True, False))
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if level == 0:
+            expect_stored(self.name, stored, {"data": (torch.uint8, (nbytes,))})
+        else:
+            # One zstd frame, shorter than the payload (else the writer stores "data"); its declared
+            # content size must be exactly ``nbytes``, checked before decompressing.
+            expect_stored(self.name, stored, {"zstd": (torch.uint8, nbytes)})
 
     def _payload(self, stored: dict[str, torch.Tensor], params: dict[str, Any], nbytes: int, itemsize: int) -> torch.Tensor:
         if "zstd" in stored:

@@ -10,6 +10,7 @@ data instead; with no validation data the least-squares scale is the principled 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ import torch
 from . import register_codec
 from ._bits import pack_bits, packed_cols, unpack_bits
 from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
-from .base import Codec, EncodeInput, Encoded, check_range, matrix_view_shape
+from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_float)
 from ..errors import CodecError, InvalidCodecParamsError
 
 
@@ -73,6 +75,24 @@ class TopkTernary(Codec):
         sign = pack_bits((kept >= 0).reshape(1, -1)).reshape(-1)
         out = {"density": params["density"], "mask_encoding": encoding}
         return Encoded({"mask": stored_mask, "sign": sign, "scale": scale}, out)
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        rows, cols = matrix_view_shape(shape)
+        density = param_float(self.name, params, "density", 0.0, 1.0, lo_open=True)
+        encoding = param_choice(self.name, params, "mask_encoding", MASK_ENCODINGS)
+        k = kept_count(density, rows * cols)
+        if encoding == "bitmap":
+            mask: tuple[torch.dtype, tuple[int, ...] | int] = (torch.uint8, (rows, packed_cols(cols)))
+        else:
+            if rows * cols >= 2**32:
+                raise InvalidCodecParamsError(f"codec 'topk-ternary': index-coded masks need fewer than 2^32 elements, "
+                                              f"the tensor has {rows * cols}")
+            # One zstd frame (any length within zstd's worst-case expansion of its content); the content,
+            # 4 bytes per index, is bounded by 4 * numel before decompressing.
+            mask = (torch.uint8, 8 * rows * cols + 1024)
+        expect_stored(self.name, stored, {"mask": mask, "sign": (torch.uint8, (packed_cols(k),)),
+                                          "scale": (torch.float32, (1,))})
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         rows, cols = matrix_view_shape(shape)

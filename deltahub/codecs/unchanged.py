@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import register_codec
-from .base import Codec, EncodeInput, Encoded
-from ..errors import CodecError
+from .base import Codec, EncodeInput, Encoded, StoredSpec, expect_stored
+from ..errors import CodecError, InvalidCodecParamsError
 from ..format.io import tensor_bytes
 
 
@@ -30,6 +31,12 @@ class Unchanged(Codec):
         if base is None or not same_bits(base, ft):
             raise CodecError(f"tensor {inp.name!r} differs from the base; 'unchanged' cannot code it")
         return Encoded({}, {})
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        if params:
+            raise InvalidCodecParamsError(f"codec 'unchanged' takes no params, got {sorted(map(str, params))[:5]}")
+        expect_stored(self.name, stored, {})
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32)

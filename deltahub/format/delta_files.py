@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError
 from .integrity import check_file_bytes, check_tensor, tensor_digest
-from .io import SafetensorsFile, bytes_to_tensor, save_tensors, tensor_bytes, write_json_atomic
+from .io import SafetensorsFile, TensorInfo, bytes_to_tensor, save_tensors, tensor_bytes, write_json_atomic
 from .manifest import Manifest
 from .spec import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -142,3 +142,7 @@ class DeltaFiles:
     def close(self) -> None:
         for f in {id(f): f for f in self._by_key.values()}.values():
             f.close()
+
+    def infos(self, keys: dict[str, str]) -> dict[str, TensorInfo]:
+        """The header entries (dtype, shape, byte range) of one entry's stored tensors, keyed by role; reads nothing."""
+        return {role: self._by_key[key].tensors[key] for role, key in keys.items()}

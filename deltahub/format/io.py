@@ -31,6 +31,21 @@ from ..errors import CorruptFileError, MissingFileError, OutputExistsError
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
 _HEADER_LIMIT = 100 * 1024 * 1024  # same sanity bound as the safetensors library
+_MAX_DIM = 1 << 40  # no real dimension comes near; keeps products of dims in range
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` ``object_pairs_hook`` refusing duplicate keys (readers would disagree on which counts)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"the key {k[:80]!r} appears twice")
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -70,31 +85,56 @@ class SafetensorsFile:
                 )
             raw = f.read(hlen)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptFileError(f"header is not valid JSON ({exc})", path=self.path) from None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptFileError(f"header is not valid JSON ({str(exc)[:200]})", path=self.path) from None
+        except _DuplicateKey as exc:
+            raise CorruptFileError(f"header is ambiguous: {exc}", path=self.path) from None
         if not isinstance(header, dict):
             raise CorruptFileError("header is not a JSON object", path=self.path)
-        meta = header.pop("__metadata__", None) or {}
-        self.metadata: dict[str, str] = dict(meta) if isinstance(meta, dict) else {}
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CorruptFileError("__metadata__ must map strings to strings", path=self.path)
+        self.metadata: dict[str, str] = dict(meta)
         data_start = 8 + hlen
+        data_size = size - data_start
         self.tensors: dict[str, TensorInfo] = {}
         for name, spec in header.items():
-            try:
-                dtype = STR_TO_DTYPE[spec["dtype"]]
-                shape = tuple(int(s) for s in spec["shape"])
-                begin, end = (int(x) for x in spec["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CorruptFileError(f"tensor {name!r} has a malformed or unsupported header entry ({exc!r})", path=self.path) from None
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end - begin != math.prod(shape) * itemsize or begin < 0:
-                raise CorruptFileError(f"tensor {name!r}: byte range {begin}..{end} does not fit shape {list(shape)} of {spec['dtype']}", path=self.path)
-            if data_start + end > size:
-                raise CorruptFileError(
-                    f"tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes (truncated)", path=self.path
-                )
-            self.tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, end - begin, self.path)
+            self.tensors[name] = self._tensor_info(name, spec, data_start)
+        # Like the safetensors library: byte ranges, in offset order, tile the data section exactly
+        # (no overlap, no gap, nothing after the last tensor), so every byte has one meaning.
+        pos = 0
+        for info in sorted(self.tensors.values(), key=lambda i: (i.start, i.nbytes)):
+            if info.start - data_start != pos:
+                what = "overlaps the previous tensor" if info.start - data_start < pos else f"leaves a gap of {info.start - data_start - pos} bytes"
+                raise CorruptFileError(f"tensor {info.name!r}: byte range starting at {info.start - data_start} {what}", path=self.path)
+            pos += info.nbytes
+        if pos != data_size:
+            if pos > data_size:
+                raise CorruptFileError(f"tensors end at byte {data_start + pos} but the file has {size} bytes (truncated)", path=self.path)
+            raise CorruptFileError(f"{data_size - pos} bytes after the last tensor belong to no tensor", path=self.path)
         self._fh: Any = None
+
+    def _tensor_info(self, name: str, spec: Any, data_start: int) -> TensorInfo:
+        """One header entry, checked: known dtype, shape of non-negative ints, byte range of the right length."""
+        if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
+            raise CorruptFileError(f"tensor {name[:200]!r}: header entry must have dtype, shape and data_offsets", path=self.path)
+        dtype = STR_TO_DTYPE.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+        if dtype is None:
+            raise CorruptFileError(f"tensor {name[:200]!r}: unsupported dtype {str(spec['dtype'])[:40]!r}", path=self.path)
+        shape, offsets = spec["shape"], spec["data_offsets"]
+        if (not isinstance(shape, list) or len(shape) > 64
+                or not all(type(s) is int and 0 <= s <= _MAX_DIM for s in shape)):
+            raise CorruptFileError(f"tensor {name[:200]!r}: shape {str(shape)[:80]} is not a list of non-negative integers", path=self.path)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int and x >= 0 for x in offsets):
+            raise CorruptFileError(f"tensor {name[:200]!r}: data_offsets {str(offsets)[:80]} are not two non-negative integers", path=self.path)
+        begin, end = offsets
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != math.prod(shape) * itemsize:
+            raise CorruptFileError(f"tensor {name[:200]!r}: byte range {begin}..{end} does not fit shape {list(shape)} of {spec['dtype']}", path=self.path)
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin, self.path)
 
     def keys(self) -> list[str]:
         """Tensor names in file order (by offset), which is the fastest order to read them."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsupportedFormatError
 from . import integrity
-from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, check_version, dtype_from_name
+from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, NAME_TO_DTYPE, check_version
 
 
 @dataclass
@@ -97,38 +99,46 @@ class Manifest:
         check_version(d.get("format_version"), path=str(path) if path else None)
         try:
             b = d["base"]
+            if not isinstance(b, dict):
+                raise ManifestError("base is not a JSON object", path=path)
             base = BaseInfo(
-                name_or_path=str(b["name_or_path"]),
-                fingerprint=str(b["fingerprint"]),
+                name_or_path=_string(b["name_or_path"], "base.name_or_path", path),
+                fingerprint=_string(b["fingerprint"], "base.fingerprint", path),
                 revision=b.get("revision"),
-                extra_tensors=dict(b.get("extra_tensors") or {}),
+                extra_tensors=_extra_tensors(b.get("extra_tensors"), path),
             )
+            if not _FINGERPRINT.fullmatch(base.fingerprint):
+                raise ManifestError(f"base.fingerprint {base.fingerprint[:80]!r} is not 'sha256:' + 64 lowercase hex digits", path=path)
+            if base.revision is not None and not isinstance(base.revision, str):
+                raise ManifestError(f"base.revision must be a string or null, got {type(base.revision).__name__}", path=path)
+            raw_tensors = d["tensors"]
+            if not isinstance(raw_tensors, dict):
+                raise ManifestError("tensors is not a JSON object", path=path)
             tensors = {}
-            for name, e in d["tensors"].items():
-                entry = TensorEntry(
-                    codec=str(e["codec"]),
-                    shape=[int(s) for s in e["shape"]],
-                    dtype=str(e["dtype"]),
-                    params=dict(e.get("params") or {}),
-                    stored={str(k): str(v) for k, v in (e.get("stored") or {}).items()},
-                    stored_bytes=int(e.get("stored_bytes", 0)),
-                    base_sha256=e.get("base_sha256"),
-                    stats=dict(e.get("stats") or {}),
-                    digests={str(k): v for k, v in (e.get("digests") or {}).items()},
-                )
-                dtype_from_name(entry.dtype)
-                tensors[str(name)] = entry
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"manifest is missing or has a malformed field ({exc!r})", path=path) from None
+            for name, e in raw_tensors.items():
+                tensors[name] = _tensor_entry(name, e, path)
+        except KeyError as exc:
+            raise ManifestError(f"manifest is missing the field {exc.args[0]!r}", path=path) from None
+        config = d.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise ManifestError(f"config must be a JSON object or null, got {type(config).__name__}", path=path)
+        finetuned = d.get("finetuned") or {}
+        if not isinstance(finetuned, dict):
+            raise ManifestError(f"finetuned must be a JSON object, got {type(finetuned).__name__}", path=path)
+        if not isinstance(d.get("files") or [], list):
+            raise ManifestError(f"files must be a list, got {type(d.get('files')).__name__}", path=path)
+        created_with = d.get("created_with", "")
+        if not isinstance(created_with, str):
+            raise ManifestError(f"created_with must be a string, got {type(created_with).__name__}", path=path)
         return cls(
             base=base,
             tensors=tensors,
-            config=d.get("config"),
-            finetuned=dict(d.get("finetuned") or {}),
-            totals=dict(d.get("totals") or {}),
+            config=config,
+            finetuned=dict(finetuned),
+            totals=_informative(d.get("totals")),
             files=list(d.get("files") or []),
-            file_digests={str(k): v for k, v in (d.get("file_digests") or {}).items()},
-            created_with=str(d.get("created_with", "")),
+            file_digests=_digest_map(d.get("file_digests"), "file_digests", path),
+            created_with=created_with,
             format=d["format"],
             format_version=str(d["format_version"]),
         )
@@ -141,10 +151,138 @@ class Manifest:
             raise MissingFileError(f"no {MANIFEST_NAME}: not a deltahub delta directory", path=Path(directory))
         raw = path.read_bytes()
         try:
-            d = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptFileError(f"manifest is not valid JSON ({exc})", path=path) from None
+            d = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptFileError(f"manifest is not valid JSON ({str(exc)[:200]})", path=path) from None
+        except DuplicateKeyError as exc:
+            raise CorruptFileError(f"manifest is ambiguous: {exc}", path=path) from None
         manifest = cls.from_dict(d, path=path)
         integrity.verify_manifest_bytes(raw, d, path=path)
         integrity.check_manifest_digests(manifest, d, path=path)
         return manifest
+
+
+# ------------------------------------------------------------------ validation of untrusted manifests
+
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Bound on every dimension and on the element count of a manifest tensor (1 Ti elements).
+MAX_NUMEL = 1 << 40
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object has the same key twice (readers would disagree on which value counts)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` ``object_pairs_hook`` refusing duplicate keys."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"the key {k[:80]!r} appears twice in one JSON object")
+        out[k] = v
+    return out
+
+
+def _string(value: Any, what: str, path: Any) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(f"{what} must be a string, got {type(value).__name__}", path=path)
+    return value
+
+
+def check_shape(shape: Any, what: str, path: Any) -> list[int]:
+    """A JSON shape: a list of non-negative ints (not bools), each and their product at most 2^40."""
+    if not isinstance(shape, list) or len(shape) > 64:
+        raise ManifestError(f"{what}: shape must be a list of at most 64 integers, got {str(shape)[:80]}", path=path)
+    numel = 1
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_NUMEL:
+            raise ManifestError(f"{what}: shape {str(shape)[:80]} has {str(s)[:40]!s}, not an integer in [0, 2^40]", path=path)
+        numel *= s
+    if numel > MAX_NUMEL:
+        raise ManifestError(f"{what}: shape {shape} has {numel} elements, more than 2^40", path=path)
+    return list(shape)
+
+
+def _tensor_entry(name: Any, e: Any, path: Any) -> TensorEntry:
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"tensor names must be non-empty strings, got {name!r}", path=path)
+    what = f"tensor {name[:200]!r}"
+    if not isinstance(e, dict):
+        raise ManifestError(f"{what}: entry is not a JSON object", path=path)
+    try:
+        codec, shape, dtype = e["codec"], e["shape"], e["dtype"]
+    except KeyError as exc:
+        raise ManifestError(f"{what}: entry has no {exc.args[0]!r}", path=path) from None
+    if not isinstance(codec, str):
+        raise ManifestError(f"{what}: codec must be a string, got {type(codec).__name__}", path=path)
+    shape = check_shape(shape, what, path)
+    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE:
+        raise ManifestError(f"{what}: dtype {str(dtype)[:40]!r} is not one of {', '.join(sorted(NAME_TO_DTYPE))}", path=path)
+    params = e.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ManifestError(f"{what}: params must be a JSON object, got {type(params).__name__}", path=path)
+    stored = e.get("stored", {})
+    if stored is None:
+        stored = {}
+    if not isinstance(stored, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in stored.items()):
+        raise ManifestError(f"{what}: stored must map role names to stored tensor names (non-empty strings)", path=path)
+    stored_bytes = e.get("stored_bytes", 0)
+    if isinstance(stored_bytes, bool) or not isinstance(stored_bytes, int) or stored_bytes < 0:
+        stored_bytes = 0  # informative (the files' headers are authoritative)
+    base_sha256 = e.get("base_sha256")
+    if base_sha256 is not None and (not isinstance(base_sha256, str) or not _SHA256.fullmatch(base_sha256)):
+        raise ManifestError(f"{what}: base_sha256 must be 64 lowercase hex digits, got {str(base_sha256)[:80]!r}", path=path)
+    return TensorEntry(codec=codec, shape=shape, dtype=dtype, params=dict(params), stored=dict(stored),
+                       stored_bytes=stored_bytes, base_sha256=base_sha256, stats=_informative(e.get("stats"), strings=_STRING_STATS),
+                       digests=_digest_map(e.get("digests"), f"{what}: digests", path))
+
+
+def _digest_map(value: Any, what: str, path: Any) -> dict[str, str]:
+    """``digests`` / ``file_digests``: a JSON object of strings (their syntax is checked by :mod:`.integrity`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ManifestError(f"{what} must map names to digest strings", path=path)
+    return dict(value)
+
+
+def _extra_tensors(extra: Any, path: Any) -> dict[str, dict[str, Any]]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise ManifestError("base.extra_tensors must be a JSON object", path=path)
+    for name, info in extra.items():
+        what = f"base.extra_tensors[{name[:200]!r}]"
+        if not name or not isinstance(info, dict):
+            raise ManifestError(f"{what} must be a non-empty name mapped to {{dtype, shape, sha256}}", path=path)
+        if "shape" in info:
+            check_shape(info["shape"], what, path)
+        if "dtype" in info and (not isinstance(info["dtype"], str) or info["dtype"] not in NAME_TO_DTYPE):
+            raise ManifestError(f"{what}: dtype {str(info['dtype'])[:40]!r} is not a known dtype", path=path)
+        if "sha256" in info and (not isinstance(info["sha256"], str) or not _SHA256.fullmatch(info["sha256"])):
+            raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits", path=path)
+    return dict(extra)
+
+
+#: ``stats`` keys whose values are strings; every other ``stats`` / ``totals`` value is a number.
+_STRING_STATS = ("auto_choice", "auto_metric")
+
+
+def _informative(value: Any, depth: int = 0, strings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``totals`` / ``stats``: informative only, so never an error. Keeps finite non-negative numbers
+    (no bools), strings under the keys in ``strings``, and nested objects of those; drops the rest."""
+    if not isinstance(value, dict) or depth > 3:
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(v, dict):
+            out[k] = _informative(v, depth + 1)
+        elif k in strings:
+            if isinstance(v, str) and len(v) <= 1000:
+                out[k] = v
+        elif (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 2**63):
+            out[k] = v
+    return out

@@ -62,11 +62,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name`; raises ``ValueError`` for anything that is not a torch dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
+    """Inverse of :func:`dtype_name`; raises ``ValueError`` for anything but the canonical name of a
+    dtype safetensors can store (not torch's aliases such as ``"float"`` or ``"half"``, nor complex
+    or quantized dtypes, nor other ``torch`` attributes such as ``"Tensor"``)."""
+    dtype = NAME_TO_DTYPE.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(sorted(NAME_TO_DTYPE))}")
     return dtype
+
+
+#: Manifest dtype names deltahub reads: the torch spelling of every dtype safetensors can store.
+NAME_TO_DTYPE: dict[str, torch.dtype] = {dtype_name(d): d for d in DTYPE_TO_STR}
 
 
 def parse_version(version: str) -> tuple[int, int]:
