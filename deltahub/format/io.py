@@ -420,6 +420,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _pin(path: Path) -> tuple[int | None, tuple[int, int] | None]:
+    """Open ``path`` itself (not a symlink's target) and return ``(fd, identity)``.
+
+    While the descriptor is open the inode cannot be freed, so a look-alike created after the
+    original was deleted cannot reuse its number: ``(st_dev, st_ino)`` then identifies it.
+    """
+    flags = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return None, _identity(path)  # cannot open it (e.g. a symlink without O_PATH): best effort
+    st = os.fstat(fd)
+    return fd, (st.st_dev, st.st_ino)
+
+
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """``renameat2(src, dst, flags)``; False when the kernel, libc or filesystem lacks it (then use a fallback)."""
     global _renameat2_fn
@@ -563,7 +580,7 @@ def output_write_error(exc: OSError, target: str | Path, *, tmp: Path | None = N
     code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     detail = f" (writing {Path(os.fspath(where)).name})" if ours and where is not None and tmp is not None else ""
     err = OutputWriteError(f"cannot write the output: {exc.strerror or os.strerror(exc.errno or 0)} [{code}]{detail}; nothing was written", path=target)
-    err.errno, err.strerror = exc.errno, exc.strerror
+    err.errno = exc.errno  # (not strerror: OSError.__str__ would then drop the message)
     return err
 
 
@@ -614,7 +631,7 @@ def _atomic(target: str | Path, *, overwrite: bool, inputs: Mapping[str, Any] | 
             make: Callable[[Path], None]) -> Iterator[Path]:
     given = Path(target)
     path = check_output(target, inputs=inputs, protect=protect, overwrite=overwrite)
-    replaces = _identity(path) if overwrite else None
+    pin_fd, replaces = _pin(path) if overwrite else (None, None)
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -632,6 +649,8 @@ def _atomic(target: str | Path, *, overwrite: bool, inputs: Mapping[str, Any] | 
     finally:
         if tmp is not None:
             _remove(tmp)
+        if pin_fd is not None:
+            os.close(pin_fd)
 
 
 @contextlib.contextmanager
@@ -652,7 +671,8 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False, inputs: Map
       an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)``; elsewhere a hard link for
       files, or check-then-rename for directories), so an output that appeared meanwhile (a second
       run, a user's folder) is kept and this run fails with :class:`OutputExistsError`. With
-      ``overwrite`` only the very output seen at the start (same device and inode) is replaced:
+      ``overwrite`` only the very output seen at the start is replaced (same device and inode,
+      held open meanwhile so the number cannot be reused by a look-alike):
       atomically swapped with ``RENAME_EXCHANGE`` (else moved aside to ``.NAME.old-...``) and then
       deleted; if another run replaced it meanwhile, that one is kept (swapped back if needed) and
       this run fails. Of two concurrent runs on one output, exactly one wins; none is lost silently.
