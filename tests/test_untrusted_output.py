@@ -400,3 +400,24 @@ def test_read_only_destination_is_one_line(pair_and_delta: tuple[Path, Path, Pat
         assert r.exit_code == 1 and "Permission denied" in _one_error_line(r.output), r.output
     finally:
         ro.chmod(0o755)
+
+
+def test_interrupted_overwrite_keeps_the_old_output(pair_and_delta: tuple[Path, Path, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fallback path (old output moved aside first): Ctrl-C before the new one is in place puts it back."""
+    base, _, delta = pair_and_delta
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(io, "_renameat2", lambda src, dst, flags: False)
+    original = io._rename_noreplace
+
+    def interrupted(src: Path, dst: Path) -> None:
+        if ".tmp-" in src.name:
+            raise KeyboardInterrupt
+        original(src, dst)
+
+    monkeypatch.setattr(io, "_rename_noreplace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_delta(delta, base, out, overwrite=True, progress=False)
+    assert (out / "old.txt").read_text() == "old" and _temps(tmp_path) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -342,9 +343,16 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 _renameat2_fn: Any = None
 
 
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
-    """This machine's name as it appears in temp names (no ``/`` or spaces)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost")[:64] or "localhost"
+    """Where PIDs mean something, as it appears in temp names: the host name (no ``/`` or spaces)
+    plus, on Linux, the PID namespace, so containers sharing a volume and a host name differ."""
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost")[:64] or "localhost"
+    with contextlib.suppress(OSError):
+        ns = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+        if ns:
+            tag += f".ns{ns}"
+    return tag
 
 
 def _temp_path(target: Path, kind: str = "tmp") -> Path:
@@ -623,6 +631,10 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool, replaces: tuple[int, in
     except FileExistsError:
         raise OutputExistsError(f"output appeared {_CONCURRENT}; the output it was to replace is kept as {trash}",
                                 path=target) from None
+    except BaseException:  # interrupted or failed: the old output goes back where it was
+        with contextlib.suppress(OSError):
+            _rename_noreplace(trash, target)
+        raise
     _remove(trash)
 
 
