@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError
-from .format.io import atomic_file
+from .errors import CorruptFileError, DeltaHubError, MissingFileError
+from .format.io import atomic_file, save_tensors
 
 CALIBRATION_FORMAT = "deltahub-calibration"
 #: Default cap of rows (tokens) kept per layer; DeltaDQ's group-size search uses at most 512 too.
@@ -110,17 +110,16 @@ def collect_activations(model_dir: str | Path, data: str | Sequence[str] | Token
 
 
 def save_calibration(activations: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write activations as one float32 safetensors file (via a temporary file and rename)."""
-    from safetensors.torch import save_file
+                     metadata: Mapping[str, str] | None = None, inputs: Mapping[str, Any] | None = None) -> Path:
+    """Write activations as one float32 safetensors file (via a temporary file and a no-replace rename).
 
+    ``inputs`` (role -> path: the model, the texts) may not be, contain or hold ``path``; see
+    :func:`~deltahub.format.io.atomic_directory` for the guarantees.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError("output already exists (pass overwrite=True / --overwrite to replace it)", path=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in activations.items()}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**(metadata or {}), "format": CALIBRATION_FORMAT})
+    with atomic_file(path, overwrite=overwrite, inputs=inputs) as tmp:
+        save_tensors(tmp, tensors, metadata={**(metadata or {}), "format": CALIBRATION_FORMAT})
     return path
 
 

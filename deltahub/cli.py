@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,19 +33,44 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` (temp-directory cleanup) runs."""
+
+
+_NOT_INSTALLED = object()
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def _friendly(fn: F) -> F:
-    """Expected failures become one red line on stderr and exit code 1, never a traceback."""
+    """Expected failures become one red line on stderr and exit code 1, never a traceback.
+
+    Ctrl-C exits 130 and SIGTERM 143 (128 + signal number, as a shell reports them), after the
+    partial output was removed: SIGTERM is handled like SIGINT while the command runs.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous: Any = _NOT_INSTALLED
+        with contextlib.suppress(ValueError, OSError):  # ValueError: not the main thread
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except DeltaHubError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Terminated:
+            err_console.print("[yellow]terminated (SIGTERM); the partial output was removed[/]")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted; nothing was written[/]")
+            err_console.print("[yellow]interrupted; the partial output was removed[/]")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not _NOT_INSTALLED:
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper  # type: ignore[return-value]
 
@@ -162,13 +189,14 @@ def calibrate(
 ) -> None:
     """Record the inputs of every Linear layer of BASE on some text, for `compress --calibration`."""
     from .calibration import collect_activations, read_text_file, save_calibration
-    from .errors import OutputExistsError
+    from .format.io import check_output
 
-    if output.exists() and not overwrite:
-        raise OutputExistsError("output already exists (pass --overwrite to replace it)", path=output)
+    inputs: dict[str, Any] = {"base model": base, **{f"text file {i}": t for i, t in enumerate(text, 1)}}
+    check_output(output, inputs=inputs, overwrite=overwrite)  # before the (slow) forward passes
     texts = [read_text_file(t, "calibration text") for t in text]
     acts = collect_activations(base, texts, max_tokens=max_tokens, max_rows=max_rows, seq_len=seq_len)
-    save_calibration(acts, output, overwrite=overwrite, metadata={"model": str(base), "max_tokens": str(max_tokens)})
+    save_calibration(acts, output, overwrite=overwrite, inputs=inputs,
+                     metadata={"model": str(base), "max_tokens": str(max_tokens)})
     nbytes = sum(a.numel() * 4 for a in acts.values())
     console.print(f"[green]calibration written to[/] {output}: {len(acts)} layers, "
                   f"{max((a.shape[0] for a in acts.values()), default=0)} rows each at most, {human_bytes(nbytes)}", highlight=False)

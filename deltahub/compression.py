@@ -24,7 +24,7 @@ from .codecs.unchanged import same_bits
 from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError
 from .format.delta_files import DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
-from .format.io import Checkpoint, atomic_directory, atomic_file, fingerprint, prefetch, read_with_digest
+from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
 from .policy import AUTO, Policy, check_preset
@@ -89,6 +89,14 @@ def compress(
     relative error); see :mod:`deltahub.autoselect`.
     """
     hub_kw = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint}
+    # Refuse an unsafe or existing output before downloading or reading anything.
+    from .hub import hub_cache_root, is_hub_spec
+
+    uses_hub = any(not isinstance(x, Path) and is_hub_spec(x) for x in (base, finetuned))
+    protect = [hub_cache_root(cache_dir)] if uses_hub else []
+    calib_path = None if calibration is None or isinstance(calibration, Mapping) else calibration
+    check_output(output_dir, inputs={"base": base, "fine-tune": finetuned, "calibration file": calib_path},
+                 protect=protect, overwrite=overwrite)
     base, base_name_or_path, base_revision = _resolve_input(base, base_name_or_path, base_revision, role="base", **hub_kw)
     finetuned, finetuned_name_or_path, finetuned_revision = _resolve_input(finetuned, finetuned_name_or_path, finetuned_revision, role="fine-tune", **hub_kw)
     policy = policy or Policy(codec=codec, params=dict(params or {}))
@@ -132,7 +140,8 @@ def compress(
     entries: dict[str, TensorEntry] = {}
     base_digests: dict[str, str] = {}
     total_bytes = sum(ft_ckpt.info(n).nbytes for n in names)
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress_bar("compress", total_bytes, enabled=progress) as advance:
+    inputs = {"base": base, "fine-tune": finetuned, "calibration file": calib_path}
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("compress", total_bytes, enabled=progress) as advance:
         writer = DeltaShardWriter(tmp, max_shard_size)
 
         def load(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:

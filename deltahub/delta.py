@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
-from .format.io import Checkpoint, atomic_directory, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
+from .format.io import Checkpoint, atomic_directory, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
 from .format.manifest import Manifest, TensorEntry
 from .format.spec import MANIFEST_NAME, dtype_from_name
 
@@ -205,16 +205,23 @@ class Delta:
         overwrite: bool = False,
         max_shard_size: int = DEFAULT_MODEL_SHARD_BYTES,
         progress: bool | None = None,
+        protect: Iterable[str | Path] = (),
     ) -> Path:
-        """Write the rebuilt fine-tune as a complete model directory (config, tokenizer, safetensors)."""
+        """Write the rebuilt fine-tune as a complete model directory (config, tokenizer, safetensors).
+
+        ``output_dir`` may not be, contain or lie inside the delta or the base (nor one of
+        ``protect``): see :func:`~deltahub.format.io.atomic_directory`.
+        """
         m = self.manifest
+        inputs = {"delta": self.directory, "base": base}
+        check_output(output_dir, inputs=inputs, protect=protect, overwrite=overwrite)
         with Checkpoint(base) as base_ckpt:
             self.check_base_structure(base_ckpt, check_base=check_base)
             verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
             specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
             shards = _plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
-            with atomic_directory(output_dir, overwrite=overwrite) as tmp, progress_bar("apply", total, enabled=progress) as advance:
+            with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("apply", total, enabled=progress) as advance:
                 stream = self.iter_tensors(base_ckpt, check_base=check_base)
 
                 def produce() -> Iterator[torch.Tensor]:
@@ -369,6 +376,8 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byte
 
 def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:
     """Rebuild the fine-tune from ``base`` + ``delta`` into ``output_dir`` (see :meth:`Delta.apply`)."""
+    check_output(output_dir, inputs={"delta": delta, "base": base}, protect=kwargs.get("protect", ()),
+                 overwrite=kwargs.get("overwrite", False))  # before even reading the delta
     d = Delta(delta)
     try:
         return d.apply(base, output_dir, **kwargs)

@@ -34,11 +34,11 @@ from .errors import (
     DownloadError,
     HubError,
     MissingFileError,
-    OutputExistsError,
     RemoteFileNotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
 )
+from .format.io import check_output
 from .format.manifest import Manifest
 from .format.spec import AUX_FILE_PATTERNS, MANIFEST_NAME, WEIGHTS_INDEX_NAME
 
@@ -239,6 +239,11 @@ def _commit_sha(path: Path, repo_id: str, revision: str | None, *, token: str | 
         return revision if revision and _SHA_RE.fullmatch(revision) else None
     with hub_errors("resolve", repo_id, revision, endpoint=endpoint):
         return HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha
+
+
+def hub_cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The Hub cache directory downloads go to: ``cache_dir``, else ``HF_HUB_CACHE`` (outputs may not contain it)."""
+    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
 
 
 def resolve_model(spec: str | os.PathLike[str], revision: str | None = None, token: str | bool | None = None,
@@ -459,15 +464,17 @@ def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: st
     from .delta import Delta
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:  # fail before downloading anything
-        raise OutputExistsError("output already exists (pass overwrite=True / --overwrite to replace it)", path=output_dir)
+    protect = [hub_cache_root(cache_dir)]
+    local_base = None if base_model is None or is_hub_spec(base_model) else base_model
+    # Refuse an unsafe or existing output before downloading anything (the snapshots are checked again by apply).
+    check_output(output_dir, inputs={"base": local_base}, protect=protect, overwrite=overwrite)
     delta_dir = download_delta(repo_id, revision, token=token, cache_dir=cache_dir, endpoint=endpoint)
     delta = Delta(delta_dir)
     try:
         base = resolve_base(delta.manifest, base_model=base_model, base_revision=base_revision, token=token,
                             cache_dir=cache_dir, endpoint=endpoint)
         with explain_base_mismatch(delta.manifest, base):
-            delta.apply(base.local_dir, output_dir, check_base=check_base, overwrite=overwrite, progress=progress)
+            delta.apply(base.local_dir, output_dir, check_base=check_base, overwrite=overwrite, progress=progress, protect=protect)
     finally:
         delta.close()
     sha = delta_dir.name if _SHA_RE.fullmatch(delta_dir.name) else None

@@ -8,15 +8,22 @@ model larger than RAM is written tensor by tensor.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import stat
 import struct
+import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ R = TypeVar("R")
 
 import torch
 
-from ..errors import CorruptFileError, MissingFileError, OutputExistsError
+from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
 _HEADER_LIMIT = 100 * 1024 * 1024  # same sanity bound as the safetensors library
@@ -366,46 +373,378 @@ def checkpoint_fingerprint(ckpt: Checkpoint, digests: dict[str, str] | None = No
     return fingerprint(entries), digests
 
 
-# --------------------------------------------------------------------------------------------- atomic dirs
+# --------------------------------------------------------------------------------------------- outputs
+
+#: ``errno`` values that can only come from writing: always an :class:`OutputWriteError`.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: ``errno`` values that are an output failure when they name a path of the output.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY}
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+_renameat2_fn: Any = None
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success rename it to ``target``, on error delete it.
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """Where PIDs mean something, as it appears in temp names: the host name (no ``/`` or spaces)
+    plus, on Linux, the PID namespace, so containers sharing a volume and a host name differ."""
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "localhost")[:64] or "localhost"
+    with contextlib.suppress(OSError):
+        ns = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+        if ns:
+            tag += f".ns{ns}"
+    return tag
 
-    An interrupted run never leaves a half-written ``target``. With ``overwrite`` an existing
-    ``target`` is replaced only after the new one is complete.
+
+def _temp_path(target: Path, kind: str = "tmp") -> Path:
+    """``.NAME.tmp-HOST-PID-RANDOM`` next to ``target`` (``kind`` ``old`` for a replaced output being deleted)."""
+    return target.with_name(f".{target.name}.{kind}-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _stale_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{{8}}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a real pid: keep, never guess
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: alive, another user's
+    return True
+
+
+def remove_stale_temps(target: str | Path) -> list[Path]:
+    """Delete temp entries an earlier, killed deltahub run left next to ``target``; return them.
+
+    Only entries named exactly ``.NAME.tmp-HOST-PID-RANDOM`` / ``.NAME.old-HOST-PID-RANDOM`` for
+    this ``NAME``, made on this host by a process that is no longer alive, owned by this user,
+    and plain files or real directories (never symlinks) are removed.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError("output already exists (pass overwrite=True / --overwrite to replace it)", path=target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    pattern, host = _stale_pattern(target.name), _host_tag()
+    removed = []
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            continue
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, symlink or directory tree (never following a symlink); errors ignored."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (not a symlink's target), None when absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pin(path: Path) -> tuple[int | None, tuple[int, int] | None]:
+    """Open ``path`` itself (not a symlink's target) and return ``(fd, identity)``.
+
+    While the descriptor is open the inode cannot be freed, so a look-alike created after the
+    original was deleted cannot reuse its number: ``(st_dev, st_ino)`` then identifies it.
+    """
+    flags = getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return None, _identity(path)  # cannot open it (e.g. a symlink without O_PATH): best effort
+    st = os.fstat(fd)
+    return fd, (st.st_dev, st.st_ino)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False when the kernel, libc or filesystem lacks it (then use a fallback)."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        fn: Any = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = getattr(libc, "renameat2", False)
+                if fn:
+                    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                    fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = False
+        _renameat2_fn = fn
+    if not _renameat2_fn:
+        return False
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # not supported here (old kernel, or a filesystem without the flag)
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; :class:`FileExistsError` if ``dst`` exists, which is never replaced.
+
+    ``renameat2(RENAME_NOREPLACE)`` where available (Linux); else a hard link for files
+    (``link`` fails atomically on an existing name), and for directories a check then
+    ``rename``, which fails on an existing non-empty directory or file: only an *empty*
+    directory created in the instant between check and rename could be replaced.
+    """
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    if not os.path.isdir(src) or os.path.islink(src):
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:
+            pass  # no hard links on this filesystem: the check above is all we have
+        else:
+            os.unlink(src)
+            return
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
         raise
-    trash = None
-    if target.exists():
-        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-    os.replace(tmp, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies inside it (both real paths)."""
+    return inner == outer or outer in inner.parents
+
+
+def _input_paths(path: Path) -> list[Path]:
+    """The real paths an input occupies: itself, the real targets of its top-level symlinks (Hub
+    snapshots point into ``blobs/``), and a Hub snapshot's whole repo folder."""
+    real = _real(path)
+    out = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.count("--") >= 1:
+        out.append(real.parent.parent)  # models--ns--name: snapshots, blobs, refs
+    if path.is_dir():
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path):
+                if entry.is_symlink() and entry.is_file():  # a weight file kept elsewhere (Hub blobs)
+                    out.append(_real(entry.path))
+    return out
+
+
+def check_output(target: str | Path, *, inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+                 protect: Iterable[str | os.PathLike[str] | None] = (), overwrite: bool = False) -> Path:
+    """Refuse an output that would destroy an input or the workspace; return its absolute path.
+
+    Checked for every output deltahub writes (``compress``, ``apply``, ``pull``, ``calibrate``),
+    before any work and again by :func:`atomic_directory` / :func:`atomic_file`:
+
+    * :class:`UnsafeOutputError` when the output (real path, symlinks resolved) *is*, *contains*
+      or *lies inside* one of ``inputs`` (role -> path; missing paths, e.g. Hub ids, are skipped;
+      a Hub snapshot also covers its repo cache folder and the blobs its symlinks point to);
+      and when it is or contains the filesystem root, the home directory, the current
+      directory or one of ``protect`` (e.g. the Hub cache), with or without ``overwrite``.
+    * :class:`OutputExistsError` when it exists and ``overwrite`` is false.
+    """
+    given = Path(target)
+    path = Path(os.path.abspath(os.fspath(target)))
+    real = _real(path)
+    if not path.name or real == Path(real.anchor):
+        raise UnsafeOutputError("output is the filesystem root; choose a new directory", path=given)
+    try:
+        home: str | Path | None = Path.home()
+    except (RuntimeError, KeyError):
+        home = None
+    protected = [("the current directory", os.getcwd()), ("your home directory", home), *(("a cache deltahub reads", q) for q in protect)]
+    for what, p in protected:
+        if p is None:
+            continue
+        rp = _real(p)
+        if _within(rp, real):
+            rel = "is" if rp == real else "contains"
+            raise UnsafeOutputError(f"output {rel} {what} ({rp}); choose a new directory", path=given)
+    for role, p in (inputs or {}).items():
+        if p is None or isinstance(p, Mapping) or not os.path.lexists(os.fspath(p)):
+            continue
+        for rp in _input_paths(Path(p)):
+            if _within(rp, real):
+                rel = "is" if rp == real else "contains"
+            elif _within(real, rp):
+                rel = "is inside"
+            else:
+                continue
+            raise UnsafeOutputError(f"output {rel} the {role} ({p}); writing there would destroy it", path=given)
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError("output already exists (pass overwrite=True / --overwrite to replace it)", path=given)
+    return path
+
+
+def output_write_error(exc: OSError, target: str | Path, *, tmp: Path | None = None) -> OutputWriteError | None:
+    """The :class:`OutputWriteError` an OS failure while writing ``target`` becomes, or None when
+    it is not about the output (e.g. reading an input failed)."""
+    where = exc.filename
+    ours = False
+    if where is not None:
+        w = os.path.abspath(os.fspath(where))
+        out = os.path.abspath(os.fspath(target))
+        parent, name = os.path.split(out)
+        roots = [out] + ([os.path.abspath(tmp)] if tmp is not None else [])
+        ours = (any(w == r or w.startswith(r + os.sep) for r in roots) or out.startswith(w + os.sep)
+                or (os.path.dirname(w) == parent and os.path.basename(w).startswith(f".{name}.")))
+    if exc.errno not in _WRITE_ERRNOS and not (ours and exc.errno in _PATH_ERRNOS):
+        return None
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    detail = f" (writing {Path(os.fspath(where)).name})" if ours and where is not None and tmp is not None else ""
+    err = OutputWriteError(f"cannot write the output: {exc.strerror or os.strerror(exc.errno or 0)} [{code}]{detail}; nothing was written", path=target)
+    err.errno = exc.errno  # (not strerror: OSError.__str__ would then drop the message)
+    return err
+
+
+_CONCURRENT = "while this run was writing it (another deltahub run, or a program, writing the same output?)"
+
+
+def _commit(tmp: Path, target: Path, *, overwrite: bool, replaces: tuple[int, int] | None) -> None:
+    """Move the finished ``tmp`` to ``target`` without ever replacing what this run did not mean to.
+
+    ``replaces`` is the identity of the output the caller asked to overwrite, seen when it started.
+    """
+    kept = "; it was left untouched and this run's result discarded"
+    current = _identity(target)
+    if current is None:
+        try:
+            _rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise OutputExistsError(f"output appeared {_CONCURRENT}{kept}", path=target) from None
+        return
+    if not overwrite or replaces is None or current != replaces:
+        what = "appeared" if replaces is None else "was replaced"
+        raise OutputExistsError(f"output {what} {_CONCURRENT}{kept}", path=target)
+    if _renameat2(tmp, target, _RENAME_EXCHANGE):
+        # tmp now holds the old output: delete it only if it is the one asked to be replaced.
+        if _identity(tmp) != replaces:
+            _renameat2(tmp, target, _RENAME_EXCHANGE)  # swap back: the newcomer is not ours to delete
+            raise OutputExistsError(f"output was replaced {_CONCURRENT}{kept}", path=target)
+        _remove(tmp)
+        return
+    trash = _temp_path(target, "old")
+    _rename_noreplace(target, trash)
+    if _identity(trash) != replaces:  # swapped by someone between the check and the move: put it back
+        try:
+            _rename_noreplace(trash, target)
+        except FileExistsError:
+            raise OutputExistsError(f"output was replaced {_CONCURRENT}; that output is now {trash}", path=target) from None
+        raise OutputExistsError(f"output was replaced {_CONCURRENT}{kept}", path=target)
+    try:
+        _rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(f"output appeared {_CONCURRENT}; the output it was to replace is kept as {trash}",
+                                path=target) from None
+    except BaseException:  # interrupted or failed: the old output goes back where it was
+        with contextlib.suppress(OSError):
+            _rename_noreplace(trash, target)
+        raise
+    _remove(trash)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success rename it to ``path``, else delete it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def _atomic(target: str | Path, *, overwrite: bool, inputs: Mapping[str, Any] | None, protect: Iterable[Any],
+            make: Callable[[Path], None]) -> Iterator[Path]:
+    given = Path(target)
+    path = check_output(target, inputs=inputs, protect=protect, overwrite=overwrite)
+    pin_fd, replaces = _pin(path) if overwrite else (None, None)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = _temp_path(path)
+        make(tmp)
         yield tmp
-        os.replace(tmp, path)
+        _commit(tmp, path, overwrite=overwrite, replaces=replaces)
+        tmp = None
+    except OSError as exc:
+        err = None if isinstance(exc, DeltaHubError) else output_write_error(exc, given, tmp=tmp)
+        if err is None:
+            raise
+        raise err from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            _remove(tmp)
+        if pin_fd is not None:
+            os.close(pin_fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False, inputs: Mapping[str, Any] | None = None,
+                     protect: Iterable[Any] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success move it to ``target``, on error delete it.
+
+    Every output deltahub writes goes through here (or :func:`atomic_file`). Guarantees:
+
+    * Checked first (:func:`check_output`): an output that is, contains or lies inside an input
+      (``inputs``: role -> path), or that is ``/``, the home or current directory or one of
+      ``protect``, is refused with :class:`UnsafeOutputError`, ``overwrite`` or not.
+    * The temp is ``.NAME.tmp-HOST-PID-RANDOM`` next to ``target``; it is deleted on any error,
+      ``KeyboardInterrupt`` (the CLI turns SIGTERM into one) included. Temps of runs that died
+      (SIGKILL, power loss) are removed by the next run writing the same ``target``: only exact
+      name matches, from this host, whose PID is no longer alive.
+    * The final move never replaces anything this run did not ask to: without ``overwrite`` it is
+      an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)``; elsewhere a hard link for
+      files, or check-then-rename for directories), so an output that appeared meanwhile (a second
+      run, a user's folder) is kept and this run fails with :class:`OutputExistsError`. With
+      ``overwrite`` only the very output seen at the start is replaced (same device and inode,
+      held open meanwhile so the number cannot be reused by a look-alike):
+      atomically swapped with ``RENAME_EXCHANGE`` (else moved aside to ``.NAME.old-...``) and then
+      deleted; if another run replaced it meanwhile, that one is kept (swapped back if needed) and
+      this run fails. Of two concurrent runs on one output, exactly one wins; none is lost silently.
+    * OS failures while writing (disk full, read-only, file too large, permission denied) become
+      :class:`OutputWriteError` naming the output and the errno; the temp is removed.
+    """
+    with _atomic(target, overwrite=overwrite, inputs=inputs, protect=protect, make=lambda p: p.mkdir()) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, overwrite: bool = True, inputs: Mapping[str, Any] | None = None,
+                protect: Iterable[Any] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success move it to ``path``, else delete it.
+
+    Same checks and guarantees as :func:`atomic_directory` (``overwrite`` defaults to True here,
+    for the JSON files deltahub writes inside its own temp directories).
+    """
+    with _atomic(path, overwrite=overwrite, inputs=inputs, protect=protect, make=lambda p: None) as tmp:
+        yield tmp
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
