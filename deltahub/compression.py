@@ -24,7 +24,7 @@ from .codecs.unchanged import same_bits
 from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError
 from .format.delta_files import DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
-from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic
+from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
 from .policy import AUTO, Policy, check_preset

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Iterable, Iterator
@@ -50,6 +49,8 @@ class Delta:
         where = self.directory / MANIFEST_NAME
         if entry.base_sha256 is None and (codec.needs_base or (entry.codec == "raw" and entry.params.get("mode") == "xor")):
             raise ManifestError(f"tensor {name!r} uses codec {entry.codec!r}, which needs a base tensor, but has no base_sha256", path=where)
+        if codec.needs_base and entry.codec != "unchanged" and not dtype_from_name(entry.dtype).is_floating_point:
+            raise ManifestError(f"tensor {name!r} is {entry.dtype}, but codec {entry.codec!r} codes deltas of floating-point tensors only", path=where)
         specs = {role: (info.dtype, info.shape) for role, info in self.files.infos(entry.stored).items()}
         try:
             codec.check_decode(entry.params, specs, tuple(entry.shape), dtype_from_name(entry.dtype))

@@ -17,8 +17,7 @@ import torch
 
 from . import register_codec
 from ._rng import check_seed, keep_mask, name_stream
-from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
-                   param_choice, param_float, param_int)
+from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

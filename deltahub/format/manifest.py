@@ -122,6 +122,9 @@ class Manifest:
         config = d.get("config")
         if config is not None and not isinstance(config, dict):
             raise ManifestError(f"config must be a JSON object or null, got {type(config).__name__}", path=path)
+        archs = (config or {}).get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and _IDENTIFIER.fullmatch(a) for a in archs)):
+            raise ManifestError(f"config.architectures must be a list of class names, got {str(archs)[:80]}", path=path)
         finetuned = d.get("finetuned") or {}
         if not isinstance(finetuned, dict):
             raise ManifestError(f"finetuned must be a JSON object, got {type(finetuned).__name__}", path=path)
@@ -166,6 +169,7 @@ class Manifest:
 
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 #: Bound on every dimension and on the element count of a manifest tensor (1 Ti elements).
 MAX_NUMEL = 1 << 40
 

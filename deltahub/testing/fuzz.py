@@ -8,7 +8,10 @@ Every mutated delta must end in one of the *allowed* outcomes:
 ``typed-error``
     a :class:`deltahub.errors.DeltaHubError` subclass whose message is one non-empty line;
 ``semantic-change``
-    the rebuild differs, but the mutation is a *valid* change of meaning on the explicit
+    the rebuild differs, but the manifest was re-sealed after the edit (``[restamped]``: its
+    digest is valid, so it is what its author wrote, and a reader can only check that it is
+    well-formed: such cases must end typed or rebuilt, never untyped, hung or out of memory), or
+    the mutation is a *valid* change of meaning on the explicit
     allowlist (:data:`SEMANTIC_ALLOWLIST`: another valid ``seed``/``stream`` of a random-mask
     codec), made to an unprotected (v1.0) manifest or re-stamped after the change; or (apply
     only) an edit of ``config`` other than ``architectures`` that changes nothing but the written
@@ -343,6 +346,7 @@ class Mutation:
     must_fail: bool = False
     semantic: str | None = None  # allowlist key when the change may legitimately alter the rebuilt tensors
     config_edit: bool = False  # a config.* edit (not architectures): only apply's config.json may differ
+    restamped: bool = False  # manifest re-sealed after the edit: an authentic manifest, so a valid change of meaning is allowed
     check_apply: bool = False  # the outcome only shows through apply (aux files)
 
 
@@ -432,28 +436,31 @@ def _dumps(d: Any) -> bytes:
     return (json.dumps(d, indent=2) + "\n").encode()
 
 
-def restamp(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """``manifest`` with its ``manifest_digest`` recomputed by the library's own function, or ``None``.
+def restamp(manifest: dict[str, Any]) -> bytes | None:
+    """``delta_config.json`` bytes of ``manifest`` re-sealed by the library's own digest function, or ``None``.
 
-    Looks for ``deltahub.format.integrity`` and, in order, a function ``stamp_manifest(dict) -> dict``
-    (returns the stamped manifest, or stamps the dict in place and returns ``None``) or
-    ``manifest_digest(dict) -> str`` (the digest of the manifest without its ``manifest_digest``
-    key). Returns ``None`` when neither exists (format v1.0 code): then no re-stamped variant runs.
+    Uses ``deltahub.format.integrity.manifest_bytes(dict) -> bytes`` (format 1.1); also accepts a
+    module with ``stamp_manifest(dict) -> dict`` or ``manifest_digest(dict) -> str`` (older
+    layouts, and the harness's own tests). Returns ``None`` when none exists (format 1.0 code):
+    then no re-stamped variant runs.
     """
     try:
         mod = importlib.import_module("deltahub.format.integrity")
     except ImportError:
         return None
     d = copy.deepcopy(manifest)
+    fn = getattr(mod, "manifest_bytes", None)
+    if callable(fn):
+        return bytes(fn(d))
     fn = getattr(mod, "stamp_manifest", None)
     if callable(fn):
         out = fn(d)
-        return out if isinstance(out, dict) else d
+        return _dumps(out if isinstance(out, dict) else d)
     fn = getattr(mod, "manifest_digest", None)
     if callable(fn):
         d.pop(DIGEST_KEY, None)
         d[DIGEST_KEY] = fn(d)
-        return d
+        return _dumps(d)
     return None
 
 
@@ -515,8 +522,8 @@ def _manifest_struct(rng: random.Random, t: Target) -> list[Mutation]:
     if t.protected:
         stamped = restamp(d)
         if stamped is not None:
-            out.append(Mutation("manifest-struct", t.name, desc + " [restamped]", {MANIFEST_NAME: _dumps(stamped)},
-                                semantic=sem, config_edit=cfg))
+            out.append(Mutation("manifest-struct", t.name, desc + " [restamped]", {MANIFEST_NAME: stamped},
+                                semantic=sem, config_edit=cfg, restamped=True))
     return out
 
 
@@ -763,7 +770,7 @@ class CaseResult:
 def _judge_success(same: bool, mut: Mutation) -> str:
     if same:
         return "undetected" if mut.must_fail else "ok-identical"
-    if mut.semantic is not None:
+    if mut.semantic is not None or mut.restamped:
         return "semantic-change"
     return "different-output"
 
