@@ -443,7 +443,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("archs", [["AutoTokenizer"], ["AutoModelForCausalLM"], ["Tensor"], ["PreTrainedModel"],
-                                   ["BertModel"], ["NoSuchModel"], "LlamaForCausalLM", [5], []])
+                                   ["BertModel"], ["NoSuchModel"], []])
 def test_to_model_architectures_fall_back(deltas: dict[str, Any], tmp_path: Path, archs: Any, offline: None) -> None:
     """Only a PreTrainedModel subclass fitting the config is used; else the causal-LM class of model_type."""
     d = _mutated(deltas, "raw-xor", tmp_path, lambda m: m["config"].__setitem__("architectures", archs))
@@ -451,6 +451,14 @@ def test_to_model_architectures_fall_back(deltas: dict[str, Any], tmp_path: Path
     model = Delta(d).to_model(deltas["base"])
     assert type(model).__name__ == "LlamaForCausalLM"
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("archs", ["LlamaForCausalLM", [5], [["os.system"]], ["os.system"], ["a b"]])
+def test_malformed_architectures_refused(deltas: dict[str, Any], tmp_path: Path, archs: Any) -> None:
+    """architectures is written into the rebuilt config.json: it must be a list of class names."""
+    d = _mutated(deltas, "raw-xor", tmp_path, lambda m: m["config"].__setitem__("architectures", archs))
+    with pytest.raises(ManifestError, match="architectures"):
+        Delta(d)
 
 
 @pytest.mark.parametrize("mutate,error", [
@@ -481,3 +489,12 @@ def test_rebuilt_values_unchanged_by_gathers(deltas: dict[str, Any]) -> None:
     ref = ((steps.float().repeat_interleave(64)[:1000] * codes.float()) + mins.float().repeat_interleave(64)[:1000]) * norm
     assert torch.equal(dequantize_uniform(codes, mins, steps, norm, 64), ref)
     assert math.isfinite(float(ref.sum()))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int64", "bool"])
+def test_delta_codec_on_integer_dtype_refused(deltas: dict[str, Any], tmp_path: Path, dtype: str) -> None:
+    """A delta codec's output is base + a float delta: an integer dtype in the entry would be silently rounded."""
+    d = _mutated(deltas, "bitdelta-row", tmp_path, lambda m: m["tensors"][TARGET].__setitem__("dtype", dtype))
+    with pytest.raises(ManifestError, match="floating-point") as ei:
+        Delta(d)
+    assert TARGET in _one_line(ei.value)
