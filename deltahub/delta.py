@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,11 +13,12 @@ import torch
 
 from ._progress import progress_bar
 from .codecs import get_codec
-from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsupportedFormatError
+from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
 from .format.io import Checkpoint, atomic_directory, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
 from .format.manifest import Manifest, TensorEntry
+from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
 
 #: Output model shards are cut above this size, like transformers' ``max_shard_size``.
@@ -242,11 +244,26 @@ class Delta:
                     write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
                 if m.config is not None:
                     write_json_atomic(tmp / "config.json", m.config)
-                for fname in m.files:
-                    src = self.directory / fname
-                    if src.is_file() and not fname.startswith("delta") and fname != MANIFEST_NAME:
-                        shutil.copy2(src, tmp / fname)
+                self._copy_aux_files(tmp)
         return Path(output_dir)
+
+    def _copy_aux_files(self, out: Path) -> None:
+        """Copy the tokenizer and other aux files of ``files`` into ``out`` (a fresh directory).
+
+        Names were checked when the manifest was read (:mod:`deltahub.format.names`: plain names,
+        never weights, config or code); each source must be a regular file inside the delta
+        directory (no symlink out of it), and nothing apply wrote is ever replaced.
+        """
+        for fname in self.manifest.files:
+            if is_delta_weights_name(fname):
+                continue
+            src = member(self.directory, fname, what="aux file", missing_ok=not self.manifest.file_digests)
+            if src is None:
+                continue  # format 1.0: a listed aux file that is absent is skipped, as before
+            dst = out / fname
+            if os.path.lexists(dst):
+                raise UnsafePathError(f"aux file {fname!r} would replace a file of the rebuilt model", path=self.directory)
+            shutil.copyfile(src, dst)
 
     def state_dict(self, base: str | Path, *, check_base: bool = True, progress: bool | None = None) -> dict[str, torch.Tensor]:
         """All rebuilt tensors in memory."""

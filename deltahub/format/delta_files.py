@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptFileError, ManifestError, MissingFileError
+from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsafePathError
 from .integrity import check_file_bytes, check_tensor, tensor_digest
 from .io import SafetensorsFile, TensorInfo, bytes_to_tensor, save_tensors, tensor_bytes, write_json_atomic
 from .manifest import Manifest
+from .names import is_delta_weights_name, member
 from .spec import (
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_NAME,
@@ -88,22 +89,29 @@ class DeltaFiles:
 
     def __init__(self, directory: str | Path, manifest: Manifest) -> None:
         self.directory = Path(directory)
-        index_path = self.directory / WEIGHTS_INDEX_NAME
-        single = self.directory / WEIGHTS_NAME
+        index_path = member(self.directory, WEIGHTS_INDEX_NAME, what="delta index", missing_ok=True)
+        single = member(self.directory, WEIGHTS_NAME, what="delta weights", missing_ok=True)
         self._by_key: dict[str, SafetensorsFile] = {}
-        if index_path.is_file():
+        if index_path is not None:
             raw = index_path.read_bytes()
             check_file_bytes(raw, WEIGHTS_INDEX_NAME, manifest, index_path)
             try:
-                weight_map = json.loads(raw)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CorruptFileError(f"not a valid delta index ({exc!r})", path=index_path) from None
-            files = {name: SafetensorsFile(self.directory / name) for name in sorted(set(weight_map.values()))}
+                weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map must map stored tensor names to file names")
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CorruptFileError(f"not a valid delta index ({str(exc)[:200]})", path=index_path) from None
+            for fname in set(weight_map.values()):
+                if not (is_delta_weights_name(fname) and fname.endswith(".safetensors")):
+                    raise UnsafePathError(f"weight_map names {fname[:80]!r}, not a delta shard (delta-NNNNN-of-MMMMM.safetensors)",
+                                          path=index_path)
+            files = {name: SafetensorsFile(member(self.directory, name, what="delta shard"))  # type: ignore[arg-type]
+                     for name in sorted(set(weight_map.values()))}
             for key, fname in weight_map.items():
                 if key not in files[fname].tensors:
                     raise CorruptFileError(f"index says {key!r} is in {fname}, but it is not there", path=index_path)
                 self._by_key[key] = files[fname]
-        elif single.is_file():
+        elif single is not None:
             f = SafetensorsFile(single)
             self._by_key = dict.fromkeys(f.tensors, f)
         else:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import IntegrityError, ManifestError, MissingFileError, UnsupportedFormatError
+from .names import member
 from .spec import DTYPE_TO_STR, MANIFEST_NAME, WEIGHTS_NAME, parse_version
 
 if TYPE_CHECKING:
@@ -129,9 +130,8 @@ def verify_aux_file(directory: str | Path, name: str, manifest: Manifest) -> Non
     """
     if name not in manifest.file_digests:
         return
-    path = Path(directory) / name
-    if not path.is_file():
-        raise MissingFileError(f"{name} is listed in {MANIFEST_NAME} but missing", path=path)
+    path = member(directory, name, what=f"file listed in {MANIFEST_NAME}")
+    assert path is not None
     expected = manifest.file_digests[name]
     alg, _ = parse_digest(expected, what=f"file_digests[{name!r}]", path=path)
     got = file_digest(path, alg)

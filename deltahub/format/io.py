@@ -35,6 +35,7 @@ R = TypeVar("R")
 import torch
 
 from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError
+from .names import check_name
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
 _HEADER_LIMIT = 100 * 1024 * 1024  # same sanity bound as the safetensors library
@@ -287,10 +288,15 @@ class Checkpoint:
             preferred = [p for p in indexes if p.name == "model.safetensors.index.json"]
             index_path = (preferred or indexes)[0]
             try:
-                index = json.loads(index_path.read_text())
-                shard_names = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise CorruptFileError(f"not a valid safetensors index ({exc!r})", path=index_path) from None
+                index = json.loads(index_path.read_bytes().decode("utf-8"))
+                weight_map = index["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map must map tensor names to file names")
+                shard_names = sorted(set(weight_map.values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise CorruptFileError(f"not a valid safetensors index ({str(exc)[:200]})", path=index_path) from None
+            for n in shard_names:  # a base from the Hub is untrusted too: its index may not point out of the folder
+                check_name(n, what=f"{index_path.name} weight_map", path=index_path)
             paths = [d / n for n in shard_names]
             for p in paths:
                 if not p.is_file():

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsupportedFormatError
 from . import integrity
+from .names import check_listed_file
 from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, NAME_TO_DTYPE, check_version
 
 
@@ -130,6 +131,9 @@ class Manifest:
             raise ManifestError(f"finetuned must be a JSON object, got {type(finetuned).__name__}", path=path)
         if not isinstance(d.get("files") or [], list):
             raise ManifestError(f"files must be a list, got {type(d.get('files')).__name__}", path=path)
+        files = [check_listed_file(f, path=path) for f in d.get("files") or []]
+        if len(set(files)) != len(files):
+            raise ManifestError("files lists a name twice", path=path)
         created_with = d.get("created_with", "")
         if not isinstance(created_with, str):
             raise ManifestError(f"created_with must be a string, got {type(created_with).__name__}", path=path)
@@ -139,7 +143,7 @@ class Manifest:
             config=config,
             finetuned=dict(finetuned),
             totals=_informative(d.get("totals")),
-            files=list(d.get("files") or []),
+            files=files,
             file_digests=_digest_map(d.get("file_digests"), "file_digests", path),
             created_with=created_with,
             format=d["format"],
