@@ -37,8 +37,10 @@ from .errors import (
     RemoteFileNotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnsafePathError,
 )
 from .format.io import check_output
+from .format.names import member
 from .format.manifest import Manifest
 from .format.spec import AUX_FILE_PATTERNS, MANIFEST_NAME, WEIGHTS_INDEX_NAME
 
@@ -191,6 +193,12 @@ def hub_errors(action: str, repo_id: str, revision: str | None = None, *, endpoi
         raise HubError(f"{action}: {where}: HTTP {status} from {host}: {_server_message(exc)}") from exc
     except hf_errors.HFValidationError as exc:
         raise HubError(f"{action}: invalid repo id or revision {where!r}: {exc}") from exc
+    except ValueError as exc:
+        if "filename" not in str(exc).lower():
+            raise
+        # huggingface_hub refuses repo file names that would escape the download folder ('../x', '/etc/x').
+        raise UnsafePathError(f"{action}: {where} on {host} has a file name that would leave the download folder: "
+                              f"{' '.join(str(exc).split())[:200]}") from exc
     except _TRANSPORT_ERRORS as exc:
         if download:
             raise DownloadError(f"{action}: download of {where} from {host} was interrupted ({type(exc).__name__}: {exc})") from exc
@@ -261,9 +269,14 @@ def resolve_model(spec: str | os.PathLike[str], revision: str | None = None, tok
             raise MissingFileError(f"{role} path not found, and not a Hub model id (namespace/name[@revision])", path=path)
         return ResolvedModel(path)
     repo_id, rev = parse_model_spec(str(spec))
-    rev = revision or rev
-    local = _snapshot(repo_id, rev, MODEL_PATTERNS, token=token, cache_dir=cache_dir, endpoint=endpoint, action=f"download {role}")
-    return ResolvedModel(local, repo_id, _commit_sha(local, repo_id, rev, token=token, endpoint=endpoint))
+    return _resolve_hub(repo_id, revision or rev, token=token, cache_dir=cache_dir, endpoint=endpoint, role=role)
+
+
+def _resolve_hub(repo_id: str, revision: str | None, *, token: str | bool | None, cache_dir: str | Path | None,
+                 endpoint: str | None, role: str) -> ResolvedModel:
+    """Download ``repo_id`` at ``revision`` (never a local folder of that name)."""
+    local = _snapshot(repo_id, revision, MODEL_PATTERNS, token=token, cache_dir=cache_dir, endpoint=endpoint, action=f"download {role}")
+    return ResolvedModel(local, repo_id, _commit_sha(local, repo_id, revision, token=token, endpoint=endpoint))
 
 
 def download_delta(repo_id: str, revision: str | None = None, token: str | bool | None = None,
@@ -285,12 +298,16 @@ def download_delta(repo_id: str, revision: str | None = None, token: str | bool 
 
 
 def resolve_base(manifest: Manifest, *, base_model: str | os.PathLike[str] | None = None, base_revision: str | None = None,
-                 token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None) -> ResolvedModel:
+                 token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None,
+                 local_ok: bool = True) -> ResolvedModel:
     """The base a delta applies to, pinned to the commit it was compressed against.
 
     Default: ``manifest.base.name_or_path`` at ``manifest.base.revision`` (the recorded sha, never
     ``main``). ``base_revision`` overrides the sha; ``base_model`` (a local path or a Hub id,
     optionally ``@rev``) overrides the whole base, for experts (mirrors, re-uploads, local copies).
+
+    ``local_ok=False`` (a delta downloaded from the Hub): the manifest's base name is only ever a
+    Hub repo id; a delta from someone else never makes deltahub read a local folder it names.
     """
     recorded = manifest.base
     if base_model is not None:
@@ -304,6 +321,12 @@ def resolve_base(manifest: Manifest, *, base_model: str | os.PathLike[str] | Non
         return resolve_model(repo_id, revision=rev, token=token, cache_dir=cache_dir, endpoint=endpoint, role="base")
     name = recorded.name_or_path
     rev = base_revision or recorded.revision
+    if not local_ok:
+        if not is_hub_id(name):
+            raise UnsafePathError(
+                f"the downloaded delta names the base {name[:120]!r}, which is not a Hub repo id; deltahub never uses a "
+                "local folder named by a downloaded delta: pass base_model= / --base with the base model")
+        return _resolve_hub(name, rev, token=token, cache_dir=cache_dir, endpoint=endpoint, role="base")
     if recorded.revision is None and base_revision is None and Path(name).exists():
         return ResolvedModel(Path(name))  # a local base, on the machine that made the delta
     if not is_hub_id(name):
@@ -396,16 +419,15 @@ def model_card(manifest: Manifest, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _delta_files(directory: Path, manifest: Manifest) -> list[str]:
-    """Every file of a delta directory that belongs on the Hub (manifest first)."""
+def _delta_files(directory: Path, manifest: Manifest) -> dict[str, Path]:
+    """Every file of a delta directory that belongs on the Hub (manifest first): repo name -> local file.
+
+    Only regular files inside ``directory`` (checked names, no symlink out of it) are uploaded.
+    """
     names = [MANIFEST_NAME, *manifest.files]
-    if (directory / WEIGHTS_INDEX_NAME).is_file():
+    if member(directory, WEIGHTS_INDEX_NAME, what="push", missing_ok=True) is not None:
         names.append(WEIGHTS_INDEX_NAME)
-    out = list(dict.fromkeys(names))
-    for name in out:
-        if not (directory / name).is_file():
-            raise MissingFileError(f"{name} is listed in {MANIFEST_NAME} but missing", path=directory)
-    return out
+    return {name: member(directory, name, what=f"push: file listed in {MANIFEST_NAME}") for name in dict.fromkeys(names)}  # type: ignore[misc]
 
 
 def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -430,10 +452,10 @@ def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, priv
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         existing = set(api.list_repo_files(repo_id, revision=revision))
-        card = directory / "README.md"
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in files]
+        card = member(directory, "README.md", what="push: model card", missing_ok=True)
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
         ops.append(CommitOperationAdd(path_in_repo="README.md",
-                                      path_or_fileobj=str(card) if card.is_file() else model_card(manifest, repo_id).encode()))
+                                      path_or_fileobj=str(card) if card is not None else model_card(manifest, repo_id).encode()))
         stale = sorted(f for f in existing - set(files)
                        if (f.startswith("delta") and f.endswith(".safetensors")) or f == WEIGHTS_INDEX_NAME)
         ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
@@ -472,7 +494,7 @@ def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: st
     delta = Delta(delta_dir)
     try:
         base = resolve_base(delta.manifest, base_model=base_model, base_revision=base_revision, token=token,
-                            cache_dir=cache_dir, endpoint=endpoint)
+                            cache_dir=cache_dir, endpoint=endpoint, local_ok=False)
         with explain_base_mismatch(delta.manifest, base):
             delta.apply(base.local_dir, output_dir, check_base=check_base, overwrite=overwrite, progress=progress, protect=protect)
     finally:

@@ -53,12 +53,12 @@ class AutoDeltaModel:
         Offline (``HF_HUB_OFFLINE=1``) it works from the Hub cache once delta and base were fetched.
         """
         from .delta import Delta
-        from .hub import explain_base_mismatch, resolve_base
+        from .hub import explain_base_mismatch, is_hub_spec, resolve_base
 
         delta = Delta.from_pretrained(repo_id_or_dir, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint)
         try:
             base = resolve_base(delta.manifest, base_model=base_model, base_revision=base_revision, token=token,
-                                cache_dir=cache_dir, endpoint=endpoint)
+                                cache_dir=cache_dir, endpoint=endpoint, local_ok=not is_hub_spec(repo_id_or_dir))
             with explain_base_mismatch(delta.manifest, base):
                 return delta.to_model(base.local_dir, check_base=check_base, torch_dtype=torch_dtype, progress=progress, **model_kwargs)
         finally:

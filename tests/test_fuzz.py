@@ -17,9 +17,6 @@ import pytest
 from deltahub.errors import CorruptFileError
 from deltahub.testing import fuzz as fz
 
-UNTIL_FIXES = pytest.mark.xfail(strict=False, reason="until the untrusted-delta fixes merge")
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[fz.Target]:
     return fz.build_corpus(tmp_path_factory.mktemp("fuzz-corpus"))
@@ -122,7 +119,6 @@ def _run_fuzz(corpus: list[fz.Target], tmp_path: Path, cases: int, seed: int) ->
     return rep
 
 
-@UNTIL_FIXES
 def test_fuzz_every_corruption_is_typed_or_identical(corpus: list[fz.Target], tmp_path: Path) -> None:
     rep = _run_fuzz(corpus, tmp_path, cases=3000, seed=20240601)
     assert rep.cases >= 3000
@@ -130,7 +126,6 @@ def test_fuzz_every_corruption_is_typed_or_identical(corpus: list[fz.Target], tm
 
 
 @pytest.mark.slow
-@UNTIL_FIXES
 def test_fuzz_every_corruption_is_typed_or_identical_long(corpus: list[fz.Target], tmp_path: Path,
                                                           request: pytest.FixtureRequest) -> None:
     """10x the CI cases (~5 min on 2 cores). Opt-in: ``-m slow`` or DELTAHUB_FUZZ_CASES=N."""
