@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import IntegrityError, ManifestError, MissingFileError, UnsupportedFormatError
+from ..errors import IntegrityError, ManifestError, UnsupportedFormatError
 from .names import member
 from .spec import DTYPE_TO_STR, MANIFEST_NAME, WEIGHTS_NAME, parse_version
 
