@@ -32,3 +32,18 @@ def test_fingerprint_line_format() -> None:
     fp = fingerprint({"b": (torch.float32, (2, 3), digest), "a": (torch.bfloat16, (), digest)})
     expected = hashlib.sha256(f"a\tBF16\t[]\t{digest}\nb\tF32\t[2,3]\t{digest}\n".encode()).hexdigest()
     assert fp == "sha256:" + expected
+
+
+def test_dtype_table_matches_the_reader() -> None:
+    """format_spec.md's dtype table is exactly the set of dtypes the reader accepts, with their spellings and sizes."""
+    import re
+    from pathlib import Path
+
+    from deltahub.format.spec import DTYPE_TO_STR, NAME_TO_DTYPE
+
+    text = (Path(__file__).resolve().parents[1] / "format_spec.md").read_text()
+    table = text.split("<!-- dtype-table -->", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \| `([A-Z0-9_]+)` \| (\d+) \|$", table, re.M)
+    assert {r[0] for r in rows} == set(NAME_TO_DTYPE)
+    for name, st, size in rows:
+        assert DTYPE_TO_STR[NAME_TO_DTYPE[name]] == st and NAME_TO_DTYPE[name].itemsize == int(size)
