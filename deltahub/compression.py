@@ -21,7 +21,7 @@ from ._progress import progress_bar
 from .autoselect import check_metric, choose, default_candidates
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
-from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError
+from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError, UnsafePathError
 from .format.delta_files import DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest
@@ -331,12 +331,26 @@ def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, 
 
 
 def _copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer and generation-config files of the fine-tune; returns their names."""
+    """Copy tokenizer and generation-config files of the fine-tune; returns their names.
+
+    A file that is a symlink out of the fine-tune's folder (or its Hub cache repo) is left out
+    with a warning, never followed: a delta is pushed to the Hub, and a stranger's checkpoint
+    could link ``tokenizer.json`` to a secret.
+    """
+    import warnings
+
+    from .format.names import member
+
     copied = []
     for pattern in AUX_FILE_PATTERNS:
         for p in sorted(src.glob(pattern)):
-            if p.is_file():
-                shutil.copy2(p, dst / p.name)
+            try:
+                path = member(src, p.name, what="fine-tune file", missing_ok=True)
+            except UnsafePathError as exc:
+                warnings.warn(f"{exc}; left out of the delta", UserWarning, stacklevel=3)
+                continue
+            if path is not None:
+                shutil.copyfile(path, dst / p.name)
                 copied.append(p.name)
     return copied
 

@@ -289,3 +289,25 @@ def test_traversal_names_in_a_repo_listing_are_typed(hub_env: HubServer, made: d
     r = runner.invoke(app, ["pull", "me/listing", "-o", str(tmp_path / "out"), "--base", str(made["base"])])
     assert r.exit_code == 1 and "Traceback" not in r.output and "leave the download folder" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_base_index_may_only_name_safetensors_shards(made: dict[str, Path], tmp_path: Path) -> None:
+    base = _copy(made["base"], tmp_path / "base")
+    (base / "x.bin").write_bytes(b"pickle")
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "x.bin"}}))
+    with pytest.raises(UnsafePathError, match="x.bin"):
+        Checkpoint(base)
+
+
+def test_compress_leaves_out_a_finetune_file_linked_out_of_its_folder(made: dict[str, Path], tmp_path: Path) -> None:
+    """A stranger's checkpoint whose tokenizer.json links to a secret: the secret never reaches the delta (or the Hub)."""
+    ft = _copy(made["ft"], tmp_path / "ft")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret")
+    (ft / "tokenizer.json").unlink()
+    (ft / "tokenizer.json").symlink_to(secret)
+    (ft / "tokenizer_config.json").symlink_to("generation_config.json")  # a link inside the folder is fine
+    with pytest.warns(UserWarning, match="symbolic link out"):
+        m = compress(made["base"], ft, tmp_path / "d", progress=False)
+    assert "tokenizer.json" not in m.files and "tokenizer_config.json" in m.files
+    assert not any(b"s3cret" in p.read_bytes() for p in (tmp_path / "d").iterdir())

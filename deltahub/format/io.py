@@ -34,7 +34,7 @@ R = TypeVar("R")
 
 import torch
 
-from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError
+from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError, UnsafePathError
 from .names import check_name
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
@@ -297,6 +297,8 @@ class Checkpoint:
                 raise CorruptFileError(f"not a valid safetensors index ({str(exc)[:200]})", path=index_path) from None
             for n in shard_names:  # a base from the Hub is untrusted too: its index may not point out of the folder
                 check_name(n, what=f"{index_path.name} weight_map", path=index_path)
+                if not n.endswith(".safetensors"):
+                    raise UnsafePathError(f"{index_path.name} weight_map names {n[:80]!r}, not a .safetensors file", path=index_path)
             paths = [d / n for n in shard_names]
             for p in paths:
                 if not p.is_file():
