@@ -16,7 +16,8 @@ from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
-from .format.io import Checkpoint, atomic_directory, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
+from .format.io import (Checkpoint, atomic_directory, check_output, fingerprint, plan_shards, prefetch, read_with_digest, write_json_atomic,
+                        write_safetensors)
 from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
@@ -222,7 +223,7 @@ class Delta:
             self.check_base_structure(base_ckpt, check_base=check_base)
             verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
             specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
-            shards = _plan_shards(specs, max_shard_size)
+            shards = plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
             with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("apply", total, enabled=progress) as advance:
                 stream = self.iter_tensors(base_ckpt, check_base=check_base)
@@ -377,19 +378,6 @@ def _oneline(exc: BaseException) -> str:
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
     return math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
-
-
-def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
-    shards: list[list[Any]] = [[]]
-    size = 0
-    for s in specs:
-        n = _nbytes(s)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += n
-    return shards
 
 
 def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:

@@ -49,7 +49,8 @@ from torch import nn
 from .codecs import get_codec, matrix_view_shape
 from .codecs._bits import packed_cols
 from .codecs.base import Codec
-from .codecs.bitdelta import _PM1_TABLE, expand_scales, scale_shape
+from .codecs._bits import _PM1_TABLE
+from .codecs.bitdelta import expand_scales, scale_shape
 from .codecs.unchanged import same_bits
 from .delta import Delta
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ShapeMismatchError
