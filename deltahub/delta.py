@@ -129,10 +129,7 @@ class Delta:
                     path=base.path,
                 )
             info = base.info(name)
-            if list(info.shape) != entry.shape:
-                raise ShapeMismatchError(
-                    f"base tensor {name!r} has shape {list(info.shape)}, the delta expects {entry.shape}", path=base.path
-                )
+            check_base_shape(m, name, info.shape, path=base.path)
             if entry.codec == "raw" and str(info.dtype).removeprefix("torch.") != entry.dtype:
                 raise ShapeMismatchError(f"base tensor {name!r} is {info.dtype}, the exact delta needs {entry.dtype}", path=base.path)
         if not check_base:
@@ -144,7 +141,7 @@ class Delta:
             raise BaseMismatchError(
                 f"the base's tensors differ from those the delta was made against ({m.base.name_or_path}): "
                 f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]}); "
-                "pass check_base=False / --ignore-base-mismatch to apply anyway",
+                + FORCE_HINT,
                 path=base.path,
             )
 
@@ -184,13 +181,7 @@ class Delta:
         for name, (base_t, digest, stored) in prefetch(list(m.tensors), load):
             entry = m.tensors[name]
             if check_base and entry.base_sha256 is not None:
-                if digest != entry.base_sha256:
-                    raise BaseMismatchError(
-                        f"base tensor {name!r} has sha256 {str(digest)[:16]}…, the delta was made against {entry.base_sha256[:16]}… "
-                        f"(base {m.base.name_or_path}, fingerprint {m.base.fingerprint}); "
-                        "pass check_base=False / --ignore-base-mismatch to apply anyway",
-                        path=base.path,
-                    )
+                check_base_digest(m, name, digest, path=base.path)
                 digests[name] = digest
             yield name, self._rebuild(name, stored, base_t)
         if check_base:
@@ -308,6 +299,34 @@ class Delta:
 
     def close(self) -> None:
         self.files.close()
+
+
+# ------------------------------------------------------------------ base verification (apply and resident)
+
+#: How a caller forces a delta onto a base that fails the check.
+FORCE_HINT = "pass check_base=False / --ignore-base-mismatch to apply anyway"
+
+
+def check_base_shape(manifest: Manifest, name: str, shape: Any, *, path: str | Path | None, why: str = "") -> None:
+    """The one per-tensor shape rule: a base tensor a delta entry needs has the entry's shape (:class:`ShapeMismatchError`)."""
+    entry = manifest.tensors[name]
+    if list(shape) != list(entry.shape):
+        raise ShapeMismatchError(f"base tensor {name!r} has shape {list(shape)}, the delta expects {entry.shape}"
+                                 f" (made against {manifest.base.name_or_path}){why}", path=path)
+
+
+def check_base_digest(manifest: Manifest, name: str, digest: str | None, *, path: str | Path | None) -> None:
+    """The one per-tensor content rule: a base tensor's sha256 is the entry's ``base_sha256`` (:class:`BaseMismatchError`).
+
+    Used while streaming by :meth:`Delta.iter_tensors` and on the in-memory model by
+    :func:`deltahub.resident.attach_delta`, so both refuse a wrong base with the same error."""
+    expected = manifest.tensors[name].base_sha256
+    if expected is not None and digest != expected:
+        raise BaseMismatchError(
+            f"base tensor {name!r} has sha256 {str(digest)[:16]}…, the delta was made against {expected[:16]}… "
+            f"(base {manifest.base.name_or_path}, fingerprint {manifest.base.fingerprint}); {FORCE_HINT}",
+            path=path,
+        )
 
 
 #: Bytes of new (or resized) tensors a reader accepts beyond the base's own size (see ``_check_output_size``).

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..codecs import matrix_view_shape
 from ..codecs.unchanged import same_bits
-from ..delta import Delta
+from ..delta import Delta, check_base_digest, check_base_shape
 from ..errors import BaseMismatchError, ShapeMismatchError
 from ..format.io import sha256_of as tensor_sha256
 from ..format.manifest import TensorEntry
@@ -32,25 +32,14 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
                 "resident adapters can only change existing tensors (use Delta.to_model)",
                 path=delta.directory,
             )
-        if list(t.shape) != list(entry.shape):
-            raise ShapeMismatchError(
-                f"model tensor {name!r} has shape {list(t.shape)}, the delta's is {entry.shape} "
-                f"(made against {m.base.name_or_path}); resident adapters cannot change shapes",
-                path=delta.directory,
-            )
+        check_base_shape(m, name, t.shape, path=delta.directory, why="; resident adapters cannot change shapes")
         if not check_base or entry.base_sha256 is None:
             continue
         if dtype_name(t.dtype) != entry.dtype:
             skipped.append(name)
             continue
         base_t = state.base_raw.get(name, t)
-        digest = tensor_sha256(base_t)
-        if digest != entry.base_sha256:
-            raise BaseMismatchError(
-                f"model tensor {name!r} has sha256 {digest[:16]}…, the delta was made against {entry.base_sha256[:16]}… "
-                f"(base {m.base.name_or_path}, fingerprint {m.base.fingerprint}); pass check_base=False to attach anyway",
-                path=delta.directory,
-            )
+        check_base_digest(m, name, tensor_sha256(base_t), path=delta.directory)
     if skipped:
         warnings.warn(
             f"{len(skipped)} model tensor(s) (e.g. {skipped[0]!r}) are not in the delta's dtype, so their base sha256 "
