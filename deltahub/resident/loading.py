@@ -86,15 +86,8 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
                 stored = d.files.stored(entry.stored)
                 linears.append((mod_path, entry, stored))
                 continue
-            base_t = state.base_raw.get(name, tensors[name])
-            if entry.codec == "raw" and entry.params.get("mode") == "xor" and dtype_name(base_t.dtype) != entry.dtype:
-                raise ShapeMismatchError(
-                    f"tensor {name!r} is stored as an exact XOR against a {entry.dtype} base, but the model holds it as "
-                    f"{dtype_name(base_t.dtype)}; load the base with torch_dtype={entry.dtype} to attach this delta",
-                    path=d.directory,
-                )
-            rebuilt = d.reconstruct(name, base_t.detach().cpu()).to(dtype=base_t.dtype, device=base_t.device)
-            if not same_bits(rebuilt, base_t.detach()):
+            rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
+            if rebuilt is not None:
                 raw[name] = rebuilt
                 if is_delta_codec(entry.codec):
                     fallback.append(name)
@@ -114,7 +107,28 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
         if own:
             d.close()
 
-    info = _AdapterInfo(adapter_name, str(d.directory))
+    _install(model, state, _AdapterInfo(adapter_name, str(d.directory)), linears, raw, tensors,
+             chunk_rows=chunk_rows, cache_decoded=cache_decoded)
+    return model
+
+
+def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.Tensor) -> torch.Tensor | None:
+    """The exact rebuilt tensor ``name`` in the model's dtype and device, or None when it equals the base bit for bit."""
+    if entry.codec == "raw" and entry.params.get("mode") == "xor" and dtype_name(base_t.dtype) != entry.dtype:
+        raise ShapeMismatchError(
+            f"tensor {name!r} is stored as an exact XOR against a {entry.dtype} base, but the model holds it as "
+            f"{dtype_name(base_t.dtype)}; load the base with torch_dtype={entry.dtype} to attach this delta",
+            path=d.directory,
+        )
+    rebuilt = d.reconstruct(name, base_t.detach().cpu()).to(dtype=base_t.dtype, device=base_t.device)
+    return None if same_bits(rebuilt, base_t.detach()) else rebuilt
+
+
+def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo,
+             linears: list[tuple[str, TensorEntry, dict[str, torch.Tensor]]], raw: dict[str, torch.Tensor],
+             tensors: dict[str, torch.Tensor], *, chunk_rows: int, cache_decoded: bool) -> None:
+    """Modify the model (everything was checked): wrap or extend the Linear layers, record the raw tensors, select."""
+    adapter_name = info.name
     for mod_path, entry, stored in linears:
         mod = model.get_submodule(mod_path)
         if not isinstance(mod, DeltaLinear):
@@ -133,7 +147,6 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
     if state.active is None and len(state.adapters) == 1:
         state.active = adapter_name
     _sync(model)
-    return model
 
 
 
