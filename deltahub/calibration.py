@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptFileError, DeltaHubError, MissingFileError
-from .format.io import atomic_file, save_tensors
+from .format.io import SafetensorsFile, atomic_file, save_tensors
 
 CALIBRATION_FORMAT = "deltahub-calibration"
 #: Default cap of rows (tokens) kept per layer; DeltaDQ's group-size search uses at most 512 too.
@@ -138,26 +138,21 @@ class CalibrationFile(Mapping[str, torch.Tensor]):
     """A calibration safetensors file opened lazily: tensors are read when looked up."""
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise MissingFileError("calibration file not found", path=self.path)
-        try:
-            self._f = safe_open(str(self.path), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CorruptFileError(f"not a safetensors file ({exc})", path=self.path) from None
-        meta = self._f.metadata() or {}
+        self._f = SafetensorsFile(self.path)  # header validated: CorruptFileError when not safetensors
+        meta = self._f.metadata
         if meta.get("format") != CALIBRATION_FORMAT:
             raise CorruptFileError(f"not a deltahub calibration file (metadata format={meta.get('format')!r}, "
                                    f"expected {CALIBRATION_FORMAT!r}; make one with `deltahub calibrate`)", path=self.path)
         self.metadata = dict(meta)
-        self._keys = list(self._f.keys())
+        self._keys = self._f.keys()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._keys:
             raise KeyError(name)
-        return self._f.get_tensor(name)
+        return self._f.read(name)
 
     def __iter__(self) -> Any:
         return iter(self._keys)

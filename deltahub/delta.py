@@ -16,7 +16,8 @@ from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
-from .format.io import Checkpoint, atomic_directory, check_output, fingerprint, prefetch, read_with_digest, write_json_atomic, write_safetensors
+from .format.io import (Checkpoint, atomic_directory, check_output, fingerprint, plan_shards, prefetch, read_with_digest, write_json_atomic,
+                        write_safetensors)
 from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
@@ -128,10 +129,7 @@ class Delta:
                     path=base.path,
                 )
             info = base.info(name)
-            if list(info.shape) != entry.shape:
-                raise ShapeMismatchError(
-                    f"base tensor {name!r} has shape {list(info.shape)}, the delta expects {entry.shape}", path=base.path
-                )
+            check_base_shape(m, name, info.shape, path=base.path)
             if entry.codec == "raw" and str(info.dtype).removeprefix("torch.") != entry.dtype:
                 raise ShapeMismatchError(f"base tensor {name!r} is {info.dtype}, the exact delta needs {entry.dtype}", path=base.path)
         if not check_base:
@@ -143,7 +141,7 @@ class Delta:
             raise BaseMismatchError(
                 f"the base's tensors differ from those the delta was made against ({m.base.name_or_path}): "
                 f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]}); "
-                "pass check_base=False / --ignore-base-mismatch to apply anyway",
+                + FORCE_HINT,
                 path=base.path,
             )
 
@@ -183,13 +181,7 @@ class Delta:
         for name, (base_t, digest, stored) in prefetch(list(m.tensors), load):
             entry = m.tensors[name]
             if check_base and entry.base_sha256 is not None:
-                if digest != entry.base_sha256:
-                    raise BaseMismatchError(
-                        f"base tensor {name!r} has sha256 {str(digest)[:16]}…, the delta was made against {entry.base_sha256[:16]}… "
-                        f"(base {m.base.name_or_path}, fingerprint {m.base.fingerprint}); "
-                        "pass check_base=False / --ignore-base-mismatch to apply anyway",
-                        path=base.path,
-                    )
+                check_base_digest(m, name, digest, path=base.path)
                 digests[name] = digest
             yield name, self._rebuild(name, stored, base_t)
         if check_base:
@@ -222,7 +214,7 @@ class Delta:
             self.check_base_structure(base_ckpt, check_base=check_base)
             verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
             specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
-            shards = _plan_shards(specs, max_shard_size)
+            shards = plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
             with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("apply", total, enabled=progress) as advance:
                 stream = self.iter_tensors(base_ckpt, check_base=check_base)
@@ -309,6 +301,34 @@ class Delta:
         self.files.close()
 
 
+# ------------------------------------------------------------------ base verification (apply and resident)
+
+#: How a caller forces a delta onto a base that fails the check.
+FORCE_HINT = "pass check_base=False / --ignore-base-mismatch to apply anyway"
+
+
+def check_base_shape(manifest: Manifest, name: str, shape: Any, *, path: str | Path | None, why: str = "") -> None:
+    """The one per-tensor shape rule: a base tensor a delta entry needs has the entry's shape (:class:`ShapeMismatchError`)."""
+    entry = manifest.tensors[name]
+    if list(shape) != list(entry.shape):
+        raise ShapeMismatchError(f"base tensor {name!r} has shape {list(shape)}, the delta expects {entry.shape}"
+                                 f" (made against {manifest.base.name_or_path}){why}", path=path)
+
+
+def check_base_digest(manifest: Manifest, name: str, digest: str | None, *, path: str | Path | None) -> None:
+    """The one per-tensor content rule: a base tensor's sha256 is the entry's ``base_sha256`` (:class:`BaseMismatchError`).
+
+    Used while streaming by :meth:`Delta.iter_tensors` and on the in-memory model by
+    :func:`deltahub.resident.attach_delta`, so both refuse a wrong base with the same error."""
+    expected = manifest.tensors[name].base_sha256
+    if expected is not None and digest != expected:
+        raise BaseMismatchError(
+            f"base tensor {name!r} has sha256 {str(digest)[:16]}…, the delta was made against {expected[:16]}… "
+            f"(base {manifest.base.name_or_path}, fingerprint {manifest.base.fingerprint}); {FORCE_HINT}",
+            path=path,
+        )
+
+
 #: Bytes of new (or resized) tensors a reader accepts beyond the base's own size (see ``_check_output_size``).
 NEW_TENSOR_SLACK_BYTES = 64 * 2**20
 
@@ -377,19 +397,6 @@ def _oneline(exc: BaseException) -> str:
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
     return math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
-
-
-def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
-    shards: list[list[Any]] = [[]]
-    size = 0
-    for s in specs:
-        n = _nbytes(s)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += n
-    return shards
 
 
 def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:

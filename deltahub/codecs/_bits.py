@@ -15,6 +15,9 @@ import torch
 _GATHER = 0x0102040810204080
 # Byte value -> its 8 bits, LSB first.
 _UNPACK_TABLE = ((torch.arange(256, dtype=torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).to(torch.bool)
+# Byte value -> its 8 signs (bit 1 = +1, bit 0 = -1), LSB first: the same table as ±1 floats.
+_PM1_TABLE = _UNPACK_TABLE.to(torch.float32) * 2 - 1
+_PM1_CACHE: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def packed_cols(cols: int) -> int:
@@ -56,3 +59,19 @@ def unpack_signs(packed: torch.Tensor, cols: int, scale: torch.Tensor) -> torch.
     bits = unpack_bits(packed, cols)
     scale = scale.to(torch.float32)
     return torch.where(bits, scale, -scale)
+
+
+def _pm1_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:data:`_PM1_TABLE` in ``dtype`` on ``device`` (cached: 256x8 elements)."""
+    key = (dtype, device)
+    t = _PM1_CACHE.get(key)
+    if t is None:
+        t = _PM1_CACHE[key] = _PM1_TABLE.to(device=device, dtype=dtype)
+    return t
+
+
+def unpack_pm1(packed: torch.Tensor, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed sign bits uint8 ``[rows, ceil(cols/8)]`` -> ``[rows, cols]`` of ±1 in ``dtype`` (bit 1 = +1)."""
+    rows = packed.shape[0]
+    table = _pm1_table(dtype, packed.device)
+    return table.index_select(0, packed.reshape(-1).to(torch.int64)).reshape(rows, -1)[:, :cols]

@@ -13,14 +13,12 @@ from typing import Any
 import torch
 
 from . import register_codec
-from ._bits import pack_bits, packed_cols, unpack_bits
+from ._bits import pack_bits, packed_cols, unpack_pm1, unpack_signs
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 GRANULARITIES = ("tensor", "row", "group")
-# Byte value -> its 8 signs (+1.0 for bit 1, -1.0 for bit 0), LSB first.
-_PM1_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
 
 
 def scale_shape(rows: int, cols: int, granularity: str, group_size: int) -> tuple[int, ...]:
@@ -121,7 +119,7 @@ class BitDelta(Codec):
                 f"bitdelta: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not fit tensor shape {list(shape)}"
             )
         s = expand_scales(scale.to(torch.float32), rows, cols, granularity, g)
-        return torch.where(unpack_bits(sign, cols), s, -s).reshape(shape)
+        return unpack_signs(sign, cols, s).reshape(shape)
 
     def reconstruct(
         self,
@@ -141,7 +139,7 @@ class BitDelta(Codec):
             raise CodecError(
                 f"bitdelta: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not fit tensor shape {list(shape)}"
             )
-        pm1 = _PM1_TABLE[sign.to(torch.int64)].reshape(rows, -1)[:, :cols]
+        pm1 = unpack_pm1(sign, cols)
         s = expand_scales(scale.to(torch.float32), rows, cols, params["granularity"], g)
         out = torch.addcmul(base.reshape(rows, cols).to(torch.float32), pm1, s)
         return out.to(dtype).reshape(shape)

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsafePathError
 from .integrity import check_file_bytes, check_tensor, tensor_digest
-from .io import SafetensorsFile, TensorInfo, bytes_to_tensor, save_tensors, tensor_bytes, write_json_atomic
+from .io import SafetensorsFile, TensorInfo, bytes_to_tensor, save_tensors, shard_is_full, tensor_bytes, write_json_atomic
 from .manifest import Manifest
 from .names import is_delta_weights_name, member
 from .spec import (
@@ -46,7 +46,7 @@ class DeltaShardWriter:
         """
         digests = {k: tensor_digest(t.dtype, t.shape, memoryview(tensor_bytes(t).numpy())) for k, t in tensors.items()}
         n = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._buffer and self._buffered + n > self.max_shard_bytes:
+        if shard_is_full(self._buffered, bool(self._buffer), n, self.max_shard_bytes):
             self._flush()
         self._buffer.update(tensors)
         self._buffered += n

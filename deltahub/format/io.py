@@ -194,9 +194,13 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def sha256_of(t: torch.Tensor) -> str:
-    """Hex sha256 of a tensor's raw bytes."""
-    b = tensor_bytes(t)
-    return hashlib.sha256(memoryview(b.numpy())).hexdigest()
+    """Hex sha256 of a tensor's raw bytes (row-major, native little-endian): the manifest's ``base_sha256``."""
+    return _bytes_sha256(tensor_bytes(t))
+
+
+def _bytes_sha256(raw: torch.Tensor) -> str:
+    """Hex sha256 of a flat uint8 tensor (the one place a tensor's bytes are hashed for ``base_sha256``)."""
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -245,6 +249,27 @@ def write_safetensors(
             if b.numel():
                 f.write(memoryview(b.numpy()))
     return len(head) + total
+
+
+def shard_is_full(filled_bytes: int, has_tensors: bool, nbytes: int, max_bytes: int) -> bool:
+    """The one shard-cutting rule (model and delta shards): start a new shard when the current one
+    holds something and ``nbytes`` more would take it over ``max_bytes`` (a single larger tensor
+    gets a shard of its own)."""
+    return has_tensors and filled_bytes + nbytes > max_bytes
+
+
+def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Cut ``(name, dtype, shape)`` specs, in order, into shards by :func:`shard_is_full`."""
+    shards: list[list[Any]] = [[]]
+    size = 0
+    for s in specs:
+        n = math.prod(s[2]) * torch.empty((), dtype=s[1]).element_size()
+        if shard_is_full(size, bool(shards[-1]), n, max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
@@ -376,7 +401,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint, digests: dict[str, str] | None = No
     for name in ckpt.keys():
         info = ckpt.info(name)
         if name not in digests:
-            digests[name] = hashlib.sha256(memoryview(ckpt.read_bytes(name).numpy())).hexdigest()
+            digests[name] = _bytes_sha256(ckpt.read_bytes(name))
         entries[name] = (info.dtype, info.shape, digests[name])
     return fingerprint(entries), digests
 
@@ -786,4 +811,4 @@ def read_with_digest(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, str]:
     """A tensor from a checkpoint and the sha256 of its bytes, in one read."""
     raw = ckpt.read_bytes(name)
     info = ckpt.info(name)
-    return bytes_to_tensor(raw, info.dtype, info.shape), hashlib.sha256(memoryview(raw.numpy())).hexdigest()
+    return bytes_to_tensor(raw, info.dtype, info.shape), _bytes_sha256(raw)
