@@ -58,13 +58,18 @@ def test_harness_flags_hang_memory_untyped_and_bad_message(corpus: list[fz.Targe
     assert run_with(lambda d, b: time.sleep(5)).api == "hang"
     assert time.perf_counter() - start < 3
 
+    kept: list = []
+
     def hog(d, b):  # type: ignore[no-untyped-def]
         import torch
 
         x = torch.ones(96 * 1024**2, dtype=torch.uint8)  # touched: 96 MiB resident
+        kept.append(x)  # still resident when the harness reads VmHWM: the verdict cannot depend on when the
+        # kernel folds a freed peak into the high-water mark (seen lost under load in a full-suite run)
         raise CorruptFileError(f"fake, after {int(x[-1]) * x.numel()} bytes")
 
     r = run_with(hog)
+    kept.clear()
     assert r.api == "memory" and r.peak_growth >= 90 * 1024**2, r
 
     def untyped(d, b):  # type: ignore[no-untyped-def]
