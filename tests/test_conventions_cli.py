@@ -104,7 +104,7 @@ def test_bad_choices_are_usage_errors(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ 4. Hub ids for bases
 
-def _upload(server, folder: Path, repo_id: str) -> str:  # noqa: ANN001
+def _upload(server, folder: Path, repo_id: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=server.url, token=False)
@@ -112,7 +112,7 @@ def _upload(server, folder: Path, repo_id: str) -> str:  # noqa: ANN001
     return api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=f"add {repo_id}").oid
 
 
-def test_apply_base_from_hub(hub_env, tmp_path: Path) -> None:  # noqa: ANN001, F811
+def test_apply_base_from_hub(hub_env, tmp_path: Path) -> None:  # noqa: F811
     base, ft = make_tiny_pair(tmp_path)
     sha = _upload(hub_env, base, "org/base")
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])
@@ -139,11 +139,11 @@ def test_calibrate_base_from_hub_is_resolved(monkeypatch: pytest.MonkeyPatch, tm
     base, _ = make_tiny_pair(tmp_path)
     seen: dict[str, object] = {}
 
-    def fake_resolve(spec, revision=None, token=None, cache_dir=None, endpoint=None, *, role="model"):  # noqa: ANN001, ANN202
+    def fake_resolve(spec, revision=None, token=None, cache_dir=None, endpoint=None, *, role="model"):
         seen.update(spec=spec, role=role, token=token, endpoint=endpoint)
         return deltahub.hub.ResolvedModel(base, "org/base", "a" * 40)
 
-    def fake_collect(model_dir, texts, **kw):  # noqa: ANN001, ANN003, ANN202
+    def fake_collect(model_dir, texts, **kw):
         seen["model_dir"] = Path(model_dir)
         return {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 3)}
 
@@ -210,7 +210,7 @@ def test_hf_hub_disable_progress_bars_is_honoured() -> None:
 @pytest.fixture
 def hf_bars_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub's bars on (no env override, no earlier ``disable_progress_bars()``), deltahub's switch unset."""
-    import huggingface_hub.utils
+    import huggingface_hub.utils  # noqa: F401  (loads the module read below)
 
     hf_tqdm = sys.modules["huggingface_hub.utils.tqdm"]  # the attribute "tqdm" of the package is the class
     monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
@@ -277,7 +277,7 @@ def test_verbose_flag_shows_info_logs_and_is_undone(monkeypatch: pytest.MonkeyPa
     import deltahub.compression
     from deltahub.utils import logging as dh_logging
 
-    def fake_compress(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def fake_compress(*a, **kw):
         dh_logging.get_logger("deltahub.compression").info("a decision was made")
 
     monkeypatch.setattr(deltahub.compression, "compress", fake_compress)
