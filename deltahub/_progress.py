@@ -1,30 +1,21 @@
-"""Rich progress bars for long loops, on stderr, off when ``enabled`` is False or output is not wanted."""
+"""Progress bars for long loops, on stderr (huggingface_hub's ``tqdm``, see :mod:`deltahub.utils.tqdm`).
+
+They are off when ``enabled`` is False, or, with ``enabled=None``, when ``HF_HUB_DISABLE_PROGRESS_BARS``
+or ``DELTAHUB_DISABLE_PROGRESS_BARS`` is set or ``huggingface_hub.utils.disable_progress_bars()`` was called.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-_console = Console(stderr=True)
 
 
 def progress_enabled(enabled: bool | None) -> bool:
-    """``None`` means: on unless ``DELTAHUB_DISABLE_PROGRESS_BARS`` is set (like huggingface_hub's switch)."""
+    """``None`` means: on unless progress bars were switched off (environment or ``disable_progress_bars``)."""
     if enabled is None:
-        return not os.environ.get("DELTAHUB_DISABLE_PROGRESS_BARS")
+        from .utils.tqdm import are_progress_bars_disabled
+
+        return not are_progress_bars_disabled()
     return enabled
 
 
@@ -34,14 +25,17 @@ def progress_bar(description: str, total: int, *, enabled: bool | None = None, u
     if not progress_enabled(enabled):
         yield lambda n=1, description=None: None
         return
-    if unit == "bytes":
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=_console, transient=False) as prog:
-        task = prog.add_task(description, total=total)
+    from .utils.tqdm import PROGRESS_GROUP, tqdm
 
+    kwargs = {"unit": "B", "unit_scale": True, "unit_divisor": 1000} if unit == "bytes" else {"unit": unit if unit != "items" else "it"}
+    # enabled=True is explicit: show the bar even where the group is switched off.
+    bar = tqdm(total=total, desc=description, name=None if enabled else PROGRESS_GROUP, dynamic_ncols=True, **kwargs)
+    try:
         def advance(n: int = 1, description: str | None = None) -> None:
-            prog.update(task, advance=n, **({"description": description} if description else {}))
+            if description:
+                bar.set_description_str(description, refresh=False)
+            bar.update(n)
 
         yield advance
+    finally:
+        bar.close()

@@ -1,15 +1,21 @@
-"""The ``deltahub`` command line: compress, apply, push, pull, info, demo (typer + rich)."""
+"""The ``deltahub`` command line: compress, apply, push, pull, info, demo (typer + rich).
+
+Importing this module is cheap (no torch, transformers or huggingface_hub): ``deltahub --help``
+answers in well under a second. Every heavy module is imported inside the command that needs it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,8 +23,9 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DeltaHubError
-from .policy import Policy, Rule, parse_params
+from .policy import AUTO, Policy, Rule, parse_params
 from .report import auto_table, human_bytes, parse_size, storage_table, tensor_table
+from .utils import logging as dh_logging
 
 app = typer.Typer(
     name="deltahub",
@@ -31,6 +38,68 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
+logger = dh_logging.get_logger(__name__)
+
+# ----------------------------------------------------------------------------- choices
+#: The built-in codecs (``deltahub.codecs``), written out so that ``--help`` does not import the
+#: registry (which imports torch); tests/test_conventions_cli.py checks it against ``available_codecs()``.
+BUILTIN_CODECS = ("bitdelta", "dare", "deltadq", "raw", "topk-ternary", "unchanged")
+
+
+def _plugin_codec_names() -> list[str]:
+    """Names of third-party codecs' entry points (group ``deltahub.codecs``), read without loading them."""
+    try:
+        from importlib.metadata import entry_points
+
+        return sorted({ep.name for ep in entry_points(group="deltahub.codecs")} - set(BUILTIN_CODECS))
+    except Exception:  # pragma: no cover - broken metadata must not break --help
+        return []
+
+
+def _choice_enum(name: str, values: list[str]) -> type[Enum]:
+    return Enum(name, {v.replace("-", "_").replace(".", "_"): v for v in values}, type=str)  # type: ignore[return-value]
+
+
+_CODEC_NAMES = [*BUILTIN_CODECS, *_plugin_codec_names()]
+#: ``--codec`` of compress: a registered codec, or ``auto``.
+CodecChoice = _choice_enum("CodecChoice", [*_CODEC_NAMES, AUTO])
+#: ``--codec`` of demo (no budget options there, so no ``auto``).
+DemoCodecChoice = _choice_enum("DemoCodecChoice", list(_CODEC_NAMES))
+
+
+class ScaleGranularity(str, Enum):
+    """BitDelta scale granularity."""
+
+    tensor = "tensor"
+    row = "row"
+    group = "group"
+
+
+class AutoMetric(str, Enum):
+    """How ``--codec auto`` scores a candidate."""
+
+    aligned = "aligned"
+    rel = "rel"
+
+
+def _value(x: Any) -> Any:
+    """An Enum choice's string (typer hands over Enum members)."""
+    return x.value if isinstance(x, Enum) else x
+
+
+# ----------------------------------------------------------------------------- shared options
+# Written once, used by every command (the huggingface_hub CLI's style).
+TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token (default: HF_TOKEN / stored login).")]
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co).")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hub cache for downloaded models (default: HF_HUB_CACHE).")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Revision of the Hub repo (branch, tag or sha); wins over @revision.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (deltahub's nor huggingface_hub's) and no summary.")]
+IgnoreMismatchOpt = Annotated[bool, typer.Option("--ignore-base-mismatch", help="Experts: apply to a base whose fingerprint differs.")]
+ParamOpt = Annotated[list[str], typer.Option("--param", "-p", metavar="KEY=VALUE[,KEY=VALUE]",
+                                             help="Codec parameters (repeatable). Values: ints, floats, true/false, null; anything else is a string (entropy=none, group_size=auto).")]
+
+_HUB_ID = "namespace/name\\[@revision]"  # "\\[": rich markup would eat a bare "[@revision]"
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,11 +150,66 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_cli_handler: logging.Handler | None = None
+
+
+def _setup_logging(verbose: int) -> Callable[[], None]:
+    """Show deltahub's log records on stderr (rich); ``-v`` INFO, ``-vv`` DEBUG. Returns the undo."""
+    global _cli_handler
+    from rich.logging import RichHandler
+
+    root = dh_logging.get_logger()
+    if _cli_handler is not None:
+        root.removeHandler(_cli_handler)
+    handler = RichHandler(console=err_console, show_time=False, show_path=verbose > 1, markup=False, rich_tracebacks=False)
+    _cli_handler = handler
+    previous = root.level
+    root.addHandler(handler)
+    if verbose:
+        dh_logging.set_verbosity(dh_logging.INFO if verbose == 1 else dh_logging.DEBUG)
+
+    def undo() -> None:
+        global _cli_handler
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        if _cli_handler is handler:
+            _cli_handler = None
+
+    return undo
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """``-q``: huggingface_hub's progress bars (and so deltahub's) off for the command's duration."""
+    if not quiet:
+        yield
+        return
+    import warnings
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF_HUB_DISABLE_PROGRESS_BARS=0 "has priority": fine
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable_progress_bars()
+
+
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False,
+                                         help="Log what deltahub decides (resolved revisions, fallbacks, auto choices) on stderr; -vv for debug. Also: DELTAHUB_VERBOSITY=info.")] = 0,
 ) -> None:
     """deltahub: fine-tunes as compressed deltas (BitDelta, DeltaDQ), local or on the Hugging Face Hub."""
+    ctx.call_on_close(_setup_logging(verbose))
 
 
 def _policy(codec: str, granularity: Optional[str], group_size: Optional[int], param: list[str], rule: list[str],
@@ -114,51 +238,66 @@ def _size(text: str) -> int:
         raise InvalidCodecParamsError(str(exc)) from None
 
 
+def _resolve_base(spec: str, *, token: Optional[str], cache_dir: Optional[Path], endpoint: Optional[str]) -> tuple[Any, list[Path]]:
+    """A base given as a local path or a Hub id ``namespace/name[@revision]``: ``(local path, caches to protect)``.
+
+    Local paths pass through unchanged; Hub ids are downloaded (``deltahub.hub.resolve_model``).
+    """
+    from .hub import hub_cache_root, is_hub_spec, resolve_model
+
+    if not is_hub_spec(spec):
+        return spec, []
+    resolved = resolve_model(spec, token=token, cache_dir=cache_dir, endpoint=endpoint, role="base")
+    logger.info("base %s resolved to %s", spec, resolved.describe())
+    return resolved.local_dir, [hub_cache_root(cache_dir)]
+
+
 @app.command()
 @_friendly
 def compress(
-    base: str = typer.Argument(..., help="Base model: a directory with safetensors weights, a .safetensors file, or a Hub id namespace/name[@revision]."),
-    finetuned: str = typer.Argument(..., help="Fine-tuned model, same forms as BASE."),
-    output: Path = typer.Option(..., "-o", "--output", help="Delta directory to write (atomically)."),
-    codec: str = typer.Option("bitdelta", "--codec", help="Codec for transformer-block matrices (see `deltahub codecs`), or auto: the lowest-error candidate per tensor within --target-ratio / --max-bytes."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Named setting of the main codec, e.g. deltadq's 16x, 32x, ... 512x."),
-    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="--codec auto: each auto-coded tensor at most numel*2/R bytes (R times smaller than its fp16 delta)."),
-    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count."),
-    candidate: list[str] = typer.Option([], "--candidate", help="--codec auto: a candidate CODEC[:key=value,...] (repeat; default: bitdelta, deltadq presets, dare, topk-ternary)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE. Auto then scores output error."),
-    auto_metric: str = typer.Option("aligned", "--auto-metric", help="--codec auto: aligned (lost delta counts fully, orthogonal noise little; ranks like measured KL) or rel (plain relative error)."),
-    scale_granularity: Optional[str] = typer.Option(None, "--scale-granularity", help="BitDelta scales: tensor | row | group."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="BitDelta: columns per scale group (implies group)."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Codec parameters, key=value[,key=value]."),
-    rule: list[str] = typer.Option([], "--rule", help="PATTERN=CODEC[:key=value,...]; first match wins. Glob, or re:REGEX."),
-    include: list[str] = typer.Option([], "--include", help="Only tensors matching these patterns get the main codec."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Tensors matching these patterns stay exact (raw)."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Cut delta files above this size."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    no_stats: bool = typer.Option(False, "--no-stats", help="Skip the per-tensor reconstruction error (faster)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token for Hub ids (default: HF_TOKEN / stored login)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Hub cache for downloaded models (default: HF_HUB_CACHE)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)."),
+    base: Annotated[str, typer.Argument(help=f"Base model: a directory with safetensors weights, a .safetensors file, or a Hub id {_HUB_ID}.")],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model, same forms as BASE.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta directory to write (atomically).")],
+    codec: Annotated[CodecChoice, typer.Option("--codec", help="Codec for transformer-block matrices (see `deltahub codecs`), or auto: the lowest-error candidate per tensor within --target-ratio / --max-bytes.")] = CodecChoice("bitdelta"),  # type: ignore[valid-type]
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Named setting of the main codec, e.g. deltadq's 16x, 32x, ... 512x.")] = None,
+    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="--codec auto: each auto-coded tensor at most numel*2/R bytes (R times smaller than its fp16 delta).")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", metavar="SIZE", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count.")] = None,
+    candidate: Annotated[list[str], typer.Option("--candidate", metavar="CODEC[:KEY=VALUE,...]", help="--codec auto: a candidate setting (repeatable; default: bitdelta, deltadq presets, dare, topk-ternary).")] = [],  # noqa: B006
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE. Auto then scores output error.")] = None,
+    auto_metric: Annotated[AutoMetric, typer.Option("--auto-metric", help="--codec auto: aligned (lost delta counts fully, orthogonal noise little; ranks like measured KL) or rel (plain relative error).")] = AutoMetric.aligned,
+    scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="BitDelta: columns per scale group (implies group).")] = None,
+    param: ParamOpt = [],  # noqa: B006
+    rule: Annotated[list[str], typer.Option("--rule", metavar="PATTERN=CODEC[:KEY=VALUE,...]", help="Per-tensor codec (repeatable); first match wins. PATTERN is a glob, or re:REGEX.")] = [],  # noqa: B006
+    include: Annotated[list[str], typer.Option("--include", metavar="PATTERN", help="Only tensors matching these patterns get the main codec (repeatable).")] = [],  # noqa: B006
+    exclude: Annotated[list[str], typer.Option("--exclude", metavar="PATTERN", help="Tensors matching these patterns stay exact, raw (repeatable).")] = [],  # noqa: B006
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut delta files above this size.")] = "2GB",
+    overwrite: OverwriteOpt = False,
+    no_stats: Annotated[bool, typer.Option("--no-stats", help="Skip the per-tensor reconstruction error (faster).")] = False,
+    quiet: QuietOpt = False,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
 ) -> None:
     """Compress FINETUNED against BASE into a delta directory.
 
-    Hub ids are downloaded first; the base's commit sha is recorded, so `deltahub pull` rebuilds
-    against exactly that base.
+    Hub ids are downloaded first; the base's commit sha is recorded, so `deltahub pull` rebuilds against exactly that base.
     """
     from .compression import compress as _compress
 
-    policy = _policy(codec, scale_granularity, group_size, param, rule, include, exclude)
+    codec_name = _value(codec)
+    policy = _policy(codec_name, _value(scale_granularity), group_size, param, rule, include, exclude)
     cands = [_candidate(c) for c in candidate] or None
     if cands is not None and not policy.uses_auto():
         from .errors import InvalidCodecParamsError
 
-        raise InvalidCodecParamsError(f"--candidate only applies to --codec auto (or a PATTERN=auto rule); codec is {codec!r}")
-    manifest = _compress(base, finetuned, output, policy=policy, overwrite=overwrite, max_shard_size=_size(max_shard_size),
-                         compute_stats=not no_stats, progress=False if quiet else None,
-                         token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
-                         max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
-                         calibration=calibration, auto_metric=auto_metric)
+        raise InvalidCodecParamsError(f"--candidate only applies to --codec auto (or a PATTERN=auto rule); codec is {codec_name!r}")
+    with _quiet(quiet):
+        manifest = _compress(base, finetuned, output, policy=policy, overwrite=overwrite, max_shard_size=_size(max_shard_size),
+                             compute_stats=not no_stats, progress=False if quiet else None,
+                             token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
+                             max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
+                             calibration=calibration, auto_metric=_value(auto_metric))
     if not quiet:
         console.print(storage_table(manifest, title=f"delta written to {output}"))
         table = auto_table(manifest)
@@ -179,22 +318,28 @@ def _candidate(text: str) -> tuple[str, dict[str, Any]]:
 @app.command()
 @_friendly
 def calibrate(
-    base: Path = typer.Argument(..., help="Base model directory (transformers loads it, float32 on CPU)."),
-    text: list[Path] = typer.Option(..., "--text", help="UTF-8 text file(s) to run through the model (tokenized with its tokenizer)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Calibration .safetensors file to write."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens to run (the texts are concatenated, then cut)."),
-    max_rows: int = typer.Option(512, "--max-rows", help="Input rows kept per layer (an even-stride subsample)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per forward pass."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    base: Annotated[str, typer.Argument(help=f"Base model: a directory, or a Hub id {_HUB_ID} (transformers loads it, float32 on CPU).")],
+    text: Annotated[list[Path], typer.Option("--text", metavar="FILE", help="UTF-8 text file to run through the model, tokenized with its tokenizer (repeatable).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Calibration .safetensors file to write.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to run (the texts are concatenated, then cut).")] = 4096,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Input rows kept per layer (an even-stride subsample).")] = 512,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per forward pass.")] = 512,
+    overwrite: OverwriteOpt = False,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
 ) -> None:
     """Record the inputs of every Linear layer of BASE on some text, for `compress --calibration`."""
     from .calibration import collect_activations, read_text_file, save_calibration
     from .format.io import check_output
 
-    inputs: dict[str, Any] = {"base model": base, **{f"text file {i}": t for i, t in enumerate(text, 1)}}
-    check_output(output, inputs=inputs, overwrite=overwrite)  # before the (slow) forward passes
+    texts_in: dict[str, Any] = {f"text file {i}": t for i, t in enumerate(text, 1)}
+    check_output(output, inputs={"base model": base, **texts_in}, overwrite=overwrite)  # before the download and forward passes
+    local, protect = _resolve_base(base, token=token, cache_dir=cache_dir, endpoint=endpoint)
+    inputs: dict[str, Any] = {"base model": local, **texts_in}
+    check_output(output, inputs=inputs, protect=protect, overwrite=overwrite)
     texts = [read_text_file(t, "calibration text") for t in text]
-    acts = collect_activations(base, texts, max_tokens=max_tokens, max_rows=max_rows, seq_len=seq_len)
+    acts = collect_activations(local, texts, max_tokens=max_tokens, max_rows=max_rows, seq_len=seq_len)
     save_calibration(acts, output, overwrite=overwrite, inputs=inputs,
                      metadata={"model": str(base), "max_tokens": str(max_tokens)})
     nbytes = sum(a.numel() * 4 for a in acts.values())
@@ -205,19 +350,25 @@ def calibrate(
 @app.command()
 @_friendly
 def apply(
-    delta: Path = typer.Argument(..., help="Delta directory."),
-    base: Path = typer.Option(..., "--base", "-b", help="The base model the delta was made against."),
-    output: Path = typer.Option(..., "-o", "--output", help="Model directory to write (atomically)."),
-    ignore_base_mismatch: bool = typer.Option(False, "--ignore-base-mismatch", help="Experts: apply to a base whose fingerprint differs."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Cut model files above this size."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    delta: Annotated[Path, typer.Argument(help="Delta directory.")],
+    base: Annotated[str, typer.Option("--base", "-b", help=f"The base model the delta was made against: a directory or a Hub id {_HUB_ID}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write (atomically).")],
+    ignore_base_mismatch: IgnoreMismatchOpt = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut model files above this size.")] = "5GB",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
 ) -> None:
     """Rebuild the fine-tuned model from BASE + DELTA into a directory transformers loads."""
     from .delta import apply_delta
 
-    apply_delta(delta, base, output, check_base=not ignore_base_mismatch, overwrite=overwrite,
-                max_shard_size=_size(max_shard_size), progress=False if quiet else None)
+    with _quiet(quiet):
+        local, protect = _resolve_base(base, token=token, cache_dir=cache_dir, endpoint=endpoint)
+        apply_delta(delta, local, output, check_base=not ignore_base_mismatch, overwrite=overwrite,
+                    max_shard_size=_size(max_shard_size), progress=False if quiet else None,
+                    **({"protect": protect} if protect else {}))
     if not quiet:
         console.print(f"[green]rebuilt model written to[/] {output}")
 
@@ -225,20 +376,22 @@ def apply(
 @app.command()
 @_friendly
 def push(
-    delta: Path = typer.Argument(..., help="Delta directory (from `deltahub compress`)."),
-    repo_id: str = typer.Argument(..., help="Hub repo to create or update, namespace/name."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its visibility)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing; default main)."),
-    commit_message: Optional[str] = typer.Option(None, "--commit-message", "-m", help="Commit title."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN / stored login)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)."),
+    delta: Annotated[Path, typer.Argument(help="Delta directory (from `deltahub compress`).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo to create or update, namespace/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if missing; default main).")] = None,
+    commit_message: Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit title.")] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    token: TokenOpt = None,
+    endpoint: EndpointOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Publish DELTA to the Hub as REPO_ID: one commit with the delta files and a generated model card."""
     from .hub import push_to_hub
 
-    info = push_to_hub(delta, repo_id, private=private, revision=revision, commit_message=commit_message,
-                       create_pr=create_pr, token=token, endpoint=endpoint)
+    with _quiet(quiet):
+        info = push_to_hub(delta, repo_id, private=private, revision=revision, commit_message=commit_message,
+                           create_pr=create_pr, token=token, endpoint=endpoint)
     console.print(f"[green]pushed[/] {delta} -> {info.commit_url}", highlight=False)
     if getattr(info, "pr_url", None):
         console.print(f"pull request: {info.pr_url}", highlight=False)
@@ -247,24 +400,25 @@ def push(
 @app.command()
 @_friendly
 def pull(
-    repo_id: str = typer.Argument(..., help="Delta repo on the Hub, namespace/name[@revision]."),
-    output: Path = typer.Option(..., "-o", "--output", help="Model directory to write (atomically)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of the delta repo (branch, tag or sha)."),
-    base_revision: Optional[str] = typer.Option(None, "--base-revision", help="Experts: base commit to use instead of the pinned one."),
-    base: Optional[str] = typer.Option(None, "--base", "-b", help="Experts: base model (local dir or Hub id) instead of the recorded one."),
-    ignore_base_mismatch: bool = typer.Option(False, "--ignore-base-mismatch", help="Experts: apply to a base whose fingerprint differs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN / stored login)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Hub cache (default: HF_HUB_CACHE)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    repo_id: Annotated[str, typer.Argument(help=f"Delta repo on the Hub, {_HUB_ID}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write (atomically).")],
+    revision: RevisionOpt = None,
+    base_revision: Annotated[Optional[str], typer.Option("--base-revision", help="Experts: base commit to use instead of the pinned one.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help=f"Experts: base model (a directory or a Hub id {_HUB_ID}) instead of the recorded one.")] = None,
+    ignore_base_mismatch: IgnoreMismatchOpt = False,
+    overwrite: OverwriteOpt = False,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Download a delta and its base (at the pinned commit) and rebuild the fine-tune into OUTPUT."""
     from .hub import pull_model
 
-    result = pull_model(repo_id, output, revision=revision, base_revision=base_revision, base_model=base, token=token,
-                        cache_dir=cache_dir, endpoint=endpoint, overwrite=overwrite, check_base=not ignore_base_mismatch,
-                        progress=False if quiet else None)
+    with _quiet(quiet):
+        result = pull_model(repo_id, output, revision=revision, base_revision=base_revision, base_model=base, token=token,
+                            cache_dir=cache_dir, endpoint=endpoint, overwrite=overwrite, check_base=not ignore_base_mismatch,
+                            progress=False if quiet else None)
     if not quiet:
         console.print(f"[green]rebuilt model written to[/] {output} (delta {repo_id}"
                       + (f"@{result.delta_revision}" if result.delta_revision else "") + f", base {result.base.describe()})",
@@ -274,12 +428,12 @@ def pull(
 @app.command()
 @_friendly
 def info(
-    delta: str = typer.Argument(..., help="Delta directory, or a Hub repo id namespace/name[@revision] (reads only the manifest and file headers)."),
-    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Revision of the Hub repo (branch, tag or sha)."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN / stored login)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)."),
+    delta: Annotated[str, typer.Argument(help=f"Delta directory, or a Hub repo id {_HUB_ID} (reads only the manifest and file headers).")],
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    endpoint: EndpointOpt = None,
 ) -> None:
     """Summarize a delta: format, base, and a size table per codec (local, or on the Hub without downloading weights)."""
     if Path(delta).exists() or not _looks_like_repo_id(delta):
@@ -370,19 +524,19 @@ def codecs() -> None:
 @app.command()
 @_friendly
 def demo(
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE)."),
-    steps: int = typer.Option(60, "--steps", help="Fine-tune steps of the real pair (≈3.3 s each on 2 cores)."),
-    codec: str = typer.Option("bitdelta", "--codec", help="Codec for the transformer-block matrices."),
-    scale_granularity: Optional[str] = typer.Option(None, "--scale-granularity", help="BitDelta scales: tensor | row | group."),
-    param: list[str] = typer.Option([], "--param", "-p", help="Codec parameters, key=value."),
-    eval_blocks: int = typer.Option(16, "--eval-blocks", help="Held-out 512-token blocks to evaluate (0 skips evaluation)."),
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Fine-tune steps of the real pair (≈3.3 s each on 2 cores).")] = 60,
+    codec: Annotated[DemoCodecChoice, typer.Option("--codec", help="Codec for the transformer-block matrices.")] = DemoCodecChoice("bitdelta"),  # type: ignore[valid-type]
+    scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
+    param: ParamOpt = [],  # noqa: B006
+    eval_blocks: Annotated[int, typer.Option("--eval-blocks", help="Held-out 512-token blocks to evaluate (0 skips evaluation).")] = 16,
 ) -> None:
     """The whole job on a real model: build SmolLM2-135M + a stdlib fine-tune, compress, apply, report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .demo.run import run_demo
 
-    policy = _policy(codec, scale_granularity, None, param, [], [], [])
+    policy = _policy(_value(codec), _value(scale_granularity), None, param, [], [], [])
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=err_console) as prog:
         tasks: dict[str, Any] = {}

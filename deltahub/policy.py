@@ -64,11 +64,15 @@ class Rule:
 
 
 def parse_value(v: str) -> Any:
-    """CLI parameter values: ints, floats, true/false/none, else the string."""
+    """CLI parameter values: ints, floats, ``true``/``false``, ``null`` (-> ``None``), else the string.
+
+    Only ``null`` means "no value": ``none`` stays the string ``"none"``, a value codecs use
+    (deltadq's ``entropy=none``), like ``auto`` (``group_size=auto``) and preset names (``16x``).
+    """
     low = v.lower()
     if low in ("true", "false"):
         return low == "true"
-    if low in ("none", "null"):
+    if low == "null":
         return None
     for conv in (int, float):
         try:
@@ -79,7 +83,7 @@ def parse_value(v: str) -> Any:
 
 
 def parse_params(text: str) -> dict[str, Any]:
-    """``"k=v,k2=v2"`` -> dict, with values typed by :func:`parse_value`."""
+    """``"k=v,k2=v2"`` -> dict, with values typed by :func:`parse_value` (``entropy=none`` stays ``"none"``)."""
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         k, sep, v = part.partition("=")

@@ -44,9 +44,14 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert "error:" in r.output and "Traceback" not in r.output
     base, ft = make_tiny_pair(tmp_path)
+    # --codec and --scale-granularity are choices: a usage error (exit 2) naming the valid values
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "nope"])
-    assert r.exit_code == 1 and "unknown codec 'nope'" in r.output
+    assert r.exit_code == 2 and "nope" in r.output and "bitdelta" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--scale-granularity", "col"])
+    assert r.exit_code == 2 and "col" in r.output and "tensor" in r.output
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--rule", "*=nope"])
+    assert r.exit_code == 1 and "unknown codec 'nope'" in r.output
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-p", "granularity=col"])
     assert r.exit_code == 1 and "granularity" in r.output
     runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])

@@ -56,8 +56,11 @@ def test_rule_order_include_exclude() -> None:
 
 
 def test_parse_params_and_bad_rules() -> None:
-    assert parse_params("granularity=group,group_size=64,x=0.5,flag=true,none=none") == {
-        "granularity": "group", "group_size": 64, "x": 0.5, "flag": True, "none": None}
+    assert parse_params("granularity=group,group_size=64,x=0.5,flag=true,unset=null") == {
+        "granularity": "group", "group_size": 64, "x": 0.5, "flag": True, "unset": None}
+    # codec values that look like keywords stay strings (deltadq entropy=none, group_size=auto)
+    assert parse_params("entropy=none,group_size=auto,preset=16x,quantizer=uniform") == {
+        "entropy": "none", "group_size": "auto", "preset": "16x", "quantizer": "uniform"}
     with pytest.raises(InvalidCodecParamsError, match="PATTERN=CODEC"):
         Rule.parse("no-codec-here")
     with pytest.raises(InvalidCodecParamsError, match="key=value"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "deltahub"
 #: Version this code writes. Readers accept any ``1.x``; a higher minor only adds optional fields
@@ -36,26 +39,40 @@ AUX_FILE_PATTERNS = (
     "preprocessor_config.json",
 )
 
-#: safetensors dtype strings <-> torch dtypes that deltahub reads and writes.
-DTYPE_TO_STR: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-STR_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_STR.items()}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        STR_TO_DTYPE[_name] = getattr(torch, _attr)
-        DTYPE_TO_STR[getattr(torch, _attr)] = _name
+#: safetensors dtype strings <-> torch dtypes that deltahub reads and writes. ``DTYPE_TO_STR``,
+#: ``STR_TO_DTYPE`` and ``NAME_TO_DTYPE`` (manifest dtype names, torch spelling such as "bfloat16")
+#: are built on first access (module ``__getattr__``), so importing this module does not import torch.
+_SAFETENSORS_DTYPES = (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    # only where this torch has them
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+)
+_LAZY_TABLES = ("DTYPE_TO_STR", "STR_TO_DTYPE", "NAME_TO_DTYPE")
 
-#: Manifest dtype names (torch spelling, e.g. "bfloat16") <-> torch dtypes.
+if TYPE_CHECKING:
+    DTYPE_TO_STR: dict[torch.dtype, str]
+    STR_TO_DTYPE: dict[str, torch.dtype]
+    NAME_TO_DTYPE: dict[str, torch.dtype]
+
+
+def _build_tables() -> None:
+    import torch
+
+    to_str = {getattr(torch, attr): st for attr, st in _SAFETENSORS_DTYPES if hasattr(torch, attr)}
+    g = globals()
+    g["DTYPE_TO_STR"] = to_str
+    g["STR_TO_DTYPE"] = {v: k for k, v in to_str.items()}
+    g["NAME_TO_DTYPE"] = {dtype_name(d): d for d in to_str}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_TABLES:
+        _build_tables()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest spelling of a dtype: torch's name without the ``torch.`` prefix."""
     return str(dtype).removeprefix("torch.")
@@ -65,14 +82,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     """Inverse of :func:`dtype_name`; raises ``ValueError`` for anything but the canonical name of a
     dtype safetensors can store (not torch's aliases such as ``"float"`` or ``"half"``, nor complex
     or quantized dtypes, nor other ``torch`` attributes such as ``"Tensor"``)."""
-    dtype = NAME_TO_DTYPE.get(name) if isinstance(name, str) else None
+    table: dict[str, torch.dtype] = globals().get("NAME_TO_DTYPE") or __getattr__("NAME_TO_DTYPE")
+    dtype = table.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(sorted(NAME_TO_DTYPE))}")
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(sorted(table))}")
     return dtype
-
-
-#: Manifest dtype names deltahub reads: the torch spelling of every dtype safetensors can store.
-NAME_TO_DTYPE: dict[str, torch.dtype] = {dtype_name(d): d for d in DTYPE_TO_STR}
 
 
 def parse_version(version: str) -> tuple[int, int]:
