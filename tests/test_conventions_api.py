@@ -220,3 +220,39 @@ def test_local_files_only_and_force_download_reach_both_downloads(hub_env: HubSe
     assert calls == [(DELTA, False, True), (BASE, False, True), (DELTA, True, False), (BASE, True, False)]
     with pytest.raises(deltahub.LocalEntryNotFoundError, match="local_files_only"):
         deltahub.pull(DELTA, tmp_path / "out", endpoint=hub_env.url, cache_dir=tmp_path / "empty", local_files_only=True)
+
+
+MODELING = '''
+from transformers import LlamaForCausalLM
+
+
+class XForCausalLM(LlamaForCausalLM):
+    custom_marker = "from the base repo's code"
+'''
+
+
+def test_custom_code_loads_with_the_base_code(made: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trust_remote_code=True: the rebuilt fine-tune is loaded with the modeling code of the base (the delta has no code)."""
+    monkeypatch.setenv("DELTAHUB_CACHE", str(tmp_path / "dh"))
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # never the user's module cache
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    dirs = {}
+    for role in ("base", "ft"):
+        d = dirs[role] = tmp_path / role
+        d.mkdir()
+        for f in made[role].iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+        cfg["architectures"] = ["XForCausalLM"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    (dirs["base"] / "modeling_x.py").write_text(MODELING)
+    compress(dirs["base"], dirs["ft"], tmp_path / "delta", params={"granularity": "row"}, progress=False)
+    assert not list((tmp_path / "delta").glob("*.py"))  # the delta format carries no code
+    model = AutoDeltaModel.from_pretrained(str(tmp_path / "delta"), base_model=str(dirs["base"]), trust_remote_code=True)
+    assert type(model).__name__ == "XForCausalLM" and model.custom_marker == "from the base repo's code"
+    ref = AutoDeltaModel.from_pretrained(str(made["delta"]), base_model=str(made["base"]))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.allclose(a, b, atol=0.05), n
