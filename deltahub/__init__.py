@@ -92,8 +92,43 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(_ERRORS, ".errors"),
 }
 
-__all__ = ["AutoDeltaModel", "Delta", "Policy", "Rule", "__version__", "apply_delta", "compress", "load_resident",
-           "pull", "push_to_hub", *_ERRORS]
+__all__ = [
+    "AutoDeltaModel",
+    "Delta",
+    "Policy",
+    "Rule",
+    "__version__",
+    "apply_delta",
+    "compress",
+    "load_resident",
+    "pull",
+    "push_to_hub",
+    "AuthenticationError",
+    "BaseMismatchError",
+    "CodecError",
+    "CorruptFileError",
+    "DeltaHubError",
+    "DownloadError",
+    "EntryNotFoundError",
+    "GatedRepoError",
+    "HubError",
+    "IntegrityError",
+    "InvalidCodecParamsError",
+    "LocalEntryNotFoundError",
+    "ManifestError",
+    "MissingFileError",
+    "OutputExistsError",
+    "OutputWriteError",
+    "RemoteCodeError",
+    "RemoteFileNotFoundError",
+    "RepoNotFoundError",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "ShapeMismatchError",
+    "UnsafeOutputError",
+    "UnsafePathError",
+    "UnsupportedFormatError",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -42,10 +42,11 @@ __all__ = ["AutoDeltaModel", "rebuilt_cache_dir"]
 
 
 def rebuilt_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where rebuilt fine-tunes are cached: ``$DELTAHUB_CACHE/rebuilt``, else ``<Hub cache>/../deltahub/rebuilt``.
+    """Where rebuilt fine-tunes are cached: ``<Hub cache>/../deltahub/rebuilt``.
 
-    ``cache_dir`` (the Hub cache of the call) replaces ``HF_HUB_CACHE``; the rebuilt models sit next
-    to the Hub cache, never inside it (deltahub never writes into the Hub cache).
+    The Hub cache is ``cache_dir`` when the call passes one (it wins), else ``$DELTAHUB_CACHE/rebuilt``
+    when that is set, else ``HF_HUB_CACHE``'s sibling (``~/.cache/huggingface/deltahub/rebuilt``). The
+    rebuilt models sit next to the Hub cache, never inside it (deltahub never writes into the Hub cache).
     """
     from .hub import hub_cache_root
 
@@ -167,7 +168,12 @@ class AutoDeltaModel:
         Offline (``HF_HUB_OFFLINE=1``) it works from the Hub cache once delta and base were fetched.
         """
         from .delta import Delta
-        from .hub import CODE_PATTERNS, explain_base_mismatch, is_hub_spec, resolve_base  # also registers the Hub opener
+        from .hub import (  # also registers the Hub opener
+            CODE_PATTERNS,
+            explain_base_mismatch,
+            is_hub_spec,
+            resolve_base,
+        )
 
         if "repo_id_or_dir" in model_kwargs:  # the old name of the first argument
             warnings.warn("repo_id_or_dir= is deprecated: use pretrained_model_name_or_path", FutureWarning, stacklevel=2)

@@ -14,13 +14,18 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_tiny_pair
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 import deltahub
-from conftest import make_tiny_pair
 from deltahub import AutoDeltaModel, Delta
 from deltahub.compression import compress
-from deltahub.testing.fixtures import configure_hf_client, hub_env, hub_server, hub_server_factory  # noqa: F401
+from deltahub.testing.fixtures import (  # noqa: F401
+    configure_hf_client,
+    hub_env,
+    hub_server,
+    hub_server_factory,
+)
 from deltahub.testing.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,12 @@ from typing import Any
 
 from huggingface_hub import HfApi, constants, snapshot_download
 
-from ..errors import BaseMismatchError, EntryNotFoundError, MissingFileError, UnsafePathError
+from ..errors import (
+    BaseMismatchError,
+    EntryNotFoundError,
+    MissingFileError,
+    UnsafePathError,
+)
 from ..format.manifest import Manifest
 from ..format.spec import AUX_FILE_PATTERNS, MANIFEST_NAME, WEIGHTS_INDEX_NAME
 from ._errors import hub_errors, offline

@@ -9,7 +9,13 @@ from pathlib import Path
 from .. import delta as _delta
 from ..delta import Delta
 from ..format.io import check_output
-from ._download import ResolvedModel, download_delta, explain_base_mismatch, hub_cache_root, resolve_base
+from ._download import (
+    ResolvedModel,
+    download_delta,
+    explain_base_mismatch,
+    hub_cache_root,
+    resolve_base,
+)
 from ._ids import SHA_RE, is_hub_spec
 
 
