@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,7 +119,12 @@ def _remote_code_class(config: dict[str, Any], base: ResolvedModel) -> type:
         or auto_map.get("AutoModelForCausalLM") or auto_map.get("AutoModel")
     if not isinstance(ref, str):
         raise UnsupportedFormatError("the config's auto_map names no model class (AutoModelForCausalLM / AutoModel)")
-    return get_class_from_dynamic_module(ref.split("--")[-1], str(base.local_dir))
+    # The config is the delta's (untrusted): a "repo--module.Class" reference to another repo is cut to
+    # "module.Class", so only the code files of the base (the repo the user chose) are ever run.
+    ref = ref.split("--")[-1]
+    if not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", ref):
+        raise UnsupportedFormatError(f"the config's auto_map class {ref[:80]!r} is not of the form module.Class")
+    return get_class_from_dynamic_module(ref, str(base.local_dir))
 
 
 class AutoDeltaModel:

@@ -261,3 +261,14 @@ def test_custom_code_loads_with_the_base_code(made: dict[str, Path], tmp_path: P
     ref = AutoDeltaModel.from_pretrained(str(made["delta"]), base_model=str(made["base"]))
     for (n, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
         assert torch.allclose(a, b, atol=0.05), n
+
+
+def test_delta_module_alone_names_the_hub_layer(made: dict[str, Path]) -> None:
+    """deltahub.delta does not import the hub; opened alone, a Hub id gets a one-line hint (deltahub.Delta has the Hub)."""
+    code = ("import sys; from deltahub.delta import Delta; from deltahub.errors import MissingFileError\n"
+            "assert 'deltahub.hub' not in sys.modules\n"
+            f"assert Delta.from_pretrained({str(made['delta'])!r}).manifest is not None\n"
+            "try:\n    Delta.from_pretrained('org/not-here')\nexcept MissingFileError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "deltahub.Delta" in r.stdout
