@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 
 from ._progress import progress_bar
 from .codecs import get_codec
-from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
+from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, MissingFileError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
 from .format.integrity import verify_aux_files
 from .format.io import (Checkpoint, atomic_directory, check_output, fingerprint, plan_shards, prefetch, read_with_digest, write_json_atomic,
@@ -24,6 +24,29 @@ from .format.spec import MANIFEST_NAME, dtype_from_name
 
 #: Output model shards are cut above this size, like transformers' ``max_shard_size``.
 DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
+
+
+# Extension points for the Hub layer (dependency inversion): ``deltahub.hub`` depends on this module
+# (it rebuilds with Delta) and registers its downloader / uploader here when imported; this module
+# never imports ``deltahub.hub``, so the two never import each other.
+_DELTA_OPENERS: list[Callable[..., Path | None]] = []
+_DELTA_PUSHER: Callable[..., Any] | None = None
+
+
+def register_delta_opener(opener: Callable[..., Path | None]) -> Callable[..., Path | None]:
+    """Let :meth:`Delta.from_pretrained` open specs that are not local paths: ``opener(spec, revision, *, token,
+    cache_dir, endpoint, local_files_only, force_download)`` returns the local delta directory, or ``None``
+    if the spec is not its kind. Registering the same opener twice is a no-op."""
+    if opener not in _DELTA_OPENERS:
+        _DELTA_OPENERS.append(opener)
+    return opener
+
+
+def register_delta_pusher(pusher: Callable[..., Any]) -> Callable[..., Any]:
+    """Set the function :meth:`Delta.push_to_hub` calls (``pusher(delta, repo_id, **kwargs)``)."""
+    global _DELTA_PUSHER
+    _DELTA_PUSHER = pusher
+    return pusher
 
 
 class Delta:
@@ -61,23 +84,36 @@ class Delta:
             raise type(exc)(f"tensor {name!r}: {exc}", path=where) from None
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None, token: str | bool | None = None,
-                        cache_dir: str | Path | None = None, endpoint: str | None = None) -> Delta:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None, *,
+                        local_files_only: bool = False, force_download: bool = False) -> Delta:
         """Open a delta: a local directory, or a Hub repo id (``namespace/name[@rev]``) downloaded to the Hub cache.
 
-        Only the delta is fetched; the base comes later (:meth:`apply`, :func:`deltahub.hub.pull`).
+        Only the delta is fetched; the base comes later (:meth:`apply`, :func:`deltahub.pull`).
+        Hub ids are opened by the opener :mod:`deltahub.hub` registers (:func:`register_delta_opener`);
+        ``deltahub.Delta`` always has it, and so does this class once ``deltahub.hub`` was imported.
         """
-        from .hub import download_delta, is_hub_spec
-
-        if is_hub_spec(path_or_repo_id):
-            return cls(download_delta(str(path_or_repo_id), revision, token=token, cache_dir=cache_dir, endpoint=endpoint))
-        return cls(path_or_repo_id)
+        spec = pretrained_model_name_or_path
+        if isinstance(spec, os.PathLike) or Path(spec).exists():
+            return cls(spec)
+        for opener in _DELTA_OPENERS:
+            path = opener(str(spec), revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                          local_files_only=local_files_only, force_download=force_download)
+            if path is not None:
+                return cls(path)
+        if not _DELTA_OPENERS and "/" in str(spec):
+            raise MissingFileError("not a local delta directory; to open a Hub repo id use deltahub.Delta "
+                                   "(or import deltahub.hub first)", path=spec)
+        return cls(spec)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Publish this delta as a Hub model repo in one commit, with a model card (see :func:`deltahub.hub.push_to_hub`)."""
-        from .hub import push_to_hub
+        """Publish this delta as a Hub model repo in one commit, with a model card (see :func:`deltahub.push_to_hub`).
 
-        return push_to_hub(self, repo_id, **kwargs)
+        Needs :mod:`deltahub.hub` (imported by ``deltahub.Delta``), which registers the uploader.
+        """
+        if _DELTA_PUSHER is None:
+            raise DeltaHubError("Delta.push_to_hub needs deltahub.hub: use deltahub.Delta or import deltahub.hub first")
+        return _DELTA_PUSHER(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------ per tensor
 

@@ -70,11 +70,27 @@ class OutputWriteError(DeltaHubError, OSError):
     """Writing the output failed at the OS level: disk full, read-only, file too large, permission denied."""
 
 
-class HubError(DeltaHubError):
-    """A Hub operation failed (missing repo, bad token, interrupted download)."""
+class HubError(DeltaHubError, OSError):
+    """A Hub operation failed (missing repo, bad token, interrupted download).
+
+    Also an :class:`OSError`, like every ``huggingface_hub`` / ``transformers`` loading error, so
+    ``except OSError`` written for ``transformers`` catches it. Carries ``repo_id``, ``revision``
+    and ``filename`` where known (``None`` otherwise), like ``huggingface_hub``'s errors.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, repo_id: str | None = None,
+                 revision: str | None = None, filename: str | None = None) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.filename = filename  # type: ignore[misc]  # OSError.filename, same meaning
+        super().__init__(message, path=path)
+        self.filename = filename  # OSError.__init__ resets it
+
+    def __str__(self) -> str:  # the one-line message, never OSError's "[Errno None] ..." form
+        return str(self.args[0]) if self.args else ""
 
 
-class RepoNotFoundError(HubError):
+class RepositoryNotFoundError(HubError):
     """The Hub repository does not exist, or is private/gated and the token cannot see it."""
 
 
@@ -82,7 +98,7 @@ class RevisionNotFoundError(HubError):
     """The repository exists but has no branch, tag or commit of that name."""
 
 
-class RemoteFileNotFoundError(HubError, FileNotFoundError):
+class EntryNotFoundError(HubError, FileNotFoundError):
     """The repository (at that revision) has no file of that name (e.g. it is not a deltahub delta)."""
 
 
@@ -90,5 +106,22 @@ class AuthenticationError(HubError):
     """The Hub refused the request: missing, wrong or insufficient token (HTTP 401/403)."""
 
 
+class GatedRepoError(AuthenticationError):
+    """The repository is gated and this token has not been granted access (accept its terms on the Hub)."""
+
+
 class DownloadError(HubError):
     """A download did not complete: connection lost, truncated file, or offline with a cache miss."""
+
+
+class LocalEntryNotFoundError(DownloadError, FileNotFoundError):
+    """Offline (``HF_HUB_OFFLINE=1`` / ``local_files_only=True``) and the files are not in the local Hub cache."""
+
+
+class RemoteCodeError(DeltaHubError, ValueError):
+    """The model's config asks for custom code (``auto_map``) and ``trust_remote_code=True`` was not passed."""
+
+
+# Earlier deltahub names, kept importable (the huggingface_hub names above are the primary ones).
+RepoNotFoundError = RepositoryNotFoundError
+RemoteFileNotFoundError = EntryNotFoundError

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -101,9 +101,10 @@ def test_model_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_model_card_has_yaml_and_table(pairs: dict[str, Path], tmp_path: Path) -> None:
     m = compress(pairs["base"], pairs["ft"], tmp_path / "d", progress=False, base_name_or_path=BASE, base_revision="a" * 40)
     card = model_card(m, DELTA)
-    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert 'base_model: "org/base"' in head and "library_name: deltahub" in head
-    assert "- deltahub" in head and '- "bitdelta"' in head and '- "raw"' in head
+    data = ModelCard(card).data
+    body = ModelCard(card).text
+    assert data.base_model == "org/base" and data.library_name == "deltahub" and data.base_model_relation == "finetune"
+    assert data.pipeline_tag == "text-generation" and {"deltahub", "bitdelta", "raw"} <= set(data.tags)
     assert "| codec | tensors | parameters | stored | bits/weight | vs fp16 |" in body
     assert "| bitdelta |" in body and "**total**" in body
     assert f"deltahub pull {DELTA} -o ./model" in body and f'AutoDeltaModel.from_pretrained("{DELTA}")' in body
@@ -126,7 +127,7 @@ def test_push_pull_roundtrip_is_bit_exact_and_base_stays_pinned(hub_env: HubServ
     assert {MANIFEST_NAME, "delta.safetensors", "README.md", "generation_config.json"} <= files
     assert len(api.list_repo_commits(DELTA)) == 2  # initial commit + exactly one push commit
     card = Path(hf_hub_download(DELTA, "README.md", endpoint=hub_env.url, cache_dir=tmp_path / "c0")).read_text()
-    assert 'base_model: "org/base"' in card and "| **total** |" in card
+    assert ModelCard(card).data.base_model == "org/base" and "| **total** |" in card
 
     apply_delta(tmp_path / "delta", pairs["base"], tmp_path / "local", progress=False)
     out = pull(DELTA, tmp_path / "pulled", cache_dir=tmp_path / "cache1", endpoint=hub_env.url)

@@ -274,7 +274,7 @@ def test_pull_never_uses_a_local_base_named_by_the_delta(hub_env: HubServer, mad
 def test_traversal_names_in_a_repo_listing_are_typed(hub_env: HubServer, made: dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub refuses '../' names with a ValueError; deltahub reports it as one typed line."""
-    import deltahub.hub as hub
+    import deltahub.hub._download as hub  # where snapshot_download is looked up
     from huggingface_hub import hf_hub_download
 
     api = _api(hub_env)
