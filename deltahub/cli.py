@@ -378,7 +378,7 @@ def apply(
 def push(
     delta: Annotated[Path, typer.Argument(help="Delta directory (from `deltahub compress`).")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo to create or update, namespace/name.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    private: Annotated[Optional[bool], typer.Option("--private/--public", help="Visibility of a new repo (default: the user's or organization's default, as huggingface_hub; an existing repo keeps its visibility).")] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if missing; default main).")] = None,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit title.")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,

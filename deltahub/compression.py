@@ -28,6 +28,9 @@ from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, 
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
 from .policy import AUTO, Policy, check_preset
+from .utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -370,6 +373,8 @@ def _run_codec(job: _Job, inp: EncodeInput, c: Any, p: dict[str, Any], auto: boo
     except (RuntimeError, ValueError) as exc:
         raise CodecError(f"tensor {inp.name!r}: codec {'auto' if auto else c.name!r} failed: {exc}") from exc
     picked = report["candidates"][report["chosen"]]
+    logger.info("auto: %s -> %s (%d bytes, %s error %.4g)", inp.name, candidate_label(cname, picked["params"]), enc.nbytes,
+                report["metric"], picked["error"])
     stats = {"auto_choice": candidate_label(cname, picked["params"]), "auto_metric": report["metric"],
              "auto_error": picked["error"], "auto_budget_bytes": report["budget_bytes"]}
     return get_codec(cname), enc, stats

@@ -272,3 +272,22 @@ def test_delta_module_alone_names_the_hub_layer(made: dict[str, Path]) -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert "deltahub.Delta" in r.stdout
+
+
+def test_cli_push_passes_private_none_unless_asked(hub_env: HubServer, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from deltahub.cli import app
+
+    seen: list[Any] = []
+    original = HfApi.create_repo
+
+    def spy(self: HfApi, repo_id: str, **kw: Any) -> Any:
+        seen.append(kw.get("private", "missing"))
+        return original(self, repo_id, **kw)
+
+    monkeypatch.setattr(HfApi, "create_repo", spy)
+    for args, want in (([], None), (["--private"], True), (["--public"], False)):
+        r = CliRunner().invoke(app, ["push", str(made["delta"]), "me/cli-vis", *args, "--endpoint", hub_env.url, "-q"])
+        assert r.exit_code == 0, r.output
+        assert seen[-1] is want

@@ -30,6 +30,9 @@ from ._rng import check_seed, group_keep_mask, name_stream
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
+from ..utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 #: Presets named by the compression ratio against the fp16 delta, ``16 / ((1 - p) * bits)``
 #: (stream rounding and the codebook excluded; zstd only makes them smaller). Compared on the
@@ -196,6 +199,7 @@ class DeltaDQ(Codec):
         g = params["group_size"]
         if g == "auto":
             g = choose_group_size(d2, p, inp.calibration)
+            logger.debug("deltadq %s: group_size=auto chose %d", inp.name, g)
         elif cols % g:
             raise InvalidCodecParamsError(
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")

@@ -19,8 +19,11 @@ from ..errors import (
 )
 from ..format.manifest import Manifest
 from ..format.spec import AUX_FILE_PATTERNS, MANIFEST_NAME, WEIGHTS_INDEX_NAME
+from ..utils.logging import get_logger
 from ._errors import hub_errors, offline
 from ._ids import SHA_RE, is_hub_id, is_hub_spec, parse_model_spec
+
+logger = get_logger(__name__)
 
 #: Files of a model repo deltahub needs: weights (safetensors only), configs, tokenizer files.
 MODEL_PATTERNS: list[str] = ["*.safetensors", "*.safetensors.index.json", "*.json", *AUX_FILE_PATTERNS, "*.jinja", "*.tiktoken"]
@@ -102,6 +105,7 @@ def _resolve_hub(repo_id: str, revision: str | None, *, token: str | bool | None
     local = _snapshot(repo_id, revision, [*MODEL_PATTERNS, *(extra_patterns or [])], token=token, cache_dir=cache_dir,
                       endpoint=endpoint, action=f"download {role}", local_files_only=local_files_only, force_download=force_download)
     sha = _commit_sha(local, repo_id, revision, token=token, endpoint=endpoint, local_files_only=local_files_only)
+    logger.info("%s %s@%s resolved to commit %s (%s)", role, repo_id, revision or "main", sha, local)
     return ResolvedModel(local, repo_id, sha)
 
 
@@ -146,6 +150,7 @@ def resolve_base(manifest: Manifest, *, base_model: str | os.PathLike[str] | Non
     dl: dict[str, Any] = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "role": "base",
                           "local_files_only": local_files_only, "force_download": force_download, "extra_patterns": extra_patterns}
     if base_model is not None:
+        logger.info("base override: %s instead of the recorded %s@%s", base_model, recorded.name_or_path, recorded.revision)
         if not is_hub_spec(base_model):
             return resolve_model(base_model, role="base")
         repo_id, rev = parse_model_spec(str(base_model))
