@@ -532,21 +532,26 @@ def demo(
     eval_blocks: Annotated[int, typer.Option("--eval-blocks", help="Held-out 512-token blocks to evaluate (0 skips evaluation).")] = 16,
 ) -> None:
     """The whole job on a real model: build SmolLM2-135M + a stdlib fine-tune, compress, apply, report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from .demo.run import run_demo
+    from .utils.tqdm import PROGRESS_GROUP, are_progress_bars_disabled, tqdm
 
     policy = _policy(_value(codec), _value(scale_granularity), None, param, [], [], [])
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err_console) as prog:
-        tasks: dict[str, Any] = {}
+    bars: dict[str, Any] = {}  # one huggingface_hub tqdm bar per stage, like every other progress bar of deltahub
 
-        def stage(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = prog.add_task(name, total=max(total, 1))
-            prog.update(tasks[name], completed=done, total=max(total, 1))
+    def stage(name: str, done: int, total: int) -> None:
+        if are_progress_bars_disabled():
+            return
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = tqdm(total=max(total, 1), desc=name, name=PROGRESS_GROUP, dynamic_ncols=True)
+        bar.total = max(total, 1)
+        bar.update(done - bar.n)
 
+    try:
         result = run_demo(cache_dir, steps=steps, policy=policy, eval_blocks=eval_blocks, stage_progress=stage)
+    finally:
+        for bar in bars.values():
+            bar.close()
     m = result["manifest"]
     console.print(storage_table(m, title=f"delta: {result['delta_dir']}"))
     q = result["quality"]

@@ -181,15 +181,7 @@ class AutoDeltaModel:
             resolve_base,
         )
 
-        if "repo_id_or_dir" in model_kwargs:  # the old name of the first argument
-            warnings.warn("repo_id_or_dir= is deprecated: use pretrained_model_name_or_path", FutureWarning, stacklevel=2)
-            pretrained_model_name_or_path = model_kwargs.pop("repo_id_or_dir")
-        if pretrained_model_name_or_path is None:
-            raise TypeError("from_pretrained() missing the delta: pretrained_model_name_or_path")
-        if "torch_dtype" in model_kwargs:
-            warnings.warn("torch_dtype= is deprecated: use dtype= (as transformers does)", FutureWarning, stacklevel=2)
-            alias = model_kwargs.pop("torch_dtype")
-            dtype = alias if dtype is None else dtype
+        pretrained_model_name_or_path, dtype = _legacy_names(pretrained_model_name_or_path, dtype, model_kwargs)
         torch_dtype = _torch_dtype(dtype)
         low_cpu_mem_usage = bool(model_kwargs.pop("low_cpu_mem_usage", False))
         spec = pretrained_model_name_or_path
@@ -209,16 +201,7 @@ class AutoDeltaModel:
                     return delta.to_model(base.local_dir, check_base=check_base, torch_dtype=torch_dtype, progress=progress,
                                           **model_kwargs)
                 out = _materialise(delta, base, cache_dir=cache_dir, check_base=check_base, progress=progress)
-                if custom:
-                    model_cls = _remote_code_class(config, base)  # type: ignore[arg-type]
-                else:
-                    from .delta import model_class_for
-
-                    if config is None:
-                        raise UnsupportedFormatError("the delta has no model config, so no transformers model can be built",
-                                                     path=delta.directory)
-                    model_cls, _ = model_class_for(config, {n: tuple(e.shape) for n, e in delta.manifest.tensors.items()},
-                                                   path=delta.directory)
+                model_cls = _remote_code_class(config, base) if custom else _model_class(delta)  # type: ignore[arg-type]
                 kwargs = dict(model_kwargs)
                 if device_map is not None:
                     kwargs["device_map"] = device_map
@@ -227,3 +210,28 @@ class AutoDeltaModel:
                 return model
         finally:
             delta.close()
+
+
+def _legacy_names(spec: Any, dtype: Any, model_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Accept the old keyword names (``repo_id_or_dir``, ``torch_dtype``) with a FutureWarning, as transformers does."""
+    if "repo_id_or_dir" in model_kwargs:  # the old name of the first argument
+        warnings.warn("repo_id_or_dir= is deprecated: use pretrained_model_name_or_path", FutureWarning, stacklevel=3)
+        spec = model_kwargs.pop("repo_id_or_dir")
+    if spec is None:
+        raise TypeError("from_pretrained() missing the delta: pretrained_model_name_or_path")
+    if "torch_dtype" in model_kwargs:
+        warnings.warn("torch_dtype= is deprecated: use dtype= (as transformers does)", FutureWarning, stacklevel=3)
+        alias = model_kwargs.pop("torch_dtype")
+        dtype = alias if dtype is None else dtype
+    return spec, dtype
+
+
+def _model_class(delta: Any) -> type:
+    """The (validated) transformers class for a delta's config, for loading a rebuilt directory."""
+    from .delta import model_class_for
+
+    config = delta.manifest.config
+    if config is None:
+        raise UnsupportedFormatError("the delta has no model config, so no transformers model can be built", path=delta.directory)
+    model_cls, _ = model_class_for(config, {n: tuple(e.shape) for n, e in delta.manifest.tensors.items()}, path=delta.directory)
+    return model_cls
