@@ -424,11 +424,15 @@ def save_plot(report: dict[str, Any], path: str | Path) -> Path:
     errs = [r["rel_error"] if r["rel_error"] is not None and math.isfinite(r["rel_error"]) else float("nan") for r in layers]
     ax1.plot(x, errs, marker="o", color="tab:red")
     ax1.set_ylabel("relative L2 error\n||rebuilt − ft|| / ||ft − base||")
-    ax1.set_ylim(bottom=0)
+    finite = [e for e in errs if math.isfinite(e)]
+    ax1.set_ylim(0, 1.15 * max(finite) if finite and max(finite) > 0 else 1.0)
     ax1.grid(alpha=0.3)
     ax2.bar(x, [r["bits_per_weight"] for r in layers], color="tab:blue")
     ax2.set_ylabel("bits / weight")
-    ax2.set_xlabel("layer")
+    others = [r for r in report["layers"] if r["index"] is None]
+    note = "; ".join(f"{r['layer']}: {r['bits_per_weight']:.2f} bits/weight"
+                     + (f", error {r['rel_error']:.3g}" if r["rel_error"] is not None else "") for r in others)
+    ax2.set_xlabel("layer" + (f"\n(not shown: {note})" if note else ""))
     ax2.grid(alpha=0.3, axis="y")
     title = f"{Path(str(report['delta'])).name}: {report['totals']['bits_per_weight']:.3f} bits/weight overall"
     if report.get("kl") is not None:
