@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DeltaHubError, MissingFileError, ShapeMismatchError
+from .errors import DeltaHubError, ShapeMismatchError
 
 __all__ = [
     "EvalError",

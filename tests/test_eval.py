@@ -186,7 +186,8 @@ def test_plot_without_layers_is_an_error(bd_report: dict[str, Any], tmp_path: Pa
         save_plot(report, tmp_path / "x.png")
 
 
-def test_push_with_eval_text_puts_the_table_into_the_card(hub_env: HubServer, setup: dict[str, Path], tmp_path: Path) -> None:
+def test_push_with_eval_text_puts_the_table_into_the_card(hub_env: HubServer,  # noqa: F811
+                                                            setup: dict[str, Path], tmp_path: Path) -> None:
     res = runner.invoke(app, ["push", str(setup["bitdelta"]), "me/evaluated", "--eval-text", str(setup["text"]),
                               "--finetuned", str(setup["ft"]), "--base", str(setup["base"]), "--block-size", "32",
                               "--max-blocks", "3", "-q"])
@@ -205,3 +206,19 @@ def test_push_with_eval_text_puts_the_table_into_the_card(hub_env: HubServer, se
     res = runner.invoke(app, ["push", str(setup["raw"]), "me/other", "--finetuned", str(setup["ft"])])
     assert res.exit_code == 1 and "--eval-text" in res.output
     assert "me/other" not in {m.id for m in HfApi().list_models(author="me")}
+
+
+def test_eval_with_hub_ids(hub_env: HubServer, setup: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """DELTA and --finetuned as Hub ids; the base is the one the manifest pins (downloaded at its commit)."""
+    api = HfApi()
+    for repo, folder in (("org/base", setup["base"]), ("org/ft", setup["ft"])):
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo)
+    compress("org/base", "org/ft", tmp_path / "delta", progress=False, cache_dir=tmp_path / "c")
+    push_to_hub(tmp_path / "delta", "me/hub-delta")
+    res = runner.invoke(app, ["eval", "me/hub-delta", "--finetuned", "org/ft", "--text", str(setup["text"]),
+                              "--block-size", "32", "--max-blocks", "2", "--json", "-", "-q"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["base"] == "org/base" and data["finetuned"] == "org/ft" and data["kl"] > 0
+    assert data["tokens"] == 2 * 31
