@@ -47,6 +47,7 @@ __all__ = [
     "card_section",
     "evaluate_delta",
     "layer_of",
+    "layer_rows",
     "load_tokenizer",
     "report_json",
     "report_tables",
@@ -465,6 +466,19 @@ def card_section(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_f(ms[name]['loss'], '.4f')} | {_f(ms[name]['perplexity'], '.3f')} | {_f(kl, '.5f')} | "
                      + (f"{100 * top1:.2f}%" if top1 is not None else "–") + " |")
     lines.append("")
+    blocks = [r for r in report["layers"] if r["index"] is not None]
+    parts = [r for r in report["layers"] if r["index"] is None]
+    lines += ["| part | parameters | stored | bits/weight | relative L2 error of the delta |", "|---|---:|---:|---:|---:|"]
+    if blocks:
+        params, stored = sum(r["parameters"] for r in blocks), sum(r["stored_bytes"] for r in blocks)
+        errs = [r["rel_error"] for r in blocks if r["rel_error"] is not None]
+        err = "–" if not errs else (_f(min(errs), ".4f") + ("" if min(errs) == max(errs) else f" … {_f(max(errs), '.4f')}"))
+        lines.append(f"| {len(blocks)} transformer blocks (error: per block) | {params:,} | {stored:,} B | "
+                     f"{stored * 8 / params if params else 0:.3f} | {err} |")
+    for r in [*parts, {"layer": "**total**", **report["totals"]}]:
+        lines.append(f"| {r['layer']} | {r['parameters']:,} | {r['stored_bytes']:,} B | {r['bits_per_weight']:.3f} | "
+                     f"{_f(r['rel_error'], '.4f')} |")
+    lines.append("")
     tot = report["totals"]
     facts = [f"{tot['bits_per_weight']:.3f} bits per weight overall"]
     if report["gain_kept"] is not None:
@@ -473,5 +487,6 @@ def card_section(report: dict[str, Any]) -> str:
         facts.append(f"relative L2 error of the whole delta {_f(tot['rel_error'], '.4f')}")
     if not has_ft:
         facts.append("measured without the fine-tune, so KL and errors are not available")
-    lines += ["; ".join(facts).capitalize() + ".", ""]
+    summary = "; ".join(facts)
+    lines += [summary[:1].upper() + summary[1:] + ".", ""]
     return "\n".join(lines)

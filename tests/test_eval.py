@@ -196,6 +196,7 @@ def test_push_with_eval_text_puts_the_table_into_the_card(hub_env: HubServer,  #
     assert "## Measured quality" in card and "| rebuilt (base + this delta) |" in card and "KL(fine-tune" in card
     assert "model-index" in card and "perplexity" in card
     assert "## Storage cost" in card
+    assert "| 2 transformer blocks (error: per block) |" in card and "| embeddings |" in card and "| **total** |" in card
     # the Python API, without a fine-tune: base and rebuilt only
     push_to_hub(setup["raw"], "me/evaluated-raw", eval_text=setup["text"], base_model=setup["base"],
                 eval_kwargs={"block_size": 32, "max_blocks": 2})
