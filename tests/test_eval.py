@@ -223,3 +223,13 @@ def test_eval_with_hub_ids(hub_env: HubServer, setup: dict[str, Path], tmp_path:
     data = json.loads(res.stdout)
     assert data["base"] == "org/base" and data["finetuned"] == "org/ft" and data["kl"] > 0
     assert data["tokens"] == 2 * 31
+
+
+def test_own_card_gets_its_quality_section_replaced(raw_report: dict[str, Any]) -> None:
+    from deltahub.hub._card import with_quality_section
+
+    card = "---\nlibrary_name: deltahub\n---\n# mine\n\n## Measured quality\n\nold numbers\n\n## Notes\n\nkeep me\n"
+    out = with_quality_section(card, raw_report)
+    assert out.count("## Measured quality") == 1 and "old numbers" not in out and "keep me" in out and "# mine" in out
+    appended = with_quality_section("# plain card\n", raw_report)
+    assert appended.startswith("# plain card\n\n## Measured quality")
