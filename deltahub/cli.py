@@ -1,4 +1,4 @@
-"""The ``deltahub`` command line: compress, apply, push, pull, info, demo (typer + rich).
+"""The ``deltahub`` command line: compress, apply, push, pull, info, eval, demo (typer + rich).
 
 Importing this module is cheap (no torch, transformers or huggingface_hub): ``deltahub --help``
 answers in well under a second. Every heavy module is imported inside the command that needs it.
@@ -382,19 +382,69 @@ def push(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (created if missing; default main).")] = None,
     commit_message: Annotated[Optional[str], typer.Option("--commit-message", "-m", help="Commit title.")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")] = False,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval-text", metavar="FILE", help="Measure the delta on this held-out UTF-8 text (as `deltahub eval`) and put the table into the model card.")] = None,
+    finetuned: Annotated[Optional[str], typer.Option("--finetuned", help=f"--eval-text: the fine-tune (a directory or a Hub id {_HUB_ID}), for KL, top-1 agreement and errors.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help="--eval-text: the base model (default: the one the manifest pins).")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="--eval-text: tokens per evaluation block.")] = 512,
+    max_blocks: Annotated[Optional[int], typer.Option("--max-blocks", help="--eval-text: evaluate at most this many blocks.")] = None,
     token: TokenOpt = None,
     endpoint: EndpointOpt = None,
+    cache_dir: CacheDirOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Publish DELTA to the Hub as REPO_ID: one commit with the delta files and a generated model card."""
     from .hub import push_to_hub
 
+    if eval_text is None and (finetuned is not None or base is not None or max_blocks is not None):
+        raise DeltaHubError("--finetuned / --base / --max-blocks only apply with --eval-text")
     with _quiet(quiet):
         info = push_to_hub(delta, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           create_pr=create_pr, token=token, endpoint=endpoint)
+                           create_pr=create_pr, token=token, endpoint=endpoint, eval_text=eval_text, finetuned=finetuned,
+                           base_model=base, eval_kwargs={"block_size": block_size, "max_blocks": max_blocks, "cache_dir": cache_dir})
     console.print(f"[green]pushed[/] {delta} -> {info.commit_url}", highlight=False)
     if getattr(info, "pr_url", None):
         console.print(f"pull request: {info.pr_url}", highlight=False)
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    delta: Annotated[str, typer.Argument(help=f"Delta directory, or a Hub repo id {_HUB_ID}.")],
+    finetuned: Annotated[str, typer.Option("--finetuned", "-f", help=f"The fine-tune the delta was made from: a directory or a Hub id {_HUB_ID}.")],
+    text: Annotated[Path, typer.Option("--text", metavar="FILE", help="Held-out UTF-8 text, tokenized with the fine-tune's tokenizer and cut into blocks.")],
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help=f"The base model: a directory or a Hub id {_HUB_ID} (default: the one the manifest pins).")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="Tokens per evaluation block (the text's tail is dropped).")] = 512,
+    max_blocks: Annotated[Optional[int], typer.Option("--max-blocks", help="Evaluate at most this many blocks.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")] = 4,
+    json_out: Annotated[Optional[Path], typer.Option("--json", metavar="OUT.json", help="Write the report as JSON (schema deltahub-eval/1; '-' for stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="OUT.png", help="Draw relative error and bits/weight by layer (matplotlib).")] = None,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also print every tensor's row.")] = False,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure a delta: held-out loss / perplexity of base, fine-tune and rebuild, KL, top-1 agreement, per-layer error and bits."""
+    from .eval import evaluate_delta, report_json, report_tables, save_plot
+
+    with _quiet(quiet):
+        report = evaluate_delta(delta, base=base, finetuned=finetuned, text=text, block_size=block_size, max_blocks=max_blocks,
+                                batch_size=batch_size, token=token, cache_dir=cache_dir, endpoint=endpoint, revision=revision)
+    if json_out is not None:
+        if str(json_out) == "-":
+            print(report_json(report))
+        else:
+            try:
+                json_out.write_text(report_json(report) + "\n", encoding="utf-8")
+            except OSError as exc:
+                raise DeltaHubError(f"cannot write the JSON report ({exc.strerror or exc})", path=json_out) from None
+    if plot is not None:
+        save_plot(report, plot)
+    if str(json_out) != "-":
+        for t in report_tables(report, tensors=tensors):
+            console.print(t)
+        console.print(f"measured in {report['seconds']['total']:.1f} s", highlight=False)
 
 
 @app.command()

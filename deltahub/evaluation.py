@@ -140,24 +140,29 @@ def evaluate_models(
     """Loss, perplexity and KL(reference ‖ model) of every model, one forward per model per batch.
 
     The reference's log-probs are kept for the current batch only, so memory is bounded by one
-    batch of logits per model.  Returns ``{name: {"loss", "perplexity", "kl", "tokens"}}``.
+    batch of logits per model.  Returns ``{name: {"loss", "perplexity", "kl", "top1_agreement", "tokens"}}``
+    (``top1_agreement``: the share of predicted tokens whose argmax equals the reference's).
     """
     if reference not in models:
         raise KeyError(f"reference model {reference!r} is not among {sorted(models)}")
     _check_blocks(blocks)
     nll = {name: 0.0 for name in models}
     kl = {name: 0.0 for name in models}
+    agree = {name: 0 for name in models}
     count = 0
     with _eval_mode(*models.values()):
         for batch in _batches(blocks, batch_size):
             ref = _log_probs(models[reference], batch)
             nll[reference] += _nll_sum(ref, batch)
+            ref_top = ref.argmax(-1)
+            agree[reference] += ref_top.numel()
             for name, model in models.items():
                 if name == reference:
                     continue
                 lp = _log_probs(model, batch)
                 nll[name] += _nll_sum(lp, batch)
                 kl[name] += _kl_sum(ref, lp)
+                agree[name] += int((lp.argmax(-1) == ref_top.to(lp.device)).sum())
                 del lp
             del ref
             count += batch.shape[0] * (batch.shape[1] - 1)
@@ -168,6 +173,7 @@ def evaluate_models(
             "loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "kl": kl[name] / count,
+            "top1_agreement": agree[name] / count,
             "tokens": count,
         }
     return results

@@ -70,13 +70,16 @@ def model_card_data(manifest: Manifest, *, license: str | None = None, finetune_
 
 
 def model_card(manifest: Manifest, repo_id: str | None = None, *, license: str | None = None,
-               finetune_card: dict[str, Any] | None = None) -> str:
+               finetune_card: dict[str, Any] | None = None, quality: dict[str, Any] | None = None) -> str:
     """A Hub model card (``README.md``) for a delta: YAML metadata, the storage-cost table, how to rebuild.
 
     The metadata (:func:`model_card_data`) has ``base_model`` + ``base_model_relation: finetune``
     (when the base is a Hub repo, so the Hub links the delta to its base), ``pipeline_tag`` (from
     the config's architecture), ``license`` (``license``, else the fine-tune's card
     ``finetune_card``), ``library_name: deltahub`` and tags (``deltahub`` + the codec names).
+
+    ``quality`` (a :func:`deltahub.eval.evaluate_delta` report) adds a "Measured quality" section
+    and ``model-index`` metadata (the rebuild's perplexity on the evaluation text).
     """
     from ..report import human_bytes, storage_rows
 
@@ -128,5 +131,41 @@ def model_card(manifest: Manifest, repo_id: str | None = None, *, license: str |
         f"(`{MANIFEST_NAME}` + safetensors), written by {manifest.created_with or 'deltahub'}.",
         "",
     ]
+    if quality is not None:
+        from ..eval import card_section
+
+        lines.append(card_section(quality))
+        _add_eval_results(data, quality, title)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _add_eval_results(data: ModelCardData, quality: dict[str, Any], title: str) -> None:
+    """``model-index`` metadata: the rebuild's held-out perplexity (and KL vs the fine-tune, when measured)."""
+    from huggingface_hub import EvalResult
+
+    name = Path(str(quality["text"])).name
+    common = {"task_type": "text-generation", "dataset_type": "text", "dataset_name": name}
+    results = []
+    ppl = quality["models"]["rebuilt"]["perplexity"]
+    if isinstance(ppl, float) and math.isfinite(ppl):
+        results.append(EvalResult(metric_type="perplexity", metric_value=round(ppl, 4), **common))
+    if quality.get("kl") is not None:
+        results.append(EvalResult(metric_type="kl_divergence", metric_name="KL(fine-tune || rebuilt) per token",
+                                  metric_value=round(quality["kl"], 6), **common))
+    if results:
+        data.model_name = title
+        data.eval_results = results
+
+
+def with_quality_section(card_text: str, quality: dict[str, Any]) -> str:
+    """``card_text`` with its "Measured quality" section replaced by (or appended with) the report's."""
+    import re
+
+    from ..eval import card_section
+
+    section = card_section(quality)
+    pattern = re.compile(r"^## Measured quality\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(card_text):
+        return pattern.sub(lambda _m: section + "\n", card_text, count=1)
+    return card_text.rstrip("\n") + "\n\n" + section

@@ -12,7 +12,7 @@ from ..delta import Delta, register_delta_pusher
 from ..format.manifest import Manifest
 from ..format.names import member
 from ..format.spec import MANIFEST_NAME, WEIGHTS_INDEX_NAME
-from ._card import card_metadata, model_card
+from ._card import card_metadata, model_card, with_quality_section
 from ._errors import hub_errors
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ def _delta_files(directory: Path, manifest: Manifest) -> dict[str, Path]:
 
 def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                 commit_message: str | None = None, commit_description: str | None = None, token: str | bool | None = None,
-                endpoint: str | None = None, create_pr: bool = False, license: str | None = None) -> CommitInfo:
+                endpoint: str | None = None, create_pr: bool = False, license: str | None = None,
+                eval_text: str | os.PathLike[str] | None = None, finetuned: str | os.PathLike[str] | None = None,
+                base_model: str | os.PathLike[str] | None = None, eval_kwargs: dict[str, Any] | None = None) -> CommitInfo:
     """Publish a delta directory as a Hub model repo, in one commit, with a generated model card.
 
     ``create_repo(exist_ok=True)`` (``private=None``: the user's / organization's default
@@ -44,6 +46,11 @@ def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, priv
     (a card you edited) is uploaded as-is; any other ``README.md`` there is taken as the
     fine-tune's card, and its ``license`` / ``language`` / ``datasets`` carry over to the generated
     card (:func:`~deltahub.hub.model_card`). ``license`` overrides the license. Returns the ``CommitInfo``.
+
+    ``eval_text`` (a held-out UTF-8 text file): before uploading, measure the delta as ``deltahub eval``
+    does (:func:`deltahub.eval.evaluate_delta`; the base from ``base_model`` or the manifest's pin,
+    ``finetuned`` for KL / top-1 / errors, ``eval_kwargs`` such as ``block_size`` / ``max_blocks``)
+    and put a "Measured quality" table into the generated card (a card of your own gets it appended).
     """
     delta = delta_dir if isinstance(delta_dir, Delta) else Delta(delta_dir)
     directory = delta.directory
@@ -52,6 +59,16 @@ def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, priv
     readme = member(directory, "README.md", what="push: model card", missing_ok=True)
     meta = card_metadata(readme)
     own_card = readme is not None and meta.get("library_name") == "deltahub" and license is None
+    quality = None
+    if eval_text is not None:
+        from ..eval import evaluate_delta
+
+        quality = evaluate_delta(delta, base=base_model, finetuned=finetuned, text=eval_text, token=token, endpoint=endpoint,
+                                 **(eval_kwargs or {}))
+    elif finetuned is not None:
+        from ..errors import DeltaHubError
+
+        raise DeltaHubError("finetuned= only applies with eval_text=")
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors("push", repo_id, revision, endpoint=api.endpoint, download=False):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -59,7 +76,12 @@ def push_to_hub(delta_dir: str | os.PathLike[str] | Delta, repo_id: str, *, priv
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         existing = set(api.list_repo_files(repo_id, revision=revision))
         ops: list[Any] = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
-        card = str(readme) if own_card else model_card(manifest, repo_id, license=license, finetune_card=meta).encode()
+        if own_card and quality is None:
+            card: Any = str(readme)
+        elif own_card:
+            card = with_quality_section(readme.read_text(encoding="utf-8"), quality).encode()  # type: ignore[union-attr]
+        else:
+            card = model_card(manifest, repo_id, license=license, finetune_card=meta, quality=quality).encode()
         ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
         stale = sorted(f for f in existing - set(files)
                        if (f.startswith("delta") and f.endswith(".safetensors")) or f == WEIGHTS_INDEX_NAME)
