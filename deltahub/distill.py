@@ -312,6 +312,7 @@ def distill(
     loss: str = DEFAULT_LOSS,
     device: str | torch.device | None = None,
     output_dir: str | Path | None = None,
+    in_place_dir: bool = False,
     seed: int = 0,
     progress: bool | None = None,
     log: Callable[[int, float], None] | None = None,
@@ -390,7 +391,8 @@ def distill(
     }
     new_values = student.stored_values()
     del student, teacher
-    return rewrite_delta(delta_dir, new_values, info, finetuned=finetuned, base=base, output_dir=output_dir)
+    return rewrite_delta(delta_dir, new_values, info, finetuned=finetuned, base=base, output_dir=output_dir,
+                         in_place_dir=in_place_dir)
 
 
 # ------------------------------------------------------------------------------------------------- rewriting

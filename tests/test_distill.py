@@ -123,14 +123,14 @@ def test_distill_text_and_cli(tmp_path: Path) -> None:
     (tmp_path / "c1.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     (tmp_path / "c2.txt").write_text("class A:\n    pass\n" * 40)
     out = tmp_path / "d"
-    r = CliRunner().invoke(app, ["compress", str(base), str(ft), str(out), "--distill", "--calibration",
+    r = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(out), "--distill", "--calibration",
                                  str(tmp_path / "c*.txt"), "--steps", "3", "--distill-tokens", "256",
                                  "--distill-loss", "kl"])
     assert r.exit_code == 0, r.output
     d = json.loads((out / "delta_config.json").read_text())
     assert d["distillation"]["steps"] == 3 and "c1.txt" in d["distillation"]["calibration"]
     Delta(out).state_dict(base)
-    r = CliRunner().invoke(app, ["compress", str(base), str(ft), str(tmp_path / "e"), "--distill", "--calibration",
+    r = CliRunner().invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "e"), "--distill", "--calibration",
                                  str(tmp_path / "nothing*.txt")])
     assert r.exit_code != 0 and "matches no file" in r.output
     assert not (tmp_path / "e").exists()
