@@ -67,9 +67,12 @@ from .utils.logging import get_logger
 logger = get_logger(__name__)
 
 LOSSES = ("mse", "kl")
-DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-3
-DEFAULT_TOKENS = 102_400  # 800 blocks of 128 tokens: the paper's 800 samples
+# Measured on the 135M demo pair (benchmarks/distill.md): 100 steps of 4 x 128 tokens at a relative
+# lr of 3e-3 cut held-out KL by 61% in ~11 minutes on 2 (shared) CPU cores; the paper's 200 steps
+# would double that. Each of the 400 blocks is seen once.
+DEFAULT_STEPS = 100
+DEFAULT_LR = 3e-3
+DEFAULT_TOKENS = 51_200  # 400 blocks of 128 tokens
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH = 4
 DEFAULT_LOSS = "mse"
