@@ -61,7 +61,7 @@ from .format.delta_files import DeltaFiles, DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import Checkpoint, atomic_directory, atomic_file
 from .format.manifest import Manifest
-from .format.spec import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_from_name
+from .format.spec import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, WEIGHTS_INDEX_NAME, dtype_from_name
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -417,20 +417,29 @@ def rewrite_delta(delta_dir: str | Path, values: dict[str, dict[str, torch.Tenso
         return Manifest.load(src)
     target = Path(output_dir) if output_dir is not None else src
     same = target.resolve() == src.resolve()
-    with atomic_directory(target, overwrite=same or target.exists(), inputs=None if same else {"delta": src}) as tmp:
+    with atomic_directory(target, overwrite=same, inputs=None if same else {"delta": src}) as tmp:
         _rewrite_into(src, tmp, manifest, values, info, finetuned, base)
     return Manifest.load(target)
 
 
+def _delta_file(name: str) -> bool:
+    """A file the shard writer produces (weights, shard index): rewritten, not copied."""
+    return is_weights_file(name) or name == WEIGHTS_INDEX_NAME
+
+
 def _rewrite_into(src: Path, dst: Path, manifest: Manifest, values: dict[str, dict[str, torch.Tensor]],
-                  info: dict[str, Any], finetuned: str | Path | None, base: str | Path | None) -> None:
+                  info: dict[str, Any], finetuned: str | Path | None, base: str | Path | None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     files = DeltaFiles(src, manifest)
+    shard_sizes = [(src / f).stat().st_size for f in manifest.files if is_weights_file(f)]
+    if len(shard_sizes) > 1:  # keep a sharded delta sharded about as before
+        max_shard_bytes = max(shard_sizes)
     stage = dst / ".distill-shards.tmp" if dst == src else dst
     stage.mkdir(exist_ok=True)
     ft_ckpt = Checkpoint(finetuned) if finetuned is not None and values else None
     base_ckpt = Checkpoint(base) if base is not None and values else None
     try:
-        writer = DeltaShardWriter(stage, DEFAULT_MAX_SHARD_BYTES)
+        writer = DeltaShardWriter(stage, max_shard_bytes)
         for name, entry in manifest.tensors.items():
             stored = files.stored(entry.stored)
             new = values.get(name, {})
@@ -450,7 +459,7 @@ def _rewrite_into(src: Path, dst: Path, manifest: Manifest, values: dict[str, di
         for c in (ft_ckpt, base_ckpt):
             if c is not None:
                 c.close()
-    old_weights = [f for f in manifest.files if is_weights_file(f)]
+    old_weights = [f for f in manifest.files if _delta_file(f)]
     if dst == src:
         for f in old_weights:
             if f not in weights:
@@ -460,10 +469,10 @@ def _rewrite_into(src: Path, dst: Path, manifest: Manifest, values: dict[str, di
         stage.rmdir()
     else:
         for f in manifest.files:
-            if not is_weights_file(f):
+            if not _delta_file(f):
                 (dst / f).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / f, dst / f)
-    aux = [f for f in manifest.files if not is_weights_file(f)]
+    aux = [f for f in manifest.files if not _delta_file(f)]
     manifest.files = sorted(weights + aux)
     manifest.file_digests = {n: file_digest(dst / n) for n in manifest.files if not is_weights_file(n)}
     manifest.distillation = info

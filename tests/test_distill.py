@@ -163,3 +163,20 @@ def test_bad_calibration_is_typed(tmp_path: Path) -> None:
         calibration_texts([str(tmp_path / "*.txt")])
     with pytest.raises(CalibrationTextError, match="matches no file"):
         calibration_texts([str(tmp_path / "*.md")])
+
+
+def test_distill_sharded_into_output_dir(tmp_path: Path) -> None:
+    base, ft = _structured_pair(tmp_path)
+    src = tmp_path / "d"
+    compress(base, ft, src, progress=False, max_shard_size=4_000)
+    files_before = json.loads((src / "delta_config.json").read_text())["files"]
+    assert "delta.safetensors.index.json" in files_before
+    dst = tmp_path / "out"
+    distill(src, base, ft, _blocks(8), steps=2, lr=1e-2, output_dir=dst, progress=False)
+    d = json.loads((dst / "delta_config.json").read_text())
+    assert "delta.safetensors.index.json" in d["files"] and len(d["files"]) == len(set(d["files"]))
+    assert any(f.startswith("delta-0") for f in d["files"])
+    Delta(dst).state_dict(base)
+    assert "distillation" not in json.loads((src / "delta_config.json").read_text())  # the source is untouched
+    with pytest.raises(DeltaHubError):  # an existing, different output is not replaced silently
+        distill(src, base, ft, _blocks(8), steps=1, output_dir=dst, progress=False)
