@@ -282,7 +282,7 @@ def compress(
     distill_tokens: Annotated[Optional[int], typer.Option("--distill-tokens", metavar="N", help="--distill: calibration tokens used (default 51200: 400 blocks of 128).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="--distill: Adam steps of 4 blocks (default 100).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", metavar="LR", help="--distill: learning rate, relative to each tensor's mean |value| (default 3e-3).")] = None,
-    distill_loss: Annotated[Optional[str], typer.Option("--distill-loss", metavar="mse|kl", help="--distill: logit MSE (default, the BitDelta paper's) or KL(fine-tune || rebuild).")] = None,
+    distill_loss: Annotated[Optional[str], typer.Option("--distill-loss", metavar="mse|kl", help="--distill: KL(fine-tune || rebuild) per token (default; measured better) or logit MSE (the BitDelta paper's).")] = None,
 ) -> None:
     """Compress FINETUNED against BASE into a delta directory.
 
