@@ -62,7 +62,12 @@ from .format.delta_files import DeltaFiles, DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import Checkpoint, atomic_directory, atomic_file
 from .format.manifest import Manifest
-from .format.spec import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, WEIGHTS_INDEX_NAME, dtype_from_name
+from .format.spec import (
+    DEFAULT_MAX_SHARD_BYTES,
+    MANIFEST_NAME,
+    WEIGHTS_INDEX_NAME,
+    dtype_from_name,
+)
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -483,5 +488,13 @@ def _rewrite_into(src: Path, dst: Path, manifest: Manifest, values: dict[str, di
         mtmp.write_bytes(manifest_bytes(manifest.to_dict()))
 
 
-__all__ = ["CalibrationTextError", "Student", "calibration_texts", "distill", "distill_loss", "rewrite_delta",
-           "token_blocks", "TRAINED_ROLES"]
+__all__ = [
+    "TRAINED_ROLES",
+    "CalibrationTextError",
+    "Student",
+    "calibration_texts",
+    "distill",
+    "distill_loss",
+    "rewrite_delta",
+    "token_blocks",
+]
