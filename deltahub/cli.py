@@ -263,7 +263,7 @@ def compress(
     target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="--codec auto: each auto-coded tensor at most numel*2/R bytes (R times smaller than its fp16 delta).")] = None,
     max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", metavar="SIZE", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count.")] = None,
     candidate: Annotated[list[str], typer.Option("--candidate", metavar="CODEC[:KEY=VALUE,...]", help="--codec auto: a candidate setting (repeatable; default: bitdelta, deltadq presets, dare, topk-ternary).")] = [],  # noqa: B006
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE. Auto then scores output error.")] = None,
+    calibration: Annotated[list[str], typer.Option("--calibration", metavar="PATH", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE; auto then scores output error. With --distill: calibration TEXT instead (files, globs, directories or a saved `datasets` directory; repeatable).")] = [],  # noqa: B006
     auto_metric: Annotated[AutoMetric, typer.Option("--auto-metric", help="--codec auto: aligned (lost delta counts fully, orthogonal noise little; ranks like measured KL) or rel (plain relative error).")] = AutoMetric.aligned,
     scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="BitDelta: columns per scale group (implies group).")] = None,
@@ -278,6 +278,11 @@ def compress(
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
     endpoint: EndpointOpt = None,
+    distill: Annotated[bool, typer.Option("--distill", help="Then train the continuous parameters (scales, codebooks) so the rebuilt model's logits match FINETUNED's on the --calibration text.")] = False,
+    distill_tokens: Annotated[Optional[int], typer.Option("--distill-tokens", metavar="N", help="--distill: calibration tokens used (default 51200: 400 blocks of 128).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="--distill: Adam steps of 4 blocks (default 100).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", metavar="LR", help="--distill: learning rate, relative to each tensor's mean |value| (default 3e-3).")] = None,
+    distill_loss: Annotated[Optional[str], typer.Option("--distill-loss", metavar="mse|kl", help="--distill: KL(fine-tune || rebuild) per token (default; measured better) or logit MSE (the BitDelta paper's).")] = None,
 ) -> None:
     """Compress FINETUNED against BASE into a delta directory.
 
@@ -292,12 +297,20 @@ def compress(
         from .errors import InvalidCodecParamsError
 
         raise InvalidCodecParamsError(f"--candidate only applies to --codec auto (or a PATTERN=auto rule); codec is {codec_name!r}")
+    from .errors import DeltaHubError
+
+    if not distill and (distill_tokens, steps, lr, distill_loss) != (None,) * 4:
+        raise DeltaHubError("--distill-tokens, --steps, --lr and --distill-loss only apply with --distill")
+    if not distill and len(calibration) > 1:
+        raise DeltaHubError("--calibration takes one layer-input file without --distill")
+    calib: Any = (calibration or None) if distill else (Path(calibration[0]) if calibration else None)
     with _quiet(quiet):
         manifest = _compress(base, finetuned, output, policy=policy, overwrite=overwrite, max_shard_size=_size(max_shard_size),
                              compute_stats=not no_stats, progress=False if quiet else None,
                              token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
                              max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
-                             calibration=calibration, auto_metric=_value(auto_metric))
+                             calibration=calib, auto_metric=_value(auto_metric), distill=distill,
+                             distill_steps=steps, distill_lr=lr, distill_tokens=distill_tokens, distill_loss=distill_loss)
     if not quiet:
         console.print(storage_table(manifest, title=f"delta written to {output}"))
         table = auto_table(manifest)

@@ -59,7 +59,13 @@ def compress(
     max_bytes: int | str | None = None,
     candidates: list[tuple[str, dict[str, Any]]] | None = None,
     auto_metric: str = "aligned",
-    calibration: str | Path | Mapping[str, torch.Tensor] | None = None,
+    calibration: str | Path | Mapping[str, torch.Tensor] | list[str | Path] | torch.Tensor | None = None,
+    distill: bool = False,
+    distill_steps: int | None = None,
+    distill_lr: float | None = None,
+    distill_tokens: int | None = None,
+    distill_loss: str | None = None,
+    distill_device: str | None = None,
 ) -> Manifest:
     """Compress ``finetuned`` against ``base`` into ``output_dir``.
 
@@ -83,7 +89,23 @@ def compress(
     auto then measures errors on the layer outputs instead of the delta itself. ``auto_metric``:
     ``"aligned"`` (default: lost delta counts fully, orthogonal noise little) or ``"rel"`` (plain
     relative error); see :mod:`deltahub.autoselect`.
+
+    ``distill=True`` then trains the delta's continuous parameters (BitDelta scales, DeltaDQ
+    codebooks / uniform scales, top-k ternary scales, DARE norms) so the rebuilt model's logits
+    match the fine-tune's on ``calibration``, which then means *text*: files, globs, directories,
+    a saved ``datasets`` directory, or token blocks (:func:`deltahub.distill.distill`; ``distill_*``
+    override its defaults). The output appears only once distilled.
     """
+    distill_calibration = None
+    if distill:
+        if calibration is None:
+            raise DeltaHubError("distillation needs calibration text (calibration=files, globs or a saved dataset)")
+        from .distill import calibration_texts
+
+        distill_calibration = calibration
+        if not isinstance(calibration, torch.Tensor):
+            calibration_texts(calibration)  # refuse bad text before any work  # type: ignore[arg-type]
+        calibration = None
     calib_path = None if calibration is None or isinstance(calibration, Mapping) else calibration
     inputs = {"base": base, "fine-tune": finetuned, "calibration file": calib_path}
     protect = _hub_protect((base, finetuned), cache_dir)
@@ -111,6 +133,12 @@ def compress(
                 finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision})
             with atomic_file(tmp / MANIFEST_NAME) as mtmp:
                 mtmp.write_bytes(manifest_bytes(manifest.to_dict()))
+            if distill:
+                from .distill import distill as _distill
+
+                kw = {k: v for k, v in {"steps": distill_steps, "lr": distill_lr, "tokens": distill_tokens,
+                                        "loss": distill_loss, "device": distill_device}.items() if v is not None}
+                manifest = _distill(tmp, base, finetuned, distill_calibration, in_place_dir=True, progress=progress, **kw)
     finally:
         base_ckpt.close()
         ft_ckpt.close()

@@ -69,6 +69,8 @@ class Manifest:
     #: file name -> digest of every ``files`` entry that is not a delta safetensors file (format 1.1).
     file_digests: dict[str, str] = field(default_factory=dict)
     created_with: str = ""
+    #: Informative record of a distillation run (format_spec.md, section 1); None when none ran.
+    distillation: dict[str, Any] | None = None
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
 
@@ -83,6 +85,7 @@ class Manifest:
             "totals": self.totals,
             "files": self.files,
             **({"file_digests": self.file_digests} if self.file_digests else {}),
+            **({"distillation": self.distillation} if self.distillation is not None else {}),
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
         }
 
@@ -146,6 +149,7 @@ class Manifest:
             files=files,
             file_digests=_digest_map(d.get("file_digests"), "file_digests", path),
             created_with=created_with,
+            distillation=d["distillation"] if isinstance(d.get("distillation"), dict) else None,
             format=d["format"],
             format_version=str(d["format_version"]),
         )
