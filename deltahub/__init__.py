@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         UnsafePathError,
         UnsupportedFormatError,
     )
+    from .eval import evaluate_delta
     from .hub import pull, push_to_hub
     from .loading import AutoDeltaModel
     from .policy import Policy, Rule
@@ -83,6 +84,7 @@ _LAZY: dict[str, str] = {
     "AutoDeltaModel": ".loading",
     "Delta": ".hub",
     "compress": ".compression",
+    "evaluate_delta": ".eval",
     "apply_delta": ".delta",
     "pull": ".hub",
     "push_to_hub": ".hub",
@@ -100,6 +102,7 @@ __all__ = [
     "__version__",
     "apply_delta",
     "compress",
+    "evaluate_delta",
     "load_resident",
     "pull",
     "push_to_hub",
