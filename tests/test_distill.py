@@ -180,3 +180,15 @@ def test_distill_sharded_into_output_dir(tmp_path: Path) -> None:
     assert "distillation" not in json.loads((src / "delta_config.json").read_text())  # the source is untouched
     with pytest.raises(DeltaHubError):  # an existing, different output is not replaced silently
         distill(src, base, ft, _blocks(8), steps=1, output_dir=dst, progress=False)
+
+
+def test_calibration_from_a_saved_datasets_dataset(tmp_path: Path) -> None:
+    """A local `datasets.save_to_disk` directory is calibration text too (its text column; nothing downloaded)."""
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": [1, 2, 3], "text": ["alpha beta", "", "gamma delta"]})})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    texts, desc = calibration_texts(tmp_path / "ds")
+    assert texts == ["alpha beta", "gamma delta"] and "sha256:" in desc
+    datasets.Dataset.from_dict({"n": [1, 2]}).save_to_disk(str(tmp_path / "numbers"))
+    with pytest.raises(CalibrationTextError, match="no text column"):
+        calibration_texts(tmp_path / "numbers")
