@@ -274,6 +274,7 @@ def compress(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut delta files above this size.")] = "2GB",
     overwrite: OverwriteOpt = False,
     no_stats: Annotated[bool, typer.Option("--no-stats", help="Skip the per-tensor reconstruction error (faster).")] = False,
+    keep_aux_files: Annotated[bool, typer.Option("--keep-aux-files", help="Store tokenizer/aux files even when identical to BASE's (by default they are taken from the base by digest).")] = False,
     quiet: QuietOpt = False,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -310,7 +311,8 @@ def compress(
                              token=token, cache_dir=cache_dir, endpoint=endpoint, preset=preset, target_ratio=target_ratio,
                              max_bytes=None if max_bytes is None else _size(max_bytes), candidates=cands,
                              calibration=calib, auto_metric=_value(auto_metric), distill=distill,
-                             distill_steps=steps, distill_lr=lr, distill_tokens=distill_tokens, distill_loss=distill_loss)
+                             distill_steps=steps, distill_lr=lr, distill_tokens=distill_tokens, distill_loss=distill_loss,
+                             keep_aux_files=keep_aux_files)
     if not quiet:
         console.print(storage_table(manifest, title=f"delta written to {output}"))
         table = auto_table(manifest)

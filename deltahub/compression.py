@@ -66,6 +66,7 @@ def compress(
     distill_tokens: int | None = None,
     distill_loss: str | None = None,
     distill_device: str | None = None,
+    keep_aux_files: bool = False,
 ) -> Manifest:
     """Compress ``finetuned`` against ``base`` into ``output_dir``.
 
@@ -95,6 +96,10 @@ def compress(
     match the fine-tune's on ``calibration``, which then means *text*: files, globs, directories,
     a saved ``datasets`` directory, or token blocks (:func:`deltahub.distill.distill`; ``distill_*``
     override its defaults). The output appears only once distilled.
+
+    Tokenizer and other aux files byte-identical to the base's are not stored: the manifest's
+    ``base_files`` records their digests and a rebuild copies them from the base (format 1.2);
+    ``keep_aux_files=True`` stores them anyway (a delta that is complete without the base's folder).
     """
     distill_calibration = None
     if distill:
@@ -126,9 +131,10 @@ def compress(
                 progress_bar("compress", total_bytes, enabled=progress) as advance:
             writer = DeltaShardWriter(tmp, max_shard_size)
             entries, base_digests = _encode_all(job, ft_ckpt, base_ckpt, writer, advance)
-            files = writer.finish() + _copy_aux_files(ft_ckpt.dir, tmp)
+            copied, base_files = _copy_aux_files(ft_ckpt.dir, tmp, None if keep_aux_files else base_ckpt.dir)
+            files = writer.finish() + copied
             manifest = _build_manifest(
-                tmp, entries, files, ft_ckpt, base_ckpt, base_digests,
+                tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files,
                 base={"name_or_path": base_name_or_path or str(base), "revision": base_revision},
                 finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision})
             with atomic_file(tmp / MANIFEST_NAME) as mtmp:
@@ -466,7 +472,8 @@ def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path
 
 
 def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str], ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
-                    base_digests: dict[str, str], *, base: dict[str, Any], finetuned: dict[str, Any]) -> Manifest:
+                    base_digests: dict[str, str], base_files: dict[str, str], *, base: dict[str, Any],
+                    finetuned: dict[str, Any]) -> Manifest:
     """The manifest of the delta written in ``tmp`` (its non-weights files digested)."""
     return Manifest(
         base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"]),
@@ -476,22 +483,26 @@ def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str]
         totals=totals(entries, ft_ckpt),
         files=sorted(files),
         file_digests={n: file_digest(tmp / n) for n in sorted(files) if not is_weights_file(n)},
+        base_files=base_files,
         created_with=f"deltahub {__version__}",
     )
 
 
-def _copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer and generation-config files of the fine-tune; returns their names.
+def _copy_aux_files(src: Path, dst: Path, base_dir: Path | None) -> tuple[list[str], dict[str, str]]:
+    """Copy tokenizer and generation-config files of the fine-tune; returns ``(copied names, base_files)``.
 
-    A file that is a symlink out of the fine-tune's folder (or its Hub cache repo) is left out
-    with a warning, never followed: a delta is pushed to the Hub, and a stranger's checkpoint
-    could link ``tokenizer.json`` to a secret.
+    A file byte-identical to the same-named file of ``base_dir`` is not copied but recorded in
+    ``base_files`` (name -> digest): a rebuild takes it from the base. A file that is a symlink
+    out of the fine-tune's folder (or its Hub cache repo) is left out with a warning, never
+    followed: a delta is pushed to the Hub, and a stranger's checkpoint could link
+    ``tokenizer.json`` to a secret.
     """
     import warnings
 
     from .format.names import member
 
-    copied = []
+    copied: list[str] = []
+    from_base: dict[str, str] = {}
     for pattern in AUX_FILE_PATTERNS:
         for p in sorted(src.glob(pattern)):
             try:
@@ -499,10 +510,26 @@ def _copy_aux_files(src: Path, dst: Path) -> list[str]:
             except UnsafePathError as exc:
                 warnings.warn(f"{exc}; left out of the delta", UserWarning, stacklevel=3)
                 continue
-            if path is not None:
-                shutil.copyfile(path, dst / p.name)
-                copied.append(p.name)
-    return copied
+            if path is None:
+                continue
+            digest = file_digest(path)
+            if base_dir is not None and _same_base_file(base_dir, p.name, path, digest):
+                from_base[p.name] = digest
+                continue
+            shutil.copyfile(path, dst / p.name)
+            copied.append(p.name)
+    return copied, from_base
+
+
+def _same_base_file(base_dir: Path, name: str, path: Path, digest: str) -> bool:
+    """True when the base folder has a regular file ``name`` with the same bytes as ``path``."""
+    from .format.names import member
+
+    try:
+        other = member(base_dir, name, what="base file", missing_ok=True)
+    except DeltaHubError:
+        return False
+    return other is not None and other.stat().st_size == path.stat().st_size and file_digest(other) == digest
 
 
 def totals(entries: dict[str, TensorEntry], ft_ckpt: Checkpoint | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ._progress import progress_bar
 from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, MissingFileError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
-from .format.integrity import verify_aux_files
+from .format.integrity import base_file_sources, verify_aux_files
 from .format.io import (Checkpoint, atomic_directory, check_output, fingerprint, plan_shards, prefetch, read_with_digest, write_json_atomic,
                         write_safetensors)
 from .format.manifest import Manifest, TensorEntry
@@ -249,6 +249,7 @@ class Delta:
         with Checkpoint(base) as base_ckpt:
             self.check_base_structure(base_ckpt, check_base=check_base)
             verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
+            from_base = base_file_sources(base_ckpt.dir, m, strict=check_base)  # format 1.2
             specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
             shards = plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
@@ -272,16 +273,21 @@ class Delta:
                     write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
                 if m.config is not None:
                     write_json_atomic(tmp / "config.json", m.config)
-                self._copy_aux_files(tmp)
+                self._copy_aux_files(tmp, from_base)
         return Path(output_dir)
 
-    def _copy_aux_files(self, out: Path) -> None:
-        """Copy the tokenizer and other aux files of ``files`` into ``out`` (a fresh directory).
+    def _copy_aux_files(self, out: Path, from_base: dict[str, Path]) -> None:
+        """Copy the tokenizer and other aux files of ``files`` (and ``from_base``, the base's checked
+        copies of ``base_files``) into ``out`` (a fresh directory).
 
         Names were checked when the manifest was read (:mod:`deltahub.format.names`: plain names,
         never weights, config or code); each source must be a regular file inside the delta
         directory (no symlink out of it), and nothing apply wrote is ever replaced.
         """
+        for fname, src in from_base.items():
+            if os.path.lexists(out / fname):
+                raise UnsafePathError(f"base file {fname!r} would replace a file of the rebuilt model", path=self.directory)
+            shutil.copyfile(src, out / fname)
         for fname in self.manifest.files:
             if is_delta_weights_name(fname):
                 continue

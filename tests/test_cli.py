@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_pair
 from deltahub.cli import app
+from deltahub.format.spec import FORMAT_VERSION
 
 runner = CliRunner()
 
@@ -22,7 +23,7 @@ def test_compress_info_apply(tmp_path: Path) -> None:
     r = runner.invoke(app, ["info", str(tmp_path / "d")])
     assert r.exit_code == 0 and "bitdelta" in r.output and "total" in r.output
     r = runner.invoke(app, ["info", str(tmp_path / "d"), "--json"])
-    assert json.loads(r.output)["format_version"] == "1.1"
+    assert json.loads(r.output)["format_version"] == FORMAT_VERSION
     r = runner.invoke(app, ["apply", str(tmp_path / "d"), "--base", str(base), "-o", str(tmp_path / "out"), "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "config.json").exists()

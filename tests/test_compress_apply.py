@@ -17,6 +17,7 @@ from deltahub.delta import Delta, apply_delta, load_model
 from deltahub.errors import BaseMismatchError, OutputExistsError
 from deltahub.format.io import Checkpoint, checkpoint_fingerprint
 from deltahub.policy import Policy, Rule
+from deltahub.format.spec import FORMAT_VERSION
 
 
 def _weights(d: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +101,7 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     # Every delta file carries format version and codec summary in its header.
     d = Delta(tmp_path / "delta")
     for meta in d.files.metadata():
-        assert meta["format"] == "deltahub" and meta["format_version"] == "1.1"
+        assert meta["format"] == "deltahub" and meta["format_version"] == FORMAT_VERSION
         assert set(json.loads(meta["codecs"])) <= {"bitdelta", "raw"}
 
 

@@ -124,7 +124,9 @@ def test_push_pull_roundtrip_is_bit_exact_and_base_stays_pinned(hub_env: HubServ
 
     api = _api(hub_env)
     files = set(api.list_repo_files(DELTA))
-    assert {MANIFEST_NAME, "delta.safetensors", "README.md", "generation_config.json"} <= files
+    assert {MANIFEST_NAME, "delta.safetensors", "README.md"} <= files
+    # The fine-tune's generation config equals the base's: taken from the (pinned) base, not uploaded.
+    assert "generation_config.json" not in files and set(m.base_files) == {"generation_config.json"}
     assert len(api.list_repo_commits(DELTA)) == 2  # initial commit + exactly one push commit
     card = Path(hf_hub_download(DELTA, "README.md", endpoint=hub_env.url, cache_dir=tmp_path / "c0")).read_text()
     assert ModelCard(card).data.base_model == "org/base" and "| **total** |" in card
@@ -133,6 +135,7 @@ def test_push_pull_roundtrip_is_bit_exact_and_base_stays_pinned(hub_env: HubServ
     out = pull(DELTA, tmp_path / "pulled", cache_dir=tmp_path / "cache1", endpoint=hub_env.url)
     assert _bytes(out) == _bytes(tmp_path / "local")
     assert json.loads((out / "config.json").read_text()) == m.config
+    assert (out / "generation_config.json").read_bytes() == (pairs["ft"] / "generation_config.json").read_bytes()
 
     # The base repo moves on; a pull into a fresh cache still rebuilds against the pinned commit.
     moved = {k: v + 1 for k, v in load_file(str(pairs["base"] / "model.safetensors")).items()}

@@ -85,7 +85,7 @@ def _flip(path: Path, offset: int, mask: int = 0x01) -> bytes:
 def test_written_digests_match_stored_bytes(tmp_path: Path, codec: str) -> None:
     _, _, d = _make(tmp_path, codec)
     m = _manifest(d)
-    assert m["format_version"] == FORMAT_VERSION == "1.1"
+    assert m["format_version"] == FORMAT_VERSION == "1.2"
     verify_manifest_bytes((d / MANIFEST_NAME).read_bytes(), m, path=d / MANIFEST_NAME)
     f = SafetensorsFile(d / "delta.safetensors")
     for name, e in m["tensors"].items():
@@ -93,9 +93,13 @@ def test_written_digests_match_stored_bytes(tmp_path: Path, codec: str) -> None:
         for role, key in e["stored"].items():
             info = f.tensors[key]
             assert e["digests"][role] == tensor_digest(info.dtype, info.shape, f.read_bytes(key).numpy().tobytes())
-    assert set(m["file_digests"]) == {"tokenizer.json", "generation_config.json"}
+    assert set(m["file_digests"]) == {"tokenizer.json"}
     for name, digest in m["file_digests"].items():
         assert digest == "sha256:" + hashlib.sha256((d / name).read_bytes()).hexdigest()
+    # 1.2: the generation config equals the base's, so it is referenced (with its digest), not stored.
+    assert not (d / "generation_config.json").exists()
+    assert m["base_files"] == {"generation_config.json": "sha256:" + hashlib.sha256(
+        (tmp_path / "base" / "generation_config.json").read_bytes()).hexdigest()}
     f.close()
 
 
@@ -217,7 +221,7 @@ def test_state_dict_and_resident_attach_verify(tmp_path: Path) -> None:
 
 def test_flip_in_aux_file_is_caught(tmp_path: Path) -> None:
     base, _, d = _make(tmp_path, "bitdelta")
-    for name in ("tokenizer.json", "generation_config.json"):
+    for name in ("tokenizer.json",):
         data = _flip(d / name, 5)
         with pytest.raises(IntegrityError, match=re.escape(name)):
             apply_delta(d, base, tmp_path / "out", progress=False)
@@ -228,6 +232,30 @@ def test_flip_in_aux_file_is_caught(tmp_path: Path) -> None:
     (d / "tokenizer.json").unlink()
     with pytest.raises(MissingFileError, match="tokenizer.json"):
         apply_delta(d, base, tmp_path / "out", progress=False)
+
+
+def test_base_files_are_taken_from_the_base_and_checked(tmp_path: Path) -> None:
+    """1.2 ``base_files``: an aux file equal to the base's is not stored; apply copies the base's after
+    checking its digest; a changed or missing base copy is a typed error before anything is written."""
+    base, ft, d = _make(tmp_path, "bitdelta")
+    gen = base / "generation_config.json"
+    assert "generation_config.json" in Delta(d).manifest.base_files and not (d / "generation_config.json").exists()
+    out = apply_delta(d, base, tmp_path / "out", progress=False)
+    assert (out / "generation_config.json").read_bytes() == (ft / "generation_config.json").read_bytes()
+    original = gen.read_bytes()
+    gen.write_bytes(original.replace(b"{", b"{ ", 1))
+    with pytest.raises(IntegrityError, match="generation_config.json"):
+        apply_delta(d, base, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+    with pytest.warns(UserWarning, match="generation_config.json"):  # forced onto another base: left out, warned
+        apply_delta(d, base, tmp_path / "out3", progress=False, check_base=False)
+    assert not (tmp_path / "out3" / "generation_config.json").exists()
+    gen.unlink()
+    with pytest.raises(MissingFileError, match="generation_config.json"):
+        apply_delta(d, base, tmp_path / "out4", progress=False)
+    gen.write_bytes(original)
+    kept = compress(base, ft, tmp_path / "kept", codec="bitdelta", progress=False, keep_aux_files=True)
+    assert not kept.base_files and (tmp_path / "kept" / "generation_config.json").read_bytes() == original
 
 
 def test_digit_flip_in_manifest_is_caught(tmp_path: Path) -> None:
@@ -405,4 +433,22 @@ def test_cli_info_and_apply_exit_code(tmp_path: Path) -> None:
     _flip(d / "delta.safetensors", info.start)
     r = runner.invoke(app, ["apply", str(d), "--base", str(base), "-o", str(tmp_path / "out"), "-q"])
     assert r.exit_code == 1 and "q_proj" in r.output and "digest" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [
+    {"../tokenizer.json": "sha256:" + "0" * 64},
+    {"model.safetensors": "sha256:" + "0" * 64},
+    {"delta.safetensors": "sha256:" + "0" * 64},
+    {"modeling_x.py": "sha256:" + "0" * 64},
+    {"tokenizer.json": "sha256:" + "0" * 64},  # also in files
+    {"generation_config.json": "md5:" + "0" * 32},
+    {"generation_config.json": 3},
+    ["generation_config.json"],
+])
+def test_bad_base_files_are_refused(tmp_path: Path, value: object) -> None:
+    base, _, d = _make(tmp_path, "bitdelta")
+    _edit_manifest(d, lambda m: m.update(base_files=value))
+    with pytest.raises(DeltaHubError):
+        apply_delta(d, base, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

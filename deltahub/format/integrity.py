@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import IntegrityError, ManifestError, UnsupportedFormatError
+from ..errors import IntegrityError, ManifestError, MissingFileError, UnsupportedFormatError
 from .names import member
 from .spec import DTYPE_TO_STR, MANIFEST_NAME, WEIGHTS_NAME, parse_version
 
@@ -222,6 +222,39 @@ def check_manifest_digests(manifest: Manifest, d: dict[str, Any], *, path: str |
         )
     for name, value in manifest.file_digests.items():
         parse_digest(value, what=f"file_digests[{name!r}]", path=path)
+    for name, value in manifest.base_files.items():
+        parse_digest(value, what=f"base_files[{name!r}]", path=path)
+
+
+def base_file_sources(base_dir: str | Path, manifest: Manifest, *, strict: bool = True) -> dict[str, Path]:
+    """The base's copy of every ``base_files`` entry (format 1.2), each checked against its digest.
+
+    :class:`MissingFileError` when the base folder lacks one, :class:`IntegrityError` when its bytes
+    differ (another base, or a changed tokenizer); with ``strict=False`` (the user forces a base that
+    failed its check) such files are left out with a warning instead.
+    """
+    import warnings
+
+    out: dict[str, Path] = {}
+    for name, expected in manifest.base_files.items():
+        alg, _ = parse_digest(expected, what=f"base_files[{name!r}]", path=base_dir)
+        where = f"the delta takes {name} from the base (digest {expected[:23]}…)"
+        try:
+            path = member(base_dir, name, what="base file")
+            assert path is not None
+            got = file_digest(path, alg)
+            if got != expected:
+                raise IntegrityError(f"{where}, but the base's {name} differs ({got[:23]}…): another base or tokenizer",
+                                     path=path)
+        except (MissingFileError, IntegrityError) as exc:
+            if strict:
+                if isinstance(exc, MissingFileError):
+                    raise MissingFileError(f"{where}, but the base folder has no {name}", path=base_dir) from None
+                raise
+            warnings.warn(f"{exc}; the rebuilt model will lack {name}", UserWarning, stacklevel=3)
+            continue
+        out[name] = path
+    return out
 
 
 def describe(manifest: Manifest) -> str:

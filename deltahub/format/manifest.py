@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsupportedFormatError
 from . import integrity
-from .names import check_listed_file
+from .names import check_listed_file, is_delta_weights_name
 from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, NAME_TO_DTYPE, check_version
 
 
@@ -68,6 +68,8 @@ class Manifest:
     files: list[str] = field(default_factory=list)
     #: file name -> digest of every ``files`` entry that is not a delta safetensors file (format 1.1).
     file_digests: dict[str, str] = field(default_factory=dict)
+    #: Aux files the rebuilt model takes from the base's folder: name -> digest of their bytes (format 1.2).
+    base_files: dict[str, str] = field(default_factory=dict)
     created_with: str = ""
     #: Informative record of a distillation run (format_spec.md, section 1); None when none ran.
     distillation: dict[str, Any] | None = None
@@ -85,6 +87,7 @@ class Manifest:
             "totals": self.totals,
             "files": self.files,
             **({"file_digests": self.file_digests} if self.file_digests else {}),
+            **({"base_files": self.base_files} if self.base_files else {}),
             **({"distillation": self.distillation} if self.distillation is not None else {}),
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
         }
@@ -137,6 +140,7 @@ class Manifest:
         files = [check_listed_file(f, path=path) for f in d.get("files") or []]
         if len(set(files)) != len(files):
             raise ManifestError("files lists a name twice", path=path)
+        base_files = _base_files(d.get("base_files"), files, path)
         created_with = d.get("created_with", "")
         if not isinstance(created_with, str):
             raise ManifestError(f"created_with must be a string, got {type(created_with).__name__}", path=path)
@@ -148,6 +152,7 @@ class Manifest:
             totals=_informative(d.get("totals")),
             files=files,
             file_digests=_digest_map(d.get("file_digests"), "file_digests", path),
+            base_files=base_files,
             created_with=created_with,
             distillation=d["distillation"] if isinstance(d.get("distillation"), dict) else None,
             format=d["format"],
@@ -259,6 +264,18 @@ def _digest_map(value: Any, what: str, path: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ManifestError(f"{what} must map names to digest strings", path=path)
     return dict(value)
+
+
+def _base_files(value: Any, files: list[str], path: Any) -> dict[str, str]:
+    """``base_files`` (1.2): aux-file names (the ``files`` rule, never the delta's weights, not also in ``files``)
+    mapped to digests (syntax checked by :mod:`.integrity`)."""
+    out = _digest_map(value, "base_files", path)
+    for name in out:
+        check_listed_file(name, path=path)
+        if is_delta_weights_name(name) or name in files:
+            raise ManifestError(f"base_files names {name!r}, which is {'also in files' if name in files else 'a delta weights file'}",
+                                path=path)
+    return out
 
 
 def _extra_tensors(extra: Any, path: Any) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "deltahub"
 #: Version this code writes. Readers accept any ``1.x``; a higher minor only adds optional fields
-#: (1.1: digests of stored tensors, files and the manifest itself, see ``integrity.py``).
-FORMAT_VERSION = "1.1"
+#: (1.1: digests of stored tensors, files and the manifest itself, see ``integrity.py``; 1.2: ``base_files``,
+#: aux files taken from the base instead of stored, and the codecs added since).
+FORMAT_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 MANIFEST_NAME = "delta_config.json"
