@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .codecs import get_codec
-from .codecs.base import EncodeInput, Encoded, matrix_view_shape
+from .codecs.base import Encoded, EncodeInput, matrix_view_shape
 from .errors import CodecError, InvalidCodecParamsError
 
 
@@ -45,6 +45,29 @@ def default_candidates() -> list[tuple[str, dict[str, Any]]]:
     out += [("deltadq", {"preset": name}) for name in PRESETS]
     out += [("dare", {"p": p}) for p in (0.9, 0.95, 0.99)]
     out += [("topk-ternary", {"density": d}) for d in (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)]
+    return out
+
+
+#: Matrices at most this large also get ``raw`` (exact) as an allocation candidate.
+RAW_CANDIDATE_MAX_NUMEL = 1 << 20
+
+
+def model_candidates(name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """The whole-model allocation's candidates for one tensor (``name`` for codecs meant for some tensors).
+
+    Vectors (norms, biases: ~0.1% of a model's bytes) stay exact. Matrices get a DeltaDQ ladder
+    from ~8x to ~512x of their fp16 delta (the presets; DeltaDQ had 12x lower KL than BitDelta at
+    the same bytes on the real pair), BitDelta with row scales, and ``raw`` when small.
+    """
+    from .codecs.deltadq import PRESETS
+
+    if len(shape) < 2:
+        return [("raw", {})]
+    out: list[tuple[str, dict[str, Any]]] = [("deltadq", {"p": 0.5, "bits": 4, "parts": 2})]
+    out += [("deltadq", {"preset": n}) for n in PRESETS]
+    out.append(("bitdelta", {"granularity": "row"}))
+    if math.prod(shape) <= RAW_CANDIDATE_MAX_NUMEL:
+        out.append(("raw", {}))
     return out
 
 

@@ -226,7 +226,8 @@ def _policy(codec: str, granularity: Optional[str], group_size: Optional[int], p
         params.setdefault("granularity", "group")
     if (granularity or group_size) and codec != "bitdelta":
         raise InvalidCodecParamsError(f"--scale-granularity/--group-size are BitDelta options; codec is {codec!r}")
-    return Policy(codec=codec, params=params, rules=[Rule.parse(r) for r in rule], include=list(include), exclude=list(exclude))
+    return Policy(codec=codec, params=params, rules=[Rule.parse(r) for r in rule], include=list(include), exclude=list(exclude),
+                  whole_model=codec == AUTO)
 
 
 def _size(text: str) -> int:
@@ -258,10 +259,10 @@ def compress(
     base: Annotated[str, typer.Argument(help=f"Base model: a directory with safetensors weights, a .safetensors file, or a Hub id {_HUB_ID}.")],
     finetuned: Annotated[str, typer.Argument(help="Fine-tuned model, same forms as BASE.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta directory to write (atomically).")],
-    codec: Annotated[CodecChoice, typer.Option("--codec", help="Codec for transformer-block matrices (see `deltahub codecs`), or auto: the lowest-error candidate per tensor within --target-ratio / --max-bytes.")] = CodecChoice("bitdelta"),  # type: ignore[valid-type]
+    codec: Annotated[Optional[CodecChoice], typer.Option("--codec", help="Default auto: every tensor's bytes allocated by measured error so the whole delta meets --target-ratio (default 20) / --max-bytes. A named codec (see `deltahub codecs`) codes the transformer-block matrices and keeps embeddings, LM head and norms exact (the BitDelta paper's policy).")] = None,  # type: ignore[valid-type]
     preset: Annotated[Optional[str], typer.Option("--preset", help="Named setting of the main codec, e.g. deltadq's 16x, 32x, ... 512x.")] = None,
-    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", help="--codec auto: each auto-coded tensor at most numel*2/R bytes (R times smaller than its fp16 delta).")] = None,
-    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", metavar="SIZE", help="--codec auto: total bytes of the auto-coded tensors (e.g. 50MB), shared out by parameter count.")] = None,
+    target_ratio: Annotated[Optional[float], typer.Option("--target-ratio", metavar="R", help="The whole delta directory (tensors, manifest, aux files) R times smaller than the fp16 fine-tune; bytes allocated across all tensors by measured error (default 20).")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", metavar="SIZE", help="Cap on the whole delta directory's bytes (e.g. 15MB); bytes allocated across all tensors by measured error.")] = None,
     candidate: Annotated[list[str], typer.Option("--candidate", metavar="CODEC[:KEY=VALUE,...]", help="--codec auto: a candidate setting (repeatable; default: bitdelta, deltadq presets, dare, topk-ternary).")] = [],  # noqa: B006
     calibration: Annotated[list[str], typer.Option("--calibration", metavar="PATH", help="Layer inputs: a .safetensors from `deltahub calibrate`, or a text file run through BASE; auto then scores output error. With --distill: calibration TEXT instead (files, globs, directories or a saved `datasets` directory; repeatable).")] = [],  # noqa: B006
     auto_metric: Annotated[AutoMetric, typer.Option("--auto-metric", help="--codec auto: aligned (lost delta counts fully, orthogonal noise little; ranks like measured KL) or rel (plain relative error).")] = AutoMetric.aligned,
@@ -291,7 +292,7 @@ def compress(
     """
     from .compression import compress as _compress
 
-    codec_name = _value(codec)
+    codec_name = AUTO if codec is None else _value(codec)
     policy = _policy(codec_name, _value(scale_granularity), group_size, param, rule, include, exclude)
     cands = [_candidate(c) for c in candidate] or None
     if cands is not None and not policy.uses_auto():
@@ -506,7 +507,7 @@ def info(
 
         d = Delta(delta)
         try:
-            _print_info(d.manifest, tensors=tensors, as_json=as_json)
+            _print_info(d.manifest, tensors=tensors, as_json=as_json, directory=d.directory)
         finally:
             d.close()
         return
@@ -527,17 +528,31 @@ def _looks_like_repo_id(text: str) -> bool:
     return is_hub_spec(text)
 
 
+def _directory_sizes(m: Any, directory: Path | None) -> tuple[int | None, int | None]:
+    """``(aux file bytes, whole directory bytes)`` of a local delta (``None, None`` when remote)."""
+    if directory is None:
+        return None, None
+    from .format.names import is_delta_weights_name
+
+    sizes = {p.name: p.stat().st_size for p in Path(directory).iterdir() if p.is_file()}
+    aux = sum(sizes.get(f, 0) for f in m.files if not is_delta_weights_name(f))
+    return aux, sum(sizes.get(f, 0) for f in [*m.files, "delta_config.json"])
+
+
 def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source: str | None = None,
-                remote_files: list[dict[str, Any]] | None = None) -> None:
+                remote_files: list[dict[str, Any]] | None = None, directory: Path | None = None) -> None:
     """Render a manifest (and, for Hub repos, the delta files' headers) as `deltahub info` prints it."""
     from .format.integrity import describe as describe_integrity
+    from .report import group_rows, group_table
+
+    groups = group_rows(m, *_directory_sizes(m, directory))
 
     if as_json:
         from .report import auto_rows, storage_rows
 
         out = {"format_version": m.format_version, "created_with": m.created_with, "base": m.base.name_or_path,
                "base_revision": m.base.revision, "fingerprint": m.base.fingerprint, "totals": m.totals,
-               "codecs": storage_rows(m), "integrity": describe_integrity(m)}
+               "codecs": storage_rows(m), "groups": groups, "base_files": m.base_files, "integrity": describe_integrity(m)}
         auto = auto_rows(m)
         if auto:
             out["auto"] = auto
@@ -560,7 +575,10 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
     fp16 = m.totals.get("finetuned_fp16_bytes", 0)
     head.add_row("size", f"{human_bytes(stored)} stored vs {human_bytes(fp16)} fp16 fine-tune "
                          f"({fp16 / stored if stored else float('inf'):.1f}x); checkpoint {human_bytes(ft_b)}")
+    if m.base_files:
+        head.add_row("from base", ", ".join(sorted(m.base_files)) + " (identical to the base's: not stored)")
     console.print(head)
+    console.print(group_table(groups))
     console.print(storage_table(m))
     auto = auto_table(m)
     if auto is not None:

@@ -7,9 +7,12 @@ output shard of stored tensors; the base fingerprint is computed from the same r
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,15 +21,36 @@ import torch
 
 from . import __version__
 from ._progress import progress_bar
-from .autoselect import check_metric, choose, default_candidates
+from .allocation import Curve, Point, allocate
+from .allocation import total as allocation_total
+from .autoselect import check_metric, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
-from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError, UnsafePathError
+from .errors import (
+    CodecError,
+    DeltaHubError,
+    InvalidCodecParamsError,
+    ShapeMismatchError,
+    UnsafePathError,
+)
 from .format.delta_files import DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
-from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest
+from .format.io import (
+    Checkpoint,
+    atomic_directory,
+    atomic_file,
+    check_output,
+    fingerprint,
+    prefetch,
+    read_with_digest,
+)
 from .format.manifest import BaseInfo, Manifest, TensorEntry
-from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
+from .format.spec import (
+    AUX_FILE_PATTERNS,
+    DEFAULT_MAX_SHARD_BYTES,
+    MANIFEST_NAME,
+    dtype_name,
+)
 from .policy import AUTO, Policy, check_preset
 from .utils.logging import get_logger
 
@@ -34,13 +58,17 @@ logger = get_logger(__name__)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: ``compress(base, ft, out)`` with no codec option: ``codec="auto"`` over the whole model, the whole
+#: delta directory this many times smaller than the fp16 fine-tune (measured: benchmarks/whole_model.md).
+DEFAULT_TARGET_RATIO = 20.0
+
 
 def compress(
     base: str | Path,
     finetuned: str | Path,
     output_dir: str | Path,
     *,
-    codec: str = "bitdelta",
+    codec: str | None = None,
     params: dict[str, Any] | None = None,
     policy: Policy | None = None,
     overwrite: bool = False,
@@ -73,18 +101,23 @@ def compress(
     Each model is a local model dir or ``.safetensors`` file, or a Hub id ``namespace/name[@revision]``
     (not an existing path), downloaded with ``snapshot_download`` (``token``, ``cache_dir``,
     ``endpoint`` as in huggingface_hub); the base's repo id and resolved commit sha are recorded
-    so a pull fetches exactly that base. ``codec``/``params`` is the main codec applied by the
-    default policy (transformer-block matrices); pass a :class:`~deltahub.policy.Policy` for
+    so a pull fetches exactly that base.
+
+    Default (no ``codec``, ``policy`` or budget): ``codec="auto"`` over the whole model with
+    ``target_ratio=DEFAULT_TARGET_RATIO``: every tensor's bytes are allocated by measured error
+    (:mod:`deltahub.allocation`) so the whole delta directory is that many times smaller than the
+    fp16 fine-tune. A named ``codec``/``params`` is instead applied by the BitDelta paper's policy
+    (transformer-block matrices; embeddings, LM head and norms exact); pass a :class:`~deltahub.policy.Policy` for
     per-pattern rules (``params`` given with a policy is merged into the policy's main params; a key
     both give with different values raises :class:`InvalidCodecParamsError`). The output is written
     to a temporary directory and renamed when complete.
 
     ``preset`` names a preset of the main codec (e.g. DeltaDQ's ``"16x"``). A codec of ``"auto"``
-    (main, or a rule's) picks per tensor, among ``candidates`` (default
-    :func:`~deltahub.autoselect.default_candidates`), the setting of lowest error within the
-    budget: ``target_ratio`` R caps each auto-coded tensor at ``numel * 2 / R`` bytes (R times
-    smaller than its fp16 delta); ``max_bytes`` caps the auto-coded tensors' total: each one may
-    use its numel-proportional share of what earlier ones left, so the total never exceeds it.
+    (main, or a rule's) measures, for every tensor it covers, the bytes and error of each of
+    ``candidates`` (default :func:`~deltahub.autoselect.model_candidates`, per tensor shape) and
+    allocates bytes over the whole model: ``target_ratio`` R makes the whole delta directory
+    (stored tensors, headers, manifest, aux files) at most ``fp16 fine-tune bytes / R``;
+    ``max_bytes`` caps the directory's bytes; both may be given.
     ``calibration`` (a dict or a ``.safetensors`` file from :mod:`deltahub.calibration`, or any
     other file read as UTF-8 text and run through the base) gives each tensor its layer's inputs;
     auto then measures errors on the layer outputs instead of the delta itself. ``auto_metric``:
@@ -125,13 +158,17 @@ def compress(
     calib = _open_calibration(calibration, base)
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
     try:
-        job.start(ft_ckpt, base_ckpt, calib)
+        job.start(ft_ckpt, calib)
+        aux = _plan_aux_files(ft_ckpt.dir, None if keep_aux_files else base_ckpt.dir)
+        base_digests: dict[str, str] = {}
+        if job.policy.uses_auto():
+            job.decisions = _allocate(job, ft_ckpt, base_ckpt, aux, base_digests, progress)
         total_bytes = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys())
         with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, \
                 progress_bar("compress", total_bytes, enabled=progress) as advance:
             writer = DeltaShardWriter(tmp, max_shard_size)
-            entries, base_digests = _encode_all(job, ft_ckpt, base_ckpt, writer, advance)
-            copied, base_files = _copy_aux_files(ft_ckpt.dir, tmp, None if keep_aux_files else base_ckpt.dir)
+            entries = _encode_all(job, ft_ckpt, base_ckpt, writer, advance, base_digests)
+            copied, base_files = _copy_aux_files(aux, tmp)
             files = writer.finish() + copied
             manifest = _build_manifest(
                 tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files,
@@ -215,7 +252,7 @@ def _layer_input(calib: Mapping[str, torch.Tensor] | None, name: str, shape: Any
 def _validated_policy(codec: str, params: dict[str, Any] | None, policy: Policy | None, preset: str | None) -> Policy:
     """The policy to apply: ``policy`` (with ``params`` merged into its main params) or one built from ``codec``/``params``."""
     if policy is None:
-        policy = Policy(codec=codec, params=dict(params or {}))
+        policy = Policy(codec=codec, params=dict(params or {}), whole_model=codec == AUTO)
     elif params:
         clash = sorted(k for k in params if k in policy.params and policy.params[k] != params[k])
         if clash:
@@ -257,14 +294,15 @@ class _Codecs:
                 self.get(cname, dict(cparams))
 
 
-def _check_auto(policy: Policy, target_ratio: float | None, max_bytes: int | str | None) -> int | None:
-    """Check that a budget is given exactly when ``auto`` is used; returns ``max_bytes`` in bytes."""
+def _check_auto(policy: Policy, target_ratio: float | None, max_bytes: int | str | None) -> tuple[float | None, int | None]:
+    """Check the budget options against the policy; returns ``(target_ratio, max_bytes in bytes)``.
+
+    ``auto`` without a budget gets :data:`DEFAULT_TARGET_RATIO`; a budget without ``auto`` is an error.
+    """
     budget = target_ratio is not None or max_bytes is not None
-    if policy.uses_auto() and not budget:
-        raise InvalidCodecParamsError("codec 'auto' needs a budget: target_ratio (--target-ratio) or max_bytes (--max-bytes)")
     if budget and not policy.uses_auto():
-        raise InvalidCodecParamsError(f"target_ratio / max_bytes (--target-ratio / --max-bytes) only apply to codec 'auto'; "
-                                      f"codec is {policy.codec!r}")
+        raise InvalidCodecParamsError(f"target_ratio / max_bytes (--target-ratio / --max-bytes) allocate bytes with codec 'auto' "
+                                      f"(the default); codec is {policy.codec!r}")
     for rule in policy.rules:
         if rule.codec == AUTO and rule.params:
             raise InvalidCodecParamsError(f"rule {rule.pattern!r}: codec 'auto' takes no parameters (got {sorted(rule.params)}); "
@@ -275,7 +313,9 @@ def _check_auto(policy: Policy, target_ratio: float | None, max_bytes: int | str
     if target_ratio is not None and (isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float))
                                      or not target_ratio > 0 or math.isinf(target_ratio)):
         raise InvalidCodecParamsError(f"target_ratio={target_ratio!r} must be a number > 0")
-    return _budget_bytes(max_bytes)
+    if policy.uses_auto() and not budget:
+        target_ratio = DEFAULT_TARGET_RATIO
+    return target_ratio, _budget_bytes(max_bytes)
 
 
 def _budget_bytes(max_bytes: int | str | None) -> int | None:
@@ -298,87 +338,78 @@ def _budget_bytes(max_bytes: int | str | None) -> int | None:
 # ---------------------------------------------------------------------------------------- the run
 
 
-class _AutoBudget:
-    """``max_bytes`` shared among the auto-coded tensors still to come, by numel (None: no total cap)."""
-
-    def __init__(self, max_bytes: int | None) -> None:
-        self.bytes_left = max_bytes
-        self.numel_left = 0
-        self.names: set[str] = set()
-
-    def start(self, names: set[str], numel: int) -> None:
-        self.names, self.numel_left = names, numel
-
-    def allowance(self, numel: int) -> int | None:
-        """What one auto-coded tensor of ``numel`` elements may use now."""
-        if self.bytes_left is None:
-            return None
-        return int(self.bytes_left * numel // max(self.numel_left, 1))
-
-    def spend(self, name: str, numel: int, nbytes: int) -> None:
-        """Account for a tensor counted in the budget (``nbytes`` 0 when it did not end up auto-coded)."""
-        if self.bytes_left is not None and name in self.names:
-            self.bytes_left -= nbytes
-            self.numel_left -= numel
-
-
 @dataclasses.dataclass
 class _Job:
     """One compress run's validated settings, and the state shared across tensors."""
 
     policy: Policy
     codecs: _Codecs
-    candidates: list[tuple[str, dict[str, Any]]]
-    budget: _AutoBudget
+    candidates: list[tuple[str, dict[str, Any]]] | None
     target_ratio: float | None
+    max_bytes: int | None
     auto_metric: str
     compute_stats: bool
     calib: Mapping[str, torch.Tensor] | None = None
+    #: True when the budget is the default (no target_ratio / max_bytes given): a small model may miss it.
+    default_budget: bool = False
+    #: Allocation result: tensor name -> the chosen point (``codec="auto"`` tensors only).
+    decisions: dict[str, Point] = dataclasses.field(default_factory=dict)
 
-    def start(self, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, calib: Mapping[str, torch.Tensor] | None) -> None:
-        """Check the calibration against the fine-tune and size the auto budget (headers only)."""
-        names = ft_ckpt.keys()
-        if calib is not None and not any(n in calib for n in names):
+    def start(self, ft_ckpt: Checkpoint, calib: Mapping[str, torch.Tensor] | None) -> None:
+        """Check the calibration against the fine-tune (headers only)."""
+        if calib is not None and not any(n in calib for n in ft_ckpt.keys()):
             raise ShapeMismatchError("the calibration activations name none of the fine-tune's tensors "
                                      "(made for another model?)")
         self.calib = calib
-        auto_names = {n for n in names if _auto_candidate(self.policy, n, ft_ckpt, base_ckpt)}
-        self.budget.start(auto_names, sum(math.prod(ft_ckpt.info(n).shape) for n in auto_names))
+
+    def candidates_for(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[str, Any]]]:
+        """The auto candidates of one tensor: the user's, else :func:`model_candidates` for its shape."""
+        return list(self.candidates) if self.candidates is not None else model_candidates(name, shape)
 
 
-def _plan_job(codec: str, params: dict[str, Any] | None, policy: Policy | None, preset: str | None,
+def _plan_job(codec: str | None, params: dict[str, Any] | None, policy: Policy | None, preset: str | None,
               target_ratio: float | None, max_bytes: int | str | None, candidates: list[tuple[str, dict[str, Any]]] | None,
               auto_metric: str, compute_stats: bool) -> _Job:
     """Validate every setting up front (policy, codecs, budget, metric), before any tensor is read."""
-    policy = _validated_policy(codec, params, policy, preset)
-    budget_bytes = _check_auto(policy, target_ratio, max_bytes)
+    if policy is None and codec is None:
+        codec = AUTO
+    policy = _validated_policy(codec or "bitdelta", params, policy, preset)
+    default_budget = target_ratio is None and max_bytes is None
+    target_ratio, budget_bytes = _check_auto(policy, target_ratio, max_bytes)
     check_metric(auto_metric)
-    cands = list(candidates) if candidates is not None else default_candidates()
     codecs = _Codecs()
-    codecs.check_all(policy, cands)
-    return _Job(policy, codecs, cands, _AutoBudget(budget_bytes), target_ratio, auto_metric, compute_stats)
+    codecs.check_all(policy, list(candidates) if candidates is not None else model_candidates("", (2, 2)))
+    return _Job(policy, codecs, list(candidates) if candidates is not None else None, target_ratio, budget_bytes,
+                auto_metric, compute_stats, default_budget=default_budget)
 
 
-def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: DeltaShardWriter,
-                advance: Any) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Encode every fine-tune tensor (reads prefetched) into ``writer``; returns the entries and base digests read."""
+def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: DeltaShardWriter, advance: Any,
+                base_digests: dict[str, str]) -> dict[str, TensorEntry]:
+    """Encode every fine-tune tensor (reads prefetched) into ``writer``; returns the entries.
+
+    ``base_digests`` gets the digest of every base tensor read (those already in it are not rehashed).
+    """
     entries: dict[str, TensorEntry] = {}
-    base_digests: dict[str, str] = {}
-
-    def load(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
-        ft_t = ft_ckpt.read(name)
-        if name not in base_ckpt:
-            return ft_t, None, None
-        return (ft_t, *read_with_digest(base_ckpt, name))
-
-    for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), load):
+    for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests)):
         info = ft_ckpt.info(name)
         if digest is not None:
             base_digests[name] = digest
         entries[name] = _encode_tensor(job, name, info, ft_t, base_t, digest, writer)
         del ft_t, base_t
         advance(info.nbytes)
-    return entries, base_digests
+    return entries
+
+
+def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str]) -> Any:
+    """``name -> (fine-tuned tensor, base tensor or None, base digest or None)``, hashing each base tensor once."""
+    def load(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+        ft_t = ft_ckpt.read(name)
+        if name not in base_ckpt:
+            return ft_t, None, None
+        if name in known:
+            return ft_t, base_ckpt.read(name), known[name]
+        return (ft_t, *read_with_digest(base_ckpt, name))
+    return load
 
 
 def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None) -> tuple[Any, dict[str, Any], bool]:
@@ -395,33 +426,31 @@ def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: t
     return c, p, auto
 
 
-def _run_codec(job: _Job, inp: EncodeInput, c: Any, p: dict[str, Any], auto: bool, numel: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Encode one tensor with ``c`` or, for auto, the best candidate in budget; returns ``(codec, encoded, auto stats)``."""
+def _run_codec(job: _Job, inp: EncodeInput, c: Any, p: dict[str, Any], auto: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Encode one tensor with ``c`` or, for auto, the setting the allocation chose; returns ``(codec, encoded, auto stats)``."""
+    stats: dict[str, Any] = {}
+    if auto:
+        point = job.decisions[inp.name]
+        c, p = job.codecs.get(point.codec, point.params)
+        stats = {"auto_choice": point.label, "auto_metric": point.metric, "auto_error": point.error}
+        logger.info("auto: %s -> %s (%d bytes, %s error %.4g)", inp.name, point.label, point.nbytes, point.metric, point.error)
     try:
-        if not auto:
-            return c, c.encode(inp, p), {}
-        cname, p, enc, report = choose(inp, job.candidates, target_ratio=job.target_ratio,
-                                       max_bytes=job.budget.allowance(numel), metric=job.auto_metric)
+        enc = c.encode(inp, p)
     except DeltaHubError:
         raise
     except (RuntimeError, ValueError) as exc:
-        raise CodecError(f"tensor {inp.name!r}: codec {'auto' if auto else c.name!r} failed: {exc}") from exc
-    picked = report["candidates"][report["chosen"]]
-    logger.info("auto: %s -> %s (%d bytes, %s error %.4g)", inp.name, candidate_label(cname, picked["params"]), enc.nbytes,
-                report["metric"], picked["error"])
-    stats = {"auto_choice": candidate_label(cname, picked["params"]), "auto_metric": report["metric"],
-             "auto_error": picked["error"], "auto_budget_bytes": report["budget_bytes"]}
-    return get_codec(cname), enc, stats
+        raise CodecError(f"tensor {inp.name!r}: codec {c.name!r} failed: {exc}") from exc
+    if auto and point.error_l2 is not None and not enc.stats:
+        enc.stats = {"delta_l2": point.delta_l2, "error_l2": point.error_l2}
+    return c, enc, stats
 
 
 def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
                    digest: str | None, writer: DeltaShardWriter) -> TensorEntry:
     """Encode one tensor, hand its stored tensors to ``writer`` and return its manifest entry."""
     c, p, auto = _select_codec(job, name, info, ft_t, base_t)
-    numel = math.prod(info.shape)
     inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
-    c, enc, auto_stats = _run_codec(job, inp, c, p, auto, numel)
-    job.budget.spend(name, numel, enc.nbytes if auto else 0)
+    c, enc, auto_stats = _run_codec(job, inp, c, p, auto)
     stored = {role: f"{name}.{role}" for role in enc.tensors}
     entry = TensorEntry(codec=c.name, shape=list(info.shape), dtype=dtype_name(info.dtype), params=enc.params,
                         stored=stored, stored_bytes=enc.nbytes, base_sha256=digest)
@@ -442,18 +471,144 @@ def _stats(codec: Any, enc: Any, inp: EncodeInput, shape: tuple[int, ...]) -> di
     return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(e2)}
 
 
-def _auto_candidate(policy: Policy, name: str, ft_ckpt: Checkpoint, base_ckpt: Checkpoint) -> bool:
-    """True when the policy gives ``name`` to auto and the base has a float tensor of the same shape (from headers)."""
-    info = ft_ckpt.info(name)
-    if policy.choose(name, len(info.shape))[0] != AUTO or name not in base_ckpt:
-        return False
-    binfo = base_ckpt.info(name)
-    return _has_delta(binfo.shape, binfo.dtype, info.shape, info.dtype)
-
-
 def _has_delta(base_shape: Any, base_dtype: torch.dtype, shape: Any, dtype: torch.dtype) -> bool:
     """True when a base tensor can give a delta: same shape, both floating point."""
     return tuple(base_shape) == tuple(shape) and dtype in _FLOATS and base_dtype in _FLOATS
+
+
+# ---------------------------------------------------------------------------------------- allocation
+
+
+def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_AuxFile], base_digests: dict[str, str],
+              progress: bool | None) -> dict[str, Point]:
+    """Pass 1 of an ``auto`` compress: measure every auto tensor's candidates, size the other tensors,
+    and allocate the directory budget (:mod:`deltahub.allocation`). ``base_digests`` gets the base digests read."""
+    curves: list[Curve] = []
+    fixed = 0
+    pending: deque[tuple[int, Future[Curve]]] = deque()
+    workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
+    with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure") as pool:
+        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests)):
+            info = ft_ckpt.info(name)
+            if digest is not None:
+                base_digests[name] = digest
+            c, p, auto = _select_codec(job, name, info, ft_t, base_t)
+            inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
+            if auto:  # measured in worker threads (torch and zstd release the GIL), at most `workers` tensors at once
+                pending.append((info.nbytes, pool.submit(_curve, job, inp, tuple(info.shape), info.dtype)))
+            else:
+                enc = c.encode(inp, p)
+                fixed += enc.nbytes + _entry_overhead(name, c.name, enc, tuple(info.shape), info.dtype, "")
+                advance(info.nbytes)
+            del ft_t, base_t, inp
+            while len(pending) >= workers:
+                nbytes, fut = pending.popleft()
+                curves.append(fut.result())
+                advance(nbytes)
+        for nbytes, fut in pending:
+            curves.append(fut.result())
+            advance(nbytes)
+    fp16 = 2 * sum(math.prod(ft_ckpt.info(n).shape) for n in ft_ckpt.keys())
+    directory = min(fp16 / job.target_ratio if job.target_ratio else math.inf,
+                    job.max_bytes if job.max_bytes is not None else math.inf)
+    overhead = sum(f.path.stat().st_size for f in aux if not f.from_base) + _manifest_overhead(ft_ckpt, aux)
+    budget = directory - overhead - fixed
+    coded_fp16 = 2 * sum(c.numel for c in curves)
+    smallest = sum(min((p.nbytes for p in c.points), default=0) for c in curves)
+    if job.default_budget and budget < smallest + coded_fp16 / job.target_ratio:
+        # A small model whose manifest and exact tensors alone take most of the default budget: code its
+        # coded tensors at the default ratio instead of failing (the user asked for no particular size).
+        logger.warning("the whole delta cannot be %gx smaller than the fp16 fine-tune (%d bytes of manifest, aux files and "
+                       "exact tensors); coding the allocated tensors %gx smaller instead", job.target_ratio,
+                       overhead + fixed, job.target_ratio)
+        budget = smallest + coded_fp16 / job.target_ratio
+    if budget < 0:
+        raise CodecError(f"the budget of {int(directory)} bytes for the whole delta is smaller than what is not allocated: "
+                         f"{overhead} bytes of manifest and aux files, {fixed} of tensors coded by rules or exact "
+                         f"(norms, new tensors); give a larger budget (a lower --target-ratio)")
+    # Sampled measurements estimate bytes within a fraction of a percent: keep a margin so the cap holds.
+    choice = allocate(curves, budget - ALLOCATION_MARGIN * max(budget, 0))
+    used, _ = allocation_total(choice)
+    logger.info("allocation: %d of %d bytes for %d coded tensors (directory budget %d, fixed %d, overhead %d): %s", used,
+                int(budget), len(choice), int(directory), fixed, overhead,
+                ", ".join(f"{k} x {v}" for k, v in sorted(Counter(p.label for p in choice.values()).items())))
+    return choice
+
+
+#: Candidates are measured on evenly spaced rows of a matrix, about this many elements (the chosen one is
+#: then encoded on the whole tensor): distortion and bytes scale with the row count.
+MEASURE_NUMEL = 1 << 16
+#: Tensors measured at once (threads) in the allocation pass.
+MEASURE_THREADS = 2
+#: Share of the allocated bytes kept free against the sampled byte estimates.
+ALLOCATION_MARGIN = 0.02
+
+
+def _row_sample(inp: EncodeInput, shape: tuple[int, ...]) -> tuple[EncodeInput, tuple[int, ...], float]:
+    """``(input, shape, scale)``: evenly spaced rows of a large matrix (``scale`` = rows / sampled rows), else the input."""
+    rows, cols = matrix_view_shape(shape)
+    keep = max(1, MEASURE_NUMEL // max(cols, 1))
+    if len(shape) < 2 or rows <= 2 * keep:
+        return inp, shape, 1.0
+    idx = torch.linspace(0, rows - 1, keep).round().long().unique()
+    pick = lambda t: t.reshape(rows, cols).index_select(0, idx)  # noqa: E731
+    assert inp.base is not None
+    sub = EncodeInput(name=inp.name, finetuned=pick(inp.finetuned), base=pick(inp.base), calibration=inp.calibration)
+    return sub, (len(idx), cols), rows / len(idx)
+
+
+def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dtype) -> Curve:
+    """Stored bytes (with their manifest and header overhead) and distortion of each candidate for one tensor,
+    measured on a row sample of large matrices and scaled to the whole tensor."""
+    d2_full = float(inp.delta.pow(2).sum(dtype=torch.float64))
+    full_shape = shape
+    inp, shape, scale = _row_sample(inp, shape)
+    delta = inp.delta
+    d2 = float(delta.pow(2).sum(dtype=torch.float64))
+    curve = Curve(inp.name, math.prod(full_shape))
+    for cname, cparams in job.candidates_for(inp.name, full_shape):
+        c, p = job.codecs.get(cname, cparams)
+        label = candidate_label(cname, cparams)
+        try:
+            enc = c.encode(inp, p)
+            if not c.needs_base:  # an exact codec (raw): no error
+                metric, err, e2 = "exact", 0.0, 0.0
+            else:
+                approx = c.decode_delta(enc.tensors, enc.params, shape)
+                metric, err = relative_error(delta, approx, inp.calibration, job.auto_metric)
+                e2 = float((approx - delta).pow(2).sum(dtype=torch.float64))
+                del approx
+        except CodecError as exc:
+            logger.debug("allocation: %s cannot use %s: %s", inp.name, label, exc)
+            continue
+        nbytes = math.ceil(enc.nbytes * scale) + _entry_overhead(inp.name, c.name, enc, full_shape, dtype, label)
+        curve.points.append(Point(cname, p, nbytes, err * err * d2_full, err, label, metric,
+                                  math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
+    return curve
+
+
+_PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+_PLACEHOLDER_FLOAT = 0.12345678901234567
+
+
+def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str) -> int:
+    """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header entries."""
+    stats = {"delta_l2": _PLACEHOLDER_FLOAT, "error_l2": _PLACEHOLDER_FLOAT}
+    if label:
+        stats.update(auto_choice=label, auto_metric="aligned_output", auto_error=_PLACEHOLDER_FLOAT)
+    entry = TensorEntry(codec=codec, shape=list(shape), dtype=dtype_name(dtype), params=enc.params,
+                        stored={r: f"{name}.{r}" for r in enc.tensors}, stored_bytes=enc.nbytes, base_sha256="0" * 64,
+                        stats=stats, digests=dict.fromkeys(enc.tensors, _PLACEHOLDER_DIGEST))
+    text = json.dumps({name: entry.to_dict()}, indent=2)
+    header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * t.dim() for r, t in enc.tensors.items())
+    return len(text) + 4 * text.count("\n") + header
+
+
+def _manifest_overhead(ft_ckpt: Checkpoint, aux: list[_AuxFile]) -> int:
+    """Bytes of the manifest outside the tensor entries (config, base, totals, files, digests), generously."""
+    config = json.dumps(ft_ckpt.config(), indent=2)
+    return 2 * len(config) + 200 * len(aux) + 8192
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -488,21 +643,29 @@ def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str]
     )
 
 
-def _copy_aux_files(src: Path, dst: Path, base_dir: Path | None) -> tuple[list[str], dict[str, str]]:
-    """Copy tokenizer and generation-config files of the fine-tune; returns ``(copied names, base_files)``.
+@dataclasses.dataclass(frozen=True)
+class _AuxFile:
+    """One tokenizer/aux file of the fine-tune: stored in the delta, or (``from_base``) taken from the base."""
 
-    A file byte-identical to the same-named file of ``base_dir`` is not copied but recorded in
-    ``base_files`` (name -> digest): a rebuild takes it from the base. A file that is a symlink
-    out of the fine-tune's folder (or its Hub cache repo) is left out with a warning, never
-    followed: a delta is pushed to the Hub, and a stranger's checkpoint could link
-    ``tokenizer.json`` to a secret.
+    name: str
+    path: Path
+    digest: str
+    from_base: bool
+
+
+def _plan_aux_files(src: Path, base_dir: Path | None) -> list[_AuxFile]:
+    """The fine-tune's tokenizer and generation-config files, each marked stored or taken from the base.
+
+    A file byte-identical to the same-named file of ``base_dir`` is taken from the base (the
+    manifest's ``base_files`` records its digest). A file that is a symlink out of the fine-tune's
+    folder (or its Hub cache repo) is left out with a warning, never followed: a delta is pushed
+    to the Hub, and a stranger's checkpoint could link ``tokenizer.json`` to a secret.
     """
     import warnings
 
     from .format.names import member
 
-    copied: list[str] = []
-    from_base: dict[str, str] = {}
+    out: list[_AuxFile] = []
     for pattern in AUX_FILE_PATTERNS:
         for p in sorted(src.glob(pattern)):
             try:
@@ -510,15 +673,20 @@ def _copy_aux_files(src: Path, dst: Path, base_dir: Path | None) -> tuple[list[s
             except UnsafePathError as exc:
                 warnings.warn(f"{exc}; left out of the delta", UserWarning, stacklevel=3)
                 continue
-            if path is None:
-                continue
-            digest = file_digest(path)
-            if base_dir is not None and _same_base_file(base_dir, p.name, path, digest):
-                from_base[p.name] = digest
-                continue
-            shutil.copyfile(path, dst / p.name)
-            copied.append(p.name)
-    return copied, from_base
+            if path is not None:
+                digest = file_digest(path)
+                out.append(_AuxFile(p.name, path, digest, base_dir is not None and _same_base_file(base_dir, p.name, path, digest)))
+    return out
+
+
+def _copy_aux_files(aux: list[_AuxFile], dst: Path) -> tuple[list[str], dict[str, str]]:
+    """Copy the stored aux files into ``dst``; returns ``(copied names, base_files)``."""
+    copied: list[str] = []
+    for f in aux:
+        if not f.from_base:
+            shutil.copyfile(f.path, dst / f.name)
+            copied.append(f.name)
+    return copied, {f.name: f.digest for f in aux if f.from_base}
 
 
 def _same_base_file(base_dir: Path, name: str, path: Path, digest: str) -> bool:

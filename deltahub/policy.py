@@ -1,7 +1,9 @@
-"""Which codec each tensor gets: user rules first, then BitDelta's default policy.
+"""Which codec each tensor gets: user rules first, then the main codec's policy.
 
-Default (as in the BitDelta paper): matrices inside the repeated transformer blocks get the
-main codec; embeddings, the LM head, norms and biases stay exact (``raw``).
+With a named codec (``bitdelta``, ``deltadq``, ...), as in the BitDelta paper: matrices inside
+the repeated transformer blocks get the main codec; embeddings, the LM head, norms and biases
+stay exact (``raw``). deltahub's default, ``auto`` over the whole model, gives every tensor to
+the byte allocator (:mod:`deltahub.allocation`).
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ class Policy:
     """Decides ``(codec, params)`` for a tensor name.
 
     Order: the first matching ``rules`` entry; else ``exclude`` -> ``raw``; else, when
-    ``include`` is given, matching names get the main codec and others ``raw``; else the
-    default BitDelta policy (:func:`in_transformer_block_matrix`). ``preset`` (a named setting
+    ``include`` is given, matching names get the main codec and others ``raw``; else, with
+    ``whole_model``, every tensor gets the main codec; else the BitDelta paper's policy
+    (:func:`in_transformer_block_matrix`: block matrices coded, the rest exact). ``preset`` (a named setting
     of the main codec, e.g. DeltaDQ's ``"16x"``) is added to the main codec's params. A codec
     of ``"auto"`` (main or in a rule) means "choose per tensor within the budget"
     (:func:`deltahub.compression.compress`'s ``target_ratio`` / ``max_bytes``).
@@ -112,6 +115,9 @@ class Policy:
     exclude: list[str] = field(default_factory=list)
     raw_params: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
+    #: The main codec covers every tensor (embeddings, LM head, norms too), not only block matrices:
+    #: the whole-model policy of ``codec="auto"`` (:mod:`deltahub.allocation`).
+    whole_model: bool = False
 
     def main_params(self) -> dict[str, Any]:
         """The main codec's params, with ``preset`` added when given."""
@@ -130,7 +136,7 @@ class Policy:
         if self.include:
             hit = any(Rule(p, self.codec).matches(name) for p in self.include)
             return (self.codec, self.main_params()) if hit else ("raw", dict(self.raw_params))
-        if in_transformer_block_matrix(name, ndim):
+        if self.whole_model or in_transformer_block_matrix(name, ndim):
             return self.codec, self.main_params()
         return "raw", dict(self.raw_params)
 
@@ -139,11 +145,12 @@ def check_preset(codec: str, preset: str) -> None:
     """Raise :class:`InvalidCodecParamsError` unless ``codec`` has a preset called ``preset`` (the error lists them)."""
     from .codecs import available_codecs, get_codec
 
+    having = [f"{n} ({', '.join(get_codec(n).presets)})" for n in available_codecs() if get_codec(n).presets]
     if codec == AUTO:
-        raise InvalidCodecParamsError(f"preset {preset!r}: codec 'auto' has no presets; it chooses among its candidates")
+        raise InvalidCodecParamsError(f"preset {preset!r} needs a named codec (codec 'auto', the default, chooses among its "
+                                      f"candidates); codecs with presets: " + ("; ".join(having) or "none"))
     presets = get_codec(codec).presets
     if not presets:
-        having = [f"{n} ({', '.join(get_codec(n).presets)})" for n in available_codecs() if get_codec(n).presets]
         raise InvalidCodecParamsError(f"codec {codec!r} has no presets (preset {preset!r} given); codecs with presets: "
                                       + ("; ".join(having) or "none"))
     if preset not in presets:

@@ -77,6 +77,62 @@ def storage_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
+_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("embeddings / LM head", re.compile(r"(embed|wte|wpe|lm_head|word_embeddings|position_embeddings|(^|\.)shared\.)", re.I)),
+    ("norms and other", re.compile(r"(norm|ln_|layernorm|bias$)", re.I)),
+    ("attention", re.compile(r"(attn|attention|q_proj|k_proj|v_proj|o_proj|qkv|query|key|value)", re.I)),
+    ("MLP", re.compile(r"(mlp|ffn|feed_forward|fc1|fc2|gate_proj|up_proj|down_proj|experts|c_fc|intermediate|dense_h_to_4h|dense_4h_to_h)", re.I)),
+)
+
+
+def tensor_group(name: str, shape: list[int] | tuple[int, ...]) -> str:
+    """Which part of the model a tensor belongs to, for size reports: embeddings / LM head, attention, MLP, norms and other."""
+    for group, pattern in _GROUPS:
+        if pattern.search(name) and (group != "attention" and group != "MLP" or len(shape) >= 2):
+            return group
+    return "norms and other"
+
+
+def group_rows(manifest: Manifest, aux_bytes: int | None = None, directory_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Stored bytes by tensor group, then aux files and manifest/headers when the directory's sizes are known, and a total."""
+    fp16 = 2 * sum(math.prod(e.shape) for e in manifest.tensors.values())
+    by: dict[str, list[Any]] = {}
+    for name, e in manifest.tensors.items():
+        by.setdefault(tensor_group(name, e.shape), []).append(e)
+    rows = []
+    for group in [g for g, _ in _GROUPS if g in by]:
+        entries = by[group]
+        params = sum(math.prod(e.shape) for e in entries)
+        nbytes = sum(e.stored_bytes for e in entries)
+        rows.append({"group": group, "tensors": len(entries), "parameters": params, "bytes": nbytes,
+                     "ratio_vs_fp16": 2 * params / nbytes if nbytes else math.inf})
+    tensor_bytes = sum(r["bytes"] for r in rows)
+    if aux_bytes is not None:
+        rows.append({"group": "aux files (tokenizer, ...)", "tensors": 0, "parameters": 0, "bytes": aux_bytes, "ratio_vs_fp16": None})
+    if directory_bytes is not None:
+        rows.append({"group": "manifest and headers", "tensors": 0, "parameters": 0,
+                     "bytes": directory_bytes - tensor_bytes - (aux_bytes or 0), "ratio_vs_fp16": None})
+    total = directory_bytes if directory_bytes is not None else tensor_bytes + (aux_bytes or 0)
+    rows.append({"group": "whole delta" if directory_bytes is not None else "total", "tensors": len(manifest.tensors),
+                 "parameters": fp16 // 2, "bytes": total, "ratio_vs_fp16": fp16 / total if total else math.inf})
+    return rows
+
+
+def group_table(rows: list[dict[str, Any]]) -> Table:
+    """The ``deltahub info`` table of bytes by tensor group (and aux files, manifest) vs the fp16 fine-tune."""
+    table = Table(title="bytes by part of the model", title_justify="left")
+    for col in ("part", "tensors", "params", "stored", "share", "vs fp16"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    total = rows[-1]["bytes"] or 1
+    for r in rows:
+        ratio = r["ratio_vs_fp16"]
+        table.add_row(r["group"], str(r["tensors"] or ""), f"{r['parameters']:,}" if r["parameters"] else "",
+                      human_bytes(r["bytes"]), f"{100 * r['bytes'] / total:.1f}%",
+                      "" if ratio is None else ("∞" if math.isinf(ratio) else f"{ratio:.1f}x"),
+                      style="bold" if r is rows[-1] else None)
+    return table
+
+
 def storage_table(manifest: Manifest, title: str | None = None) -> Table:
     """The ``deltahub info`` size table."""
     table = Table(title=title, title_justify="left")

@@ -1,0 +1,139 @@
+"""Whole-delta size vs quality: the byte allocator's curve against BitDelta with exact embeddings.
+
+For each configuration the *whole delta directory* (stored tensors, headers, manifest, aux files)
+is compared with the fp16 fine-tune (2 bytes per parameter), and the rebuilt model with the
+fine-tune on held-out stdlib blocks: KL(fine-tune || rebuilt), held-out loss, share of the
+fine-tune's loss gain kept. Writes ``whole_model.md``, ``whole_model.json`` and ``whole_model.png``.
+
+    python benchmarks/bench_whole_model.py [--pair smollm2-135m] [--ratios 10,20,50,100,200,500] [--eval-blocks 8]
+
+The allocation's measurements do not depend on the budget, so they are made once per pair
+and reused across ratios (``--no-reuse`` measures every run from scratch); the compress wall
+time reported for the default (20x) run is a fresh, full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, default=None, help="base dir (default: the demo pair's)")
+    ap.add_argument("--finetuned", type=Path, default=None)
+    ap.add_argument("--ratios", default="10,20,50,100,200,500")
+    ap.add_argument("--eval-blocks", type=int, default=8)
+    ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--no-reuse", action="store_true")
+    ap.add_argument("--out", type=Path, default=HERE)
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import deltahub.compression as comp
+    from deltahub.delta import Delta
+    from deltahub.demo import build_pair, stdlib_corpus
+    from deltahub.demo.pair import load_model
+    from deltahub.evaluation import evaluate_models
+
+    base, ft = (a.base, a.finetuned) if a.base else build_pair(None, steps=60)
+    fp16 = 2 * sum(t.numel() for t in load_model(ft).state_dict().values())
+    tok = AutoTokenizer.from_pretrained(ft)
+    blocks = stdlib_corpus(tok)[1][: a.eval_blocks]
+    models = {"base": load_model(base), "fine-tune": load_model(ft)}
+    work = Path(tempfile.mkdtemp(prefix="deltahub-wm-"))
+
+    configs: list[tuple[str, dict[str, Any]]] = [("bitdelta, exact embeddings (BitDelta paper policy)", {"codec": "bitdelta"}),
+                                                  ("deltadq 16x, exact embeddings (earlier auto's best)", {"codec": "deltadq", "preset": "16x"})]
+    configs += [(f"auto --target-ratio {r}" + (" (default)" if r == comp.DEFAULT_TARGET_RATIO else ""), {"target_ratio": float(r)})
+                for r in map(int, a.ratios.split(","))]
+    t0 = time.perf_counter()
+    comp.compress(base, ft, work / "default", progress=False)  # fresh: the default policy's wall time
+    default_s = time.perf_counter() - t0
+    if not a.no_reuse:
+        cache: dict[str, Any] = {}
+        real = comp._curve
+
+        def memo(job: Any, inp: Any, shape: Any, dtype: Any) -> Any:
+            if inp.name not in cache:
+                cache[inp.name] = real(job, inp, shape, dtype)
+            return cache[inp.name]
+        comp._curve = memo  # type: ignore[assignment]
+
+    rows = []
+    for label, kw in configs:
+        out = work / f"d{len(rows)}"
+        t0 = time.perf_counter()
+        comp.compress(base, ft, out, progress=False, **kw)
+        seconds = time.perf_counter() - t0
+        d = Delta(out)
+        model = d.to_model(base, progress=False)
+        res = evaluate_models({**models, "rebuilt": model}, blocks, reference="fine-tune")
+        gain = res["base"]["loss"] - res["fine-tune"]["loss"]
+        nbytes = _dir_bytes(out)
+        row = {"config": label, "bytes": nbytes, "ratio": fp16 / nbytes, "kl": res["rebuilt"]["kl"],
+               "loss": res["rebuilt"]["loss"], "gain_kept": (res["base"]["loss"] - res["rebuilt"]["loss"]) / gain,
+               "top1": res["rebuilt"]["top1_agreement"], "compress_s": seconds,
+               "choices": {k: v["tensors"] for k, v in d.manifest.totals.get("by_codec", {}).items()}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        d.close()
+    result = {"pair": a.name, "fp16_bytes": fp16, "base_loss": res["base"]["loss"], "finetune_loss": res["fine-tune"]["loss"],
+              "base_kl": res["base"]["kl"], "eval_tokens": res["fine-tune"]["tokens"], "default_compress_s": default_s,
+              "torch_threads": torch.get_num_threads(), "rows": rows}
+    (a.out / f"whole_model_{a.name}.json").write_text(json.dumps(result, indent=2))
+    _write(a.out, a.name, result)
+
+
+def _write(out: Path, name: str, r: dict[str, Any]) -> None:
+    from deltahub.report import human_bytes
+
+    lines = [f"## {name}: whole delta directory vs the fp16 fine-tune ({human_bytes(r['fp16_bytes'])})", "",
+             f"Held-out: {r['eval_tokens']} tokens; base loss {r['base_loss']:.4f} (KL {r['base_kl']:.4f}), "
+             f"fine-tune {r['finetune_loss']:.4f}. Default compress (fresh) {r['default_compress_s']:.0f} s.", "",
+             "| config | whole delta | vs fp16 fine-tune | KL(ft ‖ rebuilt) | held-out loss | gain kept | top-1 agree |",
+             "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['config']} | {human_bytes(row['bytes'])} | {row['ratio']:.1f}x | {row['kl']:.5f} | "
+                     f"{row['loss']:.4f} | {100 * row['gain_kept']:.0f}% | {100 * row['top1']:.2f}% |")
+    (out / f"whole_model_{name}.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    auto = [x for x in r["rows"] if x["config"].startswith("auto")]
+    ax.plot([x["ratio"] for x in auto], [x["kl"] for x in auto], "o-", label="deltahub auto (whole-model allocation)")
+    for x in r["rows"]:
+        if not x["config"].startswith("auto"):
+            ax.plot([x["ratio"]], [x["kl"]], "s", label=x["config"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("whole delta: times smaller than the fp16 fine-tune")
+    ax.set_ylabel("KL(fine-tune ‖ rebuilt), nats/token")
+    ax.set_title(name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"whole_model_{name}.png", dpi=110)
+
+
+
+if __name__ == "__main__":
+    main()

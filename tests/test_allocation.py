@@ -1,0 +1,62 @@
+"""The model-level byte allocator (deltahub.allocation): feasibility and optimality against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from deltahub.allocation import Curve, Point, allocate, total
+from deltahub.errors import CodecError
+
+
+def _curves(rng: random.Random, tensors: int, points: int) -> list[Curve]:
+    out = []
+    for t in range(tensors):
+        pts = []
+        for _ in range(points):
+            b = rng.randint(1, 1000)
+            pts.append(Point("c", {}, b, rng.uniform(0, 10) / b))  # more bytes, less distortion, roughly
+        out.append(Curve(f"t{t}", 1, pts))
+    return out
+
+
+def _brute(curves: list[Curve], budget: float) -> float:
+    best = float("inf")
+    for combo in itertools.product(*(c.points for c in curves)):
+        if sum(p.nbytes for p in combo) <= budget:
+            best = min(best, sum(p.distortion for p in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_allocation_fits_and_is_optimal_at_lagrangian_budgets(seed: int) -> None:
+    rng = random.Random(seed)
+    curves = _curves(rng, tensors=4, points=5)
+    smallest = sum(min(p.nbytes for p in c.points) for c in curves)
+    # Any budget: the result fits and is no worse than the all-smallest allocation.
+    for budget in (smallest, smallest + rng.randint(0, 3000), 10**9):
+        choice = allocate(curves, budget)
+        nbytes, dist = total(choice)
+        assert nbytes <= budget and set(choice) == {c.name for c in curves}
+        assert dist <= sum(min(c.points, key=lambda p: (p.nbytes, p.distortion)).distortion for c in curves) + 1e-12
+        assert dist >= _brute(curves, budget) - 1e-12
+    # A budget that some Lagrange multiplier hits exactly is solved optimally.
+    for lam in (1e-4, 1e-3, 1e-2, 1e-1):
+        pick = [min(c.points, key=lambda p: (p.distortion + lam * p.nbytes, p.nbytes)) for c in curves]
+        budget = sum(p.nbytes for p in pick)
+        assert total(allocate(curves, budget))[1] <= _brute(curves, budget) + 1e-9
+
+
+def test_unlimited_budget_takes_the_least_distortion_and_too_small_a_budget_is_a_typed_error() -> None:
+    curves = [Curve("a", 1, [Point("c", {}, 10, 5.0), Point("c", {}, 100, 1.0), Point("raw", {}, 1000, 0.0)]),
+              Curve("b", 1, [Point("c", {}, 20, 2.0), Point("c", {}, 30, 2.5)])]  # a dominated point
+    choice = allocate(curves, float("inf"))
+    assert choice["a"].distortion == 0.0 and choice["b"].nbytes == 20
+    assert allocate(curves, 30)["a"].nbytes == 10
+    assert allocate(curves, 120)["a"].nbytes == 100
+    with pytest.raises(CodecError, match="smallest setting of every tensor takes 30 bytes"):
+        allocate(curves, 29)
+    with pytest.raises(CodecError, match="no candidate"):
+        allocate([Curve("empty", 1, [])], 100)
