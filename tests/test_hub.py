@@ -279,11 +279,12 @@ def test_pull_downloads_delta_and_sharded_base_concurrently(hub_env: HubServer, 
 
     original = _HubRequestHandler._resolve
     spans: list[tuple[str, str, float, float]] = []
+    delay = {"s": 0.3}
 
     def slow(self: Any, key: Any, revision: str, path: str, *, head_only: bool) -> None:
         t0 = time.perf_counter()
         if not head_only and path.endswith(".safetensors"):
-            time.sleep(0.3)  # a slow link: sequential downloads could not overlap
+            time.sleep(delay["s"])  # a slow link: sequential downloads could not overlap
         original(self, key, revision, path, head_only=head_only)
         if not head_only:
             spans.append((key.id, path, t0, time.perf_counter()))
@@ -299,6 +300,15 @@ def test_pull_downloads_delta_and_sharded_base_concurrently(hub_env: HubServer, 
     local = apply_delta(tmp_path / "delta", base, tmp_path / "local", progress=False)
     assert load_file(str(local / "model.safetensors")).keys() == load_file(str(result.output_dir / "model.safetensors")).keys()
     assert _bytes(result.output_dir) == _bytes(local)
+
+    # A delta error does not wait for the (slow) base download going on beside it.
+    _api(hub_env).create_repo("me/broken")
+    _api(hub_env).upload_folder(folder_path=tmp_path / "delta", repo_id="me/broken", ignore_patterns=["delta*.safetensors"])
+    delay["s"] = 5.0
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteFileNotFoundError, match="missing from the repo"):
+        pull("me/broken", tmp_path / "broken", cache_dir=tmp_path / "fresh2", endpoint=hub_env.url)
+    assert time.perf_counter() - t0 < 4 and not (tmp_path / "broken").exists()
 
 
 def test_auto_delta_model_offline_after_one_pull(hub_env: HubServer, pairs: dict[str, Path], tmp_path: Path,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .. import delta as _delta
 from ..delta import Delta
@@ -20,6 +21,8 @@ from ._download import (
     resolve_base,
 )
 from ._ids import SHA_RE, is_hub_spec, parse_model_spec
+
+T = TypeVar("T")
 
 
 def open_delta_dir(spec: str, revision: str | None = None, *, token: str | bool | None = None, cache_dir: str | Path | None = None,
@@ -48,6 +51,33 @@ class PullResult:
     base: ResolvedModel
 
 
+class _Background(Generic[T]):
+    """``fn(*args, **kwargs)`` in a daemon thread; :meth:`result` joins it and returns or raises its outcome.
+
+    A daemon thread (not an executor's worker) so that an error or a Ctrl-C in the caller never
+    waits for a large download to finish: the download goes on in the background and only fills
+    the Hub cache (``huggingface_hub`` writes ``.incomplete`` files and renames them when complete).
+    """
+
+    def __init__(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
 def fetch_delta_and_base(repo_id: str, revision: str | None = None, *, base_model: str | os.PathLike[str] | None = None,
                          base_revision: str | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
                          endpoint: str | None = None, local_files_only: bool = False,
@@ -58,23 +88,18 @@ def fetch_delta_and_base(repo_id: str, revision: str | None = None, *, base_mode
     delta's stored tensors and tokenizer files and the base's files download at the same time,
     each repo through ``snapshot_download`` (one ``hf_hub_download`` per file on its worker
     pool). Files already in the cache cost no request when the revision is a commit sha, as the
-    base's always is; the rest of the delta is fetched at the manifest's commit. If both fail,
-    the delta's error is raised.
+    base's always is; the rest of the delta is fetched at the manifest's commit. The base
+    downloads in a background thread: a delta error is raised at once, without waiting for it.
     """
     rid, rev = parse_model_spec(repo_id)
     rev = revision or rev
     hub: dict[str, Any] = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint,
                            "local_files_only": local_files_only, "force_download": force_download}
     manifest, sha = download_manifest(rid, rev, **hub)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltahub-pull") as pool:
-        delta_job = pool.submit(download_delta, rid, sha or rev, **hub)
-        base_job = pool.submit(resolve_base, manifest, base_model=base_model, base_revision=base_revision,
-                               local_ok=False, **hub)
-        errors = [job.exception() for job in (delta_job, base_job)]
-    for error in errors:
-        if error is not None:
-            raise error
-    return delta_job.result(), base_job.result()
+    base_job = _Background("deltahub-pull-base", resolve_base, manifest, base_model=base_model, base_revision=base_revision,
+                           local_ok=False, **hub)
+    delta_dir = download_delta(rid, sha or rev, **hub)
+    return delta_dir, base_job.result()
 
 
 def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: str | None = None, base_revision: str | None = None,
