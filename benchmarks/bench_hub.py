@@ -218,7 +218,8 @@ def publish_lines(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
         f"| local `apply` (no network), for reference | {res['apply_local_s']:.2f} s |",
         "",
         f"Pulled weights bit-identical to the local `apply`: {'yes' if res['bit_exact'] else 'NO'}; "
-        f"base fetched at the pinned commit: {'yes' if res['base_pinned'] else 'NO'}.",
+        f"base fetched at the pinned commit: {'yes' if res['base_pinned'] else 'NO'}. Loopback network: wall times "
+        "are local disk + CPU + HTTP overhead, not Internet transfer (see the next section for a limited link).",
         "",
     ]
 
@@ -283,19 +284,20 @@ def link_run(work: Path, root: Path, bandwidth: float | None, repeats: int) -> d
     return out
 
 
-def crossover(points: list[tuple[float | None, float, float]]) -> tuple[float, float, float, float, float | None]:
-    """Fit ``t = a + b / B`` to (link MB/s or None = unlimited, t_pull, t_download) for both methods.
+def crossover(points: list[tuple[float | None, float, float]], mb_pull: float, mb_dl: float) -> tuple[float, float, float | None]:
+    """Model ``t = fixed + MB / (MB/s)`` per method from (link MB/s or None = unlimited, t_pull, t_download).
 
-    Returns ``(a_pull, b_pull, a_dl, b_dl, B*)``: the fixed costs (s), the per-link costs (MB, ~ the bytes
-    moved) and the bandwidth above which downloading the fine-tune is faster (``None``: pull wins at every speed).
+    The link term is known exactly (the server's token bucket moves ``MB`` megabytes in ``MB / rate``
+    seconds), so only the fixed costs are fitted: the mean of ``t - MB / rate`` over the links, which
+    averages out the noise of a shared machine. Returns ``(fixed_pull, fixed_download, B*)``, ``B*`` the
+    bandwidth above which downloading the fine-tune is faster (``None``: pull wins at every speed).
     """
-    import numpy as np
+    def fixed(i: int, mb: float) -> float:
+        return sum(p[i] - (0.0 if p[0] is None else mb / p[0]) for p in points) / len(points)
 
-    x = np.array([0.0 if b is None else 1.0 / b for b, _, _ in points])
-    design = np.stack([np.ones_like(x), x], axis=1)
-    (a_p, b_p), (a_d, b_d) = (np.linalg.lstsq(design, np.array([p[i] for p in points]), rcond=None)[0] for i in (1, 2))
-    cross = (b_d - b_p) / (a_p - a_d) if a_p > a_d and b_d > b_p else None
-    return float(a_p), float(b_p), float(a_d), float(b_d), (None if cross is None else float(cross))
+    a_pull, a_dl = fixed(1, mb_pull), fixed(2, mb_dl)
+    cross = (mb_dl - mb_pull) / (a_pull - a_dl) if a_pull > a_dl and mb_dl > mb_pull else None
+    return a_pull, a_dl, cross
 
 
 def link_measure(a: argparse.Namespace, base_local: Path, ft_local: Path, work: Path) -> dict[str, Any]:
@@ -318,7 +320,7 @@ def link_measure(a: argparse.Namespace, base_local: Path, ft_local: Path, work: 
     res["bit_exact"] = all(sha256(work / f"out-{k}" / "model.safetensors") == res[f"local_sha_{k}"] for k in ("default", "small"))
     for key in ("default", "small"):
         pts = [(None if b == "None" else float(b), r[f"pull_{key}_s"], r["fp16_s"]) for b, r in res["links"].items()]
-        res[f"fit_{key}"] = crossover(pts)
+        res[f"fit_{key}"] = crossover(pts, res[f"{key}_repo_bytes"] / 1e6, res["fp16_repo_bytes"] / 1e6)
     return res
 
 
@@ -350,11 +352,12 @@ def link_lines(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
               f"{head['pull_small_s'] / head['fp16_s']:.2f} (small delta); the goal is < 0.5. "
               f"Pulled weights bit-identical to a local `apply`: {'yes' if res['bit_exact'] else 'NO'}.", ""]
     for key, what in (("default", "default delta"), ("small", "small delta")):
-        a_p, b_p, a_d, b_d, cross = res[f"fit_{key}"]
+        a_p, a_d, cross = res[f"fit_{key}"]
+        mb_p, mb_d = res[f"{key}_repo_bytes"] / 1e6, res["fp16_repo_bytes"] / 1e6
         where = "none: pull is faster at every link speed" if cross is None else f"**{cross:.0f} MB/s** ({cross * 8 / 1000:.2f} Gbit/s)"
-        lines.append(f"- Crossover, {what}: {where}. Fit over the links above, t = fixed + MB / (MB/s): pull "
-                     f"{a_p:.2f} s + {b_p:.0f} MB, download {a_d:.2f} s + {b_d:.0f} MB; above the crossover the fixed cost "
-                     "of the rebuild outweighs the bytes saved, and downloading the fine-tune wins.")
+        lines.append(f"- Crossover, {what}: {where}. Model t = fixed + MB / (MB/s), fixed costs averaged over the links "
+                     f"above: pull {a_p:.2f} s + {mb_p:.1f} MB, download {a_d:.2f} s + {mb_d:.1f} MB. Above the crossover the "
+                     "rebuild's fixed cost outweighs the bytes saved and downloading the fine-tune wins.")
     return lines + [""]
 
 
@@ -375,26 +378,20 @@ def main() -> None:
     from deltahub.demo import build_pair
 
     base_local, ft_local = build_pair(a.cache_dir, steps=a.steps)
-    old = a.out.read_text() if a.out.is_file() else ""
-    old_publish, _, old_link = old.partition(LINK_SECTION)
-    old_link = (LINK_SECTION + old_link.split("\nMeasured ", 1)[0]).rstrip("\n").split("\n") if old_link else []
+    # hub.md = the publish part, then LINK_SECTION and the link part; --only keeps the other part as it was.
+    old_publish, sep, old_link = (a.out.read_text() if a.out.is_file() else "").partition(LINK_SECTION)
+    footer = [f"Measured {dt.date.today().isoformat()} with deltahub {__version__}, Python {platform.python_version()}, "
+              f"{platform.machine()}, {os.cpu_count()} CPUs.", "",
+              "Reproduce: `python benchmarks/bench_hub.py` (`--only publish` / `--only link`: one section).", ""]
     work = Path(tempfile.mkdtemp(prefix="deltahub-bench-hub-"))
     try:
-        publish = (old_publish.rstrip("\n").split("\n") + [""] if a.only == "link"
-                   else publish_lines(a, publish_measure(a, base_local, ft_local, work / "publish")))
+        publish = (old_publish.rstrip("\n") if a.only == "link"
+                   else "\n".join(publish_lines(a, publish_measure(a, base_local, ft_local, work / "publish")) + footer))
         link_res = link_measure(a, base_local, ft_local, work / "link") if a.only != "publish" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    link = link_lines(a, link_res) if link_res is not None else old_link + [""]
-    lines = publish + link + [
-        f"Measured {dt.date.today().isoformat()} with deltahub {__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs; loopback network: without a bandwidth limit wall times are local "
-        "disk + CPU + HTTP overhead, not Internet transfer.",
-        "",
-        "Reproduce: `python benchmarks/bench_hub.py` (`--only link` reruns just the link section).",
-        "",
-    ]
-    text = "\n".join(lines)
+    link = (sep + old_link).rstrip("\n") if link_res is None else "\n".join(link_lines(a, link_res) + footer)
+    text = publish.rstrip("\n") + "\n\n" + link.rstrip("\n") + "\n"
     a.out.write_text(text)
     print(text)
     if link_res is not None:
