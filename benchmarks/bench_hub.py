@@ -128,6 +128,7 @@ def publish_measure(a: argparse.Namespace, base_local: Path, ft_local: Path, wor
     from deltahub.hub import pull_model, push_to_hub
 
     res: dict[str, Any] = {}
+    work.mkdir(parents=True, exist_ok=True)
     root_a, root_b = work / "hub-a", work / "hub-b"
     with hub_server(root_a) as url:
         api = HfApi(endpoint=url, token=False)
@@ -305,6 +306,7 @@ def link_measure(a: argparse.Namespace, base_local: Path, ft_local: Path, work: 
     from deltahub.delta import apply_delta
     from deltahub.hub import pull_model
 
+    work.mkdir(parents=True, exist_ok=True)
     root = work / "hub-link"
     res = link_setup(base_local, ft_local, work, root)
     with hub_server(root) as url:  # warm-up: the base lands in the cache once, as for a user who pulled before
