@@ -266,6 +266,51 @@ def test_interrupted_download_leaves_nothing(hub_env: HubServer, pairs: dict[str
     assert (pull(DELTA, tmp_path / "out", cache_dir=tmp_path / "c", endpoint=hub_env.url) / "model.safetensors").is_file()
 
 
+def test_pull_downloads_delta_and_sharded_base_concurrently(hub_env: HubServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base in 2+ shards (not cached) and a delta: every file fetched, base and delta downloads
+    overlap in time, and the rebuild is bit-exact vs a local apply."""
+    base, ft = make_tiny_pair(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list(base.glob("model-*.safetensors"))) >= 2
+    _upload(hub_env, base, BASE)
+    compress(BASE, ft, tmp_path / "delta", params={"granularity": "row"}, progress=False, cache_dir=tmp_path / "compress_cache", endpoint=hub_env.url)
+    delta_files = [p.name for p in (tmp_path / "delta").glob("delta*.safetensors")]
+    push_to_hub(tmp_path / "delta", DELTA, endpoint=hub_env.url)
+
+    original = _HubRequestHandler._resolve
+    spans: list[tuple[str, str, float, float]] = []
+    delay = {"s": 0.3}
+
+    def slow(self: Any, key: Any, revision: str, path: str, *, head_only: bool) -> None:
+        t0 = time.perf_counter()
+        if not head_only and path.endswith(".safetensors"):
+            time.sleep(delay["s"])  # a slow link: sequential downloads could not overlap
+        original(self, key, revision, path, head_only=head_only)
+        if not head_only:
+            spans.append((key.id, path, t0, time.perf_counter()))
+
+    monkeypatch.setattr(_HubRequestHandler, "_resolve", slow)
+    result = pull_model(DELTA, tmp_path / "pulled", cache_dir=tmp_path / "fresh", endpoint=hub_env.url)
+    fetched = {(repo, path) for repo, path, _, _ in spans}
+    base_shards = {p.name for p in base.glob("model-*.safetensors")}
+    assert {(BASE, n) for n in base_shards} | {(DELTA, n) for n in delta_files} <= fetched
+    overlap = [(d, b) for d in spans if d[0] == DELTA and d[1] in delta_files
+               for b in spans if b[0] == BASE and b[1] in base_shards and b[2] < d[3] and d[2] < b[3]]
+    assert overlap, spans
+    local = apply_delta(tmp_path / "delta", base, tmp_path / "local", progress=False)
+    assert load_file(str(local / "model.safetensors")).keys() == load_file(str(result.output_dir / "model.safetensors")).keys()
+    assert _bytes(result.output_dir) == _bytes(local)
+
+    # A delta error does not wait for the (slow) base download going on beside it.
+    _api(hub_env).create_repo("me/broken")
+    _api(hub_env).upload_folder(folder_path=tmp_path / "delta", repo_id="me/broken", ignore_patterns=["delta*.safetensors"])
+    delay["s"] = 5.0
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteFileNotFoundError, match="missing from the repo"):
+        pull("me/broken", tmp_path / "broken", cache_dir=tmp_path / "fresh2", endpoint=hub_env.url)
+    assert time.perf_counter() - t0 < 4 and not (tmp_path / "broken").exists()
+
+
 def test_auto_delta_model_offline_after_one_pull(hub_env: HubServer, pairs: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     _publish(hub_env, pairs, tmp_path)

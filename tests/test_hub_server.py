@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -511,3 +512,41 @@ def test_loopback_only_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def test_bandwidth_limit_is_one_shared_link(hub_server_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bandwidth=4`` MB/s: one 2 MB download takes >= 0.5 s, two concurrent ones share the link (>= 1 s together)."""
+    server = hub_server_factory(bandwidth=4)
+    configure_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
+    assert "bandwidth=4 MB/s" in repr(server)
+    api = HfApi(endpoint=server.url, token=False)
+    api.create_repo(REPO)
+    size = 2_000_000
+    blobs = {name: os.urandom(size) for name in ("a.bin", "b.bin", "c.bin")}
+    for name, data in blobs.items():
+        api.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id=REPO)
+
+    def fetch(name: str, cache: str) -> None:
+        path = hf_hub_download(REPO, name, endpoint=server.url, cache_dir=tmp_path / cache, token=False)
+        assert Path(path).read_bytes() == blobs[name]
+
+    t0 = time.perf_counter()
+    fetch("a.bin", "c1")
+    single = time.perf_counter() - t0
+    threads = [threading.Thread(target=fetch, args=(name, "c2")) for name in ("b.bin", "c.bin")]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pair = time.perf_counter() - t0
+    burst = server.bandwidth_bucket.burst / 4e6  # the bucket may start full: one piece early
+    assert single >= size / 4e6 - burst - 0.01, single
+    assert pair >= 2 * size / 4e6 - burst - 0.01, pair  # a per-connection limit would take ~0.5 s
+    assert single < 10 and pair < 20  # paced, not stalled
+
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="bandwidth"):
+            HubServer(tmp_path / "r", bandwidth=bad)
+    with pytest.raises(SystemExit):
+        main(["--root", str(tmp_path / "r"), "--bandwidth", "0"])

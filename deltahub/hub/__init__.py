@@ -13,8 +13,8 @@ repo, the revision and the file, and which carry them as ``repo_id`` / ``revisio
 
 Layout (private modules, dependencies one way: ``hub`` -> ``delta``, never back):
 ``_ids`` (repo-id grammar), ``_errors`` (client exceptions -> typed errors), ``_download``
-(snapshots, base resolution), ``_card`` (model card), ``_push``, ``_pull`` (rebuild; registers
-the Hub opener of ``Delta.from_pretrained``), ``_info`` (manifest + headers without weights).
+(snapshots, manifest, base resolution), ``_card`` (model card), ``_push``, ``_pull`` (concurrent
+delta + base download, rebuild; registers the Hub opener of ``Delta.from_pretrained``), ``_info`` (manifest + headers without weights).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ._download import (
     MODEL_PATTERNS,
     ResolvedModel,
     download_delta,
+    download_manifest,
     explain_base_mismatch,
     hub_cache_root,
     resolve_base,
@@ -34,7 +35,7 @@ from ._download import (
 from ._errors import hub_errors, offline
 from ._ids import is_hub_id, is_hub_spec, parse_model_spec
 from ._info import remote_info
-from ._pull import PullResult, open_delta_dir, pull, pull_model
+from ._pull import PullResult, fetch_delta_and_base, open_delta_dir, pull, pull_model
 from ._push import push_to_hub
 
 __all__ = [
@@ -45,7 +46,9 @@ __all__ = [
     "ResolvedModel",
     "card_metadata",
     "download_delta",
+    "download_manifest",
     "explain_base_mismatch",
+    "fetch_delta_and_base",
     "hub_cache_root",
     "hub_errors",
     "is_hub_id",

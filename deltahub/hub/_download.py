@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
 from ..errors import (
     BaseMismatchError,
@@ -130,6 +130,30 @@ def download_delta(repo_id: str, revision: str | None = None, token: str | bool 
         raise EntryNotFoundError(f"{where}: files listed in {MANIFEST_NAME} are missing from the repo: {missing}",
                                  repo_id=repo_id, revision=rev, filename=missing[0])
     return local
+
+
+def download_manifest(repo_id: str, revision: str | None = None, token: str | bool | None = None,
+                      cache_dir: str | Path | None = None, endpoint: str | None = None, *,
+                      local_files_only: bool = False, force_download: bool = False) -> tuple[Manifest, str | None]:
+    """Only the manifest of a delta repo (one small file, ``hf_hub_download``), and the commit it was read at.
+
+    The manifest names the base, so :func:`deltahub.hub.pull` can start the base download right
+    after it instead of after the whole delta; passing the returned sha to :func:`download_delta`
+    keeps the rest of the delta at the same commit. ``repo_id`` may carry an ``@revision`` suffix.
+    """
+    repo_id, rev = parse_model_spec(repo_id)
+    rev = revision or rev
+    where = f"{repo_id}" + (f"@{rev}" if rev else "")
+    local_only = local_files_only or offline()
+    try:
+        with hub_errors("download delta", repo_id, rev, endpoint=endpoint, filename=MANIFEST_NAME, local_files_only=local_only):
+            path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=rev, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                                        local_files_only=local_only, force_download=force_download, library_name="deltahub"))
+    except EntryNotFoundError as exc:
+        raise EntryNotFoundError(f"{where} has no {MANIFEST_NAME}: not a deltahub delta repository",
+                                 repo_id=repo_id, revision=rev, filename=MANIFEST_NAME) from exc
+    snapshot = path.parent
+    return Manifest.load(snapshot), (snapshot.name if SHA_RE.fullmatch(snapshot.name) else None)
 
 
 def resolve_base(manifest: Manifest, *, base_model: str | os.PathLike[str] | None = None, base_revision: str | None = None,

@@ -36,7 +36,10 @@ Behaviour worth knowing (mirrors the real Hub):
   to ``RepositoryNotFoundError``); a wrong token gets 401 "Invalid credentials in Authorization
   header" everywhere. Without ``token`` the server is open and accepts any/no credentials.
 
-Run standalone: ``python -m deltahub.testing.hub_server --root DIR [--port N] [--token T]``.
+* With ``bandwidth`` (``--bandwidth MBPS``): response bodies are paced by one token bucket shared
+  by all connections, like a single link of that many megabytes per second (see ``_bandwidth``).
+
+Run standalone: ``python -m deltahub.testing.hub_server --root DIR [--port N] [--token T] [--bandwidth MBPS]``.
 
 Test-only: nothing in the ``deltahub`` core imports this package. Layout:
 
@@ -47,10 +50,12 @@ Test-only: nothing in the ``deltahub`` core imports this package. Layout:
 * ``_routes_repos``  whoami, repo create/delete/settings/list, info, tree, paths-info, refs, commits
 * ``_routes_files``  ``/resolve`` downloads (Range), preupload, commit, branch, tag
 * ``_lfs``           LFS batch, signed object upload, verify
+* ``_bandwidth``     :class:`TokenBucket`, the optional shared bandwidth limit on response bodies
 * ``_server``        :class:`HubServer` (background thread, context manager)
 * ``_cli``           :func:`main`, behind ``python -m deltahub.testing.hub_server``
 """
 
+from ._bandwidth import TokenBucket
 from ._cli import main
 from ._common import (
     DEFAULT_BRANCH,
@@ -82,6 +87,7 @@ __all__ = [
     "HubServer",
     "HubStore",
     "RepoKey",
+    "TokenBucket",
     "_HubHTTPServer",
     "_HubRequestHandler",
     "git_blob_sha1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -19,8 +20,19 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _megabytes_per_second(text: str) -> float:
+    """``--bandwidth``: a positive, finite number of megabytes per second."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MB/s, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deltahub.testing.hub_server --root DIR [--host H] [--port N] [--token T]``."""
+    """``python -m deltahub.testing.hub_server --root DIR [--host H] [--port N] [--token T] [--bandwidth MBPS]``."""
     parser = argparse.ArgumentParser(
         prog="python -m deltahub.testing.hub_server",
         description="Local Hugging Face Hub-compatible server (repos persist in --root). "
@@ -32,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token", default=None, help="require this bearer token for writes / private reads")
     parser.add_argument("--username", default=DEFAULT_USERNAME, help="account name (whoami, default namespace)")
     parser.add_argument("--allow-non-loopback", action="store_true", help="allow binding a non-loopback address")
+    parser.add_argument("--bandwidth", type=_megabytes_per_second, default=None, metavar="MBPS",
+                        help="limit response bodies to MBPS megabytes (10**6 bytes) per second, shared by all "
+                        "connections like one real link (default: unlimited)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request (to stderr)")
     args = parser.parse_args(argv)
 
@@ -51,13 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         token=args.token,
         username=args.username,
         allow_non_loopback=args.allow_non_loopback,
+        bandwidth=args.bandwidth,
     )
     try:
         server.start()
     except OSError as e:
         print(f"error: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
-    print(f"Hub server running at {server.url} (root={server.root}, auth={'token' if args.token else 'open'})")
+    link = f", bandwidth={args.bandwidth:g} MB/s" if args.bandwidth is not None else ""
+    print(f"Hub server running at {server.url} (root={server.root}, auth={'token' if args.token else 'open'}{link})")
     print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1   # Ctrl-C to stop", flush=True)
     # Treat SIGTERM like Ctrl-C so the server shuts down cleanly (main thread only).
     in_main_thread = threading.current_thread() is threading.main_thread()

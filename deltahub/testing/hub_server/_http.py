@@ -220,7 +220,19 @@ class _HubRequestHandler(_AuthMixin, _RepoRoutes, _FileRoutes, _LfsRoutes, BaseH
             self.send_header("Connection", "close")
         self.end_headers()
         if body and not head_only:
-            self.wfile.write(body)
+            self._write_body(body)
+
+    def _write_body(self, data: bytes) -> None:
+        """Send response body bytes, through the server's bandwidth limit if it has one."""
+        bucket = self.app.bandwidth_bucket
+        if bucket is None:
+            self.wfile.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), bucket.piece):
+            piece = view[start : start + bucket.piece]
+            bucket.take(len(piece))
+            self.wfile.write(piece)
 
     def _send_json(
         self, obj: Any, status: int = 200, *, headers: Mapping[str, str] | None = None, content_type: str | None = None

@@ -71,7 +71,7 @@ class _FileRoutes:
                 chunk = f.read(min(remaining, _COPY_CHUNK))
                 if not chunk:
                     raise HubError(500, "Blob shorter than recorded size")
-                self.wfile.write(chunk)
+                self._write_body(chunk)
                 remaining -= len(chunk)
 
     # ---- write endpoints ---------------------------------------------------------------

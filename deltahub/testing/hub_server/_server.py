@@ -20,6 +20,7 @@ from ._common import (
     is_loopback_host,
     logger,
 )
+from ._bandwidth import TokenBucket
 from ._http import _HubHTTPServer
 from ._storage import HubStore
 
@@ -44,6 +45,8 @@ class HubServer:
         max_upload_bytes: limit for a single LFS object.
         request_timeout: socket timeout (seconds) of each connection.
         allow_non_loopback: permit binding to non-loopback addresses (never the default).
+        bandwidth: if set, megabytes (10**6 bytes) per second that all response bodies together
+            may use: one token bucket shared by every connection, like a real link of that speed.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class HubServer:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         allow_non_loopback: bool = False,
+        bandwidth: float | None = None,
     ) -> None:
         if not allow_non_loopback and not is_loopback_host(host):
             raise ValueError(f"Refusing to bind to non-loopback host {host!r} (pass allow_non_loopback=True)")
@@ -74,6 +78,10 @@ class HubServer:
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
         self.request_timeout = request_timeout
+        if bandwidth is not None and not (isinstance(bandwidth, (int, float)) and 0 < bandwidth < float("inf")):
+            raise ValueError(f"bandwidth must be a positive number of MB/s or None, got {bandwidth!r}")
+        self.bandwidth = bandwidth
+        self.bandwidth_bucket = None if bandwidth is None else TokenBucket(bandwidth * 1e6)
         self.store = HubStore(root, username=username)
         self._secret = secrets.token_bytes(32)
         self._httpd: _HubHTTPServer | None = None
@@ -131,7 +139,8 @@ class HubServer:
 
     def __repr__(self) -> str:
         where = self.url if self.running else "stopped"
-        return f"HubServer({where}, root={str(self.root)!r}, auth={'on' if self.token else 'off'})"
+        link = f", bandwidth={self.bandwidth:g} MB/s" if self.bandwidth is not None else ""
+        return f"HubServer({where}, root={str(self.root)!r}, auth={'on' if self.token else 'off'}{link})"
 
     def _sign_upload(self, oid: str, size: int, exp: int) -> str:
         return hmac.new(self._secret, f"{oid}:{size}:{exp}".encode(), hashlib.sha256).hexdigest()
