@@ -71,12 +71,12 @@ def pair_dirs(tiny: bool, work: Path) -> tuple[Path, Path]:
         delta = DEMO / "delta-bitdelta"
         if not (delta / "delta_config.json").is_file():
             delta = work / "delta"
-            compress(DEMO / "base", DEMO / "finetune-s60-lr0.0001", delta, params={"granularity": "row"}, progress=False)
+            compress(DEMO / "base", DEMO / "finetune-s60-lr0.0001", delta, codec="bitdelta", params={"granularity": "row"}, progress=False)
         return DEMO / "base", delta
     from conftest import make_tiny_pair
 
     base, ft = make_tiny_pair(work, seed=0)
-    compress(base, ft, work / "delta", params={"granularity": "row"}, progress=False)
+    compress(base, ft, work / "delta", codec="bitdelta", params={"granularity": "row"}, progress=False)
     return base, work / "delta"
 
 

@@ -24,7 +24,7 @@ def test_resident_refuses_a_wrong_base_like_apply(tmp_path: Path) -> None:
 
     base, ft = make_tiny_pair(tmp_path / "a")
     other, _ = make_tiny_pair(tmp_path / "b", seed=5)
-    compress(base, ft, tmp_path / "d", progress=False)
+    compress(base, ft, tmp_path / "d", codec="bitdelta", progress=False)
     d = Delta(tmp_path / "d")
     with pytest.raises(BaseMismatchError) as applied:
         d.apply(other, tmp_path / "out", progress=False)
@@ -39,7 +39,7 @@ def test_resident_refuses_a_wrong_base_like_apply(tmp_path: Path) -> None:
 
 def test_shared_rules_directly(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    m = compress(base, ft, tmp_path / "d", progress=False)
+    m = compress(base, ft, tmp_path / "d", codec="bitdelta", progress=False)
     name, entry = next((n, e) for n, e in m.tensors.items() if e.base_sha256 is not None)
     check_base_digest(m, name, entry.base_sha256, path=None)
     check_base_shape(m, name, torch.Size(entry.shape), path=None)

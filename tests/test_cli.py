@@ -16,7 +16,7 @@ runner = CliRunner()
 
 def test_compress_info_apply(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--scale-granularity", "row", "-q"])
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "--scale-granularity", "row", "-q"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "d" / "delta_config.json").read_text())
     assert m["tensors"]["model.layers.0.mlp.up_proj.weight"]["params"] == {"granularity": "row"}
@@ -31,7 +31,7 @@ def test_compress_info_apply(tmp_path: Path) -> None:
 
 def test_group_and_rules_flags(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--group-size", "16",
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "--group-size", "16",
                             "--rule", "*.down_proj.weight=raw", "--exclude", "*.o_proj.*", "-q"])
     assert r.exit_code == 0, r.output
     t = json.loads((tmp_path / "d" / "delta_config.json").read_text())["tensors"]
@@ -48,11 +48,11 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     # --codec and --scale-granularity are choices: a usage error (exit 2) naming the valid values
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "nope"])
     assert r.exit_code == 2 and "nope" in r.output and "bitdelta" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--scale-granularity", "col"])
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "--scale-granularity", "col"])
     assert r.exit_code == 2 and "col" in r.output and "tensor" in r.output
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--rule", "*=nope"])
     assert r.exit_code == 1 and "unknown codec 'nope'" in r.output
-    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-p", "granularity=col"])
+    r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "-p", "granularity=col"])
     assert r.exit_code == 1 and "granularity" in r.output
     runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])
     r = runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "-q"])

@@ -41,7 +41,7 @@ def _expected(base: dict[str, torch.Tensor], delta_dir: Path, name: str) -> torc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_default_policy(tmp_path: Path, dtype: torch.dtype) -> None:
     base, ft = make_tiny_pair(tmp_path, dtype=dtype)
-    m = compress(base, ft, tmp_path / "delta", progress=False)
+    m = compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     codecs = {n: e.codec for n, e in m.tensors.items()}
     assert codecs["model.layers.0.self_attn.q_proj.weight"] == "bitdelta"
     assert codecs["model.embed_tokens.weight"] == "raw"  # embeddings stay exact
@@ -76,7 +76,7 @@ def test_all_raw_is_lossless_end_to_end(tmp_path: Path) -> None:
 
 def test_bitdelta_is_closer_to_finetune_than_base(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", params={"granularity": "row"}, progress=False)
+    compress(base, ft, tmp_path / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False)
     rec = load_model(tmp_path / "delta", base, progress=False)
     ref, b = AutoModelForCausalLM.from_pretrained(ft), AutoModelForCausalLM.from_pretrained(base)
     x = torch.randint(0, 128, (2, 16))
@@ -88,7 +88,7 @@ def test_bitdelta_is_closer_to_finetune_than_base(tmp_path: Path) -> None:
 def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path, max_shard_size="20KB")
     assert (base / "model.safetensors.index.json").exists() and (ft / "model.safetensors.index.json").exists()
-    m = compress(base, ft, tmp_path / "delta", max_shard_size=3000, progress=False)
+    m = compress(base, ft, tmp_path / "delta", max_shard_size=3000, codec="bitdelta", progress=False)
     assert (tmp_path / "delta" / "delta.safetensors.index.json").exists()
     assert len(list((tmp_path / "delta").glob("delta-*-of-*.safetensors"))) > 1
     out = apply_delta(tmp_path / "delta", base, tmp_path / "out", max_shard_size=20_000, progress=False)
@@ -108,7 +108,7 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
 def test_resized_vocabulary_is_stored_in_full(tmp_path: Path) -> None:
     base, _ = make_tiny_pair(tmp_path / "a", vocab=128)
     _, ft = make_tiny_pair(tmp_path / "b", vocab=136)
-    m = compress(base, ft, tmp_path / "delta", progress=False)
+    m = compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     e = m.tensors["model.embed_tokens.weight"]
     assert e.codec == "raw" and e.params["mode"] == "full" and e.shape == [136, 32]
     # Other weights differ wholesale (different seed) but shapes match, so they are deltas.
@@ -142,20 +142,20 @@ def test_output_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(type(codec), "encode", failing)
     with pytest.raises(KeyboardInterrupt):
-        compress(base, ft, tmp_path / "delta", progress=False)
+        compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     assert not (tmp_path / "delta").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".delta")]
     monkeypatch.undo()
-    compress(base, ft, tmp_path / "delta", progress=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     with pytest.raises(OutputExistsError):
-        compress(base, ft, tmp_path / "delta", progress=False)
-    compress(base, ft, tmp_path / "delta", overwrite=True, progress=False)
+        compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
+    compress(base, ft, tmp_path / "delta", overwrite=True, codec="bitdelta", progress=False)
 
 
 def test_wrong_base_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path / "p")
     other, _ = make_tiny_pair(tmp_path / "q", seed=1)  # same architecture, other weights
-    compress(base, ft, tmp_path / "delta", progress=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     with pytest.raises(BaseMismatchError, match="sha256") as exc:
         apply_delta(tmp_path / "delta", other, tmp_path / "out", progress=False)
     assert str(other) in str(exc.value)
@@ -168,7 +168,7 @@ def test_wrong_base_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_base_with_other_tensors_is_refused_from_headers(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", progress=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     untied, _ = make_tiny_pair(tmp_path / "u", tie=False)  # has an extra lm_head.weight
     with pytest.raises(BaseMismatchError, match="unexpected"):
         apply_delta(tmp_path / "delta", untied, tmp_path / "out", progress=False)

@@ -36,7 +36,7 @@ BASE, FT, DELTA = "org/base", "org/ft", "me/delta"
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("api")
     base, ft = make_tiny_pair(root)
-    compress(base, ft, root / "delta", params={"granularity": "row"}, progress=False)
+    compress(base, ft, root / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False)
     return {"base": base, "ft": ft, "delta": root / "delta"}
 
 
@@ -45,7 +45,7 @@ def _publish(server: HubServer, made: dict[str, Path], tmp: Path, **push: Any) -
     for repo, folder in ((BASE, made["base"]), (FT, made["ft"])):
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo)
-    compress(BASE, FT, tmp / "hubdelta", params={"granularity": "row"}, progress=False, cache_dir=tmp / "cc", endpoint=server.url)
+    compress(BASE, FT, tmp / "hubdelta", params={"granularity": "row"}, codec="bitdelta", progress=False, cache_dir=tmp / "cc", endpoint=server.url)
     deltahub.push_to_hub(tmp / "hubdelta", DELTA, endpoint=server.url, **push)
 
 
@@ -200,7 +200,7 @@ def test_custom_code_needs_trust_remote_code(made: dict[str, Path], tmp_path: Pa
     cfg = json.loads((ft / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (ft / "config.json").write_text(json.dumps(cfg))
-    compress(made["base"], ft, tmp_path / "delta", params={"granularity": "row"}, progress=False)
+    compress(made["base"], ft, tmp_path / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False)
     with pytest.raises(deltahub.RemoteCodeError, match="trust_remote_code=True") as ei:
         AutoDeltaModel.from_pretrained(str(tmp_path / "delta"), base_model=str(made["base"]))
     assert len(str(ei.value).splitlines()) == 1
@@ -254,7 +254,7 @@ def test_custom_code_loads_with_the_base_code(made: dict[str, Path], tmp_path: P
         cfg["architectures"] = ["XForCausalLM"]
         (d / "config.json").write_text(json.dumps(cfg))
     (dirs["base"] / "modeling_x.py").write_text(MODELING)
-    compress(dirs["base"], dirs["ft"], tmp_path / "delta", params={"granularity": "row"}, progress=False)
+    compress(dirs["base"], dirs["ft"], tmp_path / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False)
     assert not list((tmp_path / "delta").glob("*.py"))  # the delta format carries no code
     model = AutoDeltaModel.from_pretrained(str(tmp_path / "delta"), base_model=str(dirs["base"]), trust_remote_code=True)
     assert type(model).__name__ == "XForCausalLM" and model.custom_marker == "from the base repo's code"

@@ -45,8 +45,9 @@ def _ft_model(ft: Path):
 
 
 POLICIES = {
-    "bitdelta": dict(),
-    "bitdelta-row": dict(params={"granularity": "row"}),
+    "bitdelta": dict(codec="bitdelta"),
+    "default (whole-model auto)": dict(),
+    "bitdelta-row": dict(codec="bitdelta", params={"granularity": "row"}),
     "deltadq-kmeans": dict(codec="deltadq", preset="16x"),
     "deltadq-uniform": dict(codec="deltadq", params={"p": 0.5, "bits": 2, "quantizer": "uniform", "qgroup": 16}),
     "whole": dict(policy=Policy(codec="bitdelta", rules=[
@@ -168,7 +169,7 @@ def test_bad_calibration_is_typed(tmp_path: Path) -> None:
 def test_distill_sharded_into_output_dir(tmp_path: Path) -> None:
     base, ft = _structured_pair(tmp_path)
     src = tmp_path / "d"
-    compress(base, ft, src, progress=False, max_shard_size=4_000)
+    compress(base, ft, src, codec="bitdelta", progress=False, max_shard_size=4_000)
     files_before = json.loads((src / "delta_config.json").read_text())["files"]
     assert "delta.safetensors.index.json" in files_before
     dst = tmp_path / "out"

@@ -24,7 +24,7 @@ from deltahub.format.integrity import manifest_bytes
 @pytest.fixture
 def delta_dir(tmp_path: Path) -> tuple[Path, Path, Path]:
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", progress=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     return base, ft, tmp_path / "delta"
 
 
@@ -37,14 +37,14 @@ def _edit_manifest(d: Path, fn) -> None:  # type: ignore[no-untyped-def]
 
 def test_missing_model_dir(tmp_path: Path) -> None:
     with pytest.raises(MissingFileError, match="not found") as exc:
-        compress(tmp_path / "nope", tmp_path / "nope2", tmp_path / "out", progress=False)
+        compress(tmp_path / "nope", tmp_path / "nope2", tmp_path / "out", codec="bitdelta", progress=False)
     assert "nope" in str(exc.value)
 
 
 def test_dir_without_weights(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingFileError, match="no safetensors weights"):
-        compress(tmp_path / "empty", tmp_path / "empty", tmp_path / "out", progress=False)
+        compress(tmp_path / "empty", tmp_path / "empty", tmp_path / "out", codec="bitdelta", progress=False)
 
 
 def test_not_a_delta(tmp_path: Path) -> None:
@@ -58,14 +58,14 @@ def test_truncated_safetensors(tmp_path: Path, delta_dir: tuple[Path, Path, Path
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
     with pytest.raises(CorruptFileError, match="truncated") as exc:
-        compress(base, ft, tmp_path / "out2", progress=False)
+        compress(base, ft, tmp_path / "out2", codec="bitdelta", progress=False)
     assert "model.safetensors" in str(exc.value)
     f.write_bytes(b"\x05")
     with pytest.raises(CorruptFileError, match="too short"):
-        compress(base, ft, tmp_path / "out3", progress=False)
+        compress(base, ft, tmp_path / "out3", codec="bitdelta", progress=False)
     f.write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(CorruptFileError, match="header claims"):
-        compress(base, ft, tmp_path / "out4", progress=False)
+        compress(base, ft, tmp_path / "out4", codec="bitdelta", progress=False)
 
 
 def test_truncated_delta_file(delta_dir: tuple[Path, Path, Path]) -> None:

@@ -47,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _byte_tokenizer(ft)
     (root / "text.txt").write_text(TEXT, encoding="utf-8")
     compress(base, ft, root / "raw", policy=Policy(codec="raw"), progress=False)
-    compress(base, ft, root / "bitdelta", progress=False)
+    compress(base, ft, root / "bitdelta", codec="bitdelta", progress=False)
     return {"base": base, "ft": ft, "raw": root / "raw", "bitdelta": root / "bitdelta", "text": root / "text.txt", "root": root}
 
 
@@ -158,7 +158,7 @@ def test_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
 
 def test_tokenizer_missing_and_vocab_mismatch(setup: dict[str, Path], tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path / "notok", vocab=256)
-    compress(base, ft, tmp_path / "d", progress=False)
+    compress(base, ft, tmp_path / "d", codec="bitdelta", progress=False)
     with pytest.raises(EvalError, match="no tokenizer"):
         evaluate_delta(tmp_path / "d", base=base, finetuned=ft, text=setup["text"], block_size=32)
     res = runner.invoke(app, ["eval", str(tmp_path / "d"), "--base", str(base), "--finetuned", str(ft),
@@ -167,7 +167,7 @@ def test_tokenizer_missing_and_vocab_mismatch(setup: dict[str, Path], tmp_path: 
     # a model with a smaller vocabulary than the tokenizer's ids
     small_base, small_ft = make_tiny_pair(tmp_path / "small", vocab=64)
     _byte_tokenizer(small_ft)
-    compress(small_base, small_ft, tmp_path / "ds", progress=False)
+    compress(small_base, small_ft, tmp_path / "ds", codec="bitdelta", progress=False)
     with pytest.raises(EvalError, match="vocabulary"):
         evaluate_delta(tmp_path / "ds", base=small_base, finetuned=small_ft, text=setup["text"], block_size=32)
     # the fine-tune of another vocabulary size than the delta
@@ -215,7 +215,7 @@ def test_eval_with_hub_ids(hub_env: HubServer, setup: dict[str, Path], tmp_path:
     for repo, folder in (("org/base", setup["base"]), ("org/ft", setup["ft"])):
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=folder, repo_id=repo)
-    compress("org/base", "org/ft", tmp_path / "delta", progress=False, cache_dir=tmp_path / "c")
+    compress("org/base", "org/ft", tmp_path / "delta", codec="bitdelta", progress=False, cache_dir=tmp_path / "c")
     push_to_hub(tmp_path / "delta", "me/hub-delta")
     res = runner.invoke(app, ["eval", "me/hub-delta", "--finetuned", "org/ft", "--text", str(setup["text"]),
                               "--block-size", "32", "--max-blocks", "2", "--json", "-", "-q"])

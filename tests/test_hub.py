@@ -67,7 +67,7 @@ def _publish(server: HubServer, pairs: dict[str, Path], tmp: Path, token: str | 
     """Upload base and fine-tune, compress from their Hub ids, push the delta; returns the shas and paths."""
     base_sha = _upload(server, pairs["base"], BASE, token)
     ft_sha = _upload(server, pairs["ft"], FT, token)
-    manifest = compress(BASE, FT, tmp / "delta", params={"granularity": "row"}, progress=False,
+    manifest = compress(BASE, FT, tmp / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False,
                         token=token, cache_dir=tmp / "compress_cache", endpoint=server.url)
     commit = push_to_hub(tmp / "delta", DELTA, token=token, endpoint=server.url)
     return {"base_sha": base_sha, "ft_sha": ft_sha, "manifest": manifest, "commit": commit}
@@ -99,7 +99,7 @@ def test_model_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_model_card_has_yaml_and_table(pairs: dict[str, Path], tmp_path: Path) -> None:
-    m = compress(pairs["base"], pairs["ft"], tmp_path / "d", progress=False, base_name_or_path=BASE, base_revision="a" * 40)
+    m = compress(pairs["base"], pairs["ft"], tmp_path / "d", codec="bitdelta", progress=False, base_name_or_path=BASE, base_revision="a" * 40)
     card = model_card(m, DELTA)
     data = ModelCard(card).data
     body = ModelCard(card).text
@@ -109,7 +109,7 @@ def test_model_card_has_yaml_and_table(pairs: dict[str, Path], tmp_path: Path) -
     assert "| bitdelta |" in body and "**total**" in body
     assert f"deltahub pull {DELTA} -o ./model" in body and f'AutoDeltaModel.from_pretrained("{DELTA}")' in body
     assert "a" * 40 in body and m.base.fingerprint in body
-    local = model_card(compress(pairs["base"], pairs["ft"], tmp_path / "d2", progress=False))
+    local = model_card(compress(pairs["base"], pairs["ft"], tmp_path / "d2", codec="bitdelta", progress=False))
     assert "base_model:" not in local  # a local base is not a Hub repo id
 
 
@@ -186,7 +186,7 @@ def test_token_protected_server(hub_server_factory: Callable[..., HubServer], pa
     server = hub_server_factory(token="s3cret")
     configure_hf_client(monkeypatch, server.url, tmp_path / "hf_home")  # no implicit token
     _upload(server, pairs["base"], BASE, token="s3cret")
-    compress(BASE, pairs["ft"], tmp_path / "delta", progress=False, token="s3cret", cache_dir=tmp_path / "c", endpoint=server.url)
+    compress(BASE, pairs["ft"], tmp_path / "delta", codec="bitdelta", progress=False, token="s3cret", cache_dir=tmp_path / "c", endpoint=server.url)
 
     with pytest.raises(AuthenticationError, match="HTTP 401"):
         push_to_hub(tmp_path / "delta", DELTA, endpoint=server.url)
@@ -273,7 +273,7 @@ def test_pull_downloads_delta_and_sharded_base_concurrently(hub_env: HubServer, 
     base, ft = make_tiny_pair(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list(base.glob("model-*.safetensors"))) >= 2
     _upload(hub_env, base, BASE)
-    compress(BASE, ft, tmp_path / "delta", params={"granularity": "row"}, progress=False, cache_dir=tmp_path / "compress_cache", endpoint=hub_env.url)
+    compress(BASE, ft, tmp_path / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False, cache_dir=tmp_path / "compress_cache", endpoint=hub_env.url)
     delta_files = [p.name for p in (tmp_path / "delta").glob("delta*.safetensors")]
     push_to_hub(tmp_path / "delta", DELTA, endpoint=hub_env.url)
 

@@ -105,7 +105,7 @@ def test_written_digests_match_stored_bytes(tmp_path: Path, codec: str) -> None:
 
 def test_sharded_index_has_a_file_digest(tmp_path: Path) -> None:
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", max_shard_size=3000, progress=False)
+    compress(base, ft, tmp_path / "delta", max_shard_size=3000, codec="bitdelta", progress=False)
     d = tmp_path / "delta"
     m = _manifest(d)
     assert "delta.safetensors.index.json" in m["file_digests"]

@@ -60,7 +60,7 @@ def test_bitdelta_real_pair(pair: tuple[Path, Path], heldout: torch.Tensor, tmp_
     from transformers import AutoModelForCausalLM
 
     base, ft = pair
-    m = compress(base, ft, tmp_path / "delta", params={"granularity": "row"}, progress=False)
+    m = compress(base, ft, tmp_path / "delta", params={"granularity": "row"}, codec="bitdelta", progress=False)
     coded = m.totals["by_codec"]["bitdelta"]
     assert coded["tensors"] == 210  # 30 blocks x 7 Linear matrices
     assert 8 * coded["stored_bytes"] / coded["parameters"] < 1.1  # ~1 bit per weight

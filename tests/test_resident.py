@@ -105,9 +105,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for g in GRANULARITIES:
         for tag, ft in (("A", ft_a), ("B", ft_b)):
             deltas[f"{tag}_{g}"] = root / f"d_{tag}_{g}"
-            compress(base, ft, deltas[f"{tag}_{g}"], params=_params(g), progress=False)
+            compress(base, ft, deltas[f"{tag}_{g}"], params=_params(g), codec="bitdelta", progress=False)
     deltas["C"] = root / "d_C"
-    compress(base, ft_c, deltas["C"], params={"granularity": "row"}, progress=False)
+    compress(base, ft_c, deltas["C"], params={"granularity": "row"}, codec="bitdelta", progress=False)
     return {"root": root, "base": base, "deltas": deltas}
 
 

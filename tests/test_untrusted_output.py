@@ -58,7 +58,7 @@ def _one_error_line(text: str) -> str:
 @pytest.fixture
 def pair_and_delta(tmp_path: Path) -> tuple[Path, Path, Path]:
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", progress=False, compute_stats=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False, compute_stats=False)
     return base, ft, tmp_path / "delta"
 
 
@@ -225,7 +225,7 @@ def test_output_over_an_input_is_refused(pair_and_delta: tuple[Path, Path, Path]
 def test_output_refused_before_any_work_and_without_overwrite(pair_and_delta: tuple[Path, Path, Path], tmp_path: Path) -> None:
     base, ft, delta = pair_and_delta
     with pytest.raises(UnsafeOutputError, match="is inside the base"):
-        compress(base, ft, base / "delta", progress=False)  # a new dir inside an input: refused too
+        compress(base, ft, base / "delta", codec="bitdelta", progress=False)  # a new dir inside an input: refused too
     with pytest.raises(UnsafeOutputError, match="is the delta"):
         apply_delta(delta, base, delta, progress=False)
     link = tmp_path / "link"

@@ -40,9 +40,9 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("made")
     base, ft = make_tiny_pair(root)
     (ft / "tokenizer.json").write_text('{"version": "1.0"}')
-    compress(base, ft, root / "delta", progress=False)
+    compress(base, ft, root / "delta", codec="bitdelta", progress=False)
     sharded = root / "sharded"
-    compress(base, ft, sharded, progress=False, max_shard_size=4000)
+    compress(base, ft, sharded, codec="bitdelta", progress=False, max_shard_size=4000)
     return {"root": root, "base": base, "ft": ft, "delta": root / "delta", "sharded": sharded}
 
 
@@ -308,6 +308,6 @@ def test_compress_leaves_out_a_finetune_file_linked_out_of_its_folder(made: dict
     (ft / "tokenizer.json").symlink_to(secret)
     (ft / "tokenizer_config.json").symlink_to("generation_config.json")  # a link inside the folder is fine
     with pytest.warns(UserWarning, match="symbolic link out"):
-        m = compress(made["base"], ft, tmp_path / "d", progress=False)
+        m = compress(made["base"], ft, tmp_path / "d", codec="bitdelta", progress=False)
     assert "tokenizer.json" not in m.files and "tokenizer_config.json" in m.files
     assert not any(b"s3cret" in p.read_bytes() for p in (tmp_path / "d").iterdir())

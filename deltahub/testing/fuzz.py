@@ -327,7 +327,7 @@ def build_corpus(root: str | Path) -> list[Target]:
             policy = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule.parse(r) for r in rules])
             compress(pair / "base", pair / "ft", out, policy=policy, progress=False)
         else:
-            compress(pair / "base", pair / "ft", out, max_shard_size=shard, progress=False)
+            compress(pair / "base", pair / "ft", out, codec="bitdelta", max_shard_size=shard, progress=False)
         targets.append(load_target(name, out, pair / "base", root))
     return targets
 
