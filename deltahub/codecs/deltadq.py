@@ -26,7 +26,7 @@ import torch
 from . import register_codec
 from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
-from ._rng import check_seed, group_keep_mask, name_stream
+from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
@@ -132,6 +132,32 @@ def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor
     return max(g for g, e in errs.items() if e <= best * (1 + 1e-9))
 
 
+def gather_kept(flat: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> torch.Tensor:
+    """The elements of ``flat`` the group mask keeps, in row-major order (``flat[M]``), generated
+    block by block so the mask never exists whole."""
+    out = torch.empty(flat.numel() // g * keep, dtype=flat.dtype)
+
+    def block(a: int, m: int) -> None:
+        pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
+        v0 = a // g * keep
+        torch.index_select(flat, 0, pos, out=out[v0:v0 + pos.numel()])
+
+    map_blocks(block, block_ranges(flat.numel(), g))
+    return out
+
+
+def scatter_kept(out: torch.Tensor, values: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> None:
+    """``out[M] = values`` for the flat output and the group mask ``M``, block by block (the
+    inverse of :func:`gather_kept`); peak scratch is a few bytes per element of one block."""
+
+    def block(a: int, m: int) -> None:
+        pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
+        v0 = a // g * keep
+        out.index_copy_(0, pos, values[v0:v0 + pos.numel()])
+
+    map_blocks(block, block_ranges(out.numel(), g))
+
+
 def _part_bits(bits: int, parts: int) -> tuple[int, int]:
     """(bits of a part id, bits of a value inside its part)."""
     pb = parts.bit_length() - 1
@@ -205,8 +231,7 @@ class DeltaDQ(Codec):
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
         keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
-        mask = group_keep_mask(params["seed"], stream, rows, cols, g, keep)
-        values = d2[mask] * (g / keep)
+        values = gather_kept(d2.reshape(-1), params["seed"], stream, g, keep) * (g / keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
         tensors: dict[str, torch.Tensor] = {}
@@ -277,7 +302,6 @@ class DeltaDQ(Codec):
         keep = keep_count(params["p"], g)
         if not 1 <= keep <= g:
             raise CodecError(f"deltadq: p={params['p']!r} keeps {keep} of every {g} elements; it must keep 1 to {g}")
-        mask = group_keep_mask(params["seed"], params["stream"], rows, cols, g, keep)
         n = rows * (cols // g) * keep
         codes = self._codes(stored, n, bits, parts)
         if params["quantizer"] == "kmeans":
@@ -292,8 +316,8 @@ class DeltaDQ(Codec):
             if tuple(qmin.shape) != (ng,) or tuple(qstep.shape) != (ng,) or tuple(norm.shape) != (1,):
                 raise CodecError(f"deltadq: uniform scales do not fit {n} values in groups of {qg}")
             values = dequantize_uniform(codes, qmin, qstep, norm, qg)
-        out = torch.zeros(rows, cols, dtype=torch.float32)
-        out[mask] = values
+        out = torch.zeros(rows * cols, dtype=torch.float32)
+        scatter_kept(out, values.to(torch.float32), params["seed"], params["stream"], g, keep)
         return out.reshape(shape)
 
     @staticmethod
