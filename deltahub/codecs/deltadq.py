@@ -308,7 +308,7 @@ class DeltaDQ(Codec):
             cb = stored["codebook"]
             if cb.dtype != torch.float32 or tuple(cb.shape) != (1 << bits,):
                 raise CodecError(f"deltadq: codebook must be float32 [{1 << bits}], got {cb.dtype} {list(cb.shape)}")
-            values = cb[codes]
+            values = cb.index_select(0, codes.to(torch.int32))
         else:
             qg = params["qgroup"]
             ng = num_groups(n, qg)
@@ -322,13 +322,17 @@ class DeltaDQ(Codec):
 
     @staticmethod
     def _codes(stored: dict[str, torch.Tensor], n: int, bits: int, parts: int) -> torch.Tensor:
+        """The ``n`` uint8 codes: part ids, and each part's low bits filled in at its members in order."""
         pbits, lbits = _part_bits(bits, parts)
-        part = load_stream(stored["part"], n, pbits) if pbits else torch.zeros(n, dtype=torch.int64)
-        low = torch.zeros(n, dtype=torch.int64)
-        if lbits:
-            for j in range(parts):
-                sel = part == j
-                low[sel] = load_stream(stored[f"low{j}"], int(sel.sum()), lbits)
+        if not pbits:
+            return load_stream(stored["low0"], n, lbits)
+        part = load_stream(stored["part"], n, pbits)
+        if not lbits:
+            return part
+        low = torch.zeros(n, dtype=torch.uint8)
+        for j in range(parts):
+            sel = part == j
+            low.masked_scatter_(sel, load_stream(stored[f"low{j}"], int(sel.sum()), lbits))
         return merge_parts(part, low, bits, parts)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
