@@ -7,12 +7,21 @@ target. The end-to-end ``compress`` / ``apply`` (reading, sha256 of the base, wr
 ``bench_real_pair.py``. Writes ``benchmarks/codecs.md``.
 
     python benchmarks/bench_codecs.py [--dtypes float32,bfloat16] [--codecs bitdelta,...]
+
+``--deltadq LABEL`` instead times the DeltaDQ presets on *every* matrix of the real pair (the
+49152x576 embedding too) and optionally a synthetic big-vocab matrix, at 1 and 2 torch threads,
+stores the result under ``LABEL`` in ``benchmarks/codecs_deltadq.json`` and rewrites the
+"DeltaDQ presets" section of ``codecs.md`` from all stored labels (e.g. ``before`` and ``after``;
+``--src DIR`` imports ``deltahub`` from another checkout, to time an older version):
+
+    python benchmarks/bench_codecs.py --deltadq after [--threads 1,2] [--synthetic 262144x640]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -45,7 +54,15 @@ def main() -> None:
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "codecs.md")
+    ap.add_argument("--deltadq", metavar="LABEL", help="time the DeltaDQ presets instead (see the module doc)")
+    ap.add_argument("--presets", default="16x,32x,64x,128x,512x")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--synthetic", default="", help="also a random ROWSxCOLS matrix, e.g. 262144x640")
+    ap.add_argument("--src", type=Path, help="import deltahub from this checkout (--deltadq only)")
     a = ap.parse_args()
+    if a.deltadq:
+        bench_deltadq(a)
+        return
     torch.set_num_threads(1)
 
     from deltahub.codecs import get_codec
@@ -104,6 +121,101 @@ def main() -> None:
     ])
     a.out.write_text(text)
     print(text)
+
+
+DELTADQ_JSON = HERE / "codecs_deltadq.json"
+DELTADQ_HEADING = "## DeltaDQ presets"
+
+
+def _deltadq_sets(steps: int, synthetic: str) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Tensor sets: every 2-D tensor of the real pair, and the synthetic matrix if asked (float32)."""
+    from deltahub.demo import build_pair
+    from deltahub.format.io import Checkpoint
+
+    base_dir, ft_dir = build_pair(steps=steps)
+    bc, fc = Checkpoint(base_dir), Checkpoint(ft_dir)
+    names = [n for n in fc.keys() if len(fc.info(n).shape) == 2]
+    sets = {"real pair, all matrices": [(n, bc.read(n).float(), fc.read(n).float()) for n in names]}
+    if synthetic:
+        rows, cols = (int(x) for x in synthetic.split("x"))
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(rows, cols, generator=g) * 0.02
+        sets[f"synthetic {rows}x{cols}"] = [("lm_head.weight", base, base + torch.randn(rows, cols, generator=g) * 1e-4)]
+    return sets
+
+
+def _time_deltadq(pairs: list, preset: str, repeats: int) -> tuple[float, float, int]:
+    """(best encode s, best decode s, stored bytes) of one preset over a tensor set."""
+    from deltahub.codecs import get_codec
+    from deltahub.codecs.base import EncodeInput
+
+    codec = get_codec("deltadq")
+    prm = codec.validate_params({"preset": preset})
+    t_enc = t_dec = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        encoded = [codec.encode(EncodeInput(n, f, b), prm) for n, b, f in pairs]
+        t_enc = min(t_enc, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for (n, b, f), enc in zip(pairs, encoded):
+            codec.decode_delta(enc.tensors, enc.params, tuple(f.shape))
+        t_dec = min(t_dec, time.perf_counter() - t0)
+    return t_enc, t_dec, sum(e.nbytes for e in encoded)
+
+
+def bench_deltadq(a: argparse.Namespace) -> None:
+    """Time every preset at every thread count; store under the label; rewrite the codecs.md section."""
+    if a.src:
+        sys.path.insert(0, str(a.src.resolve()))
+        for mod in [m for m in sys.modules if m == "deltahub" or m.startswith("deltahub.")]:
+            del sys.modules[mod]
+    sets = _deltadq_sets(a.steps, a.synthetic)
+    results = json.loads(DELTADQ_JSON.read_text()) if DELTADQ_JSON.exists() else {}
+    rows = results.setdefault(a.deltadq, {"date": dt.date.today().isoformat(), "rows": []})["rows"]
+    for threads in (int(t) for t in a.threads.split(",")):
+        torch.set_num_threads(threads)
+        for set_name, pairs in sets.items():
+            numel = sum(b.numel() for _, b, _ in pairs)
+            for preset in a.presets.split(","):
+                t_enc, t_dec, nbytes = _time_deltadq(pairs, preset, a.repeats)
+                row = {"set": set_name, "preset": preset, "threads": threads, "numel": numel,
+                       "encode_s": t_enc, "decode_s": t_dec, "bits_per_weight": 8 * nbytes / numel}
+                rows[:] = [r for r in rows if (r["set"], r["preset"], r["threads"]) != (set_name, preset, threads)]
+                rows.append(row)
+                print(row, flush=True)
+    DELTADQ_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    _write_deltadq_section(a.out, results)
+
+
+def _write_deltadq_section(out: Path, results: dict) -> None:
+    """Replace (or append) the DeltaDQ section of codecs.md: GB/s of fp16 weights per label."""
+    from deltahub.report import markdown_table
+
+    labels = list(results)
+    keys = sorted({(r["set"], r["preset"], r["threads"]) for lab in labels for r in results[lab]["rows"]},
+                  key=lambda k: (k[0], k[2], float(k[1].rstrip("x"))))
+    table = []
+    for key in keys:
+        got = {lab: next((r for r in results[lab]["rows"] if (r["set"], r["preset"], r["threads"]) == key), None)
+               for lab in labels}
+        row = {"tensors": key[0], "preset": key[1], "threads": str(key[2])}
+        for what in ("encode", "decode"):
+            row[f"{what} GB/s fp16"] = " -> ".join(
+                f"{2 * r['numel'] / 1e9 / r[what + '_s']:.3f}" if r else "-" for r in got.values())
+        row["bits/weight"] = next(f"{r['bits_per_weight']:.3f}" for r in reversed(got.values()) if r)
+        table.append(row)
+    section = "\n".join([
+        DELTADQ_HEADING, "",
+        "Codec time only (tensors in memory as float32; `encode` = group-size choice, mask, k-means, "
+        "packing, zstd; `decode` = `decode_delta`), in GB/s of the fp16 weights (`2 * numel` bytes), "
+        f"the fastest of the passes, columns {' -> '.join(labels)} "
+        f"({', '.join(lab + ': ' + results[lab]['date'] for lab in labels)}). "
+        "Timed on a shared 2-core VM: read the ratios, not the last digit.", "",
+        "Command: `python benchmarks/bench_codecs.py --deltadq after --synthetic 262144x640`", "",
+        markdown_table(table, [(k, k) for k in table[0]]), ""])
+    text = out.read_text() if out.exists() else "# Codec throughput\n"
+    head = text.split(DELTADQ_HEADING)[0].rstrip("\n")
+    out.write_text(head + "\n\n" + section)
 
 
 if __name__ == "__main__":

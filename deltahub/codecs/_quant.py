@@ -183,29 +183,34 @@ def quantize_uniform(values: torch.Tensor, bits: int, qgroup: int) -> UniformQua
 
 
 def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, int64 codes)``.
+    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, uint8 codes)``.
 
     In 1-D every cluster is a contiguous run of the sorted values, so after one sort each Lloyd
-    iteration is ``2^bits`` binary searches and prefix-sum differences (no pass over the data).
+    iteration is ``2^bits`` binary searches and prefix-sum differences (no pass over the data);
+    the iterations run on numpy arrays of ``2^bits`` elements, whose per-call cost is small.
     """
     values = values.reshape(-1).to(torch.float32)
     n, k = values.numel(), 1 << bits
     if n == 0:
-        return torch.zeros(k), torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(k), torch.zeros(0, dtype=torch.uint8)
     fit = values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
-    srt = torch.from_numpy(np.sort(fit.numpy()))  # numpy's SIMD sort; equal values are interchangeable
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64), srt.to(torch.float64).cumsum(0)])
-    cb = _companded_init(srt, k)
+    srt = np.sort(fit.numpy())  # numpy's SIMD sort; equal values are interchangeable
+    csum = np.zeros(srt.size + 1, dtype=np.float64)
+    np.cumsum(srt, dtype=np.float64, out=csum[1:])
+    cb = _companded_init(torch.from_numpy(srt), k).numpy()
+    cuts = np.zeros(k + 1, dtype=np.int64)
+    cuts[-1] = srt.size
+    two = np.float32(2)
     for _ in range(iters):
-        cuts = torch.searchsorted(srt, (cb[:-1] + cb[1:]) / 2, right=True)
-        cuts = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([srt.numel()])])
+        cuts[1:-1] = np.searchsorted(srt, (cb[:-1] + cb[1:]) / two, side="right")
         cnt = cuts[1:] - cuts[:-1]
-        sums = csum[cuts[1:]] - csum[cuts[:-1]]
-        new = torch.where(cnt > 0, (sums / cnt.clamp(min=1)).to(torch.float32), cb).sort().values
-        if torch.equal(new, cb):
+        means = ((csum[cuts[1:]] - csum[cuts[:-1]]) / np.maximum(cnt, 1)).astype(np.float32)
+        new = np.sort(np.where(cnt > 0, means, cb))
+        if np.array_equal(new, cb):
             break
         cb = new
-    return cb, assign_codebook(values, cb)
+    cb_t = torch.from_numpy(cb)
+    return cb_t, assign_codebook(values, cb_t)
 
 
 def _companded_init(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:

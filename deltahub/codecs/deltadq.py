@@ -88,6 +88,8 @@ def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
     i.e. the delta entries themselves as the intermediate results; isotropic inputs (``H = I``)
     would make every group size equal (``E = p / (1 - p) * ||D||^2``) and so could not choose.
     """
+    if calibration is None:
+        return _spread_errors(delta2d, p, candidates)
     d = delta2d.to(torch.float64)
     rows, cols = d.shape
     x = None
@@ -118,6 +120,36 @@ def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
             term2 = float((y * y).sum()) / g
         c = g * (g - n) / (n * (g - 1))
         out[g] = c * max(term1 - term2, 0.0)
+    return out
+
+
+#: Elements of the delta converted to float64 at a time by :func:`_spread_errors`.
+SPREAD_BLOCK = 1 << 20
+
+
+def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int]) -> dict[int, float]:
+    """:func:`group_size_errors` without calibration (``H = 1 1^T``): ``c(g) * (sum D^2 - sum_G (sum_G D)^2 / g)``.
+
+    Group sums of every power-of-two size come from the previous size's by adding neighbours, so all
+    candidates cost about two passes over the delta, in float64 blocks of :data:`SPREAD_BLOCK` elements.
+    """
+    rows, cols = delta2d.shape
+    term1, term2 = 0.0, dict.fromkeys(candidates, 0.0)
+    step = max(1, SPREAD_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        s = delta2d[r0:r0 + step].to(torch.float64)
+        term1 += float((s * s).sum())
+        size = 1
+        for g in sorted(candidates):
+            while size < g and g % (2 * size) == 0:  # candidates are powers of two dividing cols, and cols
+                s = s[:, 0::2] + s[:, 1::2]
+                size *= 2
+            sg = s if size == g else s.sum(1)  # g = cols, not a power of two: the row sums
+            term2[g] += float((sg * sg).sum())
+    out: dict[int, float] = {}
+    for g in candidates:
+        n = keep_count(p, g)
+        out[g] = 0.0 if n >= g else g * (g - n) / (n * (g - 1)) * max(term1 - term2[g] / g, 0.0)
     return out
 
 
@@ -217,7 +249,7 @@ class DeltaDQ(Codec):
 
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta
-        if not torch.isfinite(delta).all():
+        if not math.isfinite(float(delta.sum(dtype=torch.float64))):  # exact in float64: any NaN/Inf shows
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; deltadq cannot code them")
         rows, cols = matrix_view_shape(delta.shape)
         d2 = delta.reshape(rows, cols)
