@@ -73,6 +73,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out[:nbytes]
 
 
+#: bits -> uint8 [256, 8 / bits]: the codes held by each byte value, first code first.
+_UNPACK_TABLES: dict[int, np.ndarray] = {}
+
+
 def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 codes ``[n]`` (each ``bits`` bytes hold 8 codes)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
@@ -84,6 +88,11 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.uint8)
     if bits == 8:
         return packed.clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle bytes; one table row per byte value
+        table = _UNPACK_TABLES.get(bits)
+        if table is None:
+            table = _UNPACK_TABLES[bits] = ((np.arange(256)[:, None] >> np.arange(0, 8, bits)) & ((1 << bits) - 1)).astype(np.uint8)
+        return torch.from_numpy(np.take(table, packed.numpy(), axis=0).reshape(-1)[:n])
     words = (n + 7) // 8
     full = torch.zeros(words * bits, dtype=torch.uint8)
     full[:packed.numel()] = packed

@@ -200,7 +200,9 @@ def _select_rows(u: np.ndarray, keep: int) -> np.ndarray:
     rows, g = u.shape
     kth = np.partition(u, keep - 1, axis=1)[:, keep - 1:keep]
     flags = u <= kth
-    over = np.flatnonzero(flags.sum(axis=1) > keep)  # rows where u ties at the threshold (rare)
+    if np.count_nonzero(flags) == rows * keep:  # no row has a tie at its threshold (almost always)
+        return flags
+    over = np.flatnonzero(flags.sum(axis=1) > keep)
     for r in over:  # equal u go to the lower column: drop the highest-column ties beyond keep
         ties = np.flatnonzero(u[r] == kth[r, 0])
         flags[r, ties[keep - int((u[r] < kth[r, 0]).sum()):]] = False

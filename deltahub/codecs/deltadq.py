@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import register_codec
@@ -364,7 +365,7 @@ class DeltaDQ(Codec):
         low = torch.zeros(n, dtype=torch.uint8)
         for j in range(parts):
             sel = part == j
-            low.masked_scatter_(sel, load_stream(stored[f"low{j}"], int(sel.sum()), lbits))
+            low.masked_scatter_(sel, load_stream(stored[f"low{j}"], int(np.count_nonzero(sel.numpy())), lbits))
         return merge_parts(part, low, bits, parts)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
