@@ -192,7 +192,7 @@ def _argmin_rows(u: np.ndarray) -> np.ndarray:
             nv.append(vals[-1])
             ni.append(idx[-1])
         vals, idx = nv, ni
-    return np.asarray(idx[0], dtype=np.int64)
+    return np.broadcast_to(np.asarray(idx[0], dtype=np.int64), (rows,))  # g = 1: the int 0
 
 
 def _select_rows(u: np.ndarray, keep: int) -> np.ndarray:
