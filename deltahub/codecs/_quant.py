@@ -204,8 +204,9 @@ def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) 
         return torch.zeros(k), torch.zeros(0, dtype=torch.uint8)
     fit = values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
     srt = np.sort(fit.numpy())  # numpy's SIMD sort; equal values are interchangeable
-    csum = np.zeros(srt.size + 1, dtype=np.float64)
-    np.cumsum(srt, dtype=np.float64, out=csum[1:])
+    csum = np.empty(srt.size + 1, dtype=np.float64)
+    csum[0], csum[1:] = 0.0, srt
+    np.add.accumulate(csum, out=csum)  # sequential float64 prefix sums, csum[i] = sum of the i smallest
     cb = _companded_init(torch.from_numpy(srt), k).numpy()
     cuts = np.zeros(k + 1, dtype=np.int64)
     cuts[-1] = srt.size
@@ -215,7 +216,7 @@ def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) 
         cnt = cuts[1:] - cuts[:-1]
         means = ((csum[cuts[1:]] - csum[cuts[:-1]]) / np.maximum(cnt, 1)).astype(np.float32)
         new = np.sort(np.where(cnt > 0, means, cb))
-        if np.array_equal(new, cb):
+        if (new == cb).all():
             break
         cb = new
     cb_t = torch.from_numpy(cb)

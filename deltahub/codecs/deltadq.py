@@ -139,14 +139,15 @@ def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int]) -> di
     step = max(1, SPREAD_BLOCK // max(cols, 1))
     for r0 in range(0, rows, step):
         s = delta2d[r0:r0 + step].to(torch.float64)
-        term1 += float((s * s).sum())
+        flat = s.view(-1)
+        term1 += float(torch.dot(flat, flat))
         size = 1
         for g in sorted(candidates):
             while size < g and g % (2 * size) == 0:  # candidates are powers of two dividing cols, and cols
                 s = s[:, 0::2] + s[:, 1::2]
                 size *= 2
-            sg = s if size == g else s.sum(1)  # g = cols, not a power of two: the row sums
-            term2[g] += float((sg * sg).sum())
+            sg = (s if size == g else s.sum(1)).reshape(-1)  # g = cols, not a power of two: the row sums
+            term2[g] += float(torch.dot(sg, sg))
     out: dict[int, float] = {}
     for g in candidates:
         n = keep_count(p, g)
