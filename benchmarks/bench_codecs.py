@@ -144,23 +144,25 @@ def _deltadq_sets(steps: int, synthetic: str) -> dict[str, list[tuple[str, torch
     return sets
 
 
-def _time_deltadq(pairs: list, preset: str, repeats: int) -> tuple[float, float, int]:
-    """(best encode s, best decode s, stored bytes) of one preset over a tensor set."""
+def _time_deltadq(pairs: list, preset: str, repeats: int) -> dict[str, float]:
+    """Best wall and CPU seconds of encode and decode of one preset over a tensor set, and the stored bytes."""
     from deltahub.codecs import get_codec
     from deltahub.codecs.base import EncodeInput
 
     codec = get_codec("deltadq")
     prm = codec.validate_params({"preset": preset})
-    t_enc = t_dec = float("inf")
+    best = dict.fromkeys(("encode_s", "encode_cpu_s", "decode_s", "decode_cpu_s"), float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         encoded = [codec.encode(EncodeInput(n, f, b), prm) for n, b, f in pairs]
-        t_enc = min(t_enc, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        w1, c1 = time.perf_counter(), time.process_time()
         for (n, b, f), enc in zip(pairs, encoded):
             codec.decode_delta(enc.tensors, enc.params, tuple(f.shape))
-        t_dec = min(t_dec, time.perf_counter() - t0)
-    return t_enc, t_dec, sum(e.nbytes for e in encoded)
+        w2, c2 = time.perf_counter(), time.process_time()
+        for key, val in (("encode_s", w1 - w0), ("encode_cpu_s", c1 - c0), ("decode_s", w2 - w1), ("decode_cpu_s", c2 - c1)):
+            best[key] = min(best[key], val)
+    best["nbytes"] = sum(e.nbytes for e in encoded)
+    return best
 
 
 def bench_deltadq(a: argparse.Namespace) -> None:
@@ -170,19 +172,21 @@ def bench_deltadq(a: argparse.Namespace) -> None:
         for mod in [m for m in sys.modules if m == "deltahub" or m.startswith("deltahub.")]:
             del sys.modules[mod]
     sets = _deltadq_sets(a.steps, a.synthetic)
-    results = json.loads(DELTADQ_JSON.read_text()) if DELTADQ_JSON.exists() else {}
-    rows = results.setdefault(a.deltadq, {"date": dt.date.today().isoformat(), "rows": []})["rows"]
+    stored = json.loads(DELTADQ_JSON.read_text()) if DELTADQ_JSON.exists() else {}
+    rows = stored.get(a.deltadq, {}).get("rows", [])
     for threads in (int(t) for t in a.threads.split(",")):
         torch.set_num_threads(threads)
         for set_name, pairs in sets.items():
             numel = sum(b.numel() for _, b, _ in pairs)
             for preset in a.presets.split(","):
-                t_enc, t_dec, nbytes = _time_deltadq(pairs, preset, a.repeats)
+                got = _time_deltadq(pairs, preset, a.repeats)
                 row = {"set": set_name, "preset": preset, "threads": threads, "numel": numel,
-                       "encode_s": t_enc, "decode_s": t_dec, "bits_per_weight": 8 * nbytes / numel}
+                       "bits_per_weight": 8 * got.pop("nbytes") / numel, **got, "load": os.getloadavg()[0]}
                 rows[:] = [r for r in rows if (r["set"], r["preset"], r["threads"]) != (set_name, preset, threads)]
                 rows.append(row)
                 print(row, flush=True)
+    results = json.loads(DELTADQ_JSON.read_text()) if DELTADQ_JSON.exists() else {}  # re-read: runs may overlap
+    results[a.deltadq] = {"date": dt.date.today().isoformat(), "rows": rows}
     DELTADQ_JSON.write_text(json.dumps(results, indent=1) + "\n")
     _write_deltadq_section(a.out, results)
 
@@ -191,7 +195,7 @@ def _write_deltadq_section(out: Path, results: dict) -> None:
     """Replace (or append) the DeltaDQ section of codecs.md: GB/s of fp16 weights per label."""
     from deltahub.report import markdown_table
 
-    labels = list(results)
+    labels = sorted(results, key=lambda lab: lab != "before")  # before first, then in run order
     keys = sorted({(r["set"], r["preset"], r["threads"]) for lab in labels for r in results[lab]["rows"]},
                   key=lambda k: (k[0], k[2], float(k[1].rstrip("x"))))
     table = []
@@ -200,19 +204,24 @@ def _write_deltadq_section(out: Path, results: dict) -> None:
                for lab in labels}
         row = {"tensors": key[0], "preset": key[1], "threads": str(key[2])}
         for what in ("encode", "decode"):
-            row[f"{what} GB/s fp16"] = " -> ".join(
-                f"{2 * r['numel'] / 1e9 / r[what + '_s']:.3f}" if r else "-" for r in got.values())
+            row[f"{what} GB/s fp16, wall [cpu]"] = " -> ".join(
+                f"{2 * r['numel'] / 1e9 / r[what + '_s']:.3f} [{2 * r['numel'] / 1e9 / r[what + '_cpu_s']:.3f}]"
+                if r else "-" for r in got.values())
         row["bits/weight"] = next(f"{r['bits_per_weight']:.3f}" for r in reversed(got.values()) if r)
         table.append(row)
     section = "\n".join([
         DELTADQ_HEADING, "",
         "Codec time only (tensors in memory as float32; `encode` = group-size choice, mask, k-means, "
         "packing, zstd; `decode` = `decode_delta`), in GB/s of the fp16 weights (`2 * numel` bytes), "
-        f"the fastest of the passes, columns {' -> '.join(labels)} "
+        "by wall time and [by CPU time of the process, all threads], each the fastest of the passes, "
+        f"columns {' -> '.join(labels)} "
         f"({', '.join(lab + ': ' + results[lab]['date'] for lab in labels)}). "
-        "Timed on a shared 2-core VM: read the ratios, not the last digit.", "",
-        "Command: `python benchmarks/bench_codecs.py --deltadq after --synthetic 262144x640`", "",
-        markdown_table(table, [(k, k) for k in table[0]]), ""])
+        "Timed on a 2-core VM shared with other jobs (load average 5-17 during these runs, in "
+        "`codecs_deltadq.json`): wall times are inflated, CPU times are the steadier measure.", "",
+        "Commands: `python benchmarks/bench_codecs.py --deltadq after`; `--src DIR --deltadq before` with DIR "
+        "a checkout of the older code.", "",
+        markdown_table(table, [(k, k) for k in table[0]]), "",
+        *[f"- {lab}: {note}" for lab in labels for note in results[lab].get("notes", [])], ""])
     text = out.read_text() if out.exists() else "# Codec throughput\n"
     head = text.split(DELTADQ_HEADING)[0].rstrip("\n")
     out.write_text(head + "\n\n" + section)

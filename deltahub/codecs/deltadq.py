@@ -2,9 +2,10 @@
 
 1. **Group-wise dropout.** Each row of the ``[rows, cols]`` view is cut into groups of
    ``group_size`` consecutive columns; in every group exactly ``keep = round((1 - p) * group_size)``
-   elements survive, chosen by the seeded counter-based generator (``_rng.group_keep_mask``), and
+   elements survive, chosen by the seeded counter-based generator (``_rng.group_keep_block``), and
    are rescaled by ``group_size / keep``. The mask costs zero bytes: it is regenerated from
-   ``(seed, stream)``.
+   ``(seed, stream)``, block by block (:func:`gather_kept`, :func:`scatter_kept`), so it never
+   exists whole and decoding needs little beyond the output tensor.
 2. **Group size.** With ``group_size="auto"`` the group size minimizing the *expected* squared
    error of the layer output ``X @ delta.T`` is chosen (:func:`group_size_errors`); ``X`` is the
    calibration input when given, else one all-ones input (the delta entries are the intermediate
