@@ -229,7 +229,7 @@ def _decoder(codec: str, entry: Any, stored: dict[str, torch.Tensor], device: to
         mask = group_keep_mask(p["seed"], p["stream"], rows, cols, g, keep)
         idx = mask.reshape(-1).nonzero().reshape(-1).to(device)
         n = rows * (cols // g) * keep
-        codes = DeltaDQ._codes(stored, n, bits_, parts).to(device)
+        codes = DeltaDQ._codes(stored, n, bits_, parts).to(device=device, dtype=torch.int64)  # uint8 would index as a mask
         if p["quantizer"] == "kmeans":
             return lambda q: _sparse(numel, idx, q["codebook"][codes])
         qg = p["qgroup"]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ._bits import pack_bits, unpack_bits
 from ._zstd import compress, decompress_frame
 from ..errors import CodecError
 
@@ -38,34 +38,73 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+#: Codes handled per pass of :func:`pack_codes` / :func:`unpack_codes` (bounds their int64 scratch).
+CODE_CHUNK = 1 << 20
+
+
+def _shifts(bits: int) -> torch.Tensor:
+    """Bit offsets of the 8 codes of a ``bits``-byte word: ``0, bits, ..., 7 * bits``."""
+    return torch.arange(0, 8 * bits, bits, dtype=torch.int64)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative codes ``< 2^bits`` into a 1-D uint8 bit stream.
 
     Code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, least-significant bit first; stream
-    bit ``t`` is bit ``t % 8`` of byte ``t // 8``; the last byte is zero-padded.
+    bit ``t`` is bit ``t % 8`` of byte ``t // 8``; the last byte is zero-padded. Every 8 codes fill
+    exactly ``bits`` bytes: they are OR-ed into one little-endian int64 word (at most 56 bits) whose
+    low ``bits`` bytes are the packed bytes.
     """
-    codes = codes.reshape(-1).to(torch.int64)
-    if bits == 0 or codes.numel() == 0:
-        return torch.zeros(packed_nbytes(codes.numel(), bits), dtype=torch.uint8)
+    codes = codes.reshape(-1)
+    n = codes.numel()
+    nbytes = packed_nbytes(n, bits)
+    if bits == 0 or n == 0:
+        return torch.zeros(nbytes, dtype=torch.uint8)
     if bits == 8:
         return codes.to(torch.uint8)
-    planes = ((codes.unsqueeze(1) >> torch.arange(bits, dtype=torch.int64)) & 1).to(torch.bool)
-    return pack_bits(planes.reshape(1, -1)).reshape(-1)
+    out = torch.empty((n + 7) // 8 * bits, dtype=torch.uint8)
+    shifts = _shifts(bits)
+    for a in range(0, n, CODE_CHUNK):  # CODE_CHUNK is a multiple of 8: chunks fill whole words
+        c = codes[a:a + CODE_CHUNK].to(torch.int64) & ((1 << bits) - 1)
+        if c.numel() % 8:
+            c = torch.nn.functional.pad(c, (0, 8 - c.numel() % 8))
+        words = (c.view(-1, 8) << shifts).sum(1)  # disjoint bit fields: the sum is their OR
+        out[a // 8 * bits:(a + c.numel()) // 8 * bits] = words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+    return out[:nbytes]
+
+
+#: bits -> uint8 [256, 8 / bits]: the codes held by each byte value, first code first.
+_UNPACK_TABLES: dict[int, np.ndarray] = {}
 
 
 def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int64 codes ``[n]``."""
+    """Inverse of :func:`pack_codes`: uint8 codes ``[n]`` (each ``bits`` bytes hold 8 codes)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
         raise CodecError(
             f"packed codes: expected uint8 [{packed_nbytes(n, bits)}] for {n} codes of {bits} bits, "
             f"got {packed.dtype} {list(packed.shape)}"
         )
     if bits == 0 or n == 0:
-        return torch.zeros(n, dtype=torch.int64)
+        return torch.zeros(n, dtype=torch.uint8)
     if bits == 8:
-        return packed.to(torch.int64)
-    b = unpack_bits(packed.reshape(1, -1), n * bits).reshape(n, bits).to(torch.int64)
-    return (b << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+        return packed.clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle bytes; one table row per byte value
+        table = _UNPACK_TABLES.get(bits)
+        if table is None:
+            table = _UNPACK_TABLES[bits] = ((np.arange(256)[:, None] >> np.arange(0, 8, bits)) & ((1 << bits) - 1)).astype(np.uint8)
+        return torch.from_numpy(np.take(table, packed.numpy(), axis=0).reshape(-1)[:n])
+    words = (n + 7) // 8
+    full = torch.zeros(words * bits, dtype=torch.uint8)
+    full[:packed.numel()] = packed
+    buf = torch.zeros(words, 8, dtype=torch.uint8)
+    buf[:, :bits] = full.view(words, bits)
+    out = torch.empty(words * 8, dtype=torch.uint8)
+    shifts, low = _shifts(bits), (1 << bits) - 1
+    w64 = buf.view(torch.int64).view(-1)
+    for a in range(0, words, CODE_CHUNK // 8):
+        w = w64[a:a + CODE_CHUNK // 8]
+        out[a * 8:(a + w.numel()) * 8] = ((w.unsqueeze(1) >> shifts) & low).view(-1)
+    return out[:n]
 
 
 def split_parts(codes: torch.Tensor, bits: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,29 +192,35 @@ def quantize_uniform(values: torch.Tensor, bits: int, qgroup: int) -> UniformQua
 
 
 def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, int64 codes)``.
+    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, uint8 codes)``.
 
     In 1-D every cluster is a contiguous run of the sorted values, so after one sort each Lloyd
-    iteration is ``2^bits`` binary searches and prefix-sum differences (no pass over the data).
+    iteration is ``2^bits`` binary searches and prefix-sum differences (no pass over the data);
+    the iterations run on numpy arrays of ``2^bits`` elements, whose per-call cost is small.
     """
     values = values.reshape(-1).to(torch.float32)
     n, k = values.numel(), 1 << bits
     if n == 0:
-        return torch.zeros(k), torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(k), torch.zeros(0, dtype=torch.uint8)
     fit = values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
-    srt = fit.sort().values
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64), srt.to(torch.float64).cumsum(0)])
-    cb = _companded_init(srt, k)
+    srt = np.sort(fit.numpy())  # numpy's SIMD sort; equal values are interchangeable
+    csum = np.empty(srt.size + 1, dtype=np.float64)
+    csum[0], csum[1:] = 0.0, srt
+    np.add.accumulate(csum, out=csum)  # sequential float64 prefix sums, csum[i] = sum of the i smallest
+    cb = _companded_init(torch.from_numpy(srt), k).numpy()
+    cuts = np.zeros(k + 1, dtype=np.int64)
+    cuts[-1] = srt.size
+    two = np.float32(2)
     for _ in range(iters):
-        cuts = torch.searchsorted(srt, (cb[:-1] + cb[1:]) / 2, right=True)
-        cuts = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([srt.numel()])])
+        cuts[1:-1] = np.searchsorted(srt, (cb[:-1] + cb[1:]) / two, side="right")
         cnt = cuts[1:] - cuts[:-1]
-        sums = csum[cuts[1:]] - csum[cuts[:-1]]
-        new = torch.where(cnt > 0, (sums / cnt.clamp(min=1)).to(torch.float32), cb).sort().values
-        if torch.equal(new, cb):
+        means = ((csum[cuts[1:]] - csum[cuts[:-1]]) / np.maximum(cnt, 1)).astype(np.float32)
+        new = np.sort(np.where(cnt > 0, means, cb))
+        if (new == cb).all():
             break
         cb = new
-    return cb, assign_codebook(values, cb)
+    cb_t = torch.from_numpy(cb)
+    return cb_t, assign_codebook(values, cb_t)
 
 
 def _companded_init(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:
@@ -194,8 +239,21 @@ def _companded_init(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Ten
 
 
 def assign_codebook(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid of a sorted codebook (ties to the lower one)."""
-    return torch.bucketize(values.reshape(-1), (codebook[:-1] + codebook[1:]) / 2)
+    """Index (uint8) of the nearest centroid of a sorted codebook of at most 256 (ties to the lower one).
+
+    The code is the number of midpoints strictly below the value (``torch.bucketize``'s answer);
+    up to 15 midpoints that count is summed one comparison at a time, which is several times faster.
+    """
+    values = values.reshape(-1)
+    mids = (codebook[:-1] + codebook[1:]) / 2
+    if mids.numel() > 15:
+        return torch.bucketize(values, mids).to(torch.uint8)
+    codes = torch.zeros(values.numel(), dtype=torch.uint8)
+    above = torch.empty(values.numel(), dtype=torch.bool)
+    for m in mids.tolist():  # float32 midpoints, exact as Python floats
+        torch.gt(values, m, out=above)
+        codes += above
+    return codes
 
 
 #: zstd level of code streams (levels above ~12 gain <1% on these streams and cost 3x the time).
@@ -217,7 +275,7 @@ def store_stream(codes: torch.Tensor, bits: int, *, entropy: bool = True) -> tor
 
 
 def load_stream(stored: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`store_stream`: int64 codes ``[n]``."""
+    """Inverse of :func:`store_stream`: uint8 codes ``[n]``."""
     raw_len = packed_nbytes(n, bits)
     if stored.dtype != torch.uint8 or stored.dim() != 1:
         raise CodecError(f"code stream must be a 1-D uint8 tensor, got {stored.dtype} {list(stored.shape)}")

@@ -10,18 +10,21 @@ own generator from 32-bit integer operations that every language reproduces exac
 * element ``i`` (``lo = i mod 2^32``, ``hi = i >> 32``) gets
   ``u_i = H(lo ^ K(hi)) ^ k1`` with ``K(hi) = H(k2 ^ H(hi ^ 0x85EBCA6B))``, a value in ``[0, 2^32)``.
 
-One hash round per element keeps regeneration cheap (about 20 ns per element on one CPU core).
-
-Values are held in int64 tensors in ``[0, 2^32)``; a multiplication mod 2^32 is split into two
-16-bit halves of the constant so that no intermediate product exceeds 2^49 (no signed overflow,
-no reliance on wrapping), and right shifts of non-negative values are logical.
+One hash round per element keeps regeneration cheap: bulk generation (:func:`uniform_u32_np`,
+the masks) runs on numpy ``uint32`` arrays, whose multiplication is defined to wrap mod 2^32 and
+whose right shifts are logical, in cache-sized blocks (about 1-2 ns per element on one core; a
+mask needs 4 bytes of scratch per element of one block, not of the tensor). The torch helpers
+(:func:`hash32_`, :func:`uniform_u32_at`) hold values in int64 tensors in ``[0, 2^32)``, splitting
+a multiplication into 16-bit halves of the constant so that no product exceeds 2^49.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from ..errors import InvalidCodecParamsError
@@ -32,6 +35,10 @@ _T32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
 _T32_LAST_SHIFT = 14
 SEED_SALT = 0x9E3779B9
 HI_SALT = 0x85EBCA6B
+#: Elements per block of bulk generation: 256 KiB of uint32, so a block's passes stay in cache.
+BLOCK = 1 << 16
+_T32_NP = tuple((shift, np.uint32(mult)) for shift, mult in _T32)
+_ARANGE = np.arange(BLOCK, dtype=np.uint32)
 
 
 def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -99,9 +106,44 @@ def uniform_u32_at(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _hash_np_(x: np.ndarray, tmp: np.ndarray) -> None:
+    """In-place triple32 on a uint32 array (``tmp``: scratch of the same length)."""
+    for shift, mult in _T32_NP:
+        np.right_shift(x, shift, out=tmp)
+        x ^= tmp
+        x *= mult
+    np.right_shift(x, _T32_LAST_SHIFT, out=tmp)
+    x ^= tmp
+
+
+def _fill_u32(out: np.ndarray, tmp: np.ndarray, k1: int, k2: int, start: int) -> None:
+    """``out[j] = u_(start + j)`` for a uint32 block of at most :data:`BLOCK` elements."""
+    done, n = 0, out.size
+    while done < n:  # one piece per value of hi = i >> 32 (a block crosses at most one boundary)
+        i = start + done
+        lo, hi = i & MASK32, i >> 32
+        m = min(n - done, (1 << 32) - lo)
+        piece = out[done:done + m]
+        np.add(_ARANGE[:m], np.uint32(lo), out=piece)
+        piece ^= np.uint32(hash32_int(k2 ^ hash32_int((hi ^ HI_SALT) & MASK32)))
+        done += m
+    _hash_np_(out, tmp[:n])
+    out ^= np.uint32(k1)
+
+
+def uniform_u32_np(seed: int, stream: int, n: int, start: int = 0) -> np.ndarray:
+    """``u_start .. u_{start+n-1}`` as a numpy uint32 array (generated block by block)."""
+    k1, k2 = _keys(seed, stream)
+    out = np.empty(n, dtype=np.uint32)
+    tmp = np.empty(min(n, BLOCK), dtype=np.uint32)
+    for a in range(0, n, BLOCK):
+        _fill_u32(out[a:a + BLOCK], tmp, k1, k2, start + a)
+    return out
+
+
 def uniform_u32(seed: int, stream: int, n: int, start: int = 0) -> torch.Tensor:
     """``u_start .. u_{start+n-1}``: int64 tensor of values in ``[0, 2^32)``."""
-    return uniform_u32_at(seed, stream, torch.arange(start, start + n, dtype=torch.int64))
+    return torch.from_numpy(uniform_u32_np(seed, stream, n, start).astype(np.int64))
 
 
 def keep_threshold(p: float) -> int:
@@ -114,7 +156,107 @@ def keep_mask(seed: int, stream: int, shape: Sequence[int], p: float) -> torch.T
     n = 1
     for s in shape:
         n *= int(s)
-    return (uniform_u32(seed, stream, n) < keep_threshold(p)).reshape(tuple(shape))
+    t = keep_threshold(p)
+    if t > MASK32:
+        return torch.ones(tuple(shape), dtype=torch.bool)
+    k1, k2 = _keys(seed, stream)
+    out = np.empty(n, dtype=bool)
+    u = np.empty(min(n, BLOCK), dtype=np.uint32)
+    tmp = np.empty_like(u)
+    for a in range(0, n, BLOCK):
+        ub = u[:min(BLOCK, n - a)]
+        _fill_u32(ub, tmp, k1, k2, a)
+        np.less(ub, np.uint32(t), out=out[a:a + ub.size])
+    return torch.from_numpy(out).reshape(tuple(shape))
+
+
+def _argmin_rows(u: np.ndarray) -> np.ndarray:
+    """Column of the smallest ``u[r, :]`` per row, the lowest column on ties (keep = 1).
+
+    Small groups play a knockout over whole columns (three vectorised passes per column, where
+    numpy's ``argmin`` would loop per row); the left, lower-column side wins ties.
+    """
+    rows, g = u.shape
+    if g > 8:
+        return np.argmin(u, axis=1)  # first occurrence on ties
+    vals: list[np.ndarray] = [u[:, j] for j in range(g)]
+    idx: list[np.ndarray | int] = list(range(g))
+    while len(vals) > 1:
+        nv: list[np.ndarray] = []
+        ni: list[np.ndarray | int] = []
+        for k in range(0, len(vals) - 1, 2):
+            right_wins = vals[k + 1] < vals[k]
+            nv.append(np.minimum(vals[k], vals[k + 1]))
+            ni.append(np.where(right_wins, idx[k + 1], idx[k]))
+        if len(vals) % 2:
+            nv.append(vals[-1])
+            ni.append(idx[-1])
+        vals, idx = nv, ni
+    return np.broadcast_to(np.asarray(idx[0], dtype=np.int64), (rows,))  # g = 1: the int 0
+
+
+def _select_rows(u: np.ndarray, keep: int) -> np.ndarray:
+    """Flags ``[rows, g]``: whether ``u[r, j]`` has one of the ``keep`` smallest keys ``u * g + j`` of row ``r``."""
+    rows, g = u.shape
+    kth = np.partition(u, keep - 1, axis=1)[:, keep - 1:keep]
+    flags = u <= kth
+    if np.count_nonzero(flags) == rows * keep:  # no row has a tie at its threshold (almost always)
+        return flags
+    over = np.flatnonzero(flags.sum(axis=1) > keep)
+    for r in over:  # equal u go to the lower column: drop the highest-column ties beyond keep
+        ties = np.flatnonzero(u[r] == kth[r, 0])
+        flags[r, ties[keep - int((u[r] < kth[r, 0]).sum()):]] = False
+    return flags
+
+
+def block_ranges(numel: int, group_size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of the blocks the group mask is generated in: whole groups, about
+    :data:`BLOCK` elements each (one group when a group is larger)."""
+    step = max(1, BLOCK // group_size) * group_size
+    return [(a, min(step, numel - a)) for a in range(0, numel, step)]
+
+
+def group_keep_block(seed: int, stream: int, start: int, length: int, group_size: int, keep: int) -> np.ndarray:
+    """Row-major indices (int64, ascending) of the kept elements of whole groups ``[start, start + length)``.
+
+    Each of the ``length / group_size`` groups keeps exactly ``keep`` elements (3.5 of format_spec.md).
+    """
+    g = group_size
+    if keep >= g:
+        return np.arange(start, start + length, dtype=np.int64)
+    if keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k1, k2 = _keys(seed, stream)
+    u = np.empty(length, dtype=np.uint32)
+    tmp = np.empty(min(length, BLOCK), dtype=np.uint32)
+    for a in range(0, length, BLOCK):
+        _fill_u32(u[a:a + BLOCK], tmp, k1, k2, start + a)
+    u2 = u.reshape(-1, g)
+    if keep == 1:
+        pos = np.arange(start, start + length, g, dtype=np.int64)
+        pos += _argmin_rows(u2)
+        return pos
+    pos = np.flatnonzero(_select_rows(u2, keep))
+    pos += start
+    return pos
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+def map_blocks(fn: Callable[[int, int], None], blocks: Sequence[tuple[int, int]], threads: int | None = None) -> None:
+    """``fn(start, length)`` for every block, on ``torch.get_num_threads()`` threads (numpy and
+    torch release the GIL in their kernels, so blocks of one tensor run in parallel)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1 or len(blocks) <= 1:
+        for a, m in blocks:
+            fn(a, m)
+        return
+    pool = _POOL.get(threads)
+    if pool is None:
+        pool = _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="deltahub-rng")
+    for _ in pool.map(lambda b: fn(*b), blocks):
+        pass
 
 
 def group_keep_mask(seed: int, stream: int, rows: int, cols: int, group_size: int, keep: int) -> torch.Tensor:
@@ -132,8 +274,7 @@ def group_keep_mask(seed: int, stream: int, rows: int, cols: int, group_size: in
         return torch.ones(rows, cols, dtype=torch.bool)
     if keep == 0 or n == 0:
         return torch.zeros(rows, cols, dtype=torch.bool)
-    keys = uniform_u32(seed, stream, n).view(-1, group_size)
-    keys *= group_size
-    keys += torch.arange(group_size, dtype=torch.int64)
-    kth = torch.kthvalue(keys, keep, dim=1, keepdim=True).values
-    return (keys <= kth).view(rows, cols)
+    out = np.zeros(n, dtype=bool)
+    for a, m in block_ranges(n, group_size):
+        out[group_keep_block(seed, stream, a, m, group_size, keep)] = True
+    return torch.from_numpy(out).view(rows, cols)

@@ -2,9 +2,10 @@
 
 1. **Group-wise dropout.** Each row of the ``[rows, cols]`` view is cut into groups of
    ``group_size`` consecutive columns; in every group exactly ``keep = round((1 - p) * group_size)``
-   elements survive, chosen by the seeded counter-based generator (``_rng.group_keep_mask``), and
+   elements survive, chosen by the seeded counter-based generator (``_rng.group_keep_block``), and
    are rescaled by ``group_size / keep``. The mask costs zero bytes: it is regenerated from
-   ``(seed, stream)``.
+   ``(seed, stream)``, block by block (:func:`gather_kept`, :func:`scatter_kept`), so it never
+   exists whole and decoding needs little beyond the output tensor.
 2. **Group size.** With ``group_size="auto"`` the group size minimizing the *expected* squared
    error of the layer output ``X @ delta.T`` is chosen (:func:`group_size_errors`); ``X`` is the
    calibration input when given, else one all-ones input (the delta entries are the intermediate
@@ -21,12 +22,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import register_codec
 from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
-from ._rng import check_seed, group_keep_mask, name_stream
+from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
@@ -88,6 +90,8 @@ def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
     i.e. the delta entries themselves as the intermediate results; isotropic inputs (``H = I``)
     would make every group size equal (``E = p / (1 - p) * ||D||^2``) and so could not choose.
     """
+    if calibration is None:
+        return _spread_errors(delta2d, p, candidates)
     d = delta2d.to(torch.float64)
     rows, cols = d.shape
     x = None
@@ -121,6 +125,37 @@ def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
     return out
 
 
+#: Elements of the delta converted to float64 at a time by :func:`_spread_errors`.
+SPREAD_BLOCK = 1 << 20
+
+
+def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int]) -> dict[int, float]:
+    """:func:`group_size_errors` without calibration (``H = 1 1^T``): ``c(g) * (sum D^2 - sum_G (sum_G D)^2 / g)``.
+
+    Group sums of every power-of-two size come from the previous size's by adding neighbours, so all
+    candidates cost about two passes over the delta, in float64 blocks of :data:`SPREAD_BLOCK` elements.
+    """
+    rows, cols = delta2d.shape
+    term1, term2 = 0.0, dict.fromkeys(candidates, 0.0)
+    step = max(1, SPREAD_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        s = delta2d[r0:r0 + step].to(torch.float64)
+        flat = s.view(-1)
+        term1 += float(torch.dot(flat, flat))
+        size = 1
+        for g in sorted(candidates):
+            while size < g and g % (2 * size) == 0:  # candidates are powers of two dividing cols, and cols
+                s = s[:, 0::2] + s[:, 1::2]
+                size *= 2
+            sg = (s if size == g else s.sum(1)).reshape(-1)  # g = cols, not a power of two: the row sums
+            term2[g] += float(torch.dot(sg, sg))
+    out: dict[int, float] = {}
+    for g in candidates:
+        n = keep_count(p, g)
+        out[g] = 0.0 if n >= g else g * (g - n) / (n * (g - 1)) * max(term1 - term2[g] / g, 0.0)
+    return out
+
+
 def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor | None = None) -> int:
     """The candidate group size with the smallest expected output error (ties: the larger group)."""
     cols = delta2d.shape[1]
@@ -130,6 +165,32 @@ def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor
     errs = group_size_errors(delta2d, p, cands, calibration)
     best = min(errs.values())
     return max(g for g, e in errs.items() if e <= best * (1 + 1e-9))
+
+
+def gather_kept(flat: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> torch.Tensor:
+    """The elements of ``flat`` the group mask keeps, in row-major order (``flat[M]``), generated
+    block by block so the mask never exists whole."""
+    out = torch.empty(flat.numel() // g * keep, dtype=flat.dtype)
+
+    def block(a: int, m: int) -> None:
+        pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
+        v0 = a // g * keep
+        torch.index_select(flat, 0, pos, out=out[v0:v0 + pos.numel()])
+
+    map_blocks(block, block_ranges(flat.numel(), g))
+    return out
+
+
+def scatter_kept(out: torch.Tensor, values: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> None:
+    """``out[M] = values`` for the flat output and the group mask ``M``, block by block (the
+    inverse of :func:`gather_kept`); peak scratch is a few bytes per element of one block."""
+
+    def block(a: int, m: int) -> None:
+        pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
+        v0 = a // g * keep
+        out.index_copy_(0, pos, values[v0:v0 + pos.numel()])
+
+    map_blocks(block, block_ranges(out.numel(), g))
 
 
 def _part_bits(bits: int, parts: int) -> tuple[int, int]:
@@ -191,7 +252,7 @@ class DeltaDQ(Codec):
 
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta
-        if not torch.isfinite(delta).all():
+        if not math.isfinite(float(delta.sum(dtype=torch.float64))):  # exact in float64: any NaN/Inf shows
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; deltadq cannot code them")
         rows, cols = matrix_view_shape(delta.shape)
         d2 = delta.reshape(rows, cols)
@@ -205,8 +266,7 @@ class DeltaDQ(Codec):
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
         keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
-        mask = group_keep_mask(params["seed"], stream, rows, cols, g, keep)
-        values = d2[mask] * (g / keep)
+        values = gather_kept(d2.reshape(-1), params["seed"], stream, g, keep) * (g / keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
         tensors: dict[str, torch.Tensor] = {}
@@ -224,8 +284,10 @@ class DeltaDQ(Codec):
         if pbits:
             tensors["part"] = store_stream(part, pbits, entropy=entropy)
         if lbits:
-            for j in range(parts):
-                tensors[f"low{j}"] = store_stream(low[part == j], lbits, entropy=entropy)
+            part_np, low_np = part.numpy(), low.numpy()
+            for j in range(parts):  # np.compress: the members of part j in order, far faster than a[mask]
+                low_j = torch.from_numpy(np.compress(part_np == j, low_np)) if parts > 1 else low
+                tensors[f"low{j}"] = store_stream(low_j, lbits, entropy=entropy)
         return Encoded(tensors, out)
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
@@ -277,14 +339,13 @@ class DeltaDQ(Codec):
         keep = keep_count(params["p"], g)
         if not 1 <= keep <= g:
             raise CodecError(f"deltadq: p={params['p']!r} keeps {keep} of every {g} elements; it must keep 1 to {g}")
-        mask = group_keep_mask(params["seed"], params["stream"], rows, cols, g, keep)
         n = rows * (cols // g) * keep
         codes = self._codes(stored, n, bits, parts)
         if params["quantizer"] == "kmeans":
             cb = stored["codebook"]
             if cb.dtype != torch.float32 or tuple(cb.shape) != (1 << bits,):
                 raise CodecError(f"deltadq: codebook must be float32 [{1 << bits}], got {cb.dtype} {list(cb.shape)}")
-            values = cb[codes]
+            values = cb.index_select(0, codes.to(torch.int32))
         else:
             qg = params["qgroup"]
             ng = num_groups(n, qg)
@@ -292,20 +353,25 @@ class DeltaDQ(Codec):
             if tuple(qmin.shape) != (ng,) or tuple(qstep.shape) != (ng,) or tuple(norm.shape) != (1,):
                 raise CodecError(f"deltadq: uniform scales do not fit {n} values in groups of {qg}")
             values = dequantize_uniform(codes, qmin, qstep, norm, qg)
-        out = torch.zeros(rows, cols, dtype=torch.float32)
-        out[mask] = values
+        out = torch.zeros(rows * cols, dtype=torch.float32)
+        scatter_kept(out, values.to(torch.float32), params["seed"], params["stream"], g, keep)
         return out.reshape(shape)
 
     @staticmethod
     def _codes(stored: dict[str, torch.Tensor], n: int, bits: int, parts: int) -> torch.Tensor:
+        """The ``n`` uint8 codes: part ids, and each part's low bits filled in at its members in order."""
         pbits, lbits = _part_bits(bits, parts)
-        part = load_stream(stored["part"], n, pbits) if pbits else torch.zeros(n, dtype=torch.int64)
-        low = torch.zeros(n, dtype=torch.int64)
-        if lbits:
-            for j in range(parts):
-                sel = part == j
-                low[sel] = load_stream(stored[f"low{j}"], int(sel.sum()), lbits)
-        return merge_parts(part, low, bits, parts)
+        if not pbits:
+            return load_stream(stored["low0"], n, lbits)
+        part = load_stream(stored["part"], n, pbits)
+        if not lbits:
+            return part
+        low = np.zeros(n, dtype=np.uint8)
+        part_np = part.numpy()
+        for j in range(parts):  # np.place fills the members of part j in order (masked scatter)
+            sel = part_np == j
+            np.place(low, sel, load_stream(stored[f"low{j}"], int(np.count_nonzero(sel)), lbits).numpy())
+        return merge_parts(part, torch.from_numpy(low), bits, parts)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
         """Exact only without entropy coding and with one part (per-part streams round to whole bytes);
