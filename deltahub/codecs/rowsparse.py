@@ -275,10 +275,12 @@ class RowSparse(Codec):
         return out.reshape(shape)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
-        """Exact for a ``bitmap`` mask without entropy coding (None otherwise: see :func:`max_nbytes`).
-
-        ``params`` without ``base_rows`` (an encoder's params) mean an unresized tensor."""
+        """Exact for a ``bitmap`` mask without entropy coding (None otherwise: see :func:`max_nbytes`), and
+        None for a resized entry (its added rows' bytes depend on the dtype). ``params`` without
+        ``base_rows`` (an encoder's params) mean an unresized tensor."""
         if params.get("mask_encoding") != "bitmap" or params.get("entropy", "none") != "none":
+            return None
+        if params.get("base_rows") not in (None, matrix_view_shape(shape)[0]):
             return None
         return max_nbytes(shape, params)
 
