@@ -113,7 +113,8 @@ def test_zstd_codes_decode_identically() -> None:
 
 
 def test_params_are_validated() -> None:
-    assert RS.validate_params({"preset": "64x"})["density"] == 0.25
+    assert RS.validate_params({"preset": "64x"}) | {"density": 0.234375, "bits": 1} == RS.validate_params({"preset": "64x"})
+    assert RS.validate_params({"preset": "64x", "bits": 2})["bits"] == 2
     for bad in ({"bits": 5}, {"bits": True}, {"density": 0}, {"density": 1.5}, {"group_size": 0},
                 {"preset": "3x"}, {"mask_encoding": "rle"}, {"entropy": "gzip"}, {"scale_fit": "max"}, {"colour": 1}):
         with pytest.raises(InvalidCodecParamsError):
@@ -234,3 +235,12 @@ def test_default_policy_keeps_a_resized_vocabulary_exact(tmp_path: Path) -> None
     _, ft = make_tiny_pair(tmp_path / "b", vocab=136)
     m = compress(base, ft, tmp_path / "delta", progress=False)
     assert m.tensors[EMB].codec == "raw" and m.tensors[EMB].params["mode"] == "full"
+
+
+def test_presets_fit_their_ratio_at_576_columns() -> None:
+    from deltahub.codecs.rowsparse import PRESETS, max_nbytes
+
+    shape = (49152, 576)
+    for name, preset in PRESETS.items():
+        nbytes = max_nbytes(shape, {**preset, "group_size": None})
+        assert 2 * 49152 * 576 / nbytes == pytest.approx(float(name.rstrip("x")), rel=0.01), name

@@ -34,14 +34,15 @@ from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_ran
 from ..errors import CodecError, InvalidCodecParamsError
 
 BITS = (1, 2, 3, 4, 8)
-#: Presets named by the compression ratio against the fp16 delta (mask and scales included, for
-#: 576 columns), each the (density, bits) pair with the lowest KL on the real pair's embedding
-#: at that byte budget (benchmarks/vocab.md).
+#: Presets named by the compression ratio against the fp16 delta for 576 columns (mask and scales
+#: included; 127.6x for ``128x``): the largest density of 1-bit rows that fits, 1-bit codes having
+#: the lowest L2 error and KL among 1/2/3/4/8 bits at every budget on the real pair's embedding
+#: (benchmarks/vocab.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    "16x": {"density": 0.5, "bits": 2},
-    "32x": {"density": 0.5, "bits": 1},
-    "64x": {"density": 0.25, "bits": 1},
-    "128x": {"density": 0.125, "bits": 1},
+    "16x": {"density": 0.9375, "bits": 1},
+    "32x": {"density": 0.46875, "bits": 1},
+    "64x": {"density": 0.234375, "bits": 1},
+    "128x": {"density": 0.1171875, "bits": 1},
 }
 #: Clip factors (times the absmax-derived scale) the ``mse`` scale fit tries before refining.
 CLIP_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -137,7 +138,7 @@ class RowSparse(Codec):
             for key, val in PRESETS[m["preset"]].items():
                 m[key] = val if m[key] is None else m[key]
         m["density"] = 1.0 if m["density"] is None else m["density"]
-        m["bits"] = 2 if m["bits"] is None else m["bits"]
+        m["bits"] = 1 if m["bits"] is None else m["bits"]
         check_range(self.name, "density", m["density"], lo=0.0, hi=1.0, lo_open=True)
         if isinstance(m["bits"], bool) or m["bits"] not in BITS:
             raise InvalidCodecParamsError(f"codec 'rowsparse': bits={m['bits']!r} is not one of {', '.join(map(str, BITS))}")
