@@ -35,9 +35,9 @@ from ..errors import CodecError, InvalidCodecParamsError
 
 BITS = (1, 2, 3, 4, 8)
 #: Presets named by the compression ratio against the fp16 delta for 576 columns (mask and scales
-#: included; 127.6x for ``128x``): the largest density of 1-bit rows that fits, 1-bit codes having
-#: the lowest L2 error and KL among 1/2/3/4/8 bits at every budget on the real pair's embedding
-#: (benchmarks/vocab.md).
+#: included; 127.6x for ``128x``): the largest density of 1-bit rows that fits. On the real pair's
+#: embedding 1-bit rows had the lowest L2 error of 1/2/3/4/8 bits and a lower KL than 2 bits at
+#: every budget (benchmarks/vocab.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "16x": {"density": 0.9375, "bits": 1},
     "32x": {"density": 0.46875, "bits": 1},
