@@ -210,7 +210,7 @@ class RowSparse(Codec):
             g = param_int(self.name, params, "group_size", 1, 2**63 - 1)
         encoding = param_choice(self.name, params, "mask_encoding", MASK_ENCODINGS)
         param_choice(self.name, params, "entropy", ("zstd", "none"))
-        base_rows = param_int(self.name, params, "base_rows", 1, max(rows, 1))
+        base_rows = param_int(self.name, params, "base_rows", min(rows, 1), rows)
         if base_rows != rows and len(shape) != 2:
             raise InvalidCodecParamsError(f"codec 'rowsparse': base_rows={base_rows} differs from the {rows} rows, "
                                           f"which only a 2-D tensor may do (shape {list(shape)})")
