@@ -218,6 +218,8 @@ class RowSparse(Codec):
         if encoding == "bitmap":
             mask: tuple[torch.dtype, tuple[int, ...] | int] = (torch.uint8, (1, packed_cols(base_rows)))
         else:
+            if base_rows >= 2**32:
+                raise InvalidCodecParamsError(f"codec 'rowsparse': index-coded row masks need fewer than 2^32 rows, got {base_rows}")
             # One zstd frame of 4 bytes per kept row, bounded before decompressing (format_spec.md 3.6).
             mask = (torch.uint8, 8 * base_rows + 1024)
         expected: dict[str, tuple[torch.dtype, tuple[int, ...] | int]] = {
