@@ -475,12 +475,13 @@ def _stats(codec: Any, enc: Any, inp: EncodeInput, shape: tuple[int, ...]) -> di
 
 
 def _resized_vocab(job: _Job, c: Any, p: dict[str, Any], base_t: torch.Tensor, ft_t: torch.Tensor) -> tuple[Any, dict[str, Any]] | None:
-    """``rowsparse`` for a resized vocabulary matrix (2-D float, more rows than the base, same columns) that the
-    policy gives a lossy delta codec or auto (``raw`` keeps it exact): the base rows are delta-coded, the added
-    rows stored exactly. The policy's params when it chose ``rowsparse``, else its defaults; None otherwise."""
+    """``rowsparse`` for a resized vocabulary matrix (2-D float, more rows than the base, same columns) to which
+    the policy gives a lossy delta codec by name (``raw`` and ``auto`` keep it exact, as before): the base rows
+    are delta-coded, the added rows stored exactly. The policy's params when it chose ``rowsparse``, else
+    rowsparse's defaults (1 bit per weight, every row); None otherwise."""
     grown = (ft_t.dim() == 2 and base_t.dim() == 2 and ft_t.shape[1] == base_t.shape[1] and ft_t.shape[0] > base_t.shape[0]
              and ft_t.dtype in _FLOATS and base_t.dtype in _FLOATS)
-    if not grown or (c is not None and (not c.needs_base or c.name == "unchanged")):
+    if not grown or c is None or not c.needs_base or c.name == "unchanged":
         return None
     return (c, p) if c is not None and c.name == "rowsparse" else job.codecs.get("rowsparse", {})
 

@@ -230,11 +230,13 @@ def test_resized_base_must_have_the_recorded_rows(tmp_path: Path) -> None:
     assert Delta(tmp_path / "delta").manifest.tensors[EMB].codec == "rowsparse"
 
 
-def test_default_policy_keeps_a_resized_vocabulary_exact(tmp_path: Path) -> None:
+def test_raw_and_auto_keep_a_resized_vocabulary_exact(tmp_path: Path) -> None:
+    """Only a lossy codec named for the tensor routes it to rowsparse (the default auto keeps it exact)."""
     base, _ = make_tiny_pair(tmp_path / "a", vocab=128)
     _, ft = make_tiny_pair(tmp_path / "b", vocab=136)
-    m = compress(base, ft, tmp_path / "delta", progress=False)
-    assert m.tensors[EMB].codec == "raw" and m.tensors[EMB].params["mode"] == "full"
+    for i, policy in enumerate([Policy(codec="bitdelta", rules=[Rule.parse(f"{EMB}=raw")]), None]):
+        m = compress(base, ft, tmp_path / f"delta{i}", policy=policy, progress=False)
+        assert m.tensors[EMB].codec == "raw" and m.tensors[EMB].params["mode"] == "full"
 
 
 def test_presets_fit_their_ratio_at_576_columns() -> None:

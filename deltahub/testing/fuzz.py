@@ -282,8 +282,8 @@ def build_corpus(root: str | Path) -> list[Target]:
     """Make a tiny Llama base/fine-tune pair and compress it so every codec appears.
 
     ``mixed``: one delta file, every codec (bitdelta tensor/row/group, deltadq 16x kmeans and
-    uniform parts 1/2, dare, topk-ternary bitmap and indices, rowsparse bitmap and indices, unchanged norms),
-    plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index.
+    uniform parts 1/2, dare, topk-ternary and rowsparse with bitmap and index masks, raw+zstd
+    embeddings, unchanged norms), plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -324,7 +324,7 @@ def build_corpus(root: str | Path) -> list[Target]:
                 "*.layers.1.mlp.down_proj.*=topk-ternary:density=0.02,mask_encoding=indices",
                 "*.layers.0.self_attn.q_proj.*=bitdelta:granularity=group,group_size=16",
                 "*.layers.0.self_attn.k_proj.*=bitdelta:granularity=tensor",
-                "model.embed_tokens.weight=rowsparse:density=0.75,bits=3,group_size=8",
+                "*.layers.1.self_attn.o_proj.*=rowsparse:density=0.75,bits=3,group_size=8",
                 "*.layers.1.self_attn.q_proj.*=rowsparse:density=0.25,bits=1,mask_encoding=indices,entropy=zstd",
             ]
             policy = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule.parse(r) for r in rules])
