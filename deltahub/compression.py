@@ -420,6 +420,9 @@ def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: t
     compatible = base_t is not None and _has_delta(base_t.shape, base_t.dtype, ft_t.shape, info.dtype)
     if base_t is not None and same_bits(base_t, ft_t):
         return (*job.codecs.get("unchanged", {}), False)
+    resized = None if compatible or base_t is None else _resized_vocab(job, c, p, base_t, ft_t)
+    if resized is not None:
+        return (*resized, False)
     if (auto or c.needs_base) and not compatible:
         # No usable base counterpart (new tensor, resized vocabulary, integer buffer): keep it exact.
         return (*job.codecs.get("raw", job.policy.raw_params), False)
@@ -469,6 +472,18 @@ def _stats(codec: Any, enc: Any, inp: EncodeInput, shape: tuple[int, ...]) -> di
     d2 = float(delta.pow(2).sum(dtype=torch.float64))
     e2 = float((approx - delta).pow(2).sum(dtype=torch.float64))
     return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(e2)}
+
+
+def _resized_vocab(job: _Job, c: Any, p: dict[str, Any], base_t: torch.Tensor, ft_t: torch.Tensor) -> tuple[Any, dict[str, Any]] | None:
+    """``rowsparse`` for a resized vocabulary matrix (2-D float, more rows than the base, same columns) to which
+    the policy gives a lossy delta codec by name (``raw`` and ``auto`` keep it exact, as before): the base rows
+    are delta-coded, the added rows stored exactly. The policy's params when it chose ``rowsparse``, else
+    rowsparse's defaults (1 bit per weight, every row); None otherwise."""
+    grown = (ft_t.dim() == 2 and base_t.dim() == 2 and ft_t.shape[1] == base_t.shape[1] and ft_t.shape[0] > base_t.shape[0]
+             and ft_t.dtype in _FLOATS and base_t.dtype in _FLOATS)
+    if not grown or c is None or not c.needs_base or c.name == "unchanged":
+        return None
+    return (c, p) if c is not None and c.name == "rowsparse" else job.codecs.get("rowsparse", {})
 
 
 def _has_delta(base_shape: Any, base_dtype: torch.dtype, shape: Any, dtype: torch.dtype) -> bool:

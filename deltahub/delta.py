@@ -165,7 +165,7 @@ class Delta:
                     path=base.path,
                 )
             info = base.info(name)
-            check_base_shape(m, name, info.shape, path=base.path)
+            check_base_shape(m, name, info.shape, path=base.path, resizable=True)
             if entry.codec == "raw" and str(info.dtype).removeprefix("torch.") != entry.dtype:
                 raise ShapeMismatchError(f"base tensor {name!r} is {info.dtype}, the exact delta needs {entry.dtype}", path=base.path)
         if not check_base:
@@ -349,11 +349,16 @@ class Delta:
 FORCE_HINT = "pass check_base=False / --ignore-base-mismatch to apply anyway"
 
 
-def check_base_shape(manifest: Manifest, name: str, shape: Any, *, path: str | Path | None, why: str = "") -> None:
-    """The one per-tensor shape rule: a base tensor a delta entry needs has the entry's shape (:class:`ShapeMismatchError`)."""
+def check_base_shape(manifest: Manifest, name: str, shape: Any, *, path: str | Path | None, why: str = "",
+                     resizable: bool = False) -> None:
+    """The one per-tensor shape rule: a base tensor a delta entry needs has the entry's shape (:class:`ShapeMismatchError`).
+
+    ``resizable`` (rebuilding a model, not patching one in place): the shape the entry's codec decodes
+    against instead (``Codec.base_shape``; fewer rows for a ``rowsparse`` resized vocabulary)."""
     entry = manifest.tensors[name]
-    if list(shape) != list(entry.shape):
-        raise ShapeMismatchError(f"base tensor {name!r} has shape {list(shape)}, the delta expects {entry.shape}"
+    want = list(get_codec(entry.codec).base_shape(entry.params, tuple(entry.shape))) if resizable else list(entry.shape)
+    if list(shape) != want:
+        raise ShapeMismatchError(f"base tensor {name!r} has shape {list(shape)}, the delta expects {want}"
                                  f" (made against {manifest.base.name_or_path}){why}", path=path)
 
 

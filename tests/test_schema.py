@@ -30,6 +30,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("dare", {"dtype": "bfloat16"}),
     ("topk-ternary", {"density": 0.2}),
     ("topk-ternary", {"density": 0.01, "mask_encoding": "indices"}),
+    ("rowsparse", {"density": 0.5, "bits": 2}),
+    ("rowsparse", {"bits": 4, "group_size": 8, "entropy": "zstd"}),
 ]
 
 
@@ -72,7 +74,7 @@ def test_written_manifests_validate(schema: dict[str, Any], manifests: list[dict
     for m in manifests:
         assert _errors(schema, m) == []
         seen |= {e["codec"] for e in m["tensors"].values()}
-    assert seen == {"bitdelta", "raw", "unchanged", "deltadq", "dare", "topk-ternary"}
+    assert seen == {"bitdelta", "raw", "unchanged", "deltadq", "dare", "topk-ternary", "rowsparse"}
     sharded = manifests[-1]
     assert "delta.safetensors.index.json" in sharded["files"]
     assert any(e["codec"] == "raw" and e["params"]["mode"] == "full" and "base_sha256" in e for e in sharded["tensors"].values())

@@ -25,6 +25,7 @@ from deltahub.codecs._rng import (group_keep_mask, hash32_int, keep_mask, keep_t
 from deltahub.codecs._zstd import decompress_frame
 from deltahub.codecs.base import matrix_view_shape
 from deltahub.codecs.deltadq import PRESETS, auto_candidates, keep_count
+from deltahub.codecs.rowsparse import max_nbytes
 from deltahub.codecs.topk_ternary import kept_count
 from deltahub.format.delta_files import DeltaShardWriter
 from deltahub.format.spec import WEIGHTS_NAME
@@ -217,6 +218,48 @@ def test_topk_worked_example() -> None:
     auto = codec.encode(EncodeInput("t", matrix(ex["delta"]), torch.zeros(shape)),
                         codec.validate_params({"density": prm["density"]}))
     assert auto.params["mask_encoding"] == "bitmap"
+
+
+def ref_rowsparse(params: dict, mask: bytes, codes: bytes, scale: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """4.7's decoder written from the spec alone (bitmap mask, raw code stream), in numpy float32."""
+    base_rows, k, g = params["base_rows"], params["bits"], params["group_size"]
+    kept = [r for r in range(base_rows) if mask[r // 8] >> (r % 8) & 1]
+    assert len(kept) == int(params["density"] * base_rows + 0.5)
+    top = 2**k - 1
+    out = np.zeros((base_rows, cols), dtype=np.float32)
+    for j, r in enumerate(kept):
+        for c in range(cols):
+            i = j * cols + c
+            code = sum(((codes[(i * k + b) // 8] >> ((i * k + b) % 8)) & 1) << b for b in range(k))
+            s = scale[j] if g is None else scale[j, c // g]
+            out[r, c] = np.float32(s) * np.float32(2 * code - top)
+    return out
+
+
+@pytest.mark.parametrize("block", ["rowsparse-example", "rowsparse-group-example"])
+def test_rowsparse_worked_examples(block: str) -> None:
+    ex = example(block)
+    name, shape = tensor_line(ex)
+    rows, cols = shape
+    base_shape = tuple(int(v) for v in ex["base"][0].strip("[]").split(","))
+    params = json.loads(ex["params"][0])
+    base = torch.zeros(base_shape)
+    ft = torch.cat([base + matrix(ex["delta"]), matrix(ex["new"])]) if "new" in ex else base + matrix(ex["delta"])
+    codec = get_codec("rowsparse")
+    enc = codec.encode(EncodeInput(name, ft, base), codec.validate_params(
+        {k: v for k, v in params.items() if k != "base_rows"}))
+    assert enc.params == params
+    roles = ["mask", "codes", "scale"] + (["new_rows"] if "new" in ex else [])
+    spec_tensors = _check_stored(ex, roles, enc.tensors)
+    rebuilt = matrix(ex["rebuilt"])
+    codec.check_decode(params, {r: (t.dtype, tuple(t.shape)) for r, t in spec_tensors.items()}, shape, torch.float32)
+    assert torch.equal(codec.reconstruct(spec_tensors, params, base, shape, torch.float32), rebuilt)
+    ref = ref_rowsparse(params, stored(ex["mask"][0])[2], stored(ex["codes"][0])[2],
+                        spec_tensors["scale"].numpy(), rows, cols)
+    assert np.array_equal(ref, rebuilt[:base_shape[0]].numpy())
+    added = rows - params["base_rows"]
+    assert codec.expected_nbytes(shape, params) == (None if added else enc.nbytes)
+    assert max_nbytes(shape, params, itemsize=4) == enc.nbytes
 
 
 def test_preset_table_matches_code() -> None:

@@ -116,6 +116,11 @@ class Codec(ABC):
         delta = self.decode_delta(stored, params, tuple(shape))
         return (base.to(torch.float32) + delta).to(dtype)
 
+    def base_shape(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the base tensor an entry of ``shape`` decodes against (params already checked by
+        :meth:`check_decode`): the entry's own, except for codecs that rebuild resized tensors."""
+        return tuple(shape)
+
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
         """Stored bytes predicted from shape and params alone (None when data-dependent, e.g. zstd)."""
         return None

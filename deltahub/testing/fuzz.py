@@ -134,7 +134,7 @@ def _hostile_values() -> list[Any]:
 #: Valid-looking alternatives for keys whose hostile values alone would rarely reach decode.
 _ALTERNATIVES: dict[str, list[Any]] = {
     "dtype": ["float16", "bfloat16", "float32", "float64", "int8", "uint8", "bool", "int64", "float8_e4m3fn", "complex64", "Tensor", "__class__"],
-    "codec": ["raw", "bitdelta", "deltadq", "dare", "topk-ternary", "unchanged", "auto", "BitDelta"],
+    "codec": ["raw", "bitdelta", "deltadq", "dare", "topk-ternary", "rowsparse", "unchanged", "auto", "BitDelta"],
     "granularity": ["tensor", "row", "group"],
     "mask_encoding": ["bitmap", "indices", "auto"],
     "quantizer": ["kmeans", "uniform"],
@@ -147,6 +147,7 @@ _ALTERNATIVES: dict[str, list[Any]] = {
     "bits": [1, 2, 3, 4, 8, 9], "parts": [1, 2, 4, 3], "group_size": [1, 2, 7, 8, 64, "auto"], "qgroup": [1, 7, 24],
     "p": [0.0, 0.25, 0.5, 0.75, 0.9375, 0.999], "density": [0.001, 0.1, 0.5, 1.0],
     "seed": [0, 1, 7, 2**31 - 1, 2**32 - 1, 2**64 - 1], "stream": [0, 1, 7, 0xFFFFFFFF],
+    "base_rows": [0, 1, 31, 32, 33, 127, 128, 129, 2**40],
     "zstd_level": [0, 3, 22], "shuffle": [False, True],
 }
 
@@ -281,8 +282,8 @@ def build_corpus(root: str | Path) -> list[Target]:
     """Make a tiny Llama base/fine-tune pair and compress it so every codec appears.
 
     ``mixed``: one delta file, every codec (bitdelta tensor/row/group, deltadq 16x kmeans and
-    uniform parts 1/2, dare, topk-ternary bitmap and indices, raw+zstd embeddings, unchanged norms),
-    plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index.
+    uniform parts 1/2, dare, topk-ternary and rowsparse with bitmap and index masks, raw+zstd
+    embeddings, unchanged norms), plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -323,6 +324,8 @@ def build_corpus(root: str | Path) -> list[Target]:
                 "*.layers.1.mlp.down_proj.*=topk-ternary:density=0.02,mask_encoding=indices",
                 "*.layers.0.self_attn.q_proj.*=bitdelta:granularity=group,group_size=16",
                 "*.layers.0.self_attn.k_proj.*=bitdelta:granularity=tensor",
+                "*.layers.1.self_attn.o_proj.*=rowsparse:density=0.75,bits=3,group_size=8",
+                "*.layers.1.self_attn.q_proj.*=rowsparse:density=0.25,bits=1,mask_encoding=indices,entropy=zstd",
             ]
             policy = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule.parse(r) for r in rules])
             compress(pair / "base", pair / "ft", out, policy=policy, progress=False)

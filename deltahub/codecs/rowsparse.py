@@ -1,0 +1,299 @@
+"""Row-sparse coding of vocabulary matrices (embeddings, untied LM heads): whole rows kept or dropped.
+
+A full fine-tune moves every token's row a little and the rows of the tokens it trained on a
+lot. This codec keeps the ``K = round(density * base_rows)`` rows of largest delta L2 norm
+(data-free: the least-squares error of dropping a row is its squared norm), stores which ones as
+a row mask (format_spec.md 3.6, bitmap or zstd'ed indices, whichever is smaller) and codes every
+kept row with ``bits``-bit symmetric uniform codes and float32 scales, one per row (or per group
+of ``group_size`` columns of a row):
+
+    decoded = scale * (2 * code - (2^bits - 1))        (bits = 1: +-scale, BitDelta row-wise)
+
+Dropped rows decode to a zero delta. Scales are fitted to minimize each row's squared error
+(clip search, then alternating least-squares refits), not set from the row's absolute maximum.
+
+Resized vocabularies: when the fine-tune has more rows than the base (same columns), the first
+``base_rows`` rows are coded as above and the added rows are stored exactly (role ``new_rows``,
+the fine-tune's dtype): there is no base row to diff them against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import register_codec
+from ._bits import packed_cols
+from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
+from ._quant import load_stream, packed_nbytes, store_stream
+from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_float, param_int)
+from ..errors import CodecError, InvalidCodecParamsError
+
+BITS = (1, 2, 3, 4, 8)
+#: Presets named by the compression ratio against the fp16 delta for 576 columns (mask and scales
+#: included; 127.6x for ``128x``): the largest density of 1-bit rows that fits. On the real pair's
+#: embedding 1-bit rows had the lowest L2 error of 1/2/3/4/8 bits and a lower KL than 2 bits at
+#: every budget (benchmarks/vocab.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "16x": {"density": 0.9375, "bits": 1},
+    "32x": {"density": 0.46875, "bits": 1},
+    "64x": {"density": 0.234375, "bits": 1},
+    "128x": {"density": 0.1171875, "bits": 1},
+}
+#: Clip factors (times the absmax-derived scale) the ``mse`` scale fit tries before refining.
+CLIP_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+REFITS = 3
+
+
+def kept_rows(density: float, base_rows: int) -> int:
+    """``K = floor(density * base_rows + 0.5)`` in IEEE-754 double."""
+    return int(density * base_rows + 0.5)
+
+
+def scale_cols(cols: int, group_size: int | None) -> int:
+    """Scales per kept row: 1, or ``ceil(cols / group_size)``."""
+    return 1 if group_size is None else (cols + group_size - 1) // group_size
+
+
+def levels(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The odd integer level ``2c - (2^bits - 1)`` of each code, as float32 (exact)."""
+    return (codes.to(torch.int64) * 2 - ((1 << bits) - 1)).to(torch.float32)
+
+
+def quantize_rows(x: torch.Tensor, bits: int, fit: str, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[n, m]`` and float32 scales ``[n]`` of the symmetric ``bits``-bit quantizer of each row of ``x``.
+
+    ``fit="absmax"``: the top level is the row's max |x|. ``fit="mse"`` (and always for 1 bit): the
+    clip factor with the smallest squared error, then alternating refits (codes for the scale,
+    least-squares scale ``<x, q> / <q, q>`` for the codes), each kept only if it lowers the error.
+    ``valid`` (0/1 float32, like ``x``) marks the elements that count (padding of a short group).
+    """
+    top = (1 << bits) - 1
+    w = torch.ones_like(x) if valid is None else valid
+    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
+    if fit == "absmax" and bits > 1:
+        s = (amax / top).to(torch.float32)
+        return _codes(x, s, bits), s
+    best_s, best_err = amax / top, torch.full(amax.shape, float("inf"))
+    for alpha in ((1.0,) if bits == 1 else CLIP_ALPHAS):
+        s = (amax * alpha / top).to(torch.float32)
+        err = _sq_error(x, s, bits, w)
+        better = err < best_err
+        best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    s = best_s
+    for _ in range(REFITS):
+        q = levels(_codes(x, s, bits), bits) * w
+        qq = (q * q).sum(1)
+        s_new = ((x * q).sum(1) / qq.clamp(min=1)).clamp(min=0)
+        err = _sq_error(x, s_new, bits, w)
+        better = err < best_err
+        if not bool(better.any()):
+            break
+        s, best_err = torch.where(better, s_new, s), torch.where(better, err, best_err)
+    return _codes(x, s, bits), s
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest level ``s * (2c - top)`` for each element (ties up; a zero scale gives the upper middle code)."""
+    top = (1 << bits) - 1
+    safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+    return torch.floor((x / safe + top) / 2 + 0.5).clamp_(0, top).to(torch.int64)
+
+
+def _sq_error(x: torch.Tensor, s: torch.Tensor, bits: int, w: torch.Tensor) -> torch.Tensor:
+    rec = s.to(torch.float32).unsqueeze(1) * levels(_codes(x, s, bits), bits)
+    return ((rec - x).square_().mul_(w)).sum(1)
+
+
+def decode_rows(codes: torch.Tensor, scale: torch.Tensor, k: int, cols: int, bits: int,
+                group_size: int | None) -> torch.Tensor:
+    """Kept rows' float32 deltas ``[k, cols]``: ``scale[row, col // group_size] * level(code)``, one multiply."""
+    lv = levels(codes.reshape(k, cols), bits)
+    if group_size is None:
+        s = scale.reshape(k, 1)
+    else:
+        # Gather by column (not repeat_interleave): O(k * cols) whatever group_size.
+        s = scale.reshape(k, -1)[:, torch.arange(cols) // min(group_size, max(cols, 1))]
+    return s.to(torch.float32) * lv
+
+
+@register_codec
+class RowSparse(Codec):
+    """Keep the rows of largest delta norm, ``bits``-bit codes + per-row (or per-group) float32 scales."""
+
+    name = "rowsparse"
+    presets = PRESETS
+    default_params: dict[str, Any] = {"preset": None, "density": None, "bits": None, "group_size": None,
+                                      "mask_encoding": "auto", "entropy": "none", "scale_fit": "mse"}
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        m = super().validate_params(params)
+        if m["preset"] is not None:
+            if m["preset"] not in PRESETS:
+                raise InvalidCodecParamsError(f"codec 'rowsparse': unknown preset {m['preset']!r}; presets: {', '.join(PRESETS)}")
+            for key, val in PRESETS[m["preset"]].items():
+                m[key] = val if m[key] is None else m[key]
+        m["density"] = 1.0 if m["density"] is None else m["density"]
+        m["bits"] = 1 if m["bits"] is None else m["bits"]
+        check_range(self.name, "density", m["density"], lo=0.0, hi=1.0, lo_open=True)
+        if isinstance(m["bits"], bool) or m["bits"] not in BITS:
+            raise InvalidCodecParamsError(f"codec 'rowsparse': bits={m['bits']!r} is not one of {', '.join(map(str, BITS))}")
+        if m["group_size"] is not None:
+            check_range(self.name, "group_size", m["group_size"], lo=1, integer=True)
+        for key, choices in (("mask_encoding", ("auto", *MASK_ENCODINGS)), ("entropy", ("zstd", "none")),
+                             ("scale_fit", ("mse", "absmax"))):
+            if m[key] not in choices:
+                raise InvalidCodecParamsError(f"codec 'rowsparse': {key}={m[key]!r} is not one of {', '.join(choices)}")
+        return m
+
+    def base_shape(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The base tensor shape this entry decodes against: ``[base_rows, cols]`` (fewer rows when resized)."""
+        if params.get("base_rows") == matrix_view_shape(shape)[0]:
+            return tuple(shape)
+        return (int(params["base_rows"]), int(shape[-1]))
+
+    def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
+        ft, base = inp.finetuned, inp.base
+        if base is None:
+            raise CodecError(f"tensor {inp.name!r}: rowsparse needs a base tensor")
+        rows, cols = matrix_view_shape(ft.shape)
+        resized = tuple(base.shape) != tuple(ft.shape)
+        if resized and not (ft.dim() == 2 and base.dim() == 2 and base.shape[1] == cols and 1 <= base.shape[0] < rows):
+            raise CodecError(f"tensor {inp.name!r}: rowsparse needs a base of the same shape or a 2-D base with fewer "
+                             f"rows and the same columns; fine-tune {list(ft.shape)}, base {list(base.shape)}")
+        base_rows = base.shape[0] if resized else rows
+        d2 = (ft.reshape(rows, cols)[:base_rows].to(torch.float32) - base.reshape(base_rows, cols).to(torch.float32))
+        if not bool(torch.isfinite(d2).all()):
+            raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; rowsparse cannot code them")
+        bits, g = params["bits"], params["group_size"]
+        k = kept_rows(params["density"], base_rows)
+        norms = torch.linalg.vector_norm(d2, dim=1, dtype=torch.float64)
+        keep = torch.zeros(base_rows, dtype=torch.bool)
+        keep[torch.sort(-norms, stable=True).indices[:k]] = True
+        sel = d2[keep]
+        groups = scale_cols(cols, g)
+        gsize = cols if g is None else min(g, cols)
+        pad = groups * gsize - cols
+        padded = torch.nn.functional.pad(sel, (0, pad)).reshape(k * groups, gsize)
+        valid = torch.nn.functional.pad(torch.ones(k, cols), (0, pad)).reshape(k * groups, gsize) if pad else None
+        codes, scale = quantize_rows(padded, bits, params["scale_fit"], valid)
+        codes = codes.reshape(k, groups * gsize)[:, :cols]
+        encoding, mask = encode_mask(keep.reshape(1, base_rows), params["mask_encoding"])
+        tensors = {"mask": mask, "codes": store_stream(codes, bits, entropy=params["entropy"] == "zstd"),
+                   "scale": scale.reshape(k) if g is None else scale.reshape(k, groups)}
+        if resized:
+            tensors["new_rows"] = ft.reshape(rows, cols)[base_rows:].contiguous().clone()
+        out = {"density": params["density"], "bits": bits, "group_size": g, "mask_encoding": encoding,
+               "entropy": params["entropy"], "base_rows": base_rows}
+        err = float(((decode_rows(codes, tensors["scale"], k, cols, bits, g) - sel) ** 2).sum(dtype=torch.float64))
+        d_sq = float((norms * norms).sum())
+        stats = {"delta_l2": math.sqrt(d_sq), "error_l2": math.sqrt(max(d_sq - float((norms[keep] ** 2).sum()) + err, 0.0))}
+        return Encoded(tensors, out, stats)
+
+    def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
+                     shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        rows, cols = matrix_view_shape(shape)
+        unknown = set(params) - {"density", "bits", "group_size", "mask_encoding", "entropy", "base_rows"}
+        if unknown:
+            raise InvalidCodecParamsError(f"codec 'rowsparse': unknown params {sorted(unknown)}")
+        density = param_float(self.name, params, "density", 0.0, 1.0, lo_open=True)
+        bits = param_choice(self.name, params, "bits", BITS)
+        if "group_size" not in params:
+            raise InvalidCodecParamsError("codec 'rowsparse': params have no group_size (null for one scale per row)")
+        g = params["group_size"]
+        if g is not None:
+            # Any size >= 1 is valid (wider than the row: one group); scales are gathered by column.
+            g = param_int(self.name, params, "group_size", 1, 2**63 - 1)
+        encoding = param_choice(self.name, params, "mask_encoding", MASK_ENCODINGS)
+        param_choice(self.name, params, "entropy", ("zstd", "none"))
+        base_rows = param_int(self.name, params, "base_rows", min(rows, 1), rows)
+        if base_rows != rows and len(shape) != 2:
+            raise InvalidCodecParamsError(f"codec 'rowsparse': base_rows={base_rows} differs from the {rows} rows, "
+                                          f"which only a 2-D tensor may do (shape {list(shape)})")
+        k = kept_rows(density, base_rows)
+        if encoding == "bitmap":
+            mask: tuple[torch.dtype, tuple[int, ...] | int] = (torch.uint8, (1, packed_cols(base_rows)))
+        else:
+            if base_rows >= 2**32:
+                raise InvalidCodecParamsError(f"codec 'rowsparse': index-coded row masks need fewer than 2^32 rows, got {base_rows}")
+            # One zstd frame of 4 bytes per kept row, bounded before decompressing (format_spec.md 3.6).
+            mask = (torch.uint8, 8 * base_rows + 1024)
+        expected: dict[str, tuple[torch.dtype, tuple[int, ...] | int]] = {
+            "mask": mask, "codes": (torch.uint8, packed_nbytes(k * cols, bits)),
+            "scale": (torch.float32, (k,) if g is None else (k, scale_cols(cols, g)))}
+        if base_rows != rows:
+            expected["new_rows"] = (dtype, (rows - base_rows, cols))
+        expect_stored(self.name, stored, expected)
+        if k * cols > MAX_NUMEL:
+            raise InvalidCodecParamsError(f"codec 'rowsparse': {k} kept rows of {cols} columns is too large")
+
+    def _kept(self, stored: dict[str, torch.Tensor], params: dict[str, Any], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row mask [base_rows], kept rows' deltas [K, cols])``, checking the mask against ``K``."""
+        base_rows, bits, g = params["base_rows"], params["bits"], params.get("group_size")
+        k = kept_rows(params["density"], base_rows)
+        mask = decode_mask(params["mask_encoding"], stored["mask"], 1, base_rows).reshape(base_rows)
+        if int(mask.sum()) != k:
+            raise CodecError(f"rowsparse: the row mask keeps {int(mask.sum())} rows, density {params['density']} "
+                             f"of {base_rows} rows means {k}")
+        scale = stored["scale"]
+        if scale.dtype != torch.float32 or tuple(scale.shape) != ((k,) if g is None else (k, scale_cols(cols, g))):
+            raise CodecError(f"rowsparse: scale {scale.dtype} {list(scale.shape)} does not fit {k} kept rows")
+        codes = load_stream(stored["codes"], k * cols, bits)
+        return mask, decode_rows(codes, scale, k, cols, bits, g)
+
+    def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        """The float32 delta; only for unresized entries (added rows have no delta: use :meth:`reconstruct`)."""
+        rows, cols = matrix_view_shape(shape)
+        if params["base_rows"] != rows:
+            raise CodecError(f"rowsparse: the entry adds {rows - params['base_rows']} rows to the base, which have no "
+                             "delta; rebuild it with reconstruct()")
+        mask, kept = self._kept(stored, params, cols)
+        out = torch.zeros(rows, cols, dtype=torch.float32)
+        out[mask] = kept
+        return out.reshape(shape)
+
+    def reconstruct(self, stored: dict[str, torch.Tensor], params: dict[str, Any], base: torch.Tensor | None,
+                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``dtype(float32(base) + delta)`` on the base rows (kept rows only), then the stored new rows."""
+        if base is None:
+            raise CodecError("rowsparse needs the base tensor to rebuild")
+        rows, cols = matrix_view_shape(shape)
+        base_rows = params["base_rows"]
+        if tuple(base.shape) != self.base_shape(params, shape):
+            raise CodecError(f"rowsparse: base shape {list(base.shape)}, expected {list(self.base_shape(params, shape))}")
+        mask, kept = self._kept(stored, params, cols)
+        delta = torch.zeros(base_rows, cols, dtype=torch.float32)
+        delta[mask] = kept
+        out = torch.empty(rows, cols, dtype=dtype)
+        out[:base_rows] = (base.reshape(base_rows, cols).to(torch.float32) + delta).to(dtype)
+        if base_rows != rows:
+            new = stored["new_rows"]
+            if new.dtype != dtype or tuple(new.shape) != (rows - base_rows, cols):
+                raise CodecError(f"rowsparse: new_rows {new.dtype} {list(new.shape)} do not fit {rows - base_rows} added rows")
+            out[base_rows:] = new
+        return out.reshape(shape)
+
+    def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
+        """Exact for a ``bitmap`` mask without entropy coding (None otherwise: see :func:`max_nbytes`), and
+        None for a resized entry (its added rows' bytes depend on the dtype). ``params`` without
+        ``base_rows`` (an encoder's params) mean an unresized tensor."""
+        if params.get("mask_encoding") != "bitmap" or params.get("entropy", "none") != "none":
+            return None
+        if params.get("base_rows") not in (None, matrix_view_shape(shape)[0]):
+            return None
+        return max_nbytes(shape, params)
+
+
+def max_nbytes(shape: tuple[int, ...], params: Mapping[str, Any], itemsize: int = 2) -> int:
+    """Upper bound of the stored bytes (exact with a bitmap mask and no entropy coding):
+    ``ceil(R/8) + ceil(K*cols*bits/8) + 4*K*scales_per_row`` (+ the added rows at ``itemsize`` bytes)."""
+    rows, cols = matrix_view_shape(shape)
+    base_rows = params.get("base_rows") or rows
+    k = kept_rows(params["density"], base_rows)
+    new = (rows - base_rows) * cols * itemsize
+    return (bitmap_nbytes(1, base_rows) + packed_nbytes(k * cols, params["bits"])
+            + 4 * k * scale_cols(cols, params.get("group_size")) + new)
