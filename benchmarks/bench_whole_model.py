@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--finetuned", type=Path, default=None)
     ap.add_argument("--ratios", default="10,20,50,100,200,500")
     ap.add_argument("--eval-blocks", type=int, default=8)
+    ap.add_argument("--reference-configs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--name", default="smollm2-135m")
     ap.add_argument("--no-reuse", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE)
@@ -52,11 +53,13 @@ def main() -> None:
     fp16 = 2 * sum(t.numel() for t in load_model(ft).state_dict().values())
     tok = AutoTokenizer.from_pretrained(ft)
     blocks = stdlib_corpus(tok)[1][: a.eval_blocks]
-    models = {"base": load_model(base), "fine-tune": load_model(ft)}
+    models = {"fine-tune": load_model(ft)}
+    ref = evaluate_models({**models, "base": load_model(base)}, blocks, reference="fine-tune")
     work = Path(tempfile.mkdtemp(prefix="deltahub-wm-"))
 
     configs: list[tuple[str, dict[str, Any]]] = [("bitdelta, exact embeddings (BitDelta paper policy)", {"codec": "bitdelta"}),
                                                   ("deltadq 16x, exact embeddings (earlier auto's best)", {"codec": "deltadq", "preset": "16x"})]
+    configs = configs if a.reference_configs else []
     configs += [(f"auto --target-ratio {r}" + (" (default)" if r == comp.DEFAULT_TARGET_RATIO else ""), {"target_ratio": float(r)})
                 for r in map(int, a.ratios.split(","))]
     t0 = time.perf_counter()
@@ -80,7 +83,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         d = Delta(out)
         model = d.to_model(base, progress=False)
-        res = evaluate_models({**models, "rebuilt": model}, blocks, reference="fine-tune")
+        res = {**evaluate_models({**models, "rebuilt": model}, blocks, reference="fine-tune"), "base": ref["base"]}
         gain = res["base"]["loss"] - res["fine-tune"]["loss"]
         nbytes = _dir_bytes(out)
         row = {"config": label, "bytes": nbytes, "ratio": fp16 / nbytes, "kl": res["rebuilt"]["kl"],
@@ -91,8 +94,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del model
         d.close()
-    result = {"pair": a.name, "fp16_bytes": fp16, "base_loss": res["base"]["loss"], "finetune_loss": res["fine-tune"]["loss"],
-              "base_kl": res["base"]["kl"], "eval_tokens": res["fine-tune"]["tokens"], "default_compress_s": default_s,
+    result = {"pair": a.name, "fp16_bytes": fp16, "base_loss": ref["base"]["loss"], "finetune_loss": ref["fine-tune"]["loss"],
+              "base_kl": ref["base"]["kl"], "eval_tokens": ref["fine-tune"]["tokens"], "default_compress_s": default_s,
               "torch_threads": torch.get_num_threads(), "rows": rows}
     (a.out / f"whole_model_{a.name}.json").write_text(json.dumps(result, indent=2))
     _write(a.out, a.name, result)

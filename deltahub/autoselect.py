@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import torch
@@ -48,6 +49,14 @@ def default_candidates() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+_VOCABULARY = re.compile(r"(embed|wte|lm_head|word_embeddings|(^|\.)shared\.|(^|\.)output\.weight$)", re.I)
+
+
+def is_vocabulary_matrix(name: str) -> bool:
+    """True for token embeddings and LM heads (one row per vocabulary entry), by name."""
+    return bool(_VOCABULARY.search(name))
+
+
 #: Matrices at most this large also get ``raw`` (exact) as an allocation candidate.
 RAW_CANDIDATE_MAX_NUMEL = 1 << 20
 
@@ -66,6 +75,10 @@ def model_candidates(name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[
     out: list[tuple[str, dict[str, Any]]] = [("deltadq", {"p": 0.5, "bits": 4, "parts": 2})]
     out += [("deltadq", {"preset": n}) for n in PRESETS]
     out.append(("bitdelta", {"granularity": "row"}))
+    if is_vocabulary_matrix(name):  # rows are tokens: row-sparse 1-bit rows won at 1/16 and 1/128 (benchmarks/vocab.md)
+        from .codecs.rowsparse import PRESETS as ROW_PRESETS
+
+        out += [("rowsparse", {"preset": n}) for n in ROW_PRESETS]
     if math.prod(shape) <= RAW_CANDIDATE_MAX_NUMEL:
         out.append(("raw", {}))
     return out

@@ -531,7 +531,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     budget = directory - overhead - fixed
     coded_fp16 = 2 * sum(c.numel for c in curves)
     smallest = sum(min((p.nbytes for p in c.points), default=0) for c in curves)
-    if job.default_budget and budget < smallest + coded_fp16 / job.target_ratio:
+    if job.default_budget and budget - ALLOCATION_MARGIN * max(budget, 0) < smallest:
         # A small model whose manifest and exact tensors alone take most of the default budget: code its
         # coded tensors at the default ratio instead of failing (the user asked for no particular size).
         logger.warning("the whole delta cannot be %gx smaller than the fp16 fine-tune (%d bytes of manifest, aux files and "
