@@ -7,6 +7,7 @@ model larger than RAM is written tensor by tensor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -24,7 +25,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ R = TypeVar("R")
 import torch
 
 from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError, UnsafePathError
+from .digest_cache import CheckpointDigests, digest_or_compute
 from .names import check_name
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
@@ -807,8 +809,62 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
         yield cur, fut.result()
 
 
-def read_with_digest(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, str]:
-    """A tensor from a checkpoint and the sha256 of its bytes, in one read."""
+def read_with_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None) -> tuple[torch.Tensor, str]:
+    """A tensor from a checkpoint and the sha256 of its bytes, in one read (the hash skipped when
+    ``cache`` knows it: :mod:`.digest_cache`)."""
     raw = ckpt.read_bytes(name)
     info = ckpt.info(name)
-    return bytes_to_tensor(raw, info.dtype, info.shape), _bytes_sha256(raw)
+    return bytes_to_tensor(raw, info.dtype, info.shape), digest_or_compute(cache, name, lambda: _bytes_sha256(raw))
+
+
+def base_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None) -> str:
+    """The sha256 of a checkpoint tensor's bytes: from ``cache`` without reading anything, else read and hashed."""
+    return digest_or_compute(cache, name, lambda: _bytes_sha256(ckpt.read_bytes(name)))
+
+
+def default_workers() -> int:
+    """Worker threads for the rebuild pipeline: the CPUs this process may run on (``DELTAHUB_NUM_WORKERS`` overrides)."""
+    env = os.environ.get("DELTAHUB_NUM_WORKERS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _one_torch_thread() -> None:
+    """Pipeline workers run torch ops single-threaded (a per-thread OpenMP setting): the parallelism is
+    across tensors, and 2 workers x N intra-op threads would oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int | None = None,
+              cost: Callable[[T], int] | None = None, max_cost: int = 0) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, fn(item))`` in order while ``fn`` runs on ``workers`` threads ahead of the consumer.
+
+    Read, hash, decode (all GIL-free in torch / hashlib / zstd) then overlap each other and the
+    consumer's writes. At most ``workers + 1`` items are in flight, and their summed ``cost``
+    (bytes) stays within ``max_cost`` except that one item is always allowed, so memory holds a
+    bounded window of tensors. An exception in ``fn`` surfaces when its item's turn comes.
+    """
+    todo = list(items)
+    workers = workers or default_workers()
+    cost = cost or (lambda _: 0)
+    pending: collections.deque[tuple[T, int, Future[R]]] = collections.deque()
+    inflight, i = 0, 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-pipeline", initializer=_one_torch_thread) as pool:
+        try:
+            while i < len(todo) or pending:
+                while i < len(todo) and (not pending or (len(pending) <= workers and inflight + cost(todo[i]) <= max_cost)):
+                    c = cost(todo[i])
+                    pending.append((todo[i], c, pool.submit(fn, todo[i])))
+                    inflight, i = inflight + c, i + 1
+                item, c, fut = pending.popleft()
+                result = fut.result()
+                inflight -= c
+                yield item, result
+                del result
+        finally:
+            for *_, fut in pending:
+                fut.cancel()
