@@ -18,7 +18,7 @@ from .format.delta_files import DeltaFiles
 from .format.digest_cache import CheckpointDigests
 from .format.integrity import base_file_sources, verify_aux_files
 from .format.io import (Checkpoint, atomic_directory, base_digest, check_output, fingerprint, pipelined, plan_shards, read_with_digest,
-                        write_json_atomic, write_safetensors)
+                        write_json_atomic, write_safetensors_parallel)
 from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
@@ -300,27 +300,42 @@ class Delta:
             shards = plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
             with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("apply", total, enabled=progress) as advance:
-                stream = self.iter_tensors(base_ckpt, check_base=check_base, dtype=dtype, workers=workers)
-
-                def produce() -> Iterator[torch.Tensor]:
-                    for _, t in stream:
-                        advance(t.numel() * t.element_size())
-                        yield t
-
-                gen = produce()
-                weight_map: dict[str, str] = {}
-                for i, shard in enumerate(shards, start=1):
-                    fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                    write_safetensors(tmp / fname, shard, gen, {"format": "pt"})
-                    weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
-                for _ in gen:  # drain: runs the final whole-base fingerprint check
-                    pass
+                weight_map = self._write_shards(base_ckpt, tmp, shards, check_base=check_base, dtype=dtype, workers=workers,
+                                                on_written=lambda spec: advance(_nbytes(spec)))
                 if len(shards) > 1:
                     write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
                 if m.config is not None:
                     write_json_atomic(tmp / "config.json", _with_dtype(m.config, dtype))
                 self._copy_aux_files(tmp, from_base)
         return Path(output_dir)
+
+    def _write_shards(self, base: Checkpoint, out: Path, shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]], *,
+                      check_base: bool, dtype: torch.dtype | None, workers: int | None,
+                      on_written: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], None]) -> dict[str, str]:
+        """Rebuild every tensor into the model files of ``shards`` (worker threads decode and ``pwrite``
+        in parallel: :func:`~deltahub.format.io.write_safetensors_parallel`), then check the whole base
+        as :meth:`iter_tensors` does. Returns the weight map."""
+        cache = CheckpointDigests(base.files) if check_base else None
+        digests: dict[str, str] = {}
+
+        def produce(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+            t, digest = self._rebuild_one(base, spec[0], cache, dtype)
+            if digest is not None:
+                digests[spec[0]] = digest
+            return t
+
+        weight_map: dict[str, str] = {}
+        try:
+            for i, shard in enumerate(shards, start=1):
+                fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers, on_written=on_written)
+                weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
+            if check_base:
+                self._check_fingerprint(base, digests, cache)
+        finally:
+            if cache is not None:
+                cache.save()
+        return weight_map
 
     def _copy_aux_files(self, out: Path, from_base: dict[str, Path]) -> None:
         """Copy the tokenizer and other aux files of ``files`` (and ``from_base``, the base's checked

@@ -63,6 +63,10 @@ def test_pipelined_apply_is_bit_identical_to_one_at_a_time(pair: tuple[Path, Pat
     assert list(got) == sorted(ref) and all(torch.equal(got[n].view(torch.uint8), ref[n].view(torch.uint8)) for n in ref)
     seq = apply_delta(delta, base, tmp_path / "seq", progress=False, workers=1)
     assert _files(out) == _files(seq)
+    with Checkpoint(base) as ck:  # the in-memory stream (pipelined, in order) gives the same tensors
+        streamed = list(d.iter_tensors(ck, workers=workers))
+    assert [n for n, _ in streamed] == list(d.manifest.tensors)
+    assert all(torch.equal(t.view(torch.uint8), ref[n].view(torch.uint8)) for n, t in streamed)
 
 
 def test_pipelined_keeps_order_and_first_error() -> None:
@@ -241,3 +245,22 @@ def test_hub_blobs_are_keyed_by_their_content_address(tmp_path: Path) -> None:
     blob.write_bytes(b"x" * 10)
     fd = digest_cache.FileDigests(blob, {}, tmp_path / "c")
     assert fd.cache_file is not None and fd.cache_file.name == f"blob-{'ab' * 32}-10.json"
+
+
+def test_parallel_writer_writes_the_serial_writers_bytes(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(300, 7, generator=g), "empty": torch.zeros(0, 3), "b": torch.randint(0, 9, (5,), generator=g),
+               "c": torch.randn(1000, generator=g).to(torch.bfloat16), "z": torch.zeros(0)}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    io_mod.write_safetensors(tmp_path / "serial.safetensors", specs, tensors.values(), {"format": "pt"})
+    order: list[str] = []
+    io_mod.write_safetensors_parallel(tmp_path / "par.safetensors", specs, lambda s: tensors[s[0]], {"format": "pt"},
+                                      workers=3, on_written=lambda s: order.append(s[0]))
+    assert (tmp_path / "par.safetensors").read_bytes() == (tmp_path / "serial.safetensors").read_bytes()
+    assert order == list(tensors)
+
+    def bad(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+        return tensors[spec[0]].double() if spec[0] in ("b", "c") else tensors[spec[0]]
+
+    with pytest.raises(io_mod.CorruptFileError, match="'b' is torch.float64"):
+        io_mod.write_safetensors_parallel(tmp_path / "bad.safetensors", specs, bad, workers=4)
