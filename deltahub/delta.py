@@ -328,7 +328,8 @@ class Delta:
         try:
             for i, shard in enumerate(shards, start=1):
                 fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers, on_written=on_written)
+                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers, max_bytes=PIPELINE_BYTES,
+                                           on_written=on_written)
                 weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
             if check_base:
                 self._check_fingerprint(base, digests, cache)

@@ -260,11 +260,13 @@ def write_safetensors_parallel(
     metadata: dict[str, str] | None = None,
     *,
     workers: int | None = None,
+    max_bytes: int = 0,
     on_written: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], None] | None = None,
 ) -> int:
     """:func:`write_safetensors` with ``produce(spec)`` run on ``workers`` threads, each tensor written
     at its planned offset (``pwrite``) as soon as it is ready: decoding and writing overlap, no
-    tensor waits for the one before it, and memory holds about one tensor per worker.
+    tensor waits for the one before it. The tensors started but not yet reported written total
+    at most ``max_bytes`` (or the largest tensor), so memory stays bounded however many workers.
 
     The bytes are those :func:`write_safetensors` writes. The first failure in spec order is raised
     after every started worker has finished (none writes after this returns). ``on_written`` is
@@ -288,7 +290,9 @@ def write_safetensors_parallel(
             if b.numel():
                 _pwrite_all(fd, memoryview(b.numpy()), offsets[i])
 
-        with contextlib.closing(pipelined(range(len(specs)), job, workers=workers)) as done:
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        with contextlib.closing(pipelined(range(len(specs)), job, workers=workers, cost=sizes.__getitem__,
+                                          max_cost=max([max_bytes, *sizes]))) as done:
             for i, _ in done:
                 if on_written is not None:
                     on_written(specs[i])
@@ -876,14 +880,16 @@ def base_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = N
 
 
 def default_workers() -> int:
-    """Worker threads for the rebuild pipeline: the CPUs this process may run on (``DELTAHUB_NUM_WORKERS`` overrides)."""
+    """Worker threads for the rebuild pipeline: the CPUs this process may run on, at most 8 (memory
+    bandwidth, not cores, limits it beyond); ``DELTAHUB_NUM_WORKERS`` overrides."""
     env = os.environ.get("DELTAHUB_NUM_WORKERS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 def _one_torch_thread() -> None:
