@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -219,12 +220,14 @@ class Delta:
         cache = CheckpointDigests(base.files) if check_base else None
         digests: dict[str, str] = {}
         largest = max((_nbytes(self._out_spec(n, dtype)) for n in m.tensors), default=0)
+        stream = pipelined(list(m.tensors), lambda n: self._rebuild_one(base, n, cache, dtype), workers=workers,
+                           cost=lambda n: _nbytes(self._out_spec(n, dtype)), max_cost=max(largest, PIPELINE_BYTES))
         try:
-            for name, (t, digest) in pipelined(list(m.tensors), lambda n: self._rebuild_one(base, n, cache, dtype), workers=workers,
-                                               cost=lambda n: _nbytes(self._out_spec(n, dtype)), max_cost=max(largest, PIPELINE_BYTES)):
-                if digest is not None:
-                    digests[name] = digest
-                yield name, t
+            with contextlib.closing(stream):  # a consumer that stops early stops the workers too
+                for name, (t, digest) in stream:
+                    if digest is not None:
+                        digests[name] = digest
+                    yield name, t
             if check_base:
                 self._check_fingerprint(base, digests, cache)
         finally:
