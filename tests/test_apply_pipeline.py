@@ -264,3 +264,22 @@ def test_parallel_writer_writes_the_serial_writers_bytes(tmp_path: Path) -> None
 
     with pytest.raises(io_mod.CorruptFileError, match="'b' is torch.float64"):
         io_mod.write_safetensors_parallel(tmp_path / "bad.safetensors", specs, bad, workers=4)
+
+
+def test_disk_full_in_a_worker_is_one_typed_error(pair: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from deltahub.errors import OutputWriteError
+
+    base, _, delta = pair
+    real = os.pwrite
+
+    def full(fd: int, data: object, offset: int) -> int:
+        if offset > 0:  # the header goes through; a tensor write on a worker thread fails
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io_mod.os, "pwrite", full)
+    with pytest.raises(OutputWriteError, match="No space left"):
+        apply_delta(delta, base, tmp_path / "out", progress=False, workers=3)
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
