@@ -24,8 +24,7 @@ from .codecs.unchanged import same_bits
 from .errors import CodecError, DeltaHubError, InvalidCodecParamsError, ShapeMismatchError, UnsafePathError
 from .format.delta_files import DeltaShardWriter
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
-from .format.digest_cache import CheckpointDigests
-from .format.io import Checkpoint, atomic_directory, atomic_file, base_digest, check_output, fingerprint, prefetch, read_with_digest
+from .format.io import Checkpoint, atomic_directory, atomic_file, check_output, fingerprint, prefetch, read_with_digest
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import AUX_FILE_PATTERNS, DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, dtype_name
 from .policy import AUTO, Policy, check_preset
@@ -125,18 +124,17 @@ def compress(
     job = _plan_job(codec, params, policy, preset, target_ratio, max_bytes, candidates, auto_metric, compute_stats)
     calib = _open_calibration(calibration, base)
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
-    digests = CheckpointDigests(base_ckpt.files)  # base sha256s known from an earlier run on the same, unchanged file
     try:
         job.start(ft_ckpt, base_ckpt, calib)
         total_bytes = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys())
         with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, \
                 progress_bar("compress", total_bytes, enabled=progress) as advance:
             writer = DeltaShardWriter(tmp, max_shard_size)
-            entries, base_digests = _encode_all(job, ft_ckpt, base_ckpt, writer, advance, digests)
+            entries, base_digests = _encode_all(job, ft_ckpt, base_ckpt, writer, advance)
             copied, base_files = _copy_aux_files(ft_ckpt.dir, tmp, None if keep_aux_files else base_ckpt.dir)
             files = writer.finish() + copied
             manifest = _build_manifest(
-                tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files, digests,
+                tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files,
                 base={"name_or_path": base_name_or_path or str(base), "revision": base_revision},
                 finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision})
             with atomic_file(tmp / MANIFEST_NAME) as mtmp:
@@ -362,7 +360,7 @@ def _plan_job(codec: str, params: dict[str, Any] | None, policy: Policy | None, 
 
 
 def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: DeltaShardWriter,
-                advance: Any, cache: CheckpointDigests | None = None) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+                advance: Any) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Encode every fine-tune tensor (reads prefetched) into ``writer``; returns the entries and base digests read."""
     entries: dict[str, TensorEntry] = {}
     base_digests: dict[str, str] = {}
@@ -371,7 +369,7 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
         ft_t = ft_ckpt.read(name)
         if name not in base_ckpt:
             return ft_t, None, None
-        return (ft_t, *read_with_digest(base_ckpt, name, cache))
+        return (ft_t, *read_with_digest(base_ckpt, name))
 
     for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), load):
         info = ft_ckpt.info(name)
@@ -461,28 +459,24 @@ def _has_delta(base_shape: Any, base_dtype: torch.dtype, shape: Any, dtype: torc
 # ---------------------------------------------------------------------------------------- manifest
 
 
-def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path: str, revision: str | None,
-               cache: CheckpointDigests | None = None) -> BaseInfo:
+def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path: str, revision: str | None) -> BaseInfo:
     """The base's fingerprint; base tensors the fine-tune dropped are read here (they still belong to it)."""
     extra: dict[str, dict[str, Any]] = {}
     for name in base_ckpt.keys():
         if name not in base_digests:
             binfo = base_ckpt.info(name)
-            base_digests[name] = base_digest(base_ckpt, name, cache)
+            base_digests[name] = read_with_digest(base_ckpt, name)[1]
             extra[name] = {"dtype": dtype_name(binfo.dtype), "shape": list(binfo.shape), "sha256": base_digests[name]}
     fp = fingerprint({n: (base_ckpt.info(n).dtype, base_ckpt.info(n).shape, base_digests[n]) for n in base_ckpt.keys()})
-    if cache is not None:
-        cache.check_unchanged(base_ckpt.path)
-        cache.save()
     return BaseInfo(name_or_path=name_or_path, fingerprint=fp, revision=revision, extra_tensors=extra)
 
 
 def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str], ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
-                    base_digests: dict[str, str], base_files: dict[str, str], cache: CheckpointDigests | None, *, base: dict[str, Any],
+                    base_digests: dict[str, str], base_files: dict[str, str], *, base: dict[str, Any],
                     finetuned: dict[str, Any]) -> Manifest:
     """The manifest of the delta written in ``tmp`` (its non-weights files digested)."""
     return Manifest(
-        base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"], cache),
+        base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"]),
         tensors=entries,
         config=ft_ckpt.config(),
         finetuned=finetuned,

@@ -122,10 +122,9 @@ def _cache_files(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "digests").glob("*.json"))
 
 
-def test_repeated_apply_and_compress_do_not_rehash_the_base(pair: tuple[Path, Path, Path], tmp_path: Path, hash_calls: list[int]) -> None:
-    base, ft, delta = pair
-    assert len(_cache_files(tmp_path)) == 1  # compress cached what it hashed
-    shutil.rmtree(tmp_path / "digests")
+def test_repeated_apply_does_not_rehash_the_base(pair: tuple[Path, Path, Path], tmp_path: Path, hash_calls: list[int]) -> None:
+    base, _, delta = pair
+    shutil.rmtree(tmp_path / "digests", ignore_errors=True)
     apply_delta(delta, base, tmp_path / "o1", progress=False)
     n_tensors = len(Checkpoint(base).keys())
     assert len(hash_calls) == n_tensors and len(_cache_files(tmp_path)) == 1
@@ -133,8 +132,6 @@ def test_repeated_apply_and_compress_do_not_rehash_the_base(pair: tuple[Path, Pa
     apply_delta(delta, base, tmp_path / "o2", progress=False)
     assert hash_calls == []  # every base digest came from the cache, and the fingerprint still matched
     assert _files(tmp_path / "o1") == _files(tmp_path / "o2")
-    m = compress(base, ft, tmp_path / "delta2", progress=False)
-    assert hash_calls == [] and m.base.fingerprint == Delta(delta).manifest.base.fingerprint
 
 
 @pytest.mark.parametrize("change", ["touch", "rewrite same bytes", "copy over"])
@@ -219,7 +216,7 @@ def test_base_changing_during_apply_is_refused(pair: tuple[Path, Path, Path], tm
 
 def test_racy_files_are_not_cached(pair: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, _, delta = pair
-    shutil.rmtree(tmp_path / "digests")
+    shutil.rmtree(tmp_path / "digests", ignore_errors=True)
     monkeypatch.setattr(digest_cache, "RACY_WINDOW_NS", 3600 * 10**9)  # the base was written "just now"
     apply_delta(delta, base, tmp_path / "o1", progress=False)
     assert _cache_files(tmp_path) == []
