@@ -75,6 +75,14 @@ class ScaleGranularity(str, Enum):
     group = "group"
 
 
+class OutputDtype(str, Enum):
+    """``apply --dtype``: the floating-point dtype to write (``deltahub.delta.OUTPUT_DTYPES``)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class AutoMetric(str, Enum):
     """How ``--codec auto`` scores a candidate."""
 
@@ -371,6 +379,7 @@ def apply(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write (atomically).")],
     ignore_base_mismatch: IgnoreMismatchOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut model files above this size.")] = "5GB",
+    dtype: Annotated[Optional[OutputDtype], typer.Option("--dtype", help="Write floating-point weights in this dtype (default: the fine-tune's own); config.json says so.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     token: TokenOpt = None,
@@ -383,7 +392,7 @@ def apply(
     with _quiet(quiet):
         local, protect = _resolve_base(base, token=token, cache_dir=cache_dir, endpoint=endpoint)
         apply_delta(delta, local, output, check_base=not ignore_base_mismatch, overwrite=overwrite,
-                    max_shard_size=_size(max_shard_size), progress=False if quiet else None,
+                    max_shard_size=_size(max_shard_size), progress=False if quiet else None, dtype=dtype.value if dtype else None,
                     **({"protect": protect} if protect else {}))
     if not quiet:
         console.print(f"[green]rebuilt model written to[/] {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -15,15 +16,18 @@ from ._progress import progress_bar
 from .codecs import get_codec
 from .errors import BaseMismatchError, CodecError, DeltaHubError, ManifestError, MissingFileError, ShapeMismatchError, UnsafePathError, UnsupportedFormatError
 from .format.delta_files import DeltaFiles
+from .format.digest_cache import CheckpointDigests
 from .format.integrity import base_file_sources, verify_aux_files
-from .format.io import (Checkpoint, atomic_directory, check_output, fingerprint, plan_shards, prefetch, read_with_digest, write_json_atomic,
-                        write_safetensors)
+from .format.io import (Checkpoint, atomic_directory, base_digest, check_output, fingerprint, pipelined, plan_shards, read_with_digest,
+                        write_json_atomic, write_safetensors_parallel)
 from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
 
 #: Output model shards are cut above this size, like transformers' ``max_shard_size``.
 DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
+#: Rebuilt bytes the pipeline may hold ahead of the writer (at least the largest tensor).
+PIPELINE_BYTES = 256 * 2**20
 
 
 # Extension points for the Hub layer (dependency inversion): ``deltahub.hub`` depends on this module
@@ -201,31 +205,71 @@ class Delta:
 
     # ------------------------------------------------------------------ whole model
 
-    def iter_tensors(self, base: Checkpoint, *, check_base: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, rebuilt tensor)`` in storage order, verifying each base tensor's sha256."""
+    def iter_tensors(self, base: Checkpoint, *, check_base: bool = True, dtype: torch.dtype | None = None,
+                     workers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, rebuilt tensor)`` in storage order, verifying each base tensor's sha256.
+
+        Tensors are read, verified and decoded on ``workers`` threads ahead of the consumer
+        (:func:`~deltahub.format.io.pipelined`); the output is the same, byte for byte, as one
+        tensor at a time. ``dtype`` casts the floating-point tensors (others keep theirs). Base
+        digests come from the local digest cache when the base file is unchanged since they were
+        computed (:mod:`deltahub.format.digest_cache`); they are still checked against the delta.
+        """
         self.check_base_structure(base, check_base=check_base)
         m = self.manifest
+        cache = CheckpointDigests(base.files) if check_base else None
         digests: dict[str, str] = {}
+        largest = max((_nbytes(self._out_spec(n, dtype)) for n in m.tensors), default=0)
+        stream = pipelined(list(m.tensors), lambda n: self._rebuild_one(base, n, cache, dtype), workers=workers,
+                           cost=lambda n: _nbytes(self._out_spec(n, dtype)), max_cost=max(largest, PIPELINE_BYTES))
+        try:
+            with contextlib.closing(stream):  # a consumer that stops early stops the workers too
+                for name, (t, digest) in stream:
+                    if digest is not None:
+                        digests[name] = digest
+                    yield name, t
+            if check_base:
+                self._check_fingerprint(base, digests, cache)
+        finally:
+            if cache is not None:
+                cache.save()  # digests are facts about the file whatever the outcome; saved only if it did not change
 
-        def load(name: str) -> tuple[torch.Tensor | None, str | None, dict[str, torch.Tensor]]:
-            entry = m.tensors[name]
-            stored = self.files.stored(entry.stored)
-            if self._needs_base(entry) or (check_base and entry.base_sha256 is not None):
-                return (*read_with_digest(base, name), stored)
-            return None, None, stored
+    def _rebuild_one(self, base: Checkpoint, name: str, cache: CheckpointDigests | None,
+                     dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
+        """One pipeline step (a worker thread): read, verify against the recorded digests, decode, cast."""
+        entry = self.manifest.tensors[name]
+        stored = self.files.stored(entry.stored)
+        base_t, digest = None, None
+        if self._needs_base(entry) and cache is None:
+            base_t = base.read(name)
+        elif self._needs_base(entry):
+            base_t, digest = read_with_digest(base, name, cache)
+        elif cache is not None and entry.base_sha256 is not None:
+            digest = base_digest(base, name, cache)
+        if cache is not None and entry.base_sha256 is not None:
+            check_base_digest(self.manifest, name, digest, path=base.path)
+        out = self._rebuild(name, stored, base_t)
+        if dtype is not None and out.is_floating_point() and out.dtype != dtype:
+            out = out.to(dtype)
+        return out, digest
 
-        for name, (base_t, digest, stored) in prefetch(list(m.tensors), load):
-            entry = m.tensors[name]
-            if check_base and entry.base_sha256 is not None:
-                check_base_digest(m, name, digest, path=base.path)
-                digests[name] = digest
-            yield name, self._rebuild(name, stored, base_t)
-        if check_base:
-            for name, e in m.base.extra_tensors.items():
-                digests[name] = read_with_digest(base, name)[1]
-            fp = fingerprint({n: (base.info(n).dtype, base.info(n).shape, d) for n, d in digests.items()})
-            if fp != m.base.fingerprint:
-                raise BaseMismatchError(f"base fingerprint {fp} != {m.base.fingerprint} recorded in the delta", path=base.path)
+    def _out_spec(self, name: str, dtype: torch.dtype | None) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        """``(name, dtype, shape)`` of a rebuilt tensor: the fine-tune's dtype, or ``dtype`` for floating ones."""
+        e = self.manifest.tensors[name]
+        own = dtype_from_name(e.dtype)
+        return name, (dtype if dtype is not None and own.is_floating_point else own), tuple(e.shape)
+
+    def _check_fingerprint(self, base: Checkpoint, digests: dict[str, str], cache: CheckpointDigests | None) -> None:
+        """The whole-base check after streaming: tensors the delta does not use, fingerprint, and that no base
+        file changed while it was read (so cached digests describe the bytes that were used)."""
+        m = self.manifest
+        for name in m.base.extra_tensors:
+            digests[name] = base_digest(base, name, cache)
+        fp = fingerprint({n: (base.info(n).dtype, base.info(n).shape, d) for n, d in digests.items()})
+        if fp != m.base.fingerprint:
+            raise BaseMismatchError(f"base fingerprint {fp} != {m.base.fingerprint} recorded in the delta", path=base.path)
+        if cache is not None:
+            cache.check_unchanged(base.path)
 
     def apply(
         self,
@@ -237,12 +281,17 @@ class Delta:
         max_shard_size: int = DEFAULT_MODEL_SHARD_BYTES,
         progress: bool | None = None,
         protect: Iterable[str | Path] = (),
+        dtype: str | torch.dtype | None = None,
+        workers: int | None = None,
     ) -> Path:
         """Write the rebuilt fine-tune as a complete model directory (config, tokenizer, safetensors).
 
         ``output_dir`` may not be, contain or lie inside the delta or the base (nor one of
-        ``protect``): see :func:`~deltahub.format.io.atomic_directory`.
+        ``protect``): see :func:`~deltahub.format.io.atomic_directory`. ``dtype`` (``"bfloat16"``,
+        ``torch.float16``, ...) writes the floating-point tensors in that dtype instead of the
+        fine-tune's own, and says so in ``config.json``; ``workers``: pipeline threads (default: the CPUs).
         """
+        dtype = _float_dtype(dtype)
         m = self.manifest
         inputs = {"delta": self.directory, "base": base}
         check_output(output_dir, inputs=inputs, protect=protect, overwrite=overwrite)
@@ -250,31 +299,47 @@ class Delta:
             self.check_base_structure(base_ckpt, check_base=check_base)
             verify_aux_files(self.directory, m)  # format 1.1 file digests, before anything is written
             from_base = base_file_sources(base_ckpt.dir, m, strict=check_base)  # format 1.2
-            specs = [(n, dtype_from_name(e.dtype), tuple(e.shape)) for n, e in m.tensors.items()]
+            specs = [self._out_spec(n, dtype) for n in m.tensors]
             shards = plan_shards(specs, max_shard_size)
             total = sum(_nbytes(s) for s in specs)
             with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, progress_bar("apply", total, enabled=progress) as advance:
-                stream = self.iter_tensors(base_ckpt, check_base=check_base)
-
-                def produce() -> Iterator[torch.Tensor]:
-                    for _, t in stream:
-                        advance(t.numel() * t.element_size())
-                        yield t
-
-                gen = produce()
-                weight_map: dict[str, str] = {}
-                for i, shard in enumerate(shards, start=1):
-                    fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                    write_safetensors(tmp / fname, shard, gen, {"format": "pt"})
-                    weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
-                for _ in gen:  # drain: runs the final whole-base fingerprint check
-                    pass
+                weight_map = self._write_shards(base_ckpt, tmp, shards, check_base=check_base, dtype=dtype, workers=workers,
+                                                on_written=lambda spec: advance(_nbytes(spec)))
                 if len(shards) > 1:
                     write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
                 if m.config is not None:
-                    write_json_atomic(tmp / "config.json", m.config)
+                    write_json_atomic(tmp / "config.json", _with_dtype(m.config, dtype))
                 self._copy_aux_files(tmp, from_base)
         return Path(output_dir)
+
+    def _write_shards(self, base: Checkpoint, out: Path, shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]], *,
+                      check_base: bool, dtype: torch.dtype | None, workers: int | None,
+                      on_written: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], None]) -> dict[str, str]:
+        """Rebuild every tensor into the model files of ``shards`` (worker threads decode and ``pwrite``
+        in parallel: :func:`~deltahub.format.io.write_safetensors_parallel`), then check the whole base
+        as :meth:`iter_tensors` does. Returns the weight map."""
+        cache = CheckpointDigests(base.files) if check_base else None
+        digests: dict[str, str] = {}
+
+        def produce(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+            t, digest = self._rebuild_one(base, spec[0], cache, dtype)
+            if digest is not None:
+                digests[spec[0]] = digest
+            return t
+
+        weight_map: dict[str, str] = {}
+        try:
+            for i, shard in enumerate(shards, start=1):
+                fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers, max_bytes=PIPELINE_BYTES,
+                                           on_written=on_written)
+                weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
+            if check_base:
+                self._check_fingerprint(base, digests, cache)
+        finally:
+            if cache is not None:
+                cache.save()
+        return weight_map
 
     def _copy_aux_files(self, out: Path, from_base: dict[str, Path]) -> None:
         """Copy the tokenizer and other aux files of ``files`` (and ``from_base``, the base's checked
@@ -440,6 +505,29 @@ def _oneline(exc: BaseException) -> str:
     """An exception's message on one line, shortened (errors from untrusted input are printed as-is)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+#: What ``apply(dtype=...)`` / ``--dtype`` may write.
+OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """An output dtype given by name or object (one of :data:`OUTPUT_DTYPES`), or None (the fine-tune's own)."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype {name[:40]!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    return getattr(torch, name)
+
+
+def _with_dtype(config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """``config`` saying the weights are ``dtype``: ``torch_dtype`` / ``dtype`` (those present, else ``torch_dtype``)."""
+    if dtype is None:
+        return config
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    return {**config, **dict.fromkeys(keys, name)}
 
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:

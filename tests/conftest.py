@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,9 @@ import torch
 os.environ.setdefault("DELTAHUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "DELTAHUB_DIGEST_CACHE" not in os.environ:  # base digests cached per test session, never in the user's cache
+    os.environ["DELTAHUB_DIGEST_CACHE"] = _DIGESTS = tempfile.mkdtemp(prefix="deltahub-digests-")
+    atexit.register(shutil.rmtree, _DIGESTS, True)
 
 
 def make_tiny_pair(root: Path, *, dtype: torch.dtype = torch.float32, tie: bool = True, seed: int = 0,

@@ -89,13 +89,13 @@ def test_renameat2_is_used_on_linux(tmp_path: Path) -> None:
 
 def _patch_write(monkeypatch: pytest.MonkeyPatch, before: object) -> None:
     """Run ``before(tmp_file)`` in the middle of an apply (when its first model file is written)."""
-    original = delta_mod.write_safetensors
+    original = delta_mod.write_safetensors_parallel
 
     def slow(path, *a, **kw):  # type: ignore[no-untyped-def]
         before(Path(path))  # type: ignore[operator]
         return original(path, *a, **kw)
 
-    monkeypatch.setattr(delta_mod, "write_safetensors", slow)
+    monkeypatch.setattr(delta_mod, "write_safetensors_parallel", slow)
 
 
 def test_output_created_during_apply_is_kept(pair_and_delta: tuple[Path, Path, Path], tmp_path: Path,
@@ -352,7 +352,7 @@ def test_disk_full_is_one_line(pair_and_delta: tuple[Path, Path, Path], tmp_path
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(delta_mod, "write_safetensors", full)
+    monkeypatch.setattr(delta_mod, "write_safetensors_parallel", full)
     with pytest.raises(OutputWriteError) as exc:
         apply_delta(delta, base, tmp_path / "out", progress=False)
     assert exc.value.errno == errno.ENOSPC and isinstance(exc.value, OSError) and "ENOSPC" in str(exc.value)

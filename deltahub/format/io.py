@@ -7,6 +7,7 @@ model larger than RAM is written tensor by tensor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -24,7 +25,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ R = TypeVar("R")
 import torch
 
 from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError, UnsafePathError
+from .digest_cache import CheckpointDigests, digest_or_compute
 from .names import check_name
 from .spec import DTYPE_TO_STR, STR_TO_DTYPE
 
@@ -249,6 +251,63 @@ def write_safetensors(
             if b.numel():
                 f.write(memoryview(b.numpy()))
     return len(head) + total
+
+
+def write_safetensors_parallel(
+    path: str | Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    produce: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    workers: int | None = None,
+    max_bytes: int = 0,
+    on_written: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], None] | None = None,
+) -> int:
+    """:func:`write_safetensors` with ``produce(spec)`` run on ``workers`` threads, each tensor written
+    at its planned offset (``pwrite``) as soon as it is ready: decoding and writing overlap, no
+    tensor waits for the one before it. The tensors started but not yet reported written total
+    at most ``max_bytes`` (or the largest tensor), so memory stays bounded however many workers.
+
+    The bytes are those :func:`write_safetensors` writes. The first failure in spec order is raised
+    after every started worker has finished (none writes after this returns). ``on_written`` is
+    called in the calling thread, in spec order. Returns the bytes written.
+    """
+    head, total = plan_header(specs, metadata)
+    offsets = [len(head)]
+    for s in specs:
+        offsets.append(offsets[-1] + math.prod(s[2]) * torch.empty((), dtype=s[1]).element_size())
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        _pwrite_all(fd, memoryview(head), 0)
+
+        def job(i: int) -> None:
+            name, dtype, shape = specs[i]
+            t = produce(specs[i])
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise CorruptFileError(f"tensor {name!r} is {t.dtype} {list(t.shape)}, planned as {dtype} {list(shape)}", path=path)
+            b = tensor_bytes(t)
+            if b.numel():
+                _pwrite_all(fd, memoryview(b.numpy()), offsets[i])
+
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        with contextlib.closing(pipelined(range(len(specs)), job, workers=workers, cost=sizes.__getitem__,
+                                          max_cost=max([max_bytes, *sizes]))) as done:
+            for i, _ in done:
+                if on_written is not None:
+                    on_written(specs[i])
+        os.ftruncate(fd, len(head) + total)
+    finally:
+        os.close(fd)
+    return len(head) + total
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    data = data.cast("B")
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def shard_is_full(filled_bytes: int, has_tensors: bool, nbytes: int, max_bytes: int) -> bool:
@@ -807,8 +866,64 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
         yield cur, fut.result()
 
 
-def read_with_digest(ckpt: Checkpoint, name: str) -> tuple[torch.Tensor, str]:
-    """A tensor from a checkpoint and the sha256 of its bytes, in one read."""
+def read_with_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None) -> tuple[torch.Tensor, str]:
+    """A tensor from a checkpoint and the sha256 of its bytes, in one read (the hash skipped when
+    ``cache`` knows it: :mod:`.digest_cache`)."""
     raw = ckpt.read_bytes(name)
     info = ckpt.info(name)
-    return bytes_to_tensor(raw, info.dtype, info.shape), _bytes_sha256(raw)
+    return bytes_to_tensor(raw, info.dtype, info.shape), digest_or_compute(cache, name, lambda: _bytes_sha256(raw))
+
+
+def base_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None) -> str:
+    """The sha256 of a checkpoint tensor's bytes: from ``cache`` without reading anything, else read and hashed."""
+    return digest_or_compute(cache, name, lambda: _bytes_sha256(ckpt.read_bytes(name)))
+
+
+def default_workers() -> int:
+    """Worker threads for the rebuild pipeline: the CPUs this process may run on, at most 8 (memory
+    bandwidth, not cores, limits it beyond); ``DELTAHUB_NUM_WORKERS`` overrides."""
+    env = os.environ.get("DELTAHUB_NUM_WORKERS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _one_torch_thread() -> None:
+    """Pipeline workers run torch ops single-threaded (a per-thread OpenMP setting): the parallelism is
+    across tensors, and 2 workers x N intra-op threads would oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int | None = None,
+              cost: Callable[[T], int] | None = None, max_cost: int = 0) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, fn(item))`` in order while ``fn`` runs on ``workers`` threads ahead of the consumer.
+
+    Read, hash, decode (all GIL-free in torch / hashlib / zstd) then overlap each other and the
+    consumer's writes. At most ``workers + 1`` items are in flight, and their summed ``cost``
+    (bytes) stays within ``max_cost`` except that one item is always allowed, so memory holds a
+    bounded window of tensors. An exception in ``fn`` surfaces when its item's turn comes.
+    """
+    todo = list(items)
+    workers = workers or default_workers()
+    cost = cost or (lambda _: 0)
+    pending: collections.deque[tuple[T, int, Future[R]]] = collections.deque()
+    inflight, i = 0, 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-pipeline", initializer=_one_torch_thread) as pool:
+        try:
+            while i < len(todo) or pending:
+                while i < len(todo) and (not pending or (len(pending) <= workers and inflight + cost(todo[i]) <= max_cost)):
+                    c = cost(todo[i])
+                    pending.append((todo[i], c, pool.submit(fn, todo[i])))
+                    inflight, i = inflight + c, i + 1
+                item, c, fut = pending.popleft()
+                result = fut.result()
+                inflight -= c
+                yield item, result
+                del result
+        finally:
+            for *_, fut in pending:
+                fut.cancel()
