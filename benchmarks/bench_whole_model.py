@@ -50,7 +50,10 @@ def main() -> None:
     from deltahub.evaluation import evaluate_models
 
     base, ft = (a.base, a.finetuned) if a.base else build_pair(None, steps=60)
-    fp16 = 2 * sum(t.numel() for t in load_model(ft).state_dict().values())
+    from deltahub.format.io import Checkpoint
+
+    with Checkpoint(ft) as ck:  # stored tensors (a tied LM head is stored once)
+        fp16 = 2 * sum(ck.info(n).numel for n in ck.keys())
     tok = AutoTokenizer.from_pretrained(ft)
     blocks = stdlib_corpus(tok)[1][: a.eval_blocks]
     models = {"fine-tune": load_model(ft)}

@@ -12,8 +12,8 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from .errors import (
     UnsafePathError,
 )
 from .format.delta_files import DeltaShardWriter
+from .format.digest_cache import CheckpointDigests
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import (
     Checkpoint,
     atomic_directory,
     atomic_file,
+    base_digest,
     check_output,
     fingerprint,
     prefetch,
@@ -159,6 +161,7 @@ def compress(
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
     try:
         job.start(ft_ckpt, calib)
+        job.base_cache = CheckpointDigests(base_ckpt.files)  # base digests of an unchanged file are not recomputed
         aux = _plan_aux_files(ft_ckpt.dir, None if keep_aux_files else base_ckpt.dir)
         base_digests: dict[str, str] = {}
         if job.policy.uses_auto():
@@ -171,11 +174,13 @@ def compress(
             copied, base_files = _copy_aux_files(aux, tmp)
             files = writer.finish() + copied
             manifest = _build_manifest(
-                tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files,
+                tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files, job.base_cache,
                 base={"name_or_path": base_name_or_path or str(base), "revision": base_revision},
                 finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision})
+            job.base_cache.check_unchanged(base)
             with atomic_file(tmp / MANIFEST_NAME) as mtmp:
                 mtmp.write_bytes(manifest_bytes(manifest.to_dict()))
+            job.base_cache.save()
             if distill:
                 from .distill import distill as _distill
 
@@ -350,6 +355,8 @@ class _Job:
     auto_metric: str
     compute_stats: bool
     calib: Mapping[str, torch.Tensor] | None = None
+    #: Cached per-tensor digests of the base's files (:mod:`deltahub.format.digest_cache`).
+    base_cache: CheckpointDigests | None = None
     #: True when the budget is the default (no target_ratio / max_bytes given): a small model may miss it.
     default_budget: bool = False
     #: Allocation result: tensor name -> the chosen point (``codec="auto"`` tensors only).
@@ -390,7 +397,7 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     ``base_digests`` gets the digest of every base tensor read (those already in it are not rehashed).
     """
     entries: dict[str, TensorEntry] = {}
-    for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests)):
+    for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)):
         info = ft_ckpt.info(name)
         if digest is not None:
             base_digests[name] = digest
@@ -400,15 +407,16 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     return entries
 
 
-def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str]) -> Any:
-    """``name -> (fine-tuned tensor, base tensor or None, base digest or None)``, hashing each base tensor once."""
+def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str], cache: CheckpointDigests | None = None) -> Any:
+    """``name -> (fine-tuned tensor, base tensor or None, base digest or None)``, hashing each base tensor once
+    (never, when ``cache`` has its digest)."""
     def load(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
         ft_t = ft_ckpt.read(name)
         if name not in base_ckpt:
             return ft_t, None, None
         if name in known:
             return ft_t, base_ckpt.read(name), known[name]
-        return (ft_t, *read_with_digest(base_ckpt, name))
+        return (ft_t, *read_with_digest(base_ckpt, name, cache))
     return load
 
 
@@ -504,7 +512,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
     with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure") as pool:
-        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests)):
+        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)):
             info = ft_ckpt.info(name)
             if digest is not None:
                 base_digests[name] = digest
@@ -629,24 +637,25 @@ def _manifest_overhead(ft_ckpt: Checkpoint, aux: list[_AuxFile]) -> int:
 # ---------------------------------------------------------------------------------------- manifest
 
 
-def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path: str, revision: str | None) -> BaseInfo:
+def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path: str, revision: str | None,
+               cache: CheckpointDigests | None = None) -> BaseInfo:
     """The base's fingerprint; base tensors the fine-tune dropped are read here (they still belong to it)."""
     extra: dict[str, dict[str, Any]] = {}
     for name in base_ckpt.keys():
         if name not in base_digests:
             binfo = base_ckpt.info(name)
-            base_digests[name] = read_with_digest(base_ckpt, name)[1]
+            base_digests[name] = base_digest(base_ckpt, name, cache)
             extra[name] = {"dtype": dtype_name(binfo.dtype), "shape": list(binfo.shape), "sha256": base_digests[name]}
     fp = fingerprint({n: (base_ckpt.info(n).dtype, base_ckpt.info(n).shape, base_digests[n]) for n in base_ckpt.keys()})
     return BaseInfo(name_or_path=name_or_path, fingerprint=fp, revision=revision, extra_tensors=extra)
 
 
 def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str], ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
-                    base_digests: dict[str, str], base_files: dict[str, str], *, base: dict[str, Any],
-                    finetuned: dict[str, Any]) -> Manifest:
+                    base_digests: dict[str, str], base_files: dict[str, str], cache: CheckpointDigests | None, *,
+                    base: dict[str, Any], finetuned: dict[str, Any]) -> Manifest:
     """The manifest of the delta written in ``tmp`` (its non-weights files digested)."""
     return Manifest(
-        base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"]),
+        base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"], cache),
         tensors=entries,
         config=ft_ckpt.config(),
         finetuned=finetuned,

@@ -32,7 +32,7 @@ def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, P
     monkeypatch.setenv("DELTAHUB_DIGEST_CACHE", str(tmp_path / "digests"))
     monkeypatch.setattr(digest_cache, "RACY_WINDOW_NS", 0)
     base, ft = make_tiny_pair(tmp_path)
-    compress(base, ft, tmp_path / "delta", progress=False)
+    compress(base, ft, tmp_path / "delta", codec="bitdelta", progress=False)
     return base, ft, tmp_path / "delta"
 
 
@@ -280,3 +280,16 @@ def test_disk_full_in_a_worker_is_one_typed_error(pair: tuple[Path, Path, Path],
     with pytest.raises(OutputWriteError, match="No space left"):
         apply_delta(delta, base, tmp_path / "out", progress=False, workers=3)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_compress_fills_and_reuses_the_digest_cache(pair: tuple[Path, Path, Path], tmp_path: Path, hash_calls: list[int]) -> None:
+    """compress hashes each base tensor once per base file: a second compress (or an apply) against the
+    same unchanged base reuses the digests, and records the same fingerprint."""
+    base, ft, delta = pair
+    shutil.rmtree(tmp_path / "digests", ignore_errors=True)
+    m1 = compress(base, ft, tmp_path / "d1", codec="bitdelta", progress=False)
+    assert len(hash_calls) == len(Checkpoint(base).keys())
+    hash_calls.clear()
+    m2 = compress(base, ft, tmp_path / "d2", codec="deltadq", preset="64x", progress=False)
+    apply_delta(tmp_path / "d2", base, tmp_path / "o", progress=False)
+    assert hash_calls == [] and m1.base.fingerprint == m2.base.fingerprint == Delta(delta).manifest.base.fingerprint
