@@ -64,7 +64,7 @@ _CODEC_NAMES = [*BUILTIN_CODECS, *_plugin_codec_names()]
 #: ``--codec`` of compress: a registered codec, or ``auto``.
 CodecChoice = _choice_enum("CodecChoice", [*_CODEC_NAMES, AUTO])
 #: ``--codec`` of demo (no budget options there, so no ``auto``).
-DemoCodecChoice = _choice_enum("DemoCodecChoice", list(_CODEC_NAMES))
+DemoCodecChoice = _choice_enum("DemoCodecChoice", [*_CODEC_NAMES, AUTO])
 
 
 class ScaleGranularity(str, Enum):
@@ -618,7 +618,7 @@ def codecs() -> None:
 def demo(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Fine-tune steps of the real pair (≈3.3 s each on 2 cores).")] = 60,
-    codec: Annotated[DemoCodecChoice, typer.Option("--codec", help="Codec for the transformer-block matrices.")] = DemoCodecChoice("bitdelta"),  # type: ignore[valid-type]
+    codec: Annotated[DemoCodecChoice, typer.Option("--codec", help="auto (default, as `deltahub compress`): whole delta 20x smaller, bytes allocated by measured error; or a codec for the transformer-block matrices.")] = DemoCodecChoice(AUTO),  # type: ignore[valid-type]
     scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
     param: ParamOpt = [],  # noqa: B006
     eval_blocks: Annotated[int, typer.Option("--eval-blocks", help="Held-out 512-token blocks to evaluate (0 skips evaluation).")] = 16,
@@ -645,6 +645,9 @@ def demo(
         for bar in bars.values():
             bar.close()
     m = result["manifest"]
+    from .report import group_rows, group_table
+
+    console.print(group_table(group_rows(m, *_directory_sizes(m, result["delta_dir"]))))
     console.print(storage_table(m, title=f"delta: {result['delta_dir']}"))
     q = result["quality"]
     if q:

@@ -12,7 +12,7 @@ import torch
 from ..compression import compress
 from ..delta import apply_delta
 from ..format.manifest import Manifest
-from ..policy import Policy
+from ..policy import AUTO, Policy
 from .pair import build_pair, load_model, stdlib_corpus
 
 #: Held-out blocks of 512 tokens evaluated by default (16 x 3 models ≈ 30 s on 2 cores).
@@ -51,7 +51,7 @@ def run_demo(
         torch.set_num_threads(threads)
     base_dir, ft_dir = build_pair(cache_dir, steps=steps, progress=stage_progress)
     work = base_dir.parent
-    policy = policy or Policy()
+    policy = policy or Policy(codec=AUTO, whole_model=True)  # deltahub compress's default
     delta_dir = work / f"delta-{policy.codec}"
     rebuilt_dir = work / f"rebuilt-{policy.codec}"
     t0 = time.perf_counter()
