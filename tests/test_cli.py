@@ -67,3 +67,24 @@ def test_codecs_and_version() -> None:
     assert r.exit_code == 0 and "bitdelta" in r.output
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and "deltahub" in r.output
+
+
+def test_info_shows_bytes_by_part_of_the_model(tmp_path: Path) -> None:
+    from deltahub.report import tensor_group
+
+    assert tensor_group("model.embed_tokens.weight", [10, 4]) == tensor_group("lm_head.weight", [10, 4]) == "embeddings / LM head"
+    assert tensor_group("model.layers.0.self_attn.q_proj.weight", [4, 4]) == "attention"
+    assert tensor_group("transformer.h.0.mlp.c_fc.weight", [4, 4]) == "MLP"
+    assert tensor_group("model.layers.0.input_layernorm.weight", [4]) == "norms and other"
+    assert tensor_group("model.layers.0.self_attn.q_proj.bias", [4]) == "norms and other"
+    base, ft = make_tiny_pair(tmp_path)
+    (ft / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "-q"])
+    r = runner.invoke(app, ["info", str(tmp_path / "d")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "bytes by part of the model" in r.output and "whole delta" in r.output
+    assert "generation_config.json" in r.output  # taken from the base, shown as such
+    groups = {g["group"]: g for g in json.loads(runner.invoke(app, ["info", str(tmp_path / "d"), "--json"]).output)["groups"]}
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "d").iterdir())
+    assert groups["whole delta"]["bytes"] == on_disk
+    assert groups["aux files (tokenizer, ...)"]["bytes"] == (tmp_path / "d" / "tokenizer.json").stat().st_size
+    assert groups["embeddings / LM head"]["tensors"] == 1 and groups["attention"]["tensors"] == 8
