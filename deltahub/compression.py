@@ -429,6 +429,8 @@ def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: t
     compatible = base_t is not None and _has_delta(base_t.shape, base_t.dtype, ft_t.shape, info.dtype)
     if base_t is not None and same_bits(base_t, ft_t):
         return (*job.codecs.get("unchanged", {}), False)
+    if auto and not compatible and base_t is not None and _grown(base_t, ft_t):
+        return None, p, True  # allocated among row-sparse settings (base rows coded, added rows exact)
     resized = None if compatible or base_t is None else _resized_vocab(job, c, p, base_t, ft_t)
     if resized is not None:
         return (*resized, False)
@@ -488,11 +490,15 @@ def _resized_vocab(job: _Job, c: Any, p: dict[str, Any], base_t: torch.Tensor, f
     the policy gives a lossy delta codec by name (``raw`` and ``auto`` keep it exact, as before): the base rows
     are delta-coded, the added rows stored exactly. The policy's params when it chose ``rowsparse``, else
     rowsparse's defaults (1 bit per weight, every row); None otherwise."""
-    grown = (ft_t.dim() == 2 and base_t.dim() == 2 and ft_t.shape[1] == base_t.shape[1] and ft_t.shape[0] > base_t.shape[0]
-             and ft_t.dtype in _FLOATS and base_t.dtype in _FLOATS)
-    if not grown or c is None or not c.needs_base or c.name == "unchanged":
+    if not _grown(base_t, ft_t) or c is None or not c.needs_base or c.name == "unchanged":
         return None
     return (c, p) if c is not None and c.name == "rowsparse" else job.codecs.get("rowsparse", {})
+
+
+def _grown(base_t: torch.Tensor, ft_t: torch.Tensor) -> bool:
+    """A resized vocabulary matrix: 2-D floats, more rows than the base, the same columns."""
+    return (ft_t.dim() == 2 and base_t.dim() == 2 and ft_t.shape[1] == base_t.shape[1] and ft_t.shape[0] > base_t.shape[0]
+            and ft_t.dtype in _FLOATS and base_t.dtype in _FLOATS)
 
 
 def _has_delta(base_shape: Any, base_dtype: torch.dtype, shape: Any, dtype: torch.dtype) -> bool:
@@ -585,6 +591,8 @@ def _row_sample(inp: EncodeInput, shape: tuple[int, ...]) -> tuple[EncodeInput, 
 def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dtype) -> Curve:
     """Stored bytes (with their manifest and header overhead) and distortion of each candidate for one tensor,
     measured on a row sample of large matrices and scaled to the whole tensor."""
+    if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
+        return _resized_curve(job, inp, shape, dtype)
     d2_full = float(inp.delta.pow(2).sum(dtype=torch.float64))
     full_shape = shape
     inp, shape, scale = _row_sample(inp, shape)
@@ -629,6 +637,25 @@ CALIBRATED_ERRORS = False
 #: ``rel`` here against 0.0055 with ``aligned`` everywhere (which gave the embedding 8x DeltaDQ and its
 #: dropout noise, instead of 1-bit rows): noise on a tied embedding is noise on every logit.
 VOCAB_METRIC: str | None = "rel"
+
+
+def _resized_curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dtype) -> Curve:
+    """A resized vocabulary matrix: row-sparse settings (base rows coded, added rows exact) and ``raw``;
+    distortion is the squared error of the base rows' delta (the codec's own exact ``error_l2``)."""
+    from .codecs.rowsparse import PRESETS as ROW_PRESETS
+
+    curve = Curve(inp.name, math.prod(shape))
+    cands = [("rowsparse", {"preset": n}) for n in ROW_PRESETS] + [("rowsparse", {"density": 1.0, "bits": 8}), ("raw", {})]
+    for cname, cparams in cands:
+        c, p = job.codecs.get(cname, cparams)
+        label = candidate_label(cname, cparams)
+        enc = c.encode(inp, p)
+        e2, d2 = (enc.stats["error_l2"] ** 2, enc.stats["delta_l2"] ** 2) if c.needs_base else (0.0, 0.0)
+        nbytes = enc.nbytes + _entry_overhead(inp.name, c.name, enc, shape, dtype, label)
+        err = math.sqrt(e2 / d2) if d2 > 0 else 0.0
+        curve.points.append(Point(cname, p, nbytes, e2, err, label, "rel_l2" if c.needs_base else "exact",
+                                  math.sqrt(d2) if c.needs_base else None, math.sqrt(e2) if c.needs_base else None))
+    return curve
 
 
 _PLACEHOLDER_DIGEST = "sha256:" + "0" * 64

@@ -230,13 +230,21 @@ def test_resized_base_must_have_the_recorded_rows(tmp_path: Path) -> None:
     assert Delta(tmp_path / "delta").manifest.tensors[EMB].codec == "rowsparse"
 
 
-def test_raw_and_auto_keep_a_resized_vocabulary_exact(tmp_path: Path) -> None:
-    """Only a lossy codec named for the tensor routes it to rowsparse (the default auto keeps it exact)."""
-    base, _ = make_tiny_pair(tmp_path / "a", vocab=128)
-    _, ft = make_tiny_pair(tmp_path / "b", vocab=136)
-    for i, policy in enumerate([Policy(codec="bitdelta", rules=[Rule.parse(f"{EMB}=raw")]), None]):
-        m = compress(base, ft, tmp_path / f"delta{i}", policy=policy, progress=False)
-        assert m.tensors[EMB].codec == "raw" and m.tensors[EMB].params["mode"] == "full"
+def test_raw_keeps_a_resized_vocabulary_exact_and_auto_codes_its_base_rows(tmp_path: Path) -> None:
+    """``raw`` keeps a grown vocabulary exact; the default (whole-model auto) allocates it among row-sparse
+    settings: base rows delta-coded, added rows bit-exact."""
+    base, _ = make_tiny_pair(tmp_path / "a", vocab=4096)
+    _, ft = make_tiny_pair(tmp_path / "b", vocab=4104)
+    m = compress(base, ft, tmp_path / "delta0", policy=Policy(codec="bitdelta", rules=[Rule.parse(f"{EMB}=raw")]), progress=False)
+    assert m.tensors[EMB].codec == "raw" and m.tensors[EMB].params["mode"] == "full"
+    m = compress(base, ft, tmp_path / "delta1", target_ratio=4, progress=False)
+    e = m.tensors[EMB]
+    assert e.codec in ("rowsparse", "raw") and e.stats["auto_choice"].split(":")[0] == e.codec
+    assert e.codec == "rowsparse" and e.params["base_rows"] == 4096  # exact would not fit 4x
+    out = load_file(apply_delta(tmp_path / "delta1", base, tmp_path / "out", progress=False) / "model.safetensors")[EMB]
+    assert torch.equal(out[4096:], load_file(ft / "model.safetensors")[EMB][4096:])
+    assert sum(p.stat().st_size for p in (tmp_path / "delta1").iterdir()) <= 2 * sum(
+        t.numel() for t in load_file(ft / "model.safetensors").values()) / 4
 
 
 def test_presets_fit_their_ratio_at_576_columns() -> None:
