@@ -616,7 +616,8 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
             logger.debug("allocation: %s cannot use %s: %s", inp.name, label, exc)
             continue
         nbytes = math.ceil(enc.nbytes * scale) + _entry_overhead(inp.name, c.name, enc, full_shape, dtype, label)
-        curve.points.append(Point(cname, p, nbytes, err * err * d2_full, err, label, metric,
+        distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
+        curve.points.append(Point(cname, p, nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
     return curve
 
