@@ -35,7 +35,8 @@ from .errors import CodecError, InvalidCodecParamsError
 
 
 def default_candidates() -> list[tuple[str, dict[str, Any]]]:
-    """A spread of settings from ~10x to ~500x: BitDelta, every DeltaDQ preset, DARE, top-k ternary."""
+    """A spread of settings from ~10x to ~500x: BitDelta, every DeltaDQ preset, DARE, top-k ternary
+    (for :func:`choose`; compress's allocation uses :func:`model_candidates`)."""
     from .codecs.deltadq import PRESETS
 
     out: list[tuple[str, dict[str, Any]]] = [
