@@ -314,8 +314,9 @@ def _check_auto(policy: Policy, target_ratio: float | None, max_bytes: int | str
             raise InvalidCodecParamsError(f"rule {rule.pattern!r}: codec 'auto' takes no parameters (got {sorted(rule.params)}); "
                                           "its budget is target_ratio / max_bytes")
     if policy.codec == AUTO and policy.params:
-        raise InvalidCodecParamsError(f"codec 'auto' takes no parameters (got {sorted(policy.main_params())}); "
-                                      "its budget is target_ratio / max_bytes")
+        raise InvalidCodecParamsError(f"codec 'auto' (the default) takes no parameters (got {sorted(policy.main_params())}); "
+                                      "its budget is target_ratio / max_bytes; name a codec to give it parameters "
+                                      "(codec='bitdelta', --codec bitdelta)")
     if target_ratio is not None and (isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float))
                                      or not target_ratio > 0 or math.isinf(target_ratio)):
         raise InvalidCodecParamsError(f"target_ratio={target_ratio!r} must be a number > 0")
