@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from .codecs import get_codec
 from .codecs.base import Encoded, EncodeInput, matrix_view_shape
 from .errors import CodecError, InvalidCodecParamsError
+from .policy import is_vocabulary_matrix
 
 
 def default_candidates() -> list[tuple[str, dict[str, Any]]]:
@@ -48,14 +48,6 @@ def default_candidates() -> list[tuple[str, dict[str, Any]]]:
     out += [("dare", {"p": p}) for p in (0.9, 0.95, 0.99)]
     out += [("topk-ternary", {"density": d}) for d in (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)]
     return out
-
-
-_VOCABULARY = re.compile(r"(embed|wte|lm_head|word_embeddings|(^|\.)shared\.|(^|\.)output\.weight$)", re.I)
-
-
-def is_vocabulary_matrix(name: str) -> bool:
-    """True for token embeddings and LM heads (one row per vocabulary entry), by name."""
-    return bool(_VOCABULARY.search(name))
 
 
 #: Matrices at most this large also get ``raw`` (exact) as an allocation candidate.

@@ -23,7 +23,7 @@ from . import __version__
 from ._progress import progress_bar
 from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
-from .autoselect import check_metric, is_vocabulary_matrix, model_candidates, relative_error
+from .autoselect import check_metric, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
 from .errors import (
@@ -53,7 +53,7 @@ from .format.spec import (
     MANIFEST_NAME,
     dtype_name,
 )
-from .policy import AUTO, Policy, check_preset
+from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -176,6 +176,7 @@ def compress(
             files = writer.finish() + copied
             manifest = _build_manifest(
                 tmp, entries, files, ft_ckpt, base_ckpt, base_digests, base_files, job.base_cache,
+                known_digests={f.name: f.digest for f in aux if not f.from_base},
                 base={"name_or_path": base_name_or_path or str(base), "revision": base_revision},
                 finetuned={"name_or_path": finetuned_name_or_path or str(finetuned), "revision": finetuned_revision})
             job.base_cache.check_unchanged(base)
@@ -493,7 +494,7 @@ def _resized_vocab(job: _Job, c: Any, p: dict[str, Any], base_t: torch.Tensor, f
     rowsparse's defaults (1 bit per weight, every row); None otherwise."""
     if not _grown(base_t, ft_t) or c is None or not c.needs_base or c.name == "unchanged":
         return None
-    return (c, p) if c is not None and c.name == "rowsparse" else job.codecs.get("rowsparse", {})
+    return (c, p) if c.name == "rowsparse" else job.codecs.get("rowsparse", {})
 
 
 def _grown(base_t: torch.Tensor, ft_t: torch.Tensor) -> bool:
@@ -598,7 +599,6 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     full_shape = shape
     inp, shape, scale = _row_sample(inp, shape)
     delta = inp.delta
-    d2 = float(delta.pow(2).sum(dtype=torch.float64))
     curve = Curve(inp.name, math.prod(full_shape))
     for cname, cparams in job.candidates_for(inp.name, full_shape):
         c, p = job.codecs.get(cname, cparams)
@@ -701,8 +701,10 @@ def _base_info(base_ckpt: Checkpoint, base_digests: dict[str, str], name_or_path
 
 def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str], ft_ckpt: Checkpoint, base_ckpt: Checkpoint,
                     base_digests: dict[str, str], base_files: dict[str, str], cache: CheckpointDigests | None, *,
-                    base: dict[str, Any], finetuned: dict[str, Any]) -> Manifest:
-    """The manifest of the delta written in ``tmp`` (its non-weights files digested)."""
+                    base: dict[str, Any], finetuned: dict[str, Any], known_digests: dict[str, str] | None = None) -> Manifest:
+    """The manifest of the delta written in ``tmp`` (its non-weights files digested; ``known_digests``: aux files
+    already hashed when they were planned, copied byte for byte)."""
+    known = known_digests or {}
     return Manifest(
         base=_base_info(base_ckpt, base_digests, base["name_or_path"], base["revision"], cache),
         tensors=entries,
@@ -710,7 +712,7 @@ def _build_manifest(tmp: Path, entries: dict[str, TensorEntry], files: list[str]
         finetuned=finetuned,
         totals=totals(entries, ft_ckpt),
         files=sorted(files),
-        file_digests={n: file_digest(tmp / n) for n in sorted(files) if not is_weights_file(n)},
+        file_digests={n: known.get(n) or file_digest(tmp / n) for n in sorted(files) if not is_weights_file(n)},
         base_files=base_files,
         created_with=f"deltahub {__version__}",
     )

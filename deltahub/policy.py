@@ -33,6 +33,14 @@ def in_transformer_block_matrix(name: str, ndim: int) -> bool:
     return not _NOT_A_BLOCK_MATRIX.search(name)
 
 
+_VOCABULARY = re.compile(r"(embed|wte|lm_head|word_embeddings|(^|\.)shared\.|(^|\.)output\.weight$)", re.I)
+
+
+def is_vocabulary_matrix(name: str) -> bool:
+    """True for token embeddings and LM heads (one row per vocabulary entry), by name."""
+    return bool(_VOCABULARY.search(name))
+
+
 def _matcher(pattern: str) -> re.Pattern[str]:
     """``re:<regex>`` is a regular expression; anything else a shell glob (``*``, ``?``, ``[...]``)."""
     if pattern.startswith("re:"):
