@@ -70,6 +70,18 @@ class Delta:
         self.files = DeltaFiles(self.directory, self.manifest)
         for name, entry in self.manifest.tensors.items():
             self._check_entry(name, entry)
+        self._check_stored_names_unique()
+
+    def _check_stored_names_unique(self) -> None:
+        """Each stored tensor belongs to one entry and role (its name is ``<tensor>.<role>``): an entry naming
+        another's stored tensors would have one recorded digest checked for both."""
+        named_by: dict[str, str] = {}
+        for name, entry in self.manifest.tensors.items():
+            for role, key in entry.stored.items():
+                if key in named_by:
+                    raise ManifestError(f"manifest entries {named_by[key]!r} and {name!r} ({role}) both name stored tensor "
+                                        f"{key!r}", path=self.directory / MANIFEST_NAME)
+                named_by[key] = name
 
     def _check_entry(self, name: str, entry: TensorEntry) -> None:
         """Header-only validation of one untrusted entry, before any stored byte is read (format_spec.md,

@@ -452,3 +452,14 @@ def test_bad_base_files_are_refused(tmp_path: Path, value: object) -> None:
     with pytest.raises(DeltaHubError):
         apply_delta(d, base, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stored_tensor_named_by_two_entries_is_refused(tmp_path: Path) -> None:
+    """Stored names are ``<tensor>.<role>``: an entry pointing at another entry's stored tensors (whose recorded
+    digest would then be checked for only one of them) is a one-line ManifestError, before anything is read."""
+    base, _, d = _make(tmp_path, "bitdelta")
+    a, b = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    _edit_manifest(d, lambda m: m["tensors"][b].update(stored=m["tensors"][a]["stored"], digests=m["tensors"][a]["digests"]))
+    with pytest.raises(ManifestError, match="both name stored tensor"):
+        apply_delta(d, base, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
