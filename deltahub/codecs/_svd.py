@@ -1,0 +1,72 @@
+"""Truncated SVD of a delta matrix: the one home for low-rank factorisation (low-rank codecs, LoRA export).
+
+Small or nearly full-rank requests use the exact ``torch.linalg.svd``; large matrices with a small
+rank use a randomised range finder (Halko, Martinsson & Tropp 2011, with power iterations and a
+fixed-seed Gaussian sketch) so the result is deterministic: the same delta always gives the same
+factors, and so the same compressed bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Matrices with at most this many elements always take the exact SVD.
+EXACT_NUMEL = 1 << 20
+#: Extra sketch columns of the randomised range finder.
+OVERSAMPLE = 10
+#: Power iterations of the randomised range finder (2 is ample for the fast-decaying spectra of deltas).
+POWER_ITERS = 2
+#: Seed of the Gaussian sketch (fixed: factorisation is deterministic).
+SEED = 0
+
+
+def truncated_svd(m: torch.Tensor, rank: int, *, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``rank`` singular triplets of the 2-D ``m`` in float32, largest first.
+
+    Returns ``(U, S, Vh)`` with ``U`` of shape ``[rows, r]``, ``S`` of shape ``[r]`` and ``Vh`` of shape
+    ``[r, cols]`` where ``r = min(rank, rows, cols)``, so ``U @ diag(S) @ Vh`` is the best rank-``r``
+    approximation (exactly for the exact path, to randomised-SVD accuracy otherwise).  ``exact``
+    forces the choice; by default the exact SVD is used for small matrices or ranks above 1/4 of
+    the smaller side.
+    """
+    if m.dim() != 2:
+        raise ValueError(f"truncated_svd needs a 2-D matrix, got shape {tuple(m.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    a = m.to(torch.float32)
+    rows, cols = a.shape
+    r = min(rank, rows, cols)
+    if exact is None:
+        exact = a.numel() <= EXACT_NUMEL or 4 * (r + OVERSAMPLE) >= min(rows, cols)
+    if exact:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
+    return _randomized(a, r)
+
+
+def _randomized(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomised SVD with a seeded sketch: Q spans A's top range, then the small SVD of Qᵀ A."""
+    rows, cols = a.shape
+    k = min(r + OVERSAMPLE, rows, cols)
+    gen = torch.Generator().manual_seed(SEED)
+    omega = torch.randn(cols, k, generator=gen, dtype=torch.float32)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(POWER_ITERS):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    b = q.T @ a
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = q @ ub
+    return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
+
+
+def rank_for_energy(s: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose singular values keep at least ``energy`` (0 < energy <= 1) of ``sum(s**2)``."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    e = s.to(torch.float64) ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
