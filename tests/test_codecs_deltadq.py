@@ -354,3 +354,19 @@ def test_deltadq_auto_group_refuses_rows_too_short_to_keep_anything() -> None:
         encode("deltadq", make_input(3, 1), preset="16x")
     _, enc = encode("deltadq", make_input(3, 2), preset="16x")  # g = 2 keeps 1
     assert enc.params["group_size"] == 2
+
+
+@pytest.mark.parametrize("params", [{}, {"quantizer": "uniform"}, {"preset": "64x"}])
+def test_encode_reports_the_error_it_would_measure(params: dict) -> None:
+    """deltadq's closed-form stats (dropped energy + quantisation error of the kept values) equal the
+    error measured on the decoded delta, so compress need not decode to report it."""
+    c = get_codec("deltadq")
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 256, generator=g)
+    ft = base + 0.01 * torch.randn(64, 256, generator=g)
+    inp = EncodeInput("model.layers.0.mlp.up_proj.weight", ft, base)
+    enc = c.encode(inp, c.validate_params(params))
+    approx = c.decode_delta(enc.tensors, enc.params, (64, 256))
+    measured = float((approx - inp.delta).pow(2).sum(dtype=torch.float64)) ** 0.5
+    assert enc.stats["error_l2"] == pytest.approx(measured, rel=1e-9)
+    assert enc.stats["delta_l2"] == pytest.approx(float(inp.delta.norm()), rel=1e-6)

@@ -193,6 +193,15 @@ def scatter_kept(out: torch.Tensor, values: torch.Tensor, seed: int, stream: int
     map_blocks(block, block_ranges(out.numel(), g))
 
 
+def _closed_form_stats(delta: torch.Tensor, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
+    """``delta_l2`` and ``error_l2`` without decoding: dropped elements err by their whole value, kept ones
+    by ``decoded - delta`` (float64 sums; equal to measuring the decoded tensor up to float rounding)."""
+    d2 = float(delta.pow(2).sum(dtype=torch.float64))
+    k2 = float(kept.pow(2).sum(dtype=torch.float64))
+    q2 = float((decoded - kept).pow(2).sum(dtype=torch.float64))
+    return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(max(d2 - k2, 0.0) + q2)}
+
+
 def _part_bits(bits: int, parts: int) -> tuple[int, int]:
     """(bits of a part id, bits of a value inside its part)."""
     pb = parts.bit_length() - 1
@@ -266,18 +275,22 @@ class DeltaDQ(Codec):
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
         keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
-        values = gather_kept(d2.reshape(-1), params["seed"], stream, g, keep) * (g / keep)
+        kept = gather_kept(d2.reshape(-1), params["seed"], stream, g, keep)
+        values = kept * (g / keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
         tensors: dict[str, torch.Tensor] = {}
         if params["quantizer"] == "kmeans":
             codebook, codes = kmeans_codebook(values, bits)
             tensors["codebook"] = codebook
+            decoded = codebook.index_select(0, codes.to(torch.int32))
         else:
             q = quantize_uniform(values, bits, params["qgroup"])
             codes = q.codes
             tensors.update(norm=q.norm, qmin=q.mins, qstep=q.steps)
             out["qgroup"] = params["qgroup"]
+            decoded = dequantize_uniform(codes, q.mins, q.steps, q.norm, params["qgroup"])
+        stats = _closed_form_stats(delta, kept, decoded)
         entropy = params["entropy"] == "zstd"
         pbits, lbits = _part_bits(bits, parts)
         part, low = split_parts(codes, bits, parts)
@@ -288,7 +301,7 @@ class DeltaDQ(Codec):
             for j in range(parts):  # np.compress: the members of part j in order, far faster than a[mask]
                 low_j = torch.from_numpy(np.compress(part_np == j, low_np)) if parts > 1 else low
                 tensors[f"low{j}"] = store_stream(low_j, lbits, entropy=entropy)
-        return Encoded(tensors, out)
+        return Encoded(tensors, out, stats)
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
                      shape: tuple[int, ...], dtype: torch.dtype) -> None:
