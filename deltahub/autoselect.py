@@ -118,11 +118,17 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor, calibration: torch
         x = calibration.reshape(-1, cols).to(torch.float32)
         y, e, space = x @ y.T, x @ e.T, "output"
     yy, ee = float((y * y).sum()), float((e * e).sum())
+    return error_from_sums(yy, ee, float((e * y).sum()) if metric != "rel" else 0.0, metric, space)
+
+
+def error_from_sums(yy: float, ee: float, ey: float, metric: str, space: str = "l2") -> tuple[str, float]:
+    """``(metric name, error)`` from ``Σy²``, ``Σe²`` and ``Σe·y`` (``y`` the delta or its outputs, ``e`` the
+    error): what :func:`relative_error` computes, also usable with sums a codec knows without decoding."""
     if yy == 0.0:
         return f"{metric}_{space}", 0.0 if ee == 0.0 else math.inf
     if metric == "rel":
         return f"rel_{space}", math.sqrt(ee / yy)
-    beta = float((e * y).sum()) / yy
+    beta = ey / yy
     perp = max(ee / yy - beta * beta, 0.0)
     return f"aligned_{space}", math.sqrt(beta * beta + NOISE_WEIGHT * perp)
 

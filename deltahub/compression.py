@@ -23,7 +23,7 @@ from . import __version__
 from ._progress import progress_bar
 from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
-from .autoselect import check_metric, model_candidates, relative_error
+from .autoselect import check_metric, error_from_sums, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
 from .codecs.unchanged import same_bits
 from .errors import (
@@ -471,11 +471,15 @@ def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: 
     entry = TensorEntry(codec=c.name, shape=list(info.shape), dtype=dtype_name(info.dtype), params=enc.params,
                         stored=stored, stored_bytes=enc.nbytes, base_sha256=digest)
     if job.compute_stats and c.needs_base and c.name != "unchanged":
-        entry.stats = dict(enc.stats or _stats(c, enc, inp, tuple(info.shape)))
+        entry.stats = {k: v for k, v in (enc.stats or _stats(c, enc, inp, tuple(info.shape))).items() if k in _REPORTED}
     entry.stats.update(auto_stats)
     written = writer.add({stored[r]: t for r, t in enc.tensors.items()}, c.name)
     entry.digests = {r: written[k] for r, k in stored.items()}
     return entry
+
+
+#: Codec stats written into the manifest entry.
+_REPORTED = ("delta_l2", "error_l2")
 
 
 def _stats(codec: Any, enc: Any, inp: EncodeInput, shape: tuple[int, ...]) -> dict[str, float]:
@@ -605,11 +609,14 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
         label = candidate_label(cname, cparams)
         try:
             enc = c.encode(inp, p)
+            x = inp.calibration if CALIBRATED_ERRORS else None
             if not c.needs_base:  # an exact codec (raw): no error
                 metric, err, e2 = "exact", 0.0, 0.0
+            elif x is None and {"delta_l2", "error_l2", "error_dot"} <= enc.stats.keys():  # known without decoding
+                e2 = enc.stats["error_l2"] ** 2
+                metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], _metric_for(job, inp.name))
             else:
                 approx = c.decode_delta(enc.tensors, enc.params, shape)
-                x = inp.calibration if CALIBRATED_ERRORS else None
                 metric, err = relative_error(delta, approx, x, _metric_for(job, inp.name))
                 e2 = float((approx - delta).pow(2).sum(dtype=torch.float64))
                 del approx

@@ -370,3 +370,5 @@ def test_encode_reports_the_error_it_would_measure(params: dict) -> None:
     measured = float((approx - inp.delta).pow(2).sum(dtype=torch.float64)) ** 0.5
     assert enc.stats["error_l2"] == pytest.approx(measured, rel=1e-9)
     assert enc.stats["delta_l2"] == pytest.approx(float(inp.delta.norm()), rel=1e-6)
+    dot = float(((approx - inp.delta) * inp.delta).sum(dtype=torch.float64))
+    assert enc.stats["error_dot"] == pytest.approx(dot, rel=1e-9, abs=1e-9 * measured ** 2)

@@ -46,7 +46,8 @@ class Encoded:
 
     tensors: dict[str, torch.Tensor]
     params: dict[str, Any]
-    #: Optional ``{"delta_l2", "error_l2"}`` when the codec knows them cheaply (else compress decodes to measure).
+    #: Optional ``{"delta_l2", "error_l2"}`` when the codec knows them cheaply (else compress decodes to measure),
+    #: and ``"error_dot"`` (``Σ (Δ̂ - Δ)·Δ``), which lets the allocation score a candidate without decoding it.
     stats: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -194,12 +194,15 @@ def scatter_kept(out: torch.Tensor, values: torch.Tensor, seed: int, stream: int
 
 
 def _closed_form_stats(delta: torch.Tensor, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
-    """``delta_l2`` and ``error_l2`` without decoding: dropped elements err by their whole value, kept ones
-    by ``decoded - delta`` (float64 sums; equal to measuring the decoded tensor up to float rounding)."""
+    """``delta_l2``, ``error_l2`` and ``error_dot`` (``Σ e·Δ``) without decoding: dropped elements err by
+    minus their value, kept ones by ``decoded - delta`` (float64 sums; equal to measuring the decoded
+    tensor up to float rounding)."""
     d2 = float(delta.pow(2).sum(dtype=torch.float64))
     k2 = float(kept.pow(2).sum(dtype=torch.float64))
-    q2 = float((decoded - kept).pow(2).sum(dtype=torch.float64))
-    return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(max(d2 - k2, 0.0) + q2)}
+    err = decoded - kept
+    q2 = float(err.pow(2).sum(dtype=torch.float64))
+    qd = float((err * kept).sum(dtype=torch.float64))
+    return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(max(d2 - k2, 0.0) + q2), "error_dot": qd - (d2 - k2)}
 
 
 def _part_bits(bits: int, parts: int) -> tuple[int, int]:
