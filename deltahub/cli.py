@@ -87,6 +87,9 @@ class OutputDtype(str, Enum):
     float16 = "float16"
 
 
+DtypeOpt = Annotated[Optional[OutputDtype], typer.Option("--dtype", help="Write floating-point weights in this dtype (default: the fine-tune's own); config.json says so.")]
+
+
 class AutoMetric(str, Enum):
     """How ``--codec auto`` scores a candidate."""
 
@@ -383,7 +386,7 @@ def apply(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write (atomically).")],
     ignore_base_mismatch: IgnoreMismatchOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Cut model files above this size.")] = "5GB",
-    dtype: Annotated[Optional[OutputDtype], typer.Option("--dtype", help="Write floating-point weights in this dtype (default: the fine-tune's own); config.json says so.")] = None,
+    dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     token: TokenOpt = None,
@@ -485,6 +488,7 @@ def pull(
     base_revision: Annotated[Optional[str], typer.Option("--base-revision", help="Experts: base commit to use instead of the pinned one.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", "-b", help=f"Experts: base model (a directory or a Hub id {_HUB_ID}) instead of the recorded one.")] = None,
     ignore_base_mismatch: IgnoreMismatchOpt = False,
+    dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -497,7 +501,7 @@ def pull(
     with _quiet(quiet):
         result = pull_model(repo_id, output, revision=revision, base_revision=base_revision, base_model=base, token=token,
                             cache_dir=cache_dir, endpoint=endpoint, overwrite=overwrite, check_base=not ignore_base_mismatch,
-                            progress=False if quiet else None)
+                            progress=False if quiet else None, dtype=dtype.value if dtype else None)
     if not quiet:
         console.print(f"[green]rebuilt model written to[/] {output} (delta {repo_id}"
                       + (f"@{result.delta_revision}" if result.delta_revision else "") + f", base {result.base.describe()})",

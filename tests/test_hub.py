@@ -359,4 +359,9 @@ def test_info_reads_headers_only_and_cli_push_pull_branch(hub_env: HubServer, pa
     assert r.exit_code == 0, r.output
     apply_delta(tmp_path / "delta", pairs["base"], tmp_path / "local", progress=False)
     assert _bytes(tmp_path / "out") == _bytes(tmp_path / "local")
+    # --dtype as apply's: the pulled weights equal a local apply in that dtype.
+    r = runner.invoke(app, ["pull", DELTA, "--revision", "dev", "-o", str(tmp_path / "out16"), "-q", "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    apply_delta(tmp_path / "delta", pairs["base"], tmp_path / "local16", progress=False, dtype="bfloat16")
+    assert _bytes(tmp_path / "out16") == _bytes(tmp_path / "local16") != _bytes(tmp_path / "local")
     assert Delta.from_pretrained(DELTA, revision="dev").push_to_hub(DELTA).commit_url.startswith(hub_env.url)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .. import delta as _delta
 from ..delta import Delta
@@ -21,6 +21,9 @@ from ._download import (
     resolve_base,
 )
 from ._ids import SHA_RE, is_hub_spec, parse_model_spec
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -105,7 +108,7 @@ def fetch_delta_and_base(repo_id: str, revision: str | None = None, *, base_mode
 def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: str | None = None, base_revision: str | None = None,
                base_model: str | os.PathLike[str] | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
                endpoint: str | None = None, overwrite: bool = False, check_base: bool = True, progress: bool | None = None,
-               local_files_only: bool = False, force_download: bool = False) -> PullResult:
+               local_files_only: bool = False, force_download: bool = False, dtype: str | torch.dtype | None = None) -> PullResult:
     """Lower-level :func:`pull`: the same rebuild, returning the details (delta snapshot, the base ``repo@sha``) for reports."""
     output_dir = Path(output_dir)
     protect = [hub_cache_root(cache_dir)]
@@ -118,7 +121,8 @@ def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: st
     delta = Delta(delta_dir)
     try:
         with explain_base_mismatch(delta.manifest, base):
-            delta.apply(base.local_dir, output_dir, check_base=check_base, overwrite=overwrite, progress=progress, protect=protect)
+            delta.apply(base.local_dir, output_dir, check_base=check_base, overwrite=overwrite, progress=progress, protect=protect,
+                        dtype=dtype)
     finally:
         delta.close()
     sha = delta_dir.name if SHA_RE.fullmatch(delta_dir.name) else None
@@ -128,15 +132,16 @@ def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: st
 def pull(repo_id: str, output_dir: str | os.PathLike[str], *, revision: str | None = None, base_revision: str | None = None,
          base_model: str | os.PathLike[str] | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
          endpoint: str | None = None, overwrite: bool = False, check_base: bool = True, progress: bool | None = None,
-         local_files_only: bool = False, force_download: bool = False) -> Path:
+         local_files_only: bool = False, force_download: bool = False, dtype: str | torch.dtype | None = None) -> Path:
     """Download a delta repo and its base (at the pinned sha) and rebuild the fine-tune into ``output_dir``.
 
     ``revision`` is the *delta* repo's revision; ``base_revision`` / ``base_model`` override the
     pinned base (experts only). ``local_files_only`` / ``force_download`` apply to both downloads,
     as in ``huggingface_hub``. The delta's files and the base's missing files download
-    concurrently (:func:`fetch_delta_and_base`). The rebuild streams into a temporary directory that is renamed
+    concurrently (:func:`fetch_delta_and_base`). ``dtype`` writes the floating-point weights in that dtype
+    (e.g. ``"bfloat16"``: half the bytes of an fp32 fine-tune), as ``apply``'s. The rebuild streams into a temporary directory that is renamed
     when complete and verified against the base fingerprint, so a failure leaves no output.
     """
     return pull_model(repo_id, output_dir, revision=revision, base_revision=base_revision, base_model=base_model, token=token,
                       cache_dir=cache_dir, endpoint=endpoint, overwrite=overwrite, check_base=check_base, progress=progress,
-                      local_files_only=local_files_only, force_download=force_download).output_dir
+                      local_files_only=local_files_only, force_download=force_download, dtype=dtype).output_dir
