@@ -37,15 +37,24 @@ from __future__ import annotations
 
 from ..codecs._bits import unpack_pm1
 from ..format.io import sha256_of as tensor_sha256
-from .accounting import adapter_nbytes
-from .layers import CHUNK_ROWS, DeltaLinear, MixedAdapterError, is_delta_codec
+from .accounting import adapter_nbytes, delta_memory
+from .layers import BASE_ADAPTER, CHUNK_ROWS, DeltaLinear, MixedAdapterError, RoutedModule, is_delta_codec, row_groups
 from .loading import attach_delta, load_resident
-from .model import (ResidentState, active_adapter, delete_adapter, disable_adapters, list_adapters, merge_and_unload,
-                    resident_state, set_adapter, unload, use_adapters)
+from .model import (ResidentState, active_adapter, delete_adapter, disable_adapters, forward, generate, list_adapters,
+                    merge_and_unload, resident_state, set_adapter, unload, use_adapters)
+from .routing import DeltaEmbedding, RawRouted
 
 __all__ = [
+    "BASE_ADAPTER",
     "CHUNK_ROWS",
+    "DeltaEmbedding",
     "DeltaLinear",
+    "RawRouted",
+    "RoutedModule",
+    "delta_memory",
+    "forward",
+    "generate",
+    "row_groups",
     "MixedAdapterError",
     "ResidentState",
     "active_adapter",
