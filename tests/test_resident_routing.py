@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_pair
+from deltahub.testing.fixtures import hub_env, hub_server, hub_server_factory  # noqa: F401
 from deltahub.compression import compress
 from deltahub.delta import Delta
 from deltahub.policy import Policy, Rule
@@ -163,3 +164,40 @@ def test_get_delta_weight_and_base_layer(ft_pair: dict[str, Any]) -> None:
     assert torch.equal(q.get_delta_weight("b"), want)
     assert isinstance(q.get_base_layer(), nn.Linear)
     assert torch.equal(model.get_input_embeddings().get_delta_weight("b"), d.delta_tensor("model.embed_tokens.weight"))
+
+
+@pytest.mark.slow
+def test_hub_ids_pin_the_base(ft_pair: dict[str, Any], hub_env: Any, tmp_path: Path) -> None:
+    """Deltas named by Hub id: the base is fetched at the commit they pin, checked once, all attached."""
+    from huggingface_hub import HfApi
+
+    from deltahub import AutoDeltaModel
+    from deltahub.errors import BaseMismatchError
+    from deltahub.hub import push_to_hub
+
+    api = HfApi(endpoint=hub_env.url)
+    api.create_repo("org/base")
+    sha = api.upload_folder(folder_path=ft_pair["base"], repo_id="org/base").oid
+    root = ft_pair["root"]
+    pol = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule("re:norm", "raw")], whole_model=True)
+    for tag in ("a", "b"):
+        m = compress("org/base", root / f"ft_{tag}", tmp_path / tag, policy=pol, progress=False, endpoint=hub_env.url)
+        assert m.base.revision == sha
+        push_to_hub(tmp_path / tag, f"me/{tag}", endpoint=hub_env.url)
+    ids = _ids()
+    want = {t: _logits(Delta(tmp_path / t).to_model(ft_pair["base"]), ids) for t in ("a", "b")}
+    model = load_resident(None, {"a": "me/a", "b": "me/b@main"}, endpoint=hub_env.url)
+    with use_adapters(model, ["b", "a", "a", "__base__"]):
+        mixed = _logits(model, ids)
+    torch.testing.assert_close(mixed[0], want["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], want["a"][1], rtol=1e-5, atol=1e-5)
+    attach_delta(model, "me/b", "b2", endpoint=hub_env.url)
+    set_adapter(model, "b2")
+    torch.testing.assert_close(_logits(model, ids), want["b"], rtol=1e-5, atol=1e-5)
+    auto = AutoDeltaModel.from_pretrained("me/a", mode="resident", endpoint=hub_env.url)
+    assert isinstance(auto.get_input_embeddings(), DeltaEmbedding)
+    torch.testing.assert_close(_logits(auto, ids), want["a"], rtol=1e-5, atol=1e-5)
+    other, ft_o = make_tiny_pair(tmp_path / "other", seed=9)
+    compress(other, ft_o, tmp_path / "o", codec="bitdelta", progress=False)
+    with pytest.raises(BaseMismatchError, match="different bases"):
+        load_resident(None, {"a": "me/a", "o": tmp_path / "o"}, endpoint=hub_env.url)
