@@ -201,3 +201,25 @@ def test_hub_ids_pin_the_base(ft_pair: dict[str, Any], hub_env: Any, tmp_path: P
     compress(other, ft_o, tmp_path / "o", codec="bitdelta", progress=False)
     with pytest.raises(BaseMismatchError, match="different bases"):
         load_resident(None, {"a": "me/a", "o": tmp_path / "o"}, endpoint=hub_env.url)
+
+
+def test_codebook_adapter_rows_and_ranges() -> None:
+    """The 4-bit codebook form decodes bit-exactly: any row subset, any contiguous range (odd offsets), matmul."""
+    from deltahub.codecs import EncodeInput, get_codec
+    from deltahub.resident.layers import _CodebookAdapter, make_adapter
+
+    torch.manual_seed(0)
+    w = torch.randn(13, 24)
+    codec = get_codec("deltadq")
+    params = codec.validate_params({**DQ, "group_size": 8})
+    enc = codec.encode(EncodeInput("w", w + torch.randn(13, 24) * 0.01, w), params)
+    dense = codec.decode_delta(enc.tensors, enc.params, (13, 24)).reshape(13, 24)
+    a = make_adapter("deltadq", enc.tensors, enc.params, (13, 24), "float32")
+    assert isinstance(a, _CodebookAdapter) and bool((dense == 0).any())
+    assert torch.equal(a.dense(), dense)
+    idx = torch.tensor([12, 0, 5, 5, 7])
+    assert torch.equal(a.rows(idx), dense[idx])
+    for r0, r1 in ((1, 2), (3, 11), (0, 13), (7, 7)):
+        assert torch.equal(a.row_range(r0, r1), dense[r0:r1])
+    x = torch.randn(3, 24, dtype=torch.float64)
+    torch.testing.assert_close(a.delta_matmul(x, chunk_rows=5), x @ dense.to(torch.float64).T, rtol=1e-12, atol=1e-12)

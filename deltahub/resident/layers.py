@@ -217,13 +217,24 @@ class _CodebookAdapter(_DeviceOnly):
             out.masked_scatter_(mask, self.codebook.index_select(0, code.long()))
         return out
 
+    def row_range(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``r0:r1`` of the decoded delta in ``dtype``: their codes are one contiguous run (no index gather)."""
+        mask = unpack_bits(self.nz[r0:r1], self.shape[1])
+        k0, k1 = int(self.row_ptr[r0]), int(self.row_ptr[r1])
+        out = torch.zeros(r1 - r0, self.shape[1], dtype=dtype, device=self.nz.device)
+        if k1 > k0:
+            packed = self.codes[k0 >> 1:(k1 + 1) >> 1]
+            nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[k0 & 1:(k0 & 1) + k1 - k0]
+            out.masked_scatter_(mask, self.codebook.to(dtype).index_select(0, nibbles.long()))
+        return out
+
     def stored(self) -> dict[str, torch.Tensor]:
         """The resident tensors by role (not the delta file's: decoded and re-packed at attach)."""
         return {"nz": self.nz, "codes": self.codes, "row_ptr": self.row_ptr, "codebook": self.codebook}
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole decoded delta ``[out, in]``."""
-        return self.rows(torch.arange(self.shape[0], device=self.nz.device)).to(dtype)
+        return self.row_range(0, self.shape[0], dtype)
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ``, decoding ``chunk_rows`` output rows at a time (bounded temporary memory)."""
@@ -231,8 +242,7 @@ class _CodebookAdapter(_DeviceOnly):
         out = x.new_empty((x.shape[0], rows))
         for r0 in range(0, rows, chunk_rows):
             r1 = min(r0 + chunk_rows, rows)
-            d = self.rows(torch.arange(r0, r1, device=self.nz.device)).to(x.dtype)
-            out[:, r0:r1] = x @ d.T
+            out[:, r0:r1] = x @ self.row_range(r0, r1, x.dtype).T
         return out
 
 
