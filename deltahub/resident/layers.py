@@ -161,6 +161,19 @@ class _GenericAdapter(_DeviceOnly):
         return x @ d.T
 
 
+_MASK_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """:func:`unpack_bits` by a 256x8 table lookup (one gather; ~3x faster on CPU), bool ``[rows, cols]``."""
+    table = _MASK_TABLES.get(packed.device)
+    if table is None:
+        table = ((torch.arange(256, device=packed.device).view(256, 1) >> torch.arange(8, device=packed.device)) & 1).bool()
+        _MASK_TABLES[packed.device] = table
+    rows = packed.shape[0]
+    return table.index_select(0, packed.reshape(-1).long()).view(rows, packed.shape[1] * 8)[:, :cols]
+
+
 #: Most distinct non-zero values a decoded delta may have to be kept as 4-bit codes (:class:`_CodebookAdapter`).
 CODEBOOK_MAX = 16
 
@@ -205,7 +218,7 @@ class _CodebookAdapter(_DeviceOnly):
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of the decoded float32 delta (only those rows' bits and codes are read)."""
         cols = self.shape[1]
-        mask = unpack_bits(self.nz.index_select(0, idx), cols)
+        mask = _unpack_mask(self.nz.index_select(0, idx), cols)
         starts, ends = self.row_ptr.index_select(0, idx), self.row_ptr.index_select(0, idx + 1)
         lengths = ends - starts
         total = int(lengths.sum())
@@ -219,7 +232,7 @@ class _CodebookAdapter(_DeviceOnly):
 
     def row_range(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``r0:r1`` of the decoded delta in ``dtype``: their codes are one contiguous run (no index gather)."""
-        mask = unpack_bits(self.nz[r0:r1], self.shape[1])
+        mask = _unpack_mask(self.nz[r0:r1], self.shape[1])
         k0, k1 = int(self.row_ptr[r0]), int(self.row_ptr[r1])
         out = torch.zeros(r1 - r0, self.shape[1], dtype=dtype, device=self.nz.device)
         if k1 > k0:
