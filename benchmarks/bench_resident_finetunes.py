@@ -25,8 +25,15 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from deltahub.delta import Delta  # noqa: E402
-from deltahub.resident import attach_delta, delta_memory, generate, load_resident, set_adapter, use_adapters  # noqa: E402
+from deltahub.delta import Delta
+from deltahub.resident import (
+    attach_delta,
+    delta_memory,
+    generate,
+    load_resident,
+    set_adapter,
+    use_adapters,
+)
 
 DEMO = Path.home() / ".cache" / "deltahub" / "demo"
 

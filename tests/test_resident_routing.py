@@ -7,15 +7,28 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_tiny_pair
 from torch import nn
 
-from conftest import make_tiny_pair
-from deltahub.testing.fixtures import hub_env, hub_server, hub_server_factory  # noqa: F401
 from deltahub.compression import compress
 from deltahub.delta import Delta
 from deltahub.policy import Policy, Rule
-from deltahub.resident import (DeltaEmbedding, DeltaLinear, RawRouted, attach_delta, delete_adapter, delta_memory, forward,
-                               generate, load_resident, set_adapter, unload, use_adapters)
+from deltahub.resident import (
+    DeltaEmbedding,
+    DeltaLinear,
+    MixedAdapterError,
+    RawRouted,
+    attach_delta,
+    delete_adapter,
+    delta_memory,
+    forward,
+    generate,
+    load_resident,
+    set_adapter,
+    unload,
+    use_adapters,
+)
+from deltahub.testing.fixtures import hub_env, hub_server, hub_server_factory  # noqa: F401
 
 DQ = {"p": 0.75, "bits": 2, "parts": 2, "quantizer": "kmeans", "group_size": 8, "seed": 3}
 
@@ -84,6 +97,12 @@ def test_mixed_batch_of_full_finetunes_matches_rebuilds(ft_pair: dict[str, Any])
         ref = base_logits if n == "__base__" else want[n]
         torch.testing.assert_close(mixed[i], ref[i], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[0], mixed[1])
+    with pytest.raises(MixedAdapterError, match="unknown"):
+        forward(model, input_ids=ids, adapter_names=["a", "zz", "b", "a"])
+    with pytest.raises(MixedAdapterError, match="rows"):
+        forward(model, input_ids=ids, adapter_names=["a", "b"])  # only generate() expands names
+    with pytest.raises(ValueError, match="__base__"):
+        attach_delta(model, deltas["a"], "__base__")
 
 
 def test_mixed_batch_float64_exact(ft_pair: dict[str, Any]) -> None:
@@ -122,7 +141,7 @@ def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]
     mixed = generate(model, input_ids=ids, adapter_names=names, **common)
     assert mixed.shape[0] == 6
     for i, n in enumerate(names):
-        set_adapter(model, None if n == "__base__" else n)
+        set_adapter(model, n)
         torch.manual_seed(0)
         alone = model.generate(input_ids=ids[i:i + 1], **common)
         if "num_beams" in kw:  # beam search is deterministic: rows equal the adapter's own generation
@@ -167,7 +186,7 @@ def test_get_delta_weight_and_base_layer(ft_pair: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_hub_ids_pin_the_base(ft_pair: dict[str, Any], hub_env: Any, tmp_path: Path) -> None:
+def test_hub_ids_pin_the_base(ft_pair: dict[str, Any], hub_env: Any, tmp_path: Path) -> None:  # noqa: F811
     """Deltas named by Hub id: the base is fetched at the commit they pin, checked once, all attached."""
     from huggingface_hub import HfApi
 

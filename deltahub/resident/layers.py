@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..codecs import get_codec
-from ..codecs._bits import pack_bits, packed_cols, unpack_bits, unpack_pm1
+from ..codecs._bits import pack_bits, packed_cols, unpack_pm1
 from ..codecs.base import Codec
 from ..codecs.bitdelta import expand_scales, scale_shape
 from ..errors import CodecError, DeltaHubError
@@ -38,8 +38,8 @@ def is_delta_codec(codec_name: str) -> bool:
 
 
 def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
+    if not isinstance(name, str) or not name or "." in name or name == "__base__":
+        raise ValueError(f"adapter names must be non-empty strings without '.' (and not '__base__'), got {name!r}")
 
 
 class _DeviceOnly(nn.Module):

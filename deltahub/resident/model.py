@@ -163,8 +163,9 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Apply adapter ``name`` to every row from now on (``None``: the base model)."""
+    """Apply adapter ``name`` to every row from now on (``None`` or ``"__base__"``: the base model)."""
     state = resident_state(model)
+    name = None if name == BASE_ADAPTER else name
     if name is not None and name not in state.adapters:
         raise KeyError(f"no adapter named {name!r}; attached: {list(state.adapters)}")
     state.active = name
