@@ -151,6 +151,8 @@ class AutoDeltaModel:
         check_base: bool = True,
         endpoint: str | None = None,
         progress: bool | None = None,
+        mode: str = "rebuild",
+        adapter_name: str = "default",
         **model_kwargs: Any,
     ) -> Any:
         """Load the fine-tune stored as a delta as a ``transformers`` model (eval mode).
@@ -169,6 +171,8 @@ class AutoDeltaModel:
             base_model: override the base (local path or Hub id); default: the base recorded in the delta.
             base_revision: override the pinned base commit (experts; the fingerprint is still checked).
             check_base: verify the base's content fingerprint (default on).
+            mode: ``"rebuild"`` (a full fine-tune) or ``"resident"``: the pinned base with this delta attached
+                as adapter ``adapter_name`` (compressed, :mod:`deltahub.resident`; attach more with ``attach_delta``).
             model_kwargs: passed to the model class's ``from_pretrained``.
 
         Offline (``HF_HUB_OFFLINE=1``) it works from the Hub cache once delta and base were fetched.
@@ -196,6 +200,12 @@ class AutoDeltaModel:
                                       "to run the base repo's code, after reading it")
             base = resolve_base(delta.manifest, base_model=base_model, base_revision=base_revision, token=token, cache_dir=cache_dir,
                                 endpoint=endpoint, local_ok=not is_hub_spec(spec), extra_patterns=CODE_PATTERNS if custom else None, **dl)
+            if mode not in ("rebuild", "resident"):
+                raise ValueError(f"mode must be 'rebuild' or 'resident', got {mode!r}")
+            if mode == "resident":
+                from .resident import load_resident
+
+                return load_resident(base.local_dir, {adapter_name: delta}, torch_dtype, check_base=check_base, **model_kwargs)
             with explain_base_mismatch(delta.manifest, base):
                 if device_map is None and not low_cpu_mem_usage and not custom and not model_args:
                     return delta.to_model(base.local_dir, check_base=check_base, torch_dtype=torch_dtype, progress=progress,

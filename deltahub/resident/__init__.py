@@ -14,18 +14,22 @@ adapter name instead:
   weight) and the scales are applied per row / tensor after the matmul or per group before it.
   Other delta codecs keep their stored tensors and decode with their codec on the fly (or once,
   cached, with ``cache_decoded=True``).
-* tensors coded ``raw`` (embeddings, LM head, norms, biases…) or coded with a delta codec but not
-  the weight of an ``nn.Linear`` cannot be shared: their exact rebuilt tensor is kept per
-  adapter (**full memory cost of those tensors per adapter**, e.g. the embedding matrix) and
-  swapped into the model's parameter when that adapter is active. Tensors coded ``unchanged``
-  cost nothing. Tied parameters (``lm_head`` tied to the embedding) are one ``Parameter``, so a
-  swap changes both, as in the rebuilt model.
+* a delta-coded embedding matrix (and the LM head tied to it) becomes a :class:`DeltaEmbedding`
+  (and a :class:`DeltaLinear` sharing the same adapter object): lookups decode only the rows of
+  the looked-up ids; the head adds ``h @ Δ̂ᵀ``. Codecs whose decoded delta has at most 16 distinct
+  values (DeltaDQ k-means, ternary) are decoded once at attach into a 1-bit non-zero map plus
+  4-bit codebook indices (``_CodebookAdapter``), so the forward pass never re-runs entropy decoding.
+* tensors coded ``raw`` (norms, biases…) or delta-coded but neither Linear nor embedding weights
+  are rebuilt exactly and kept per adapter (their full size per adapter); their modules become
+  :class:`RawRouted`: with one adapter for every row the tensors are swapped in, in a mixed batch
+  each row group runs the module with its own tensors. ``unchanged`` tensors cost nothing.
 
 Selecting adapters: :func:`set_adapter` (one adapter for every row; ``None`` = base),
-:func:`disable_adapters` (context: base only) and :func:`use_adapters` (context: one adapter per
-batch row, like PEFT's ``adapter_names=[...]`` mixed-batch inference; each :class:`DeltaLinear`
-groups the rows by adapter). A mixed batch needs the same non-shareable (raw) tensors for every
-row; otherwise :class:`MixedAdapterError` is raised.
+:func:`disable_adapters` (context: base only), :func:`use_adapters` / :func:`forward` (one adapter
+per batch row, PEFT's ``adapter_names``; ``None`` or ``"__base__"`` = base) and :func:`generate`
+(the same for ``model.generate``, names expanded for beams / ``num_return_sequences``). Every row
+gets what its fine-tune gives alone. :class:`MixedAdapterError`: unknown names, a row count that
+does not match, or selected adapters differing in a raw tensor inside a delta-wrapped layer.
 
 Exactness: with adapter ``A`` active each wrapped layer computes ``x Wᵀ + b + x Δ̂ᵀ``, which equals
 ``x (W + Δ̂)ᵀ + b`` up to float rounding of a different summation order (tested in float64). The
@@ -37,30 +41,59 @@ from __future__ import annotations
 
 from ..codecs._bits import unpack_pm1
 from ..format.io import sha256_of as tensor_sha256
-from .accounting import adapter_nbytes
-from .layers import CHUNK_ROWS, DeltaLinear, MixedAdapterError, is_delta_codec
+from .accounting import adapter_nbytes, delta_memory
+from .layers import (
+                    BASE_ADAPTER,
+                    CHUNK_ROWS,
+                    DeltaLinear,
+                    MixedAdapterError,
+                    RoutedModule,
+                    is_delta_codec,
+                    row_groups,
+)
 from .loading import attach_delta, load_resident
-from .model import (ResidentState, active_adapter, delete_adapter, disable_adapters, list_adapters, merge_and_unload,
-                    resident_state, set_adapter, unload, use_adapters)
+from .model import (
+                    ResidentState,
+                    active_adapter,
+                    delete_adapter,
+                    disable_adapters,
+                    forward,
+                    generate,
+                    list_adapters,
+                    merge_and_unload,
+                    resident_state,
+                    set_adapter,
+                    unload,
+                    use_adapters,
+)
+from .routing import DeltaEmbedding, RawRouted
 
 __all__ = [
-    "CHUNK_ROWS",
-    "DeltaLinear",
-    "MixedAdapterError",
-    "ResidentState",
-    "active_adapter",
-    "adapter_nbytes",
-    "attach_delta",
-    "delete_adapter",
-    "disable_adapters",
-    "is_delta_codec",
-    "list_adapters",
-    "load_resident",
-    "merge_and_unload",
-    "resident_state",
-    "set_adapter",
-    "tensor_sha256",
-    "unload",
-    "unpack_pm1",
-    "use_adapters",
+                    "BASE_ADAPTER",
+                    "CHUNK_ROWS",
+                    "DeltaEmbedding",
+                    "DeltaLinear",
+                    "MixedAdapterError",
+                    "RawRouted",
+                    "ResidentState",
+                    "RoutedModule",
+                    "active_adapter",
+                    "adapter_nbytes",
+                    "attach_delta",
+                    "delete_adapter",
+                    "delta_memory",
+                    "disable_adapters",
+                    "forward",
+                    "generate",
+                    "is_delta_codec",
+                    "list_adapters",
+                    "load_resident",
+                    "merge_and_unload",
+                    "resident_state",
+                    "row_groups",
+                    "set_adapter",
+                    "tensor_sha256",
+                    "unload",
+                    "unpack_pm1",
+                    "use_adapters",
 ]

@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .layers import DeltaLinear, _BitDeltaAdapter, _GenericAdapter
 from .model import resident_state
+from .routing import DeltaEmbedding
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (a tied LM head shares its embedding's adapter: counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 def adapter_nbytes(model: nn.Module, name: str) -> dict[str, int]:
-    """Memory of one adapter: ``delta_modules`` (its stored deltas), ``scales`` (the BitDelta part of
-    that in float32 scales), ``raw`` (its exact non-shareable tensors) and ``covered_weights`` (bytes of
-    the base Linear weights its deltas apply to, for the ratio)."""
+    """Memory of one adapter: ``delta_modules`` (its resident deltas: Linear, embedding and tied LM
+    head, counted once), ``scales`` (the BitDelta part of that in float32 scales), ``raw`` (its exact
+    non-shareable tensors) and ``covered_weights`` (bytes of the base weights its deltas apply to)."""
     state = resident_state(model)
     info = state.adapters[name]
-    delta_b = scales_b = covered = 0
-    for mod_path in info.linear_modules:
+    bufs: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
+    covered: dict[int, int] = {}
+    for mod_path in [*info.linear_modules, *info.embedding_modules]:
         mod = model.get_submodule(mod_path)
-        assert isinstance(mod, DeltaLinear)
+        assert isinstance(mod, DeltaLinear | DeltaEmbedding)
         a = mod.adapters[name]
-        delta_b += sum(b.numel() * b.element_size() for b in a.buffers())
+        bufs += list(a.buffers())
         if isinstance(a, _BitDeltaAdapter):
-            scales_b += a.scale.numel() * a.scale.element_size()
+            scales.append(a.scale)
         if isinstance(a, _GenericAdapter) and a._cache is not None:
-            delta_b += a._cache.numel() * a._cache.element_size()
-        covered += mod.weight.numel() * mod.weight.element_size()
+            bufs.append(a._cache)
+        covered[id(mod.weight)] = mod.weight.numel() * mod.weight.element_size()
     raw_b = sum(t.numel() * t.element_size() for t in info.raw.values())
-    return {"delta_modules": delta_b, "scales": scales_b, "raw": raw_b, "covered_weights": covered}
+    return {"delta_modules": _nbytes(bufs), "scales": _nbytes(scales), "raw": raw_b, "covered_weights": sum(covered.values())}
 
+
+def delta_memory(model: nn.Module, name: str | None = None) -> dict[str, int] | dict[str, dict[str, int]]:
+    """Bytes one attached delta costs (``total`` = its resident deltas + its exact tensors, plus the
+    :func:`adapter_nbytes` parts); without ``name``, a dict of that for every adapter."""
+    if name is None:
+        return {n: delta_memory(model, n) for n in resident_state(model).adapters}  # type: ignore[misc]
+    nb = adapter_nbytes(model, name)
+    return {"total": nb["delta_modules"] + nb["raw"], **nb}

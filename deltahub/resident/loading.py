@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,33 @@ from ..errors import BaseMismatchError, ShapeMismatchError
 from ..format.io import sha256_of as tensor_sha256
 from ..format.manifest import TensorEntry
 from ..format.spec import dtype_name
-from .layers import CHUNK_ROWS, DeltaLinear, _BitDeltaAdapter, _check_adapter_name, is_delta_codec
-from .model import ResidentState, _AdapterInfo, _sync, _walk_tensors, resident_state
+from .layers import (
+    CHUNK_ROWS,
+    DeltaLinear,
+    RoutedModule,
+    _check_adapter_name,
+    is_delta_codec,
+    make_adapter,
+)
+from .model import (
+    ResidentState,
+    _AdapterInfo,
+    _replace,
+    _sync,
+    _walk_tensors,
+    resident_state,
+)
+from .routing import DeltaEmbedding, RawRouted
+
+
+@dataclass
+class _Plan:
+    """One delta's resident parts, decoded and checked before the model is touched."""
+
+    linears: list[tuple[str, nn.Module]] = field(default_factory=list)
+    #: (module paths sharing the embedding matrix, its resident delta)
+    embeddings: list[tuple[list[str], nn.Module]] = field(default_factory=list)
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor], state: ResidentState, check_base: bool) -> None:
@@ -39,7 +65,10 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
             skipped.append(name)
             continue
         base_t = state.base_raw.get(name, t)
-        check_base_digest(m, name, tensor_sha256(base_t), path=delta.directory)
+        key = f"{name}@{base_t.data_ptr()}"
+        if key not in state.base_digests:  # hashed once per base tensor, for all the deltas attached to it
+            state.base_digests[key] = tensor_sha256(base_t)
+        check_base_digest(m, name, state.base_digests[key], path=delta.directory)
     if skipped:
         warnings.warn(
             f"{len(skipped)} model tensor(s) (e.g. {skipped[0]!r}) are not in the delta's dtype, so their base sha256 "
@@ -48,68 +77,119 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
         )
 
 
+def _tensor_owners(model: nn.Module, t: torch.Tensor) -> list[tuple[str, str]]:
+    """``(module path, local name)`` of every module holding tensor ``t`` (tied weights: several).
+
+    A resident wrapper counts as the owner of its ``base_layer``'s tensors (its path is returned).
+    """
+    out: list[tuple[str, str]] = []
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if "base_layer" in path.split("."):
+            continue
+        holder = mod.base_layer if isinstance(mod, RoutedModule) else mod
+        for local, v in [*holder._parameters.items(), *holder._buffers.items()]:
+            if v is t:
+                out.append((path, local))
+    return out
+
+
+def _embedding_paths(model: nn.Module, t: torch.Tensor) -> list[str] | None:
+    """Modules using embedding matrix ``t`` as their weight, when all can hold a compressed delta
+    (an embedding and, tied, Linear LM heads); else None (the tensor is kept exact per adapter)."""
+    owners = _tensor_owners(model, t)
+    if not owners or any(local != "weight" for _, local in owners):
+        return None
+    mods = [model.get_submodule(p) if p else model for p, _ in owners]
+    if not any(isinstance(m, nn.Embedding | DeltaEmbedding) for m in mods):
+        return None
+    if not all(isinstance(m, nn.Embedding | DeltaEmbedding | nn.Linear | DeltaLinear) for m in mods):
+        return None
+    return [p for p, _ in owners]
+
+
+def _open(delta: Delta | str | Path, hub_kwargs: dict[str, Any]) -> tuple[Delta, bool]:
+    """An open :class:`Delta` for a Delta, a local directory or a Hub id (``namespace/name[@rev]``); True if opened here."""
+    if isinstance(delta, Delta):
+        return delta, False
+    from .. import hub  # noqa: F401  (registers the Hub opener)
+
+    return Delta.from_pretrained(delta, **hub_kwargs), True
+
+
 def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str, check_base: bool = True, *,
-                 cache_decoded: bool = False, chunk_rows: int = CHUNK_ROWS) -> nn.Module:
-    """Attach ``delta`` to ``model`` (its base) as adapter ``adapter_name``; returns ``model``, modified in place.
+                 cache_decoded: bool = False, chunk_rows: int = CHUNK_ROWS, revision: str | None = None,
+                 token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None,
+                 local_files_only: bool = False) -> nn.Module:
+    """Attach ``delta`` (a Delta, a directory or a Hub id) to ``model`` (its base) as adapter ``adapter_name``.
 
-    Each ``nn.Linear`` whose weight is delta-coded becomes (or gains an adapter in) a
-    :class:`DeltaLinear`; other changed tensors (``raw``, or delta-coded non-Linear tensors) are
-    rebuilt exactly and kept per adapter (their full size in memory). Everything is read and
-    checked before the model is modified, so a failure leaves the model as it was. The first
-    adapter attached becomes the active one (like PEFT); later ones do not change the selection.
+    Delta-coded ``nn.Linear`` weights go into :class:`DeltaLinear` layers, a delta-coded embedding
+    (and its tied LM head) into :class:`DeltaEmbedding` (one shared compressed copy), in their
+    resident compressed form; other changed tensors (``raw`` norms…) are rebuilt exactly, kept per
+    adapter and routed per batch row by :class:`RawRouted`. Everything is read and checked before
+    the model is modified, so a failure leaves the model as it was. The first adapter attached
+    becomes the active one (like PEFT). Returns ``model``, modified in place.
 
-    ``check_base`` verifies each base tensor's sha256 against the manifest (only for tensors whose
-    dtype is the delta's; others are skipped with a warning). Shapes are always checked.
-    ``cache_decoded`` keeps the decoded float32 delta of non-BitDelta codecs (faster, much larger).
+    ``check_base`` verifies each base tensor's sha256 against the manifest (each base tensor is
+    hashed once per model, whatever the number of deltas; tensors not in the delta's dtype are
+    skipped with a warning). Shapes are always checked. ``cache_decoded`` keeps the decoded float32
+    delta of codecs without a compact resident form (faster, much larger). ``revision``, ``token``,
+    ``cache_dir``, ``endpoint``, ``local_files_only``: for a Hub id, as in ``huggingface_hub``.
     """
     _check_adapter_name(adapter_name)
     state = resident_state(model)
     if adapter_name in state.adapters:
         raise ValueError(f"an adapter named {adapter_name!r} is already attached")
-    own = not isinstance(delta, Delta)
-    d = Delta(delta) if own else delta
+    d, own = _open(delta, {"revision": revision, "token": token, "cache_dir": cache_dir, "endpoint": endpoint,
+                           "local_files_only": local_files_only})
     try:
         tensors = _walk_tensors(model)
         _check_base(model, d, tensors, state, check_base)
-        linears: list[tuple[str, TensorEntry, dict[str, torch.Tensor]]] = []
-        raw: dict[str, torch.Tensor] = {}
-        fallback: list[str] = []
-        for name, entry in d.manifest.tensors.items():
-            if entry.codec == "unchanged":
-                continue
-            mod_path, _, attr = name.rpartition(".")
-            try:
-                mod = model.get_submodule(mod_path) if mod_path else model
-            except AttributeError:
-                mod = None
-            if attr == "weight" and isinstance(mod, nn.Linear | DeltaLinear) and is_delta_codec(entry.codec) and len(entry.shape) == 2:
-                stored = d.files.stored(entry.stored)
-                linears.append((mod_path, entry, stored))
-                continue
-            rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
-            if rebuilt is not None:
-                raw[name] = rebuilt
-                if is_delta_codec(entry.codec):
-                    fallback.append(name)
-        if fallback:
-            nbytes = sum(raw[n].numel() * raw[n].element_size() for n in fallback)
-            warnings.warn(
-                f"{len(fallback)} delta-coded tensor(s) of {adapter_name!r} (e.g. {fallback[0]!r}) are not nn.Linear weights, "
-                f"so they are kept as full exact tensors per adapter ({nbytes / 2**20:.1f} MiB), not as compressed deltas",
-                stacklevel=2,
-            )
-        # Validate the stored payloads before touching the model.
-        for mod_path, entry, stored in linears:
-            rows, cols = matrix_view_shape(entry.shape)
-            if entry.codec == "bitdelta":
-                _BitDeltaAdapter(stored["sign"], stored["scale"], entry.params, (rows, cols), entry.dtype)
+        plan = _plan(model, d, tensors, state, adapter_name, cache_decoded)
     finally:
         if own:
             d.close()
-
-    _install(model, state, _AdapterInfo(adapter_name, str(d.directory)), linears, raw, tensors,
-             chunk_rows=chunk_rows, cache_decoded=cache_decoded)
+    _install(model, state, _AdapterInfo(adapter_name, str(d.directory)), plan, tensors, chunk_rows=chunk_rows)
     return model
+
+
+def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: ResidentState, adapter_name: str,
+          cache_decoded: bool) -> _Plan:
+    """Read, decode and check every changed tensor of ``d`` into its resident form (the model is not modified)."""
+    plan = _Plan()
+    fallback: list[str] = []
+    for name, entry in d.manifest.tensors.items():
+        if entry.codec == "unchanged":
+            continue
+        mod_path, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_path) if mod_path else model
+        except AttributeError:
+            mod = None
+        delta_2d = is_delta_codec(entry.codec) and len(entry.shape) == 2 and attr == "weight"
+        if delta_2d and isinstance(mod, nn.Linear | DeltaLinear):
+            shape = matrix_view_shape(entry.shape)
+            plan.linears.append((mod_path, make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, shape,
+                                                        entry.dtype, cache_decoded=cache_decoded)))
+            continue
+        paths = _embedding_paths(model, tensors[name]) if delta_2d and name not in state.base_raw else None
+        if paths is not None:
+            shape = matrix_view_shape(entry.shape)
+            plan.embeddings.append((paths, make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, shape,
+                                                        entry.dtype, cache_decoded=cache_decoded)))
+            continue
+        rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
+        if rebuilt is not None:
+            plan.raw[name] = rebuilt
+            if is_delta_codec(entry.codec):
+                fallback.append(name)
+    if fallback:
+        nbytes = sum(plan.raw[n].numel() * plan.raw[n].element_size() for n in fallback)
+        warnings.warn(
+            f"{len(fallback)} delta-coded tensor(s) of {adapter_name!r} (e.g. {fallback[0]!r}) are neither nn.Linear nor "
+            f"embedding weights, so they are kept as full exact tensors per adapter ({nbytes / 2**20:.1f} MiB)",
+            stacklevel=3,
+        )
+    return plan
 
 
 def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.Tensor) -> torch.Tensor | None:
@@ -124,46 +204,90 @@ def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.T
     return None if same_bits(rebuilt, base_t.detach()) else rebuilt
 
 
-def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo,
-             linears: list[tuple[str, TensorEntry, dict[str, torch.Tensor]]], raw: dict[str, torch.Tensor],
-             tensors: dict[str, torch.Tensor], *, chunk_rows: int, cache_decoded: bool) -> None:
-    """Modify the model (everything was checked): wrap or extend the Linear layers, record the raw tensors, select."""
-    adapter_name = info.name
-    for mod_path, entry, stored in linears:
-        mod = model.get_submodule(mod_path)
-        if not isinstance(mod, DeltaLinear):
-            mod = DeltaLinear(mod, chunk_rows=chunk_rows)
-            parent_path, _, child = mod_path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, mod)
-        mod.add_adapter(adapter_name, entry.codec, stored, entry.params, entry.dtype, cache_decoded=cache_decoded)
+def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo, plan: _Plan, tensors: dict[str, torch.Tensor],
+             *, chunk_rows: int) -> None:
+    """Modify the model (everything was checked): wrap or extend layers, record and route the raw tensors, select."""
+    name = info.name
+    for mod_path, adapter in plan.linears:
+        _wrapped(model, mod_path, DeltaLinear, chunk_rows).add_adapter_module(name, adapter)
         info.linear_modules.append(mod_path)
-    for name in raw:
-        if name not in state.base_raw:
-            state.base_raw[name] = tensors[name].data
-    info.raw = raw
-    state.adapters[adapter_name] = info
+    for paths, adapter in plan.embeddings:
+        for p in paths:
+            mod = model.get_submodule(p)
+            if isinstance(mod, nn.Embedding | DeltaEmbedding):
+                _wrapped(model, p, DeltaEmbedding, chunk_rows).add_adapter_module(name, adapter)
+                info.embedding_modules.append(p)
+            else:  # a tied LM head: the same adapter object, no second copy
+                _wrapped(model, p, DeltaLinear, chunk_rows).add_adapter_module(name, adapter)
+                info.linear_modules.append(p)
+    for tname, value in plan.raw.items():
+        if tname not in state.base_raw:
+            state.base_raw[tname] = tensors[tname].data
+        for p, local in _tensor_owners(model, tensors[tname]):
+            mod = model.get_submodule(p) if p else model
+            if isinstance(mod, DeltaLinear | DeltaEmbedding) or not p:
+                state.unroutable.add(tname)  # e.g. a Linear bias next to a delta-coded weight
+                continue
+            routed = _wrapped(model, p, RawRouted, chunk_rows)
+            routed.raw.setdefault(name, {})[local] = value
+            if p not in info.routed_modules:
+                info.routed_modules.append(p)
+    info.raw = plan.raw
+    state.adapters[name] = info
     state._mixed_ok.clear()
     if state.active is None and len(state.adapters) == 1:
-        state.active = adapter_name
+        state.active = name
     _sync(model)
 
 
+def _wrapped(model: nn.Module, path: str, kind: type, chunk_rows: int) -> Any:
+    """The resident wrapper of type ``kind`` at ``path``, wrapping the module there first if needed."""
+    mod = model.get_submodule(path)
+    if isinstance(mod, kind):
+        return mod
+    new = kind(mod, chunk_rows=chunk_rows) if kind is DeltaLinear else kind(mod)
+    _replace(model, path, new)
+    return new
 
-def load_resident(base_path: str | Path, deltas: dict[str, str | Path | Delta], torch_dtype: torch.dtype | None = None,
-                  *, check_base: bool = True, **model_kwargs: Any) -> nn.Module:
+
+def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | Delta], torch_dtype: torch.dtype | None = None,
+                  *, check_base: bool = True, revision: str | None = None, base_revision: str | None = None,
+                  token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None,
+                  local_files_only: bool = False, **model_kwargs: Any) -> nn.Module:
     """Load the base once with ``AutoModelForCausalLM.from_pretrained`` and attach every delta under its key.
 
-    ``torch_dtype`` ``None`` keeps the checkpoint's dtype (needed for the sha256 base check).
-    The first delta becomes the active adapter.
+    Deltas may be Delta objects, directories or Hub ids (``namespace/name[@rev]``; ``revision``
+    applies to every delta given without ``@rev``). ``base_path`` ``None``: the base the deltas were
+    made against, pinned to its recorded commit (:func:`deltahub.hub.resolve_base`); a path or Hub id
+    overrides it. All deltas must name the same base (fingerprint), checked once before loading;
+    each base tensor's sha256 is then hashed once for all of them. ``torch_dtype`` ``None`` keeps the
+    checkpoint's dtype (needed for the sha256 check). The first delta becomes the active adapter.
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(model_kwargs)
-    kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
-    model.eval()
-    for name, delta in deltas.items():
-        attach_delta(model, delta, name, check_base=check_base)
-    return model
+    from ..hub import explain_base_mismatch, is_hub_spec, resolve_base
 
+    hub_kw = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "local_files_only": local_files_only}
+    opened = {n: _open(d, {"revision": revision, **hub_kw}) for n, d in deltas.items()}
+    try:
+        first = next(iter(opened.values()), (None, False))[0]
+        if first is None:
+            raise ValueError("load_resident() needs at least one delta")
+        prints = {n: d.manifest.base.fingerprint for n, (d, _) in opened.items()}
+        if len(set(prints.values())) > 1:
+            raise BaseMismatchError(f"the deltas were made against different bases: {prints}; load them on separate models")
+        spec = deltas[next(iter(deltas))]
+        base = resolve_base(first.manifest, base_model=base_path, base_revision=base_revision,
+                            local_ok=isinstance(spec, Delta) or not is_hub_spec(str(spec)), **hub_kw)
+        kwargs = dict(model_kwargs)
+        kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
+        model = AutoModelForCausalLM.from_pretrained(str(base.local_dir), **kwargs)
+        model.eval()
+        with explain_base_mismatch(first.manifest, base):
+            for name, (d, _) in opened.items():
+                attach_delta(model, d, name, check_base=check_base)
+    finally:
+        for d, own in opened.values():
+            if own:
+                d.close()
+    return model

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..codecs import get_codec
-from ..format.spec import dtype_from_name
-from .layers import DeltaLinear, MixedAdapterError
+from .layers import BASE_ADAPTER, DeltaLinear, MixedAdapterError, RoutedModule
+from .routing import DeltaEmbedding, RawRouted
 
 _STATE_ATTR = "_deltahub_resident"
 
@@ -24,6 +24,10 @@ class _AdapterInfo:
     name: str
     source: str
     linear_modules: list[str] = field(default_factory=list)
+    #: DeltaEmbedding paths holding this adapter's compressed embedding delta.
+    embedding_modules: list[str] = field(default_factory=list)
+    #: RawRouted paths holding this adapter's raw tensors (for per-row routing).
+    routed_modules: list[str] = field(default_factory=list)
     #: Non-shareable tensors: parameter/buffer name -> exact rebuilt tensor (in the model's dtype).
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -38,6 +42,12 @@ class ResidentState:
     active: str | None = None
     disabled: bool = False
     batch: list[str | None] | None = None
+    #: generate(): the batch may be each named row repeated k times (beams / return sequences).
+    expand: bool = False
+    #: Raw tensors that cannot be routed per row (inside a delta-wrapped layer, e.g. a Linear bias).
+    unroutable: set[str] = field(default_factory=set)
+    #: sha256 of base tensors already checked, by name (the base is hashed once for all its deltas).
+    base_digests: dict[str, str] = field(default_factory=dict)
     _mixed_ok: dict[frozenset[str | None], str | None] = field(default_factory=dict)
 
 
@@ -58,7 +68,7 @@ def _walk_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
 
     def walk(mod: nn.Module, prefix: str) -> None:
-        if isinstance(mod, DeltaLinear):
+        if isinstance(mod, RoutedModule):
             walk(mod.base_layer, prefix)
             return
         for n, p in mod._parameters.items():
@@ -81,6 +91,12 @@ def _delta_linears(model: nn.Module) -> Iterator[tuple[str, DeltaLinear]]:
             yield name, mod
 
 
+def _routed(model: nn.Module) -> Iterator[tuple[str, RoutedModule]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, RoutedModule):
+            yield name, mod
+
+
 def _set_tensor_data(t: torch.Tensor, value: torch.Tensor) -> None:
     """Point a parameter/buffer at ``value`` (cast to its current dtype/device; no copy when they match)."""
     v = value.to(device=t.device, dtype=t.dtype)
@@ -95,19 +111,20 @@ def _raw_for(state: ResidentState, adapter: str | None, name: str) -> torch.Tens
 
 
 def _mixed_raw_source(state: ResidentState, names: list[str | None]) -> str | None:
-    """The adapter whose raw tensors serve the whole mixed batch; raise when the selected adapters' raw tensors differ."""
-    selected = frozenset(names)
+    """Raw tensors for a mixed batch: the base's (routed modules apply each row's own); raise when
+    tensors that cannot be routed per row (``state.unroutable``) differ between the selected adapters."""
+    selected = frozenset(None if n == "__base__" else n for n in names)
     if selected in state._mixed_ok:
         return state._mixed_ok[selected]
-    ordered = list(dict.fromkeys(names))
-    for tname in state.base_raw:
+    ordered = list(dict.fromkeys(None if n == "__base__" else n for n in names))
+    for tname in state.unroutable:
         first = _raw_for(state, ordered[0], tname)
         for other in ordered[1:]:
             t = _raw_for(state, other, tname)
             if t is not first and not (t.shape == first.shape and torch.equal(t, first)):
                 raise MixedAdapterError(
                     f"adapters {ordered[0]!r} and {other!r} have different {tname!r} (an exact, non-shareable tensor "
-                    "such as an embedding or norm); they cannot share one mixed batch — run them in separate batches"
+                    "inside a delta-wrapped layer, e.g. a Linear bias); they cannot share one mixed batch — run them in separate batches"
                 )
     state._mixed_ok[selected] = ordered[0]
     return ordered[0]
@@ -122,15 +139,17 @@ def _sync(model: nn.Module) -> None:
         raw_source = _mixed_raw_source(state, state.batch)
     else:
         raw_source = state.active
-    for _, mod in _delta_linears(model):
+    for _, mod in _routed(model):
         mod.disabled = state.disabled
         mod.active_adapter = state.active
         mod.batch_adapters = None if state.batch is None else list(state.batch)
+        mod.batch_expand = state.expand
     tensors = _walk_tensors(model)
+    mixed = state.batch is not None and not state.disabled
     for tname in state.base_raw:
-        _set_tensor_data(tensors[tname], _raw_for(state, raw_source, tname))
-
-
+        # mixed batch: routed tensors stay the base's (RawRouted applies each row group's own)
+        source = None if mixed and tname not in state.unroutable else raw_source
+        _set_tensor_data(tensors[tname], _raw_for(state, source, tname))
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -144,8 +163,9 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
-    """Apply adapter ``name`` to every row from now on (``None``: the base model)."""
+    """Apply adapter ``name`` to every row from now on (``None`` or ``"__base__"``: the base model)."""
     state = resident_state(model)
+    name = None if name == BASE_ADAPTER else name
     if name is not None and name not in state.adapters:
         raise KeyError(f"no adapter named {name!r}; attached: {list(state.adapters)}")
     state.active = name
@@ -168,45 +188,80 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def use_adapters(model: nn.Module, adapter_names: list[str | None]) -> Iterator[nn.Module]:
-    """Context: batch row ``i`` uses adapter ``adapter_names[i]`` (``None``: base) — mixed-batch inference.
+    """Context: batch row ``i`` uses adapter ``adapter_names[i]`` (``None`` or ``"__base__"``: base) — mixed-batch inference.
 
-    Every :class:`DeltaLinear` groups the rows by adapter and adds each group's delta. Tensors that
-    are not shareable (raw embeddings, norms…) are one per model, so all selected adapters must have
-    identical ones, else :class:`MixedAdapterError`. Inputs inside the context must have
-    ``len(adapter_names)`` rows (dim 0).
+    Every resident layer groups the rows by adapter: :class:`DeltaLinear` adds each group's delta,
+    :class:`DeltaEmbedding` each group's embedding rows, :class:`RawRouted` runs norms (and other
+    exactly stored tensors) with each group's own tensors — so row ``i`` gets the logits of
+    fine-tune ``adapter_names[i]`` alone. Inputs inside the context must have ``len(adapter_names)``
+    rows (dim 0), else :class:`MixedAdapterError`. The only tensors that cannot differ between the
+    selected adapters are raw tensors inside a delta-wrapped layer (a changed Linear bias).
     """
+    with _route(model, adapter_names, expand=False):
+        yield model
+
+
+@contextmanager
+def _route(model: nn.Module, adapter_names: list[str | None], *, expand: bool) -> Iterator[None]:
     state = resident_state(model)
     names = list(adapter_names)
-    unknown = [n for n in names if n is not None and n not in state.adapters]
+    unknown = [n for n in names if n is not None and n != BASE_ADAPTER and n not in state.adapters]
     if unknown:
         raise MixedAdapterError(f"unknown adapter(s) {sorted(set(unknown))}; attached: {list(state.adapters)}")
     if not names:
         raise MixedAdapterError("use_adapters() needs one adapter name (or None) per batch row, got an empty list")
-    old = state.batch
-    state.batch = names
+    old = (state.batch, state.expand)
+    state.batch, state.expand = names, expand
     try:
         _sync(model)
     except Exception:
-        state.batch = old
+        state.batch, state.expand = old
         raise
     try:
-        yield model
+        yield
     finally:
-        state.batch = old
+        state.batch, state.expand = old
         _sync(model)
 
 
+def generate(model: nn.Module, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+    """``model.generate(...)`` with adapter ``adapter_names[i]`` for input row ``i`` (PEFT's ``adapter_names``).
+
+    Beam search and ``num_return_sequences`` repeat each input row ``k`` times; the names are
+    expanded the same way (row ``i`` of the ``k``-fold batch uses ``adapter_names[i // k]``).
+    Without ``adapter_names`` the current selection (:func:`set_adapter`) is used.
+    """
+    if adapter_names is None:
+        return model.generate(*args, **kwargs)
+    with _route(model, adapter_names, expand=True):
+        return model.generate(*args, **kwargs)
+
+
+def forward(model: nn.Module, *args: Any, adapter_names: list[str | None] | None = None, **kwargs: Any) -> Any:
+    """``model(...)`` with adapter ``adapter_names[i]`` for batch row ``i`` (``None`` / ``"__base__"``: base)."""
+    if adapter_names is None:
+        return model(*args, **kwargs)
+    with _route(model, adapter_names, expand=False):
+        return model(*args, **kwargs)
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove one adapter; layers left without adapters go back to their plain ``nn.Linear``."""
+    """Remove one adapter; layers left without adapters go back to their plain base modules (the base is untouched)."""
     state = resident_state(model)
     if name not in state.adapters:
         raise KeyError(f"no adapter named {name!r}; attached: {list(state.adapters)}")
     info = state.adapters.pop(name)
-    for mod_path in info.linear_modules:
+    for mod_path in [*info.linear_modules, *info.embedding_modules]:
         mod = model.get_submodule(mod_path)
-        assert isinstance(mod, DeltaLinear)
+        assert isinstance(mod, DeltaLinear | DeltaEmbedding)
         mod.delete_adapter(name)
         if not len(mod.adapters):
+            _replace(model, mod_path, mod.base_layer)
+    for mod_path in info.routed_modules:
+        mod = model.get_submodule(mod_path)
+        assert isinstance(mod, RawRouted)
+        mod.raw.pop(name, None)
+        if not mod.raw:
             _replace(model, mod_path, mod.base_layer)
     if state.active == name:
         state.active = None
@@ -218,6 +273,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for tname in list(state.base_raw):
         if tname not in still:
             del state.base_raw[tname]
+            state.unroutable.discard(tname)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -236,19 +292,15 @@ def merge_and_unload(model: nn.Module, name: str) -> nn.Module:
     if name not in state.adapters:
         raise KeyError(f"no adapter named {name!r}; attached: {list(state.adapters)}")
     set_adapter(model, name)  # swaps the adapter's raw tensors in
-    for mod_path, mod in list(_delta_linears(model)):
+    merged: dict[int, nn.Parameter] = {}  # by id of the base weight: tied weights stay tied
+    for mod_path, mod in list(_routed(model)):
         base = mod.base_layer
-        if name in mod.adapters:
-            a = mod.adapters[name]
+        if isinstance(mod, DeltaLinear | DeltaEmbedding) and name in mod.adapters:
             w = base.weight
-            merged = get_codec(a.codec_name).reconstruct(
-                {k: v.cpu() for k, v in a.stored().items()}, a.params, w.detach().cpu(), tuple(a.shape), dtype_from_name(a.dtype_name)
-            )
-            new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-            new.weight = nn.Parameter(merged.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-            if base.bias is not None:
-                new.bias = base.bias
-            base = new
+            if id(w) not in merged:
+                d = mod.adapters[name].dense(torch.float32).to(w.device)
+                merged[id(w)] = nn.Parameter((w.detach().to(torch.float32) + d).to(w.dtype), requires_grad=w.requires_grad)
+            base.weight = merged[id(w)]
         _replace(model, mod_path, base)
     object.__setattr__(model, _STATE_ATTR, ResidentState())
     return model

@@ -1,0 +1,244 @@
+"""Resident routing of full fine-tunes: per-row embeddings, norms, LM head and Linear deltas; generate; Hub ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_tiny_pair
+from torch import nn
+
+from deltahub.compression import compress
+from deltahub.delta import Delta
+from deltahub.policy import Policy, Rule
+from deltahub.resident import (
+    DeltaEmbedding,
+    DeltaLinear,
+    MixedAdapterError,
+    RawRouted,
+    attach_delta,
+    delete_adapter,
+    delta_memory,
+    forward,
+    generate,
+    load_resident,
+    set_adapter,
+    unload,
+    use_adapters,
+)
+from deltahub.testing.fixtures import hub_env, hub_server, hub_server_factory  # noqa: F401
+
+DQ = {"p": 0.75, "bits": 2, "parts": 2, "quantizer": "kmeans", "group_size": 8, "seed": 3}
+
+
+def _full_finetune(base_dir: Path, out: Path, seed: int) -> Path:
+    """A fine-tune that changes every tensor: Linears, the tied embedding and the norms."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            std = 0.05 if "norm" in name else 0.01
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    m.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ft_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("routing")
+    base, _ = make_tiny_pair(root, seed=0)
+    deltas = {}
+    # a: DeltaDQ everywhere (codebook resident form, embedding too), norms exact; b: BitDelta (row), norms exact
+    pol_a = Policy(codec="deltadq", params=DQ, rules=[Rule("re:norm", "raw")], whole_model=True)
+    pol_b = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule("re:norm", "raw")], whole_model=True)
+    for tag, pol, seed in (("a", pol_a, 1), ("b", pol_b, 2)):
+        ft = _full_finetune(base, root / f"ft_{tag}", seed)
+        deltas[tag] = root / f"d_{tag}"
+        compress(base, ft, deltas[tag], policy=pol, progress=False)
+    return {"root": root, "base": base, "deltas": deltas}
+
+
+def _base(path: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").eval()
+
+
+def _ids(rows: int = 4) -> torch.Tensor:
+    return torch.randint(0, 128, (rows, 7), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def test_mixed_batch_of_full_finetunes_matches_rebuilds(ft_pair: dict[str, Any]) -> None:
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    ids = _ids()
+    want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+    base_logits = _logits(_base(base_dir), ids)
+    model = load_resident(base_dir, {"a": deltas["a"], "b": deltas["b"]})
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, DeltaEmbedding) and isinstance(model.lm_head, DeltaLinear)
+    assert model.lm_head.adapters["a"] is emb.adapters["a"]  # tied head: one compressed copy
+    assert isinstance(model.model.norm, RawRouted)
+    assert type(emb.adapters["a"]).__name__ == "_CodebookAdapter"
+    for n in ("a", "b"):
+        set_adapter(model, n)
+        torch.testing.assert_close(_logits(model, ids), want[n], rtol=1e-5, atol=1e-5)
+    names = ["a", "b", "__base__", "b"]
+    mixed = forward(model, input_ids=ids, adapter_names=names).logits
+    for i, n in enumerate(names):
+        ref = base_logits if n == "__base__" else want[n]
+        torch.testing.assert_close(mixed[i], ref[i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1])
+    with pytest.raises(MixedAdapterError, match="unknown"):
+        forward(model, input_ids=ids, adapter_names=["a", "zz", "b", "a"])
+    with pytest.raises(MixedAdapterError, match="rows"):
+        forward(model, input_ids=ids, adapter_names=["a", "b"])  # only generate() expands names
+    with pytest.raises(ValueError, match="__base__"):
+        attach_delta(model, deltas["a"], "__base__")
+
+
+def test_mixed_batch_float64_exact(ft_pair: dict[str, Any]) -> None:
+    """float64: each row equals x(W + Δ̂)ᵀ with exact embeddings / norms, to 1e-10."""
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    ids = _ids()
+    model = load_resident(base_dir, dict(deltas)).to(torch.float64)
+    refs = {}
+    for n, p in deltas.items():
+        ref = _base(base_dir).to(torch.float64)
+        d = Delta(p)
+        sd, base_sd = ref.state_dict(), _base(base_dir).state_dict()
+        with torch.no_grad():
+            for name, e in d.manifest.tensors.items():
+                if e.codec == "raw":
+                    sd[name].copy_(d.reconstruct(name, base_sd[name]))
+                elif e.codec != "unchanged":
+                    sd[name] += d.delta_tensor(name).to(torch.float64)
+        refs[n] = _logits(ref, ids)
+    with use_adapters(model, ["b", "a", None, "a"]):
+        mixed = _logits(model, ids)
+    for i, n in enumerate(["b", "a", None, "a"]):
+        ref = refs[n] if n else _logits(_base(base_dir).to(torch.float64), ids)
+        torch.testing.assert_close(mixed[i], ref[i], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [{"num_beams": 2, "num_return_sequences": 2},
+                                {"do_sample": True, "num_return_sequences": 2, "top_k": 5}])
+def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]) -> None:
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    ids = _ids(3)
+    model = load_resident(base_dir, dict(deltas))
+    names = ["a", "__base__", "b"]
+    common = {"max_new_tokens": 5, "pad_token_id": 0, **kw}
+    torch.manual_seed(0)
+    mixed = generate(model, input_ids=ids, adapter_names=names, **common)
+    assert mixed.shape[0] == 6
+    for i, n in enumerate(names):
+        set_adapter(model, n)
+        torch.manual_seed(0)
+        alone = model.generate(input_ids=ids[i:i + 1], **common)
+        if "num_beams" in kw:  # beam search is deterministic: rows equal the adapter's own generation
+            assert torch.equal(mixed[2 * i:2 * i + 2], alone)
+        else:
+            assert alone.shape == mixed[2 * i:2 * i + 2].shape
+
+
+def test_delta_memory_and_unload_keep_base(ft_pair: dict[str, Any]) -> None:
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    model = _base(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attach_delta(model, deltas["a"], "a")
+    attach_delta(model, deltas["b"], "b")
+    mem = delta_memory(model)
+    emb = model.get_input_embeddings().weight
+    vocab_bytes = emb.numel() * emb.element_size()
+    # b: 1 bit per weight of every Linear + the embedding (counted once for the tied head), + row scales
+    assert mem["b"]["delta_modules"] - mem["b"]["scales"] == mem["b"]["covered_weights"] // 32
+    assert mem["b"]["raw"] < vocab_bytes / 10  # only the norms are exact
+    # codebook form: 1 bit (non-zero map) + 1/4 * 4 bits (codes) per weight, + 8 bytes per row (pointers)
+    rows = sum(m.weight.shape[0] + 1 for m in model.modules() if isinstance(m, (DeltaLinear, DeltaEmbedding)) and "a" in m.adapters)
+    assert mem["a"]["delta_modules"] <= mem["a"]["covered_weights"] * 2 // 32 + 8 * rows + 64 * 16
+    delete_adapter(model, "a")
+    assert "a" not in delta_memory(model)
+    unload(model)
+    assert not any(isinstance(m, (DeltaLinear, DeltaEmbedding, RawRouted)) for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_get_delta_weight_and_base_layer(ft_pair: dict[str, Any]) -> None:
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    model = load_resident(base_dir, {"b": deltas["b"]})
+    q = model.model.layers[0].self_attn.q_proj
+    d = Delta(deltas["b"])
+    want = d.delta_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(q.get_delta_weight("b"), want)
+    assert isinstance(q.get_base_layer(), nn.Linear)
+    assert torch.equal(model.get_input_embeddings().get_delta_weight("b"), d.delta_tensor("model.embed_tokens.weight"))
+
+
+@pytest.mark.slow
+def test_hub_ids_pin_the_base(ft_pair: dict[str, Any], hub_env: Any, tmp_path: Path) -> None:  # noqa: F811
+    """Deltas named by Hub id: the base is fetched at the commit they pin, checked once, all attached."""
+    from huggingface_hub import HfApi
+
+    from deltahub import AutoDeltaModel
+    from deltahub.errors import BaseMismatchError
+    from deltahub.hub import push_to_hub
+
+    api = HfApi(endpoint=hub_env.url)
+    api.create_repo("org/base")
+    sha = api.upload_folder(folder_path=ft_pair["base"], repo_id="org/base").oid
+    root = ft_pair["root"]
+    pol = Policy(codec="bitdelta", params={"granularity": "row"}, rules=[Rule("re:norm", "raw")], whole_model=True)
+    for tag in ("a", "b"):
+        m = compress("org/base", root / f"ft_{tag}", tmp_path / tag, policy=pol, progress=False, endpoint=hub_env.url)
+        assert m.base.revision == sha
+        push_to_hub(tmp_path / tag, f"me/{tag}", endpoint=hub_env.url)
+    ids = _ids()
+    want = {t: _logits(Delta(tmp_path / t).to_model(ft_pair["base"]), ids) for t in ("a", "b")}
+    model = load_resident(None, {"a": "me/a", "b": "me/b@main"}, endpoint=hub_env.url)
+    with use_adapters(model, ["b", "a", "a", "__base__"]):
+        mixed = _logits(model, ids)
+    torch.testing.assert_close(mixed[0], want["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], want["a"][1], rtol=1e-5, atol=1e-5)
+    attach_delta(model, "me/b", "b2", endpoint=hub_env.url)
+    set_adapter(model, "b2")
+    torch.testing.assert_close(_logits(model, ids), want["b"], rtol=1e-5, atol=1e-5)
+    auto = AutoDeltaModel.from_pretrained("me/a", mode="resident", endpoint=hub_env.url)
+    assert isinstance(auto.get_input_embeddings(), DeltaEmbedding)
+    torch.testing.assert_close(_logits(auto, ids), want["a"], rtol=1e-5, atol=1e-5)
+    other, ft_o = make_tiny_pair(tmp_path / "other", seed=9)
+    compress(other, ft_o, tmp_path / "o", codec="bitdelta", progress=False)
+    with pytest.raises(BaseMismatchError, match="different bases"):
+        load_resident(None, {"a": "me/a", "o": tmp_path / "o"}, endpoint=hub_env.url)
+
+
+def test_codebook_adapter_rows_and_ranges() -> None:
+    """The 4-bit codebook form decodes bit-exactly: any row subset, any contiguous range (odd offsets), matmul."""
+    from deltahub.codecs import EncodeInput, get_codec
+    from deltahub.resident.layers import _CodebookAdapter, make_adapter
+
+    torch.manual_seed(0)
+    w = torch.randn(13, 24)
+    codec = get_codec("deltadq")
+    params = codec.validate_params({**DQ, "group_size": 8})
+    enc = codec.encode(EncodeInput("w", w + torch.randn(13, 24) * 0.01, w), params)
+    dense = codec.decode_delta(enc.tensors, enc.params, (13, 24)).reshape(13, 24)
+    a = make_adapter("deltadq", enc.tensors, enc.params, (13, 24), "float32")
+    assert isinstance(a, _CodebookAdapter) and bool((dense == 0).any())
+    assert torch.equal(a.dense(), dense)
+    idx = torch.tensor([12, 0, 5, 5, 7])
+    assert torch.equal(a.rows(idx), dense[idx])
+    for r0, r1 in ((1, 2), (3, 11), (0, 13), (7, 7)):
+        assert torch.equal(a.row_range(r0, r1), dense[r0:r1])
+    x = torch.randn(3, 24, dtype=torch.float64)
+    torch.testing.assert_close(a.delta_matmul(x, chunk_rows=5), x @ dense.to(torch.float64).T, rtol=1e-12, atol=1e-12)
