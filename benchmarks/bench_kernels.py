@@ -15,6 +15,13 @@ DeltaDQ (1/4 kept, 16-level codebook): ``decode``: today's per-call decode with 
 column indices + values per row summed by ``embedding_bag``.
 
     python benchmarks/bench_kernels.py [--threads 1] [--reps 20] [--json out.json]
+
+``--e2e DELTA`` instead measures greedy decode tokens/s of the real pair's base with ``DELTA``
+attached 4 times (``bench_resident.py``'s protocol: batch 4, an 8-token prompt, ``--new-tokens``)
+for the plain base, one adapter, and a mixed batch over the 4 adapters, under each
+``DELTAHUB_RESIDENT_CACHE`` mode of ``--modes``:
+
+    python benchmarks/bench_kernels.py --e2e /tmp/d-bitdelta --modes none,int8,dense --threads 2
 """
 
 from __future__ import annotations
@@ -124,16 +131,71 @@ def run(reps: int) -> list[dict[str, object]]:
     return out
 
 
+def _clear_caches(model: torch.nn.Module) -> None:
+    """Drop every resident adapter's kernel cache (so each mode starts from the stored form)."""
+    for m in model.modules():
+        m.__dict__.pop("_kernel_cache", None)
+
+
+@torch.no_grad()
+def e2e(delta: Path, modes: list[str], batch: int, new_tokens: int, reps: int) -> dict[str, float]:
+    """Decode tokens/s: base, and per cache mode one adapter / a mixed batch over 4 adapters."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from deltahub.resident import attach_delta, set_adapter, use_adapters
+
+    demo = Path.home() / ".cache" / "deltahub" / "demo" / "base"
+    base = AutoModelForCausalLM.from_pretrained(demo, dtype="auto").eval()
+    resident = AutoModelForCausalLM.from_pretrained(demo, dtype="auto").eval()
+    names = [f"ft{i}" for i in range(4)]
+    for n in names:
+        attach_delta(resident, delta, n)
+    set_adapter(resident, names[0])
+    prompt = torch.randint(0, base.config.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+
+    def tok_s(model: torch.nn.Module) -> float:
+        best = float("inf")
+        for _ in range(reps + 1):  # the first call warms up (and fills the caches)
+            t = time.perf_counter()
+            model.generate(input_ids=prompt, **kw)
+            best = min(best, time.perf_counter() - t)
+        return batch * new_tokens / best
+
+    out = {"base": tok_s(base)}
+    print(f"base {out['base']:.1f} tok/s", flush=True)
+    for mode in modes:
+        os.environ["DELTAHUB_RESIDENT_CACHE"] = mode
+        _clear_caches(resident)
+        out[f"{mode}: 1 adapter"] = tok_s(resident)
+        with use_adapters(resident, [names[i % 4] for i in range(batch)]):
+            out[f"{mode}: mixed over 4"] = tok_s(resident)
+        for k in (f"{mode}: 1 adapter", f"{mode}: mixed over 4"):
+            print(f"{k:24s} {out[k]:7.1f} tok/s = {out[k] / out['base']:.0%} of base", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--e2e", type=Path, default=None, help="a delta of the demo pair: measure decode end to end")
+    ap.add_argument("--modes", default="none,int8,dense", help="DELTAHUB_RESIDENT_CACHE modes for --e2e")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads={args.threads}, best of 5 x {args.reps} calls")
-    rows = run(args.reps)
+    if args.e2e is not None:
+        print(f"torch {torch.__version__}, threads={args.threads}, delta {args.e2e}, batch {args.batch}, "
+              f"{args.new_tokens} new tokens, best of {min(args.reps, 3)} after a warm-up")
+        rows = e2e(args.e2e, args.modes.split(","), args.batch, args.new_tokens, min(args.reps, 3))
+    else:
+        print(f"torch {torch.__version__}, threads={args.threads}, best of 5 x {args.reps} calls")
+        rows = run(args.reps)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
