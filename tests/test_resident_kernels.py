@@ -81,6 +81,9 @@ def test_cache_follows_dtype_and_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     kernels.bitdelta_matmul(torch.randn(2, 16), sign, scale, "row", 0, cache)
     y = kernels.bitdelta_matmul(torch.randn(2, 16, dtype=torch.float64), sign, scale, "row", 0, cache)
     assert y.dtype == torch.float64 and [k[1] for k in cache] == [torch.float64]  # one dense entry, replaced
+    monkeypatch.setenv("DELTAHUB_RESIDENT_CACHE", "int8")
+    kernels.bitdelta_matmul(torch.randn(2, 16), sign, scale, "row", 0, cache)
+    assert [k[0] for k in cache] == ["int8"]  # the dense entry is freed
     monkeypatch.setenv("DELTAHUB_RESIDENT_CACHE", "none")
     kernels.bitdelta_matmul(torch.randn(2, 16), sign, scale, "row", 0, cache)
     assert cache == {}  # switching the cache off frees it
@@ -157,3 +160,34 @@ def test_triton_sgmv_matches_torch_under_interpreter(monkeypatch: pytest.MonkeyP
     _close(got, exact, x, dense_abs)
     _close(torch_path, exact, x, dense_abs)
     assert torch.all(got[20] == 0) and got.dtype == x.dtype
+
+
+@pytest.mark.parametrize("mode", ["int8", "dense"])
+def test_delta_linear_forward_per_cache_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """DeltaLinear's output under a cache mode: BitDelta bit-identical to ``none`` for ``int8``, and
+    every codec (a real DeltaDQ adapter too) within float32 rounding of ``none`` for ``dense``."""
+    rows, cols = 20, 32
+    sign, scale, bd = _bitdelta(rows, cols, "row", 0)
+    codec = get_codec("deltadq")
+    w = torch.randn(rows, cols) * 0.02
+    enc = codec.encode(EncodeInput("w", w + torch.randn(rows, cols) * 1e-3, w),
+                       codec.validate_params({"preset": "16x", "group_size": 8, "entropy": "none"}))
+    layer = DeltaLinear(torch.nn.Linear(cols, rows))
+    layer.add_adapter("bd", "bitdelta", {"sign": sign, "scale": scale}, {"granularity": "row"})
+    layer.add_adapter("dq", "deltadq", enc.tensors, enc.params)
+    dq = layer.delta_weight("dq").double()
+    x = torch.randn(3, 5, cols)
+    for name, dense in (("bd", bd), ("dq", dq)):
+        layer.set_adapter(name)
+        monkeypatch.setenv("DELTAHUB_RESIDENT_CACHE", "none")
+        before = layer(x)
+        monkeypatch.setenv("DELTAHUB_RESIDENT_CACHE", mode)
+        after = layer(x)
+        assert layer.adapters[name].__dict__["_kernel_cache"] or (mode == "int8" and name == "dq")
+        if mode == "int8":
+            assert torch.equal(after, before)
+        else:
+            # both within cols·eps·|x||Δ̂| of the exact delta, plus one rounding of the sum with the base
+            x2 = x.reshape(-1, cols).double()
+            bound = 2 * cols * 2.0**-23 * (x2.abs() @ dense.abs().T) + 2 * 2.0**-24 * before.reshape(-1, rows).double().abs()
+            assert torch.all((after - before).reshape(-1, rows).double().abs() <= bound)

@@ -64,11 +64,11 @@ def cache_mode() -> str:
 
 
 def cached(cache: dict[Any, torch.Tensor], key: tuple[Any, ...], make: Any) -> torch.Tensor:
-    """``cache[key]``, made by ``make()`` on first use; one entry per kind (a new dtype/device replaces it)."""
+    """``cache[key]``, made by ``make()`` on first use. The cache holds one entry: another mode,
+    dtype or device replaces it (the old tensor is freed before the new one is made)."""
     t = cache.get(key)
     if t is None:
-        for old in [k for k in cache if k[0] == key[0]]:
-            del cache[old]
+        cache.clear()
         t = cache[key] = make()
     return t
 
@@ -146,6 +146,7 @@ def decoded_matmul(x: torch.Tensor, decode: Any, cache: dict[Any, torch.Tensor],
     if keep or cache_mode() == "dense":
         d = cached(cache, ("dense", x.dtype, x.device), lambda: decode().to(device=x.device, dtype=x.dtype))
     else:
+        cache.clear()
         d = decode().to(device=x.device, dtype=x.dtype)
     return x @ d.T
 
