@@ -6,8 +6,7 @@ Pure functions over tensors (no modules), used by :mod:`deltahub.resident.layers
   sign bits ``chunk_rows`` output rows at a time, or from a cached ±1 matrix
   (:func:`unpack_pm1_int8`, 1 byte per weight) converted to ``x``'s dtype chunk by chunk. Both give
   the same bits: the ±1 values are exact in every float dtype.
-* :func:`ell_from_dense` / :func:`ell_matmul`: a sparse delta (DeltaDQ keeps a fixed number of
-  elements per row) as per-row column indices + values, summed by ``embedding_bag``.
+* :func:`decoded_matmul`: codecs without a kernel (DeltaDQ...): decode, optionally kept dense.
 * :func:`delta_matmul_segments`: a mixed batch whose rows are sorted by adapter (SGMV-style
   segment table ``[start, end, adapter]``) in one call: on CUDA with Triton, one fused kernel for
   BitDelta adapters (sign bits unpacked in registers, per-row/group scale, per-segment adapter);
@@ -24,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..codecs._bits import unpack_pm1
 from ..codecs.bitdelta import expand_scales
@@ -149,32 +147,6 @@ def decoded_matmul(x: torch.Tensor, decode: Any, cache: dict[Any, torch.Tensor],
         cache.clear()
         d = decode().to(device=x.device, dtype=x.dtype)
     return x @ d.T
-
-
-# ---------------------------------------------------------------------------------------- sparse (ELL)
-
-
-def ell_from_dense(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``[rows, cols]`` matrix as ELL: int64 column indices and float32 values ``[rows, K]``,
-    ``K`` the most nonzeros of any row (shorter rows padded with index 0, value 0)."""
-    nz = dense != 0
-    k = int(nz.sum(1).max()) if dense.numel() else 0
-    # Stable sort puts each row's nonzero columns first, in column order.
-    order = torch.sort((~nz).to(torch.int8), dim=1, stable=True).indices[:, :k]
-    vals = dense.gather(1, order).to(torch.float32)
-    return torch.where(vals != 0, order, 0), vals
-
-
-def ell_matmul(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """``x @ Dᵀ`` for ``D`` in ELL form (:func:`ell_from_dense`): per output row, the kept columns of
-    ``xᵀ`` weighted by the values and summed (``embedding_bag``), in float32, cast to ``x``'s dtype."""
-    rows, k = idx.shape
-    if rows == 0 or k == 0:
-        return x.new_zeros((x.shape[0], rows))
-    offsets = torch.arange(0, rows * k, k, device=idx.device)
-    xt = x.to(torch.float32).T.contiguous()  # [in, n]: one "embedding" per input column
-    y = F.embedding_bag(idx.reshape(-1), xt, offsets, mode="sum", per_sample_weights=val.reshape(-1))
-    return y.T.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------- mixed batches (SGMV)
