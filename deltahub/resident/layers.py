@@ -16,6 +16,7 @@ from ..codecs._bits import pack_bits, packed_cols, unpack_pm1
 from ..codecs.base import Codec
 from ..codecs.bitdelta import expand_scales, scale_shape
 from ..errors import CodecError, DeltaHubError
+from . import kernels
 
 #: Output rows of a BitDelta sign matrix unpacked at once in the forward pass. The temporary
 #: ±1 matrix holds ``CHUNK_ROWS * in_features`` elements of ``x``'s dtype.
@@ -98,23 +99,10 @@ class _BitDeltaAdapter(_DeviceOnly):
         return signs * expand_scales(s, idx.numel(), cols, self.granularity, self.group_size)
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-        """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``, unpacking ``chunk_rows`` output rows of signs at a time."""
-        rows, cols = self.shape
-        dtype = x.dtype
-        out = x.new_empty((x.shape[0], rows))
-        for r0 in range(0, rows, chunk_rows):
-            r1 = min(r0 + chunk_rows, rows)
-            pm1 = unpack_pm1(self.sign[r0:r1], cols, dtype)
-            if self.granularity == "group":
-                s = expand_scales(self.scale[r0:r1].to(dtype), r1 - r0, cols, "group", self.group_size)
-                out[:, r0:r1] = x @ (pm1 * s).T
-            elif self.granularity == "row":
-                out[:, r0:r1] = (x @ pm1.T) * self.scale[r0:r1].to(dtype)
-            else:
-                out[:, r0:r1] = x @ pm1.T
-        if self.granularity == "tensor":
-            out.mul_(self.scale[0].to(dtype))
-        return out
+        """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``: unpacking ``chunk_rows`` output rows of signs at a time, or
+        from a cache kept on this adapter (``DELTAHUB_RESIDENT_CACHE``, :mod:`.kernels`)."""
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        return kernels.bitdelta_matmul(x, self.sign, self.scale, self.granularity, self.group_size, cache, chunk_rows)
 
 
 class _GenericAdapter(_DeviceOnly):
@@ -155,10 +143,12 @@ class _GenericAdapter(_DeviceOnly):
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]`` (the codec decodes the whole delta; codecs have no row-chunked decoder)."""
-        d = self.dense(x.dtype).to(x.device)
         if self._cache is not None and self._cache.device != x.device:
             self._cache = self._cache.to(x.device)
-        return x @ d.T
+        if self._cache is not None:
+            return x @ self.dense(x.dtype).T
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        return kernels.decoded_matmul(x, self._decode, cache, keep=False)
 
 
 _MASK_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -250,7 +240,12 @@ class _CodebookAdapter(_DeviceOnly):
         return self.row_range(0, self.shape[0], dtype)
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-        """``x @ Δ̂ᵀ``, decoding ``chunk_rows`` output rows at a time (bounded temporary memory)."""
+        """``x @ Δ̂ᵀ``, decoding ``chunk_rows`` output rows at a time (bounded temporary memory), or from the
+        decoded delta cached on this adapter when ``DELTAHUB_RESIDENT_CACHE=dense`` (:mod:`.kernels`)."""
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if kernels.cache_mode() == "dense":
+            return kernels.decoded_matmul(x, self.dense, cache, keep=True)
+        cache.clear()
         rows = self.shape[0]
         out = x.new_empty((x.shape[0], rows))
         for r0 in range(0, rows, chunk_rows):
