@@ -99,7 +99,7 @@ def _skeleton(d: Delta) -> nn.Module:
     if config is None:
         raise ExportError("the delta has no model config, so its Linear layers cannot be found", path=d.directory)
     cls, cfg = model_class_for(config, {n: tuple(e.shape) for n, e in d.manifest.tensors.items()}, path=d.directory)
-    if not cls.__name__.endswith("ForCausalLM"):
+    if not cls.__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ExportError(f"{cls.__name__} is not a causal LM; the LoRA export writes PEFT's CAUSAL_LM adapters",
                           path=d.directory)
     with torch.device("meta"):
