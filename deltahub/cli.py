@@ -653,8 +653,10 @@ def export_peft(
         console.print("stored whole (modules_to_save): " + ", ".join(result.saved_tensors), highlight=False)
     if result.not_carried:
         t = Table("tensor", "‖ft - base‖ / ‖base‖", title="changed tensors LoRA does not carry (left at the base)", title_justify="left")
-        for name, rel in result.not_carried:
+        for name, rel in result.not_carried[:25]:
             t.add_row(name, f"{rel:.3g}")
+        if len(result.not_carried) > 25:
+            t.add_row(f"... and {len(result.not_carried) - 25} more (largest first)", "")
         console.print(t)
 
 

@@ -183,7 +183,8 @@ def _allocate_ranks(targets: list[_Target], spectra: dict[str, tuple[torch.Tenso
         curves.append(Curve(t.module, t.rows * t.cols, points))
     need = sum(min(p.nbytes for p in c.points) for c in curves)
     if need > budget:
-        raise ExportError(f"the byte budget leaves {max(budget, 0)} bytes for the LoRA factors, but rank 1 everywhere "
+        raise ExportError(f"the byte budget leaves {max(budget, 0)} bytes for the LoRA factors (after the config, headers "
+                          f"and modules_to_save), but rank 1 everywhere "
                           f"({len(targets)} modules) takes {need}; raise --max-bytes")
     return {name: int(p.params["rank"]) for name, p in allocate(curves, budget).items()}
 
