@@ -35,7 +35,7 @@ from ..format.io import Checkpoint, atomic_directory, check_output, sha256_of
 from ..policy import is_vocabulary_matrix
 from ..resident.layers import is_delta_codec
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "DTYPES", "ExportError", "PeftExport", "export_peft",
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "DTYPES", "ExportError", "PeftExport", "adapter_config", "export_peft",
            "lowrank_state_dict"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
