@@ -147,7 +147,11 @@ def test_rank_energy_and_byte_budget(pair: dict[str, Path], tmp_path: Path) -> N
         assert len(set(res.ranks.values())) > 1  # per-layer ranks from measured error
         errors.append(_abs_error(pair["delta"], res))
     assert errors[0] > errors[1] > errors[2]
-    _peft(pair["base"], tmp_path / "b20000")  # rank_pattern / alpha_pattern load in PEFT
+    # per-layer ranks (rank_pattern / alpha_pattern, r = lora_alpha): PEFT applies each layer at scaling 1
+    ranks = export_peft(pair["delta"], tmp_path / "mixed", base=pair["base"], max_bytes=20_000).ranks
+    lowrank = _logits(_model(pair["base"], lowrank_state_dict(pair["delta"], pair["base"], ranks)))
+    effect = float((lowrank - _logits(_model(pair["base"]))).abs().max())
+    assert float((_logits(_peft(pair["base"], tmp_path / "mixed")) - lowrank).abs().max()) <= 16 * FP16_EPS * effect
 
 
 def test_bad_inputs_are_one_typed_line(pair: dict[str, Path], tmp_path: Path) -> None:
