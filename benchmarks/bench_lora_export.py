@@ -194,7 +194,8 @@ def _write(out: Path, rows: list[dict[str, Any]], ref: dict[str, Any], costs: di
               + ", ".join(f"`{n}` {v:.3g}" for n, v in costs["tensors"][:6])
               + (f", ... ({len(costs['tensors'])} tensors)" if len(costs["tensors"]) > 6 else ""), ""]
     (out / "lora_export.md").write_text("\n".join(lines), encoding="utf-8")
-    (out / "lora_export.json").write_text(json.dumps({"rows": rows, "reference": ref, "not_carried": costs}, indent=2, default=str) + "\n")
+    slim = [{k: v for k, v in r.items() if k != "not_carried"} for r in rows]  # the list is the same for every row: kept once
+    (out / "lora_export.json").write_text(json.dumps({"rows": slim, "reference": ref, "not_carried": costs}, indent=2, default=str) + "\n")
     print("\n".join(lines))
 
 
