@@ -11,6 +11,7 @@ huggingface_hub; each name is imported on first use, like ``huggingface_hub``'s)
     deltahub.pull("me/my-delta", "model/")                     # Hub repo -> rebuilt model directory
     deltahub.apply_delta("delta/", base, "model/")             # local delta -> rebuilt model directory
     deltahub.load_resident("delta/", base)                     # several deltas on one base (adapter-style)
+    deltahub.export_peft("delta/", "lora/", rank=64)            # a PEFT LoRA adapter for vLLM / SGLang / TGI
 
 Which call is for what:
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         DeltaHubError,
         DownloadError,
         EntryNotFoundError,
+        ExportError,
         GatedRepoError,
         HubError,
         IntegrityError,
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
         UnsupportedFormatError,
     )
     from .eval import evaluate_delta
+    from .export import export_peft
     from .hub import pull, push_to_hub
     from .loading import AutoDeltaModel
     from .policy import Policy, Rule
@@ -73,7 +76,7 @@ if TYPE_CHECKING:
 
 _ERRORS = (
     "AuthenticationError", "BaseMismatchError", "CodecError", "CorruptFileError", "DeltaHubError", "DownloadError",
-    "EntryNotFoundError", "GatedRepoError", "HubError", "IntegrityError", "InvalidCodecParamsError", "LocalEntryNotFoundError",
+    "EntryNotFoundError", "ExportError", "GatedRepoError", "HubError", "IntegrityError", "InvalidCodecParamsError", "LocalEntryNotFoundError",
     "ManifestError", "MissingFileError", "OutputExistsError", "OutputWriteError", "RemoteCodeError", "RemoteFileNotFoundError",
     "RepoNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError", "ShapeMismatchError", "UnsafeOutputError",
     "UnsafePathError", "UnsupportedFormatError",
@@ -85,6 +88,7 @@ _LAZY: dict[str, str] = {
     "Delta": ".hub",
     "compress": ".compression",
     "evaluate_delta": ".eval",
+    "export_peft": ".export",
     "apply_delta": ".delta",
     "pull": ".hub",
     "push_to_hub": ".hub",
@@ -103,6 +107,7 @@ __all__ = [
     "apply_delta",
     "compress",
     "evaluate_delta",
+    "export_peft",
     "load_resident",
     "pull",
     "push_to_hub",
@@ -113,6 +118,7 @@ __all__ = [
     "DeltaHubError",
     "DownloadError",
     "EntryNotFoundError",
+    "ExportError",
     "GatedRepoError",
     "HubError",
     "IntegrityError",

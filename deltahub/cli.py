@@ -1,4 +1,4 @@
-"""The ``deltahub`` command line: compress, apply, push, pull, info, eval, demo (typer + rich).
+"""The ``deltahub`` command line: compress, apply, push, pull, info, eval, export, demo (typer + rich).
 
 Importing this module is cheap (no torch, transformers or huggingface_hub): ``deltahub --help``
 answers in well under a second. Every heavy module is imported inside the command that needs it.
@@ -607,6 +607,61 @@ def _print_info(m: Any, *, tensors: bool = False, as_json: bool = False, source:
         console.print(t)
     if tensors:
         console.print(tensor_table(m))
+
+
+export_app = typer.Typer(name="export", help="Export a delta to another tool's format (PEFT LoRA for vLLM / SGLang / TGI).",
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(export_app, name="export")
+
+
+class AdapterDtype(str, Enum):
+    """``export peft --dtype``: the LoRA factors' dtype (``deltahub.export.peft.DTYPES``)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@export_app.command("peft")
+@_friendly
+def export_peft(
+    delta: Annotated[str, typer.Argument(help=f"Delta directory, or a Hub repo id {_HUB_ID}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (atomically): adapter_model.safetensors, adapter_config.json, README.md.")],
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help=f"The base model: a directory or a Hub id {_HUB_ID} (default: the one the delta pins).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", metavar="R", help="The same LoRA rank for every layer.")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", metavar="E", help="Per layer, the smallest rank keeping E (0 < E <= 1) of the delta's squared norm.")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option("--max-bytes", metavar="SIZE", help="Cap on adapter_model.safetensors + adapter_config.json (e.g. 13MB); per-layer ranks allocated by measured error.")] = None,
+    dtype: Annotated[AdapterDtype, typer.Option("--dtype", help="dtype of the LoRA factors.")] = AdapterDtype.float16,
+    modules_to_save: Annotated[list[str], typer.Option("--modules-to-save", metavar="NAME", help="Store this module whole, e.g. embed_tokens, lm_head (repeatable; PEFT loads it, vLLM refuses adapters with it).")] = [],  # noqa: B006
+    ignore_base_mismatch: IgnoreMismatchOpt = False,
+    overwrite: OverwriteOpt = False,
+    revision: RevisionOpt = None,
+    quiet: QuietOpt = False,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    endpoint: EndpointOpt = None,
+) -> None:
+    """Write DELTA as a PEFT LoRA adapter (truncated SVD of each Linear layer's delta), for vLLM / SGLang / TGI multi-adapter serving."""
+    from .export import export_peft as _export_peft
+
+    with _quiet(quiet):
+        result = _export_peft(delta, output, base=base, rank=rank, energy=energy, max_bytes=None if max_bytes is None else _size(max_bytes),
+                              dtype=dtype.value, modules_to_save=modules_to_save, overwrite=overwrite, check_base=not ignore_base_mismatch,
+                              revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint, progress=False if quiet else None)
+    if quiet:
+        return
+    ranks = sorted(result.ranks.values())
+    worst = max(result.rel_errors.values(), default=0.0)
+    console.print(f"[green]LoRA adapter written to[/] {output}: {len(ranks)} Linear layers, rank {ranks[0]}-{ranks[-1]}, "
+                  f"{human_bytes(result.nbytes)}; relative error of the layers' deltas <= {worst:.3f}", highlight=False)
+    if result.saved_tensors:
+        console.print("stored whole (modules_to_save): " + ", ".join(result.saved_tensors), highlight=False)
+    if result.not_carried:
+        t = Table("tensor", "‖ft - base‖ / ‖base‖", title="changed tensors LoRA does not carry (left at the base)", title_justify="left")
+        for name, rel in result.not_carried[:25]:
+            t.add_row(name, f"{rel:.3g}")
+        if len(result.not_carried) > 25:
+            t.add_row(f"... and {len(result.not_carried) - 25} more (largest first)", "")
+        console.print(t)
 
 
 @app.command()

@@ -125,3 +125,8 @@ class RemoteCodeError(DeltaHubError, ValueError):
 # Earlier deltahub names, kept importable (the huggingface_hub names above are the primary ones).
 RepoNotFoundError = RepositoryNotFoundError
 RemoteFileNotFoundError = EntryNotFoundError
+
+
+class ExportError(DeltaHubError, ValueError):
+    """An export cannot be made as asked: bad options (rank, energy, byte budget, modules to save) or a model
+    layout the target format cannot carry (e.g. transposed GPT-2 ``Conv1D`` layers for a LoRA export)."""
