@@ -82,12 +82,13 @@ def model_candidates(name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[
 
 
 def lowrank_candidates() -> list[tuple[str, dict[str, Any]]]:
-    """Low-rank settings for block matrices: fp16 factors at ranks 4-64, Delta-CoMe mixed precision at the
-    bytes of ranks 4 and 16, and low rank + 1-bit residual. compress measures them only on matrices whose
-    spectrum is concentrated enough for them to compete (``compression.LOWRANK_GATE_ENERGY``)."""
-    out: list[tuple[str, dict[str, Any]]] = [("lowrank", {"rank": r}) for r in (4, 16, 64)]
-    out += [("lowrank-mp", {"preset": n}) for n in ("r4", "r16")]
-    out.append(("lowrank-residual", {"rank": 8}))
+    """Low-rank settings for block matrices: fp16 factors at ranks 4 and 16, Delta-CoMe mixed precision at
+    the bytes of ranks 4 and 8, and rank 4 + 1-bit residual (at most 46 singular triplets: one cheap SVD per
+    matrix). compress measures them only on matrices whose spectrum is concentrated enough for them to
+    compete (``compression.LOWRANK_GATE_ENERGY``)."""
+    out: list[tuple[str, dict[str, Any]]] = [("lowrank", {"rank": r}) for r in (4, 16)]
+    out += [("lowrank-mp", {"preset": n}) for n in ("r4", "r8")]
+    out.append(("lowrank-residual", {"rank": 4}))
     return out
 
 

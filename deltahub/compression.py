@@ -629,11 +629,12 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
 
 
 #: Low-rank candidates are measured only on matrices whose top ``LOWRANK_GATE_RANK`` singular directions hold
-#: at least this share of the delta's energy (a two-product sketch estimates it): below it, at the sizes the
-#: candidates take, their error along the delta (the discarded energy) costs more than DeltaDQ's noise at
-#: the same bytes, and their SVD would cost more than every other candidate together. On the real pair no
-#: block matrix passes (top-16 share 0.25-0.45; benchmarks/codec_families.md); a LoRA-like delta does.
-LOWRANK_GATE_ENERGY = 0.6
+#: at least this share of the delta's energy (a three-product sketch estimates it, from below): below it
+#: their error along the delta (the discarded energy, which auto's score counts fully) cannot beat DeltaDQ's
+#: noise at the same bytes, and measuring them (an SVD, whole-matrix decodes) would slow every compress.
+#: On the real pair the block matrices' sketched top-16 shares are 0.15-0.85 (median 0.41); a LoRA-like
+#: delta has ~1.
+LOWRANK_GATE_ENERGY = 0.7
 LOWRANK_GATE_RANK = 16
 
 

@@ -6,9 +6,12 @@ really gets) is coded BitDelta-style, its sign packed 8 per byte with one L2-opt
 ``mean |R|`` per row. Like D-QRELO's quantization + low-rank residual split, the other way round:
 the low-rank part is the large structured one, the 1-bit part catches the spread-out rest.
 
-Why sign residual rather than a DeltaDQ residual: measured on the real pair's block matrices
-(benchmarks/codec_families.md) the DeltaDQ ladder alone already beats low rank at every size, so the
-residual's job is the sub-16x regime where 1 bit per weight is the natural floor.
+Why a sign residual rather than a DeltaDQ residual (measured on three of the real pair's block
+matrices, auto's ``aligned`` score, lower is better; benchmarks/codec_families.md): rank 4 + DeltaDQ
+16x on the residual scores 0.111 at 1.22x DeltaDQ 16x's bytes, about what DeltaDQ alone gets with those
+bytes (0.122 at 1x, 0.072 at 2x), so a low-rank head adds nothing to DeltaDQ there; rank 4 + sign
+scores 0.29-0.31 against BitDelta row's 0.36 at 1.15-1.2x its bytes, a real gain over its own base
+codec, with a data-independent size and a one-addition decoder.
 """
 
 from __future__ import annotations
