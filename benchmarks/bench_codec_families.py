@@ -8,9 +8,10 @@ the 210 block matrices, against their fp16 delta (the ratio column). The rebuilt
 the fine-tune on the held-out stdlib blocks with :func:`deltahub.evaluation.evaluate_models` (the same
 machinery as ``bench_whole_model.py``): KL(fine-tune ‖ rebuilt) and the share of the fine-tune's held-out
 loss gain kept. Each matrix's SVD is computed once (at the largest rank used) and shared by every
-low-rank setting (randomised for the larger matrices, as compress does). Writes ``codec_families.json``, ``codec_families.md`` and ``codec_families.png``.
+low-rank setting (randomised for the larger matrices, as compress does). Writes ``codec_families.json``,
+``codec_families_table.md`` (quoted in ``codec_families.md``) and ``codec_families.png``.
 
-    nice -n 10 python benchmarks/bench_codec_families.py [--eval-blocks 4]
+    nice -n 10 python benchmarks/bench_codec_families.py [--eval-blocks 2]
 """
 
 from __future__ import annotations
@@ -25,21 +26,31 @@ HERE = Path(__file__).parent
 BLOCK_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                   "up_proj.weight", "down_proj.weight")
 FAMILIES: list[tuple[str, str, list[dict[str, Any]]]] = [
+    ("low rank (fp16)", "lowrank", [{"rank": r} for r in (4, 8, 16, 32, 64)]),
+    ("low rank, mixed precision (Delta-CoMe)", "lowrank-mp", [{"preset": p} for p in ("r4", "r8", "r16")]),
+    ("DeltaDQ", "deltadq", [{"preset": p} for p in ("16x", "32x", "64x", "128x", "256x")]),
     ("BitDelta", "bitdelta", [{"granularity": "row"}]),
-    ("DeltaDQ", "deltadq", [{"preset": p} for p in ("16x", "64x", "256x")]),
-    ("low rank (fp16)", "lowrank", [{"rank": r} for r in (4, 16)]),
-    ("low rank, mixed precision (Delta-CoMe)", "lowrank-mp", [{"preset": p} for p in ("r4", "r8")]),
-    ("low rank + 1-bit residual", "lowrank-residual", [{"rank": r} for r in (4,)]),
+    ("low rank + 1-bit residual", "lowrank-residual", [{"rank": r} for r in (4, 16)]),
 ]
+#: Run order: the low-rank vs mixed-precision pairs of about equal bytes first (r4 ~ rank 4, r8 ~ rank 8, ...).
+ORDER = [("lowrank", 0), ("lowrank-mp", 0), ("lowrank", 1), ("lowrank-mp", 1), ("lowrank", 2), ("lowrank-mp", 2),
+         ("lowrank", 3), ("lowrank", 4), ("deltadq", 0), ("deltadq", 1), ("deltadq", 2), ("deltadq", 3), ("deltadq", 4),
+         ("bitdelta", 0), ("lowrank-residual", 0), ("lowrank-residual", 1)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, default=None)
     ap.add_argument("--finetuned", type=Path, default=None)
-    ap.add_argument("--eval-blocks", type=int, default=4)
+    ap.add_argument("--eval-blocks", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--from-json", type=Path, default=None, help="only redraw the table and plot from a saved run")
     a = ap.parse_args()
+    if a.from_json:
+        r = json.loads(a.from_json.read_text())
+        _table(a.out, r)
+        _plot(a.out, r)
+        return
 
     import torch
     from transformers import AutoTokenizer
@@ -72,25 +83,40 @@ def main() -> None:
         return {"fp16_block_bytes": fp16, "matrices": len(names), "eval_tokens": ref["fine-tune"]["tokens"],
                 "base_loss": ref["base"]["loss"], "finetune_loss": ref["fine-tune"]["loss"], "base_kl": ref["base"]["kl"]}
 
-    for family, codec_name, settings in FAMILIES:
-        codec = get_codec(codec_name)
-        for params in settings:
-            t0, nbytes, sd = time.perf_counter(), 0, {}
-            for n in names:
-                inp = EncodeInput(n, ft_sd[n], base_sd[n])
-                inp._svd = svds[n]
-                enc = codec.encode(inp, codec.validate_params(dict(params)))
-                nbytes += enc.nbytes
-                sd[n] = base_sd[n] + codec.decode_delta(enc.tensors, enc.params, tuple(ft_sd[n].shape))
-            rebuilt.load_state_dict({**ft_sd, **sd})
-            res = evaluate_models({"fine-tune": ft, "rebuilt": rebuilt}, blocks, reference="fine-tune")["rebuilt"]
-            row = {"family": family, "codec": codec_name, "params": params, "bytes": nbytes, "ratio": fp16 / nbytes,
-                   "kl": res["kl"], "loss": res["loss"], "gain_kept": (ref["base"]["loss"] - res["loss"]) / gain,
-                   "seconds": time.perf_counter() - t0}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (a.out / "codec_families.json").write_text(json.dumps({**_meta(), "rows": rows}, indent=2))
+    by_codec = {c: (family, settings) for family, c, settings in FAMILIES}
+    for codec_name, i in ORDER:
+        family, params, codec = by_codec[codec_name][0], by_codec[codec_name][1][i], get_codec(codec_name)
+        t0, nbytes, sd = time.perf_counter(), 0, {}
+        for n in names:
+            inp = EncodeInput(n, ft_sd[n], base_sd[n])
+            inp._svd = svds[n]
+            enc = codec.encode(inp, codec.validate_params(dict(params)))
+            nbytes += enc.nbytes
+            sd[n] = base_sd[n] + codec.decode_delta(enc.tensors, enc.params, tuple(ft_sd[n].shape))
+        rebuilt.load_state_dict({**ft_sd, **sd})
+        res = evaluate_models({"fine-tune": ft, "rebuilt": rebuilt}, blocks, reference="fine-tune")["rebuilt"]
+        row = {"family": family, "codec": codec_name, "params": params, "bytes": nbytes, "ratio": fp16 / nbytes,
+               "kl": res["kl"], "loss": res["loss"], "gain_kept": (ref["base"]["loss"] - res["loss"]) / gain,
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (a.out / "codec_families.json").write_text(json.dumps({**_meta(), "rows": rows}, indent=2))
+    _table(a.out, {**_meta(), "rows": rows})
     _plot(a.out, {**_meta(), "rows": rows})
+
+
+def _table(out: Path, r: dict[str, Any]) -> None:
+    """``codec_families_table.md``: one row per (family, setting), by family then bytes."""
+    lines = [f"Held-out: {r['eval_tokens']} tokens; base loss {r['base_loss']:.4f} (KL {r['base_kl']:.4f}), fine-tune "
+             f"{r['finetune_loss']:.4f}. Bytes: the {r['matrices']} block matrices' stored tensors "
+             f"(fp16 delta {r['fp16_block_bytes']:,} B).", "",
+             "| family | setting | bytes | vs fp16 | KL(ft ‖ rebuilt) | held-out loss | gain kept |", "|---|---|---|---|---|---|---|"]
+    order = [f for f, _, _ in FAMILIES]
+    for x in sorted(r["rows"], key=lambda x: (order.index(x["family"]), x["bytes"])):
+        setting = ", ".join(f"{k}={v}" for k, v in x["params"].items())
+        lines.append(f"| {x['family']} | {setting} | {x['bytes']:,} | {x['ratio']:.1f}x | {x['kl']:.5f} | {x['loss']:.4f} | "
+                     f"{100 * x['gain_kept']:.0f}% |")
+    (out / "codec_families_table.md").write_text("\n".join(lines) + "\n")
 
 
 def _plot(out: Path, r: dict[str, Any]) -> None:
