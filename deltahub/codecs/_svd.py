@@ -96,9 +96,9 @@ def delta_svd(inp: EncodeInput, rank: int, *, exact: bool | None = None) -> tupl
 
 
 def sketch_energy(m: torch.Tensor, rank: int) -> float:
-    """Share of ``‖m‖²`` in a ``rank``-dimensional randomised range of ``m`` (seeded sketch, one power
-    iteration): a cheap lower estimate of the top-``rank`` energy ``Σ_(k<rank) σ_k² / Σ σ²``, exact when
-    ``m`` has rank ``<= rank``. Two products with a ``[cols, rank]`` sketch, no SVD."""
+    """Share of ``‖m‖²`` in a ``rank``-dimensional randomised range of ``m`` (seeded Gaussian sketch, no power
+    iteration): a cheap lower estimate of the top-``rank`` energy ``Σ_(k<rank) σ_k² / Σ σ²``, exact when ``m``
+    has rank ``<= rank``. Two products with a ``[cols, rank]`` sketch and a thin QR, no SVD."""
     a = m.to(torch.float32)
     total = float(a.pow(2).sum(dtype=torch.float64))
     rows, cols = a.shape
@@ -107,5 +107,4 @@ def sketch_energy(m: torch.Tensor, rank: int) -> float:
         return 1.0 if total == 0.0 else 0.0
     gen = torch.Generator().manual_seed(SEED)
     q, _ = torch.linalg.qr(a @ torch.randn(cols, k, generator=gen, dtype=torch.float32))
-    q, _ = torch.linalg.qr(a @ (a.T @ q))
     return min(float((q.T @ a).pow(2).sum(dtype=torch.float64)) / total, 1.0)
