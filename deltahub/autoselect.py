@@ -47,6 +47,7 @@ def default_candidates() -> list[tuple[str, dict[str, Any]]]:
     out += [("deltadq", {"preset": name}) for name in PRESETS]
     out += [("dare", {"p": p}) for p in (0.9, 0.95, 0.99)]
     out += [("topk-ternary", {"density": d}) for d in (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)]
+    out += lowrank_candidates()
     return out
 
 
@@ -59,7 +60,8 @@ def model_candidates(name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[
 
     Vectors (norms, biases: ~0.1% of a model's bytes) stay exact. Matrices get a DeltaDQ ladder
     from ~8x to ~512x of their fp16 delta (the presets; DeltaDQ had 12x lower KL than BitDelta at
-    the same bytes on the real pair), BitDelta with row scales, and ``raw`` when small.
+    the same bytes on the real pair), BitDelta with row scales, the low-rank family for block matrices
+    (row-sparse settings for vocabulary matrices instead), and ``raw`` when small.
     """
     from .codecs.deltadq import PRESETS
 
@@ -72,8 +74,21 @@ def model_candidates(name: str, shape: tuple[int, ...]) -> list[tuple[str, dict[
         from .codecs.rowsparse import PRESETS as ROW_PRESETS
 
         out += [("rowsparse", {"preset": n}) for n in ROW_PRESETS]
+    else:
+        out += lowrank_candidates()
     if math.prod(shape) <= RAW_CANDIDATE_MAX_NUMEL:
         out.append(("raw", {}))
+    return out
+
+
+def lowrank_candidates() -> list[tuple[str, dict[str, Any]]]:
+    """Low-rank settings for block matrices: fp16 factors at ranks 4 and 16, Delta-CoMe mixed precision at
+    the bytes of ranks 4 and 8, and rank 4 + 1-bit residual (at most 46 singular triplets: one cheap SVD per
+    matrix). compress measures them only on matrices whose spectrum is concentrated enough for them to
+    compete (``compression.LOWRANK_GATE_ENERGY``)."""
+    out: list[tuple[str, dict[str, Any]]] = [("lowrank", {"rank": r}) for r in (4, 16)]
+    out += [("lowrank-mp", {"preset": n}) for n in ("r4", "r8")]
+    out.append(("lowrank-residual", {"rank": 4}))
     return out
 
 

@@ -44,7 +44,8 @@ logger = dh_logging.get_logger(__name__)
 # ----------------------------------------------------------------------------- choices
 #: The built-in codecs (``deltahub.codecs``), written out so that ``--help`` does not import the
 #: registry (which imports torch); tests/test_conventions_cli.py checks it against ``available_codecs()``.
-BUILTIN_CODECS = ("bitdelta", "dare", "deltadq", "raw", "rowsparse", "topk-ternary", "unchanged")
+BUILTIN_CODECS = ("bitdelta", "dare", "deltadq", "lowrank", "lowrank-mp", "lowrank-residual", "raw", "rowsparse", "topk-ternary",
+                  "unchanged")
 
 
 def _plugin_codec_names() -> list[str]:

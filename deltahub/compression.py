@@ -25,6 +25,8 @@ from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
 from .autoselect import check_metric, error_from_sums, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
+from .codecs._svd import OVERSAMPLE as SVD_OVERSAMPLE
+from .codecs._svd import delta_svd, sketch_energy
 from .codecs.unchanged import same_bits
 from .errors import (
     CodecError,
@@ -600,12 +602,15 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
     d2_full = float(inp.delta.pow(2).sum(dtype=torch.float64))
-    full_shape = shape
-    inp, shape, scale = _row_sample(inp, shape)
-    delta = inp.delta
+    full, full_shape = inp, shape
+    cands = [(cname, cparams, *job.codecs.get(cname, cparams)) for cname, cparams in job.candidates_for(inp.name, shape)]
+    rest = [x for x in cands if not x[2].whole_matrix]
+    cands = rest + _whole_matrix_candidates(full, [x for x in cands if x[2].whole_matrix], gate=bool(rest))
+    sample = _row_sample(inp, shape)
     curve = Curve(inp.name, math.prod(full_shape))
-    for cname, cparams in job.candidates_for(inp.name, full_shape):
-        c, p = job.codecs.get(cname, cparams)
+    for cname, cparams, c, p in cands:
+        # A low-rank error is a property of the whole matrix: those candidates are measured on all of it.
+        inp, shape, scale = (full, full_shape, 1.0) if c.whole_matrix else sample
         label = candidate_label(cname, cparams)
         try:
             enc = c.encode(inp, p)
@@ -617,8 +622,8 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
                 metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], _metric_for(job, inp.name))
             else:
                 approx = c.decode_delta(enc.tensors, enc.params, shape)
-                metric, err = relative_error(delta, approx, x, _metric_for(job, inp.name))
-                e2 = float((approx - delta).pow(2).sum(dtype=torch.float64))
+                metric, err = relative_error(inp.delta, approx, x, _metric_for(job, inp.name))
+                e2 = float((approx - inp.delta).pow(2).sum(dtype=torch.float64))
                 del approx
         except CodecError as exc:
             logger.debug("allocation: %s cannot use %s: %s", inp.name, label, exc)
@@ -628,6 +633,34 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
         curve.points.append(Point(cname, p, nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
     return curve
+
+
+#: Low-rank candidates are measured only on matrices whose top ``LOWRANK_GATE_RANK`` singular directions hold
+#: at least this share of the delta's energy (a two-product sketch estimates it, from below): below it
+#: their error along the delta (the discarded energy, which auto's score counts fully) cannot beat DeltaDQ's
+#: noise at the same bytes, and measuring them (an SVD, whole-matrix decodes) would slow every compress.
+#: On the real pair the block matrices' sketched top-16 shares are 0.08-0.73 (median 0.24): only layer 0's
+#: k_proj passes (and is picked at 20x, lowrank-mp r8); a LoRA-like delta has ~1.
+LOWRANK_GATE_ENERGY = 0.7
+LOWRANK_GATE_RANK = 16
+
+
+def _whole_matrix_candidates(inp: EncodeInput, cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]], *,
+                             gate: bool) -> list[tuple[str, dict[str, Any], Any, dict[str, Any]]]:
+    """The low-rank candidates worth measuring on ``inp`` (with ``gate``, none when its spectrum is flat), with
+    the delta's SVD computed once, at their largest rank, and cached on ``inp`` for all of them."""
+    if not cands or inp.base is None or inp.delta.dim() < 2:
+        return []
+    rows, cols = matrix_view_shape(inp.delta.shape)
+    d2 = inp.delta.reshape(rows, cols)
+    energy = sketch_energy(d2, LOWRANK_GATE_RANK) if gate else 1.0
+    if energy < LOWRANK_GATE_ENERGY:
+        logger.debug("allocation: %s skips low-rank candidates (top-%d energy ~%.2f)", inp.name, LOWRANK_GATE_RANK, energy)
+        return []
+    rank = min(max(c.svd_rank(p) for _, _, c, p in cands), rows, cols)
+    if rank:  # randomised unless the rank is a large share of the matrix (truncated_svd's own rule)
+        delta_svd(inp, rank, exact=None if 4 * (rank + SVD_OVERSAMPLE) >= min(rows, cols) else False)
+    return cands
 
 
 def _metric_for(job: _Job, name: str) -> str:

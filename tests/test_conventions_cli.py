@@ -87,7 +87,7 @@ def test_builtin_codec_list_matches_registry() -> None:
 def test_choices_in_help_and_no_python_types_for_lists() -> None:
     r = runner.invoke(app, ["compress", "--help"], env=WIDE)
     flat = _flat(r.output)
-    for choice in ("bitdelta|dare|deltadq|raw|rowsparse|topk-ternary|unchanged|auto", "tensor|row|group", "aligned|rel"):
+    for choice in ("bitdelta|dare|deltadq|lowrank|lowrank-mp|lowrank-residual|raw|rowsparse|topk-ternary|unchanged|auto", "tensor|row|group", "aligned|rel"):
         assert choice in flat, choice
     for metavar in ("PATTERN=CODEC[:KEY=VALUE,...]", "KEY=VALUE[,KEY=VALUE]", "CODEC[:KEY=VALUE,...]"):
         assert metavar in flat, metavar

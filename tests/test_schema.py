@@ -32,6 +32,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("topk-ternary", {"density": 0.01, "mask_encoding": "indices"}),
     ("rowsparse", {"density": 0.5, "bits": 2}),
     ("rowsparse", {"bits": 4, "group_size": 8, "entropy": "zstd"}),
+    ("lowrank", {"rank": 4}),
+    ("lowrank", {"rank": 2, "dtype": "bfloat16"}),
+    ("lowrank-mp", {"preset": "r4"}),
+    ("lowrank-residual", {"rank": 2}),
 ]
 
 
@@ -74,7 +78,8 @@ def test_written_manifests_validate(schema: dict[str, Any], manifests: list[dict
     for m in manifests:
         assert _errors(schema, m) == []
         seen |= {e["codec"] for e in m["tensors"].values()}
-    assert seen == {"bitdelta", "raw", "unchanged", "deltadq", "dare", "topk-ternary", "rowsparse"}
+    assert seen == {"bitdelta", "raw", "unchanged", "deltadq", "dare", "topk-ternary", "rowsparse", "lowrank", "lowrank-mp",
+                    "lowrank-residual"}
     sharded = manifests[-1]
     assert "delta.safetensors.index.json" in sharded["files"]
     assert any(e["codec"] == "raw" and e["params"]["mode"] == "full" and "base_sha256" in e for e in sharded["tensors"].values())

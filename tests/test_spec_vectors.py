@@ -403,3 +403,73 @@ def test_topk_bytes_on_disk_match_spec(tmp_path: Path, shape: tuple[int, ...], d
         if density < 0.01:  # sparse: indices, about density * (log2(1/density) + 2.5) bits per weight
             assert used == "indices"
             assert 8 * total / (rows * cols) <= density * (math.log2(1 / density) + 2.5) * 1.25
+
+
+def ref_low_rank_product(u: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """4.8's low-rank product written from the spec alone: ``A = float32(u * s)`` per element, then the exact
+    sum (float64: exact for the examples' products), and 4.8's tolerance ``r 2^-23 sum |A V|`` around it."""
+    a = (u.astype(np.float32) * s.astype(np.float32)[None, :]).astype(np.float32)
+    exact = a.astype(np.float64) @ v.astype(np.float64)
+    tol = u.shape[1] * 2.0**-23 * (np.abs(a.astype(np.float64)) @ np.abs(v.astype(np.float64)))
+    return exact, tol
+
+
+def ref_uniform_run(codes: bytes, offset: int, n: int, k: int, qmin: np.ndarray, qstep: np.ndarray, norm: float,
+                    q: int) -> np.ndarray:
+    """3.7's ``uniform`` dequantization of one run of ``n`` ``k``-bit codes starting at byte ``offset`` (3.3)."""
+    out = np.zeros(n, dtype=np.float32)
+    for i in range(n):
+        c = sum(((codes[offset + (i * k + b) // 8] >> ((i * k + b) % 8)) & 1) << b for b in range(k))
+        step = np.float32(qstep[i // q]) * np.float32(c)
+        out[i] = (np.float32(qmin[i // q]) + step) * np.float32(norm)
+    return out
+
+
+def _ref_lowrank_mp(params: dict, t: dict[str, torch.Tensor], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    q, byte, group, run = params["qgroup"], 0, 0, 0
+    us, vs = [], []
+    codes = t["codes"].numpy().tobytes()
+    for n, k in params["bands"]:
+        for length, sink in ((rows, us), (cols, vs)):
+            count = n * length
+            g = -(-count // q)
+            vals = ref_uniform_run(codes, byte, count, k, t["qmin"].numpy()[group:group + g],
+                                   t["qstep"].numpy()[group:group + g], float(t["norm"][run]), q)
+            sink.append(vals.reshape(n, length))
+            byte, group, run = byte + -(-count * k // 8), group + g, run + 1
+    return ref_low_rank_product(np.concatenate(us).T, t["s"].numpy(), np.concatenate(vs))
+
+
+@pytest.mark.parametrize("block, codec_name, roles", [
+    ("lowrank-example", "lowrank", ["u", "s", "vh"]),
+    ("lowrank-mp-example", "lowrank-mp", ["s", "codes", "qmin", "qstep", "norm"]),
+    ("lowrank-residual-example", "lowrank-residual", ["u", "s", "vh", "sign", "scale"]),
+])
+def test_lowrank_worked_examples(block: str, codec_name: str, roles: list[str]) -> None:
+    """Decoding the spec's bytes gives the spec's values, bit for bit in deltahub and, from the spec alone, within
+    4.8's tolerance of the exact product (which these examples make exact); the encoder rebuilds the delta."""
+    ex = example(block)
+    name, shape = tensor_line(ex)
+    rows, cols = shape
+    params = json.loads(ex["params"][0])
+    codec = get_codec(codec_name)
+    t = {r: as_tensor(*stored(ex[r][0])) for r in roles}
+    codec.check_decode(params, {r: (x.dtype, tuple(x.shape)) for r, x in t.items()}, shape, torch.float32)
+    decoded = matrix(ex["decoded"])
+    assert torch.equal(codec.decode_delta(t, params, shape), decoded)
+    assert codec.expected_nbytes(shape, params) == sum(x.numel() * x.element_size() for x in t.values())
+    if codec_name == "lowrank-mp":
+        exact, tol = _ref_lowrank_mp(params, t, rows, cols)
+    else:
+        exact, tol = ref_low_rank_product(t["u"].float().numpy(), t["s"].numpy(), t["vh"].float().numpy())
+    if codec_name == "lowrank-residual":
+        bits = np.unpackbits(t["sign"].numpy(), axis=1, bitorder="little")[:, :cols].astype(bool)
+        sc = t["scale"].numpy()[:, None].astype(np.float64)
+        exact = exact + np.where(bits, sc, -sc)
+    assert np.all(np.abs(exact - decoded.numpy()) <= tol) and np.array_equal(exact.astype(np.float32), decoded.numpy())
+    # the writer, on the decoded delta, reproduces it (up to its SVD's float32 rounding and the 2-bit band's grid)
+    enc = codec.encode(EncodeInput(name, decoded.clone(), torch.zeros(shape)), codec.validate_params(
+        {**params, **({"qgroup": 4} if codec_name == "lowrank-mp" else {})}))
+    assert enc.params == params
+    again = codec.decode_delta(enc.tensors, enc.params, shape)
+    assert torch.allclose(again, decoded, atol=1e-3 if codec_name == "lowrank-mp" else 1e-5)

@@ -48,6 +48,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rowsparse-bitmap": ("rowsparse", {"density": 0.5, "bits": 3, "mask_encoding": "bitmap"}),
     "rowsparse-indices": ("rowsparse", {"density": 0.25, "bits": 2, "group_size": 8, "mask_encoding": "indices",
                                         "entropy": "zstd"}),
+    "lowrank": ("lowrank", {"rank": 4}),
+    "lowrank-bf16": ("lowrank", {"rank": 64, "dtype": "bfloat16"}),
+    "lowrank-mp": ("lowrank-mp", {"bands": [[2, 8], [3, 3], [5, 2]], "qgroup": 16}),
+    "lowrank-residual": ("lowrank-residual", {"rank": 2}),
     "raw-xor": ("raw", {"mode": "xor"}),
     "raw-xor-plain": ("raw", {"mode": "xor", "zstd_level": 0}),
     "raw-full": ("raw", {"mode": "full"}),
@@ -147,7 +151,8 @@ def test_every_variant_rebuilds(deltas: dict[str, Any], variant: str) -> None:
 BAD_VALUES: list[Any] = [None, True, False, "x", "", -1, 0, 1e12, 10**12, 2**63, -(2**63), 0.5, float("nan"),
                          float("inf"), float("-inf"), [1], {"a": 1}]
 TABLE_VARIANTS = ["bitdelta-tensor", "bitdelta-group", "deltadq-kmeans", "deltadq-uniform", "deltadq-parts1-none",
-                  "dare", "topk-bitmap", "topk-indices", "raw-xor", "raw-full-plain"]
+                  "dare", "topk-bitmap", "topk-indices", "raw-xor", "raw-full-plain", "lowrank", "lowrank-mp",
+                  "lowrank-residual"]
 
 
 @pytest.mark.parametrize("variant", TABLE_VARIANTS)
@@ -156,7 +161,7 @@ def test_mutated_params_table(deltas: dict[str, Any], variant: str, tmp_path: Pa
     target = NEW if variant.startswith("raw-full") else TARGET
     d = _copy(deltas[variant], tmp_path / "d")
     original = _manifest(d)
-    keys = sorted(original["tensors"][target]["params"]) + ["granularity", "group_size", "qgroup", "mask_encoding"]
+    keys = sorted(original["tensors"][target]["params"]) + ["granularity", "group_size", "qgroup", "mask_encoding", "rank"]
     outcomes: dict[str, int] = {"ok": 0, "error": 0}
     for key in dict.fromkeys(keys):
         for value in [*BAD_VALUES, "<missing>"]:
@@ -262,7 +267,8 @@ def test_scale_dtype_swapped_in_header(deltas: dict[str, Any], tmp_path: Path) -
 
 
 @pytest.mark.parametrize("variant,role", [("bitdelta-row", "sign"), ("deltadq-kmeans", "codebook"), ("deltadq-kmeans", "low1"),
-                                          ("deltadq-uniform", "qstep"), ("dare", "norm"), ("topk-indices", "mask")])
+                                          ("deltadq-uniform", "qstep"), ("dare", "norm"), ("topk-indices", "mask"),
+                                          ("lowrank", "vh"), ("lowrank-mp", "codes"), ("lowrank-residual", "scale")])
 def test_missing_role(deltas: dict[str, Any], tmp_path: Path, variant: str, role: str) -> None:
     def drop(m: dict[str, Any]) -> None:
         e = m["tensors"][TARGET]
@@ -275,7 +281,7 @@ def test_missing_role(deltas: dict[str, Any], tmp_path: Path, variant: str, role
     assert TARGET in _one_line(ei.value)
 
 
-@pytest.mark.parametrize("variant", ["bitdelta-row", "deltadq-kmeans", "dare", "raw-xor"])
+@pytest.mark.parametrize("variant", ["bitdelta-row", "deltadq-kmeans", "dare", "raw-xor", "lowrank-mp"])
 def test_extra_role(deltas: dict[str, Any], tmp_path: Path, variant: str) -> None:
     other = "model.layers.1.mlp.down_proj.weight"
 

@@ -8,7 +8,12 @@ factors, and so the same compressed bytes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .base import EncodeInput
 
 #: Matrices with at most this many elements always take the exact SVD.
 EXACT_NUMEL = 1 << 20
@@ -70,3 +75,36 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
         return 1
     cum = torch.cumsum(e, 0) / total
     return int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+
+
+def delta_svd(inp: EncodeInput, rank: int, *, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``rank`` triplets of ``inp``'s delta (as its 2-D matrix view), cached on ``inp``.
+
+    A cached factorisation of at least ``rank`` triplets is sliced, so the allocation factorises each
+    tensor once (at the largest rank of its candidates) for every low-rank candidate.
+    """
+    from .base import matrix_view_shape
+
+    cached = inp._svd
+    rows, cols = matrix_view_shape(inp.delta.shape)
+    if cached is None or cached[1].numel() < min(rank, rows, cols):
+        cached = truncated_svd(inp.delta.reshape(rows, cols), rank, exact=exact)
+        inp._svd = cached
+    u, s, vh = cached
+    r = min(rank, s.numel())
+    return u[:, :r], s[:r], vh[:r]
+
+
+def sketch_energy(m: torch.Tensor, rank: int) -> float:
+    """Share of ``‖m‖²`` in a ``rank``-dimensional randomised range of ``m`` (seeded Gaussian sketch, no power
+    iteration): a cheap lower estimate of the top-``rank`` energy ``Σ_(k<rank) σ_k² / Σ σ²``, exact when ``m``
+    has rank ``<= rank``. Two products with a ``[cols, rank]`` sketch and a thin QR, no SVD."""
+    a = m.to(torch.float32)
+    total = float(a.pow(2).sum(dtype=torch.float64))
+    rows, cols = a.shape
+    k = min(rank, rows, cols)
+    if total == 0.0 or k == 0:
+        return 1.0 if total == 0.0 else 0.0
+    gen = torch.Generator().manual_seed(SEED)
+    q, _ = torch.linalg.qr(a @ torch.randn(cols, k, generator=gen, dtype=torch.float32))
+    return min(float((q.T @ a).pow(2).sum(dtype=torch.float64)) / total, 1.0)

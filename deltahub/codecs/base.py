@@ -29,6 +29,8 @@ class EncodeInput:
     #: Optional calibration inputs of the layer (rows = tokens, cols = in_features), for codecs that use them.
     calibration: torch.Tensor | None = None
     _delta: torch.Tensor | None = field(default=None, repr=False)
+    #: Top singular triplets ``(U, S, Vh)`` of the 2-D delta, shared by the low-rank codecs (codecs/_svd.py).
+    _svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -82,6 +84,9 @@ class Codec(ABC):
     default_params: ClassVar[dict[str, Any]] = {}
     #: Named settings selectable with the ``preset`` param (``--preset``); empty when the codec has none.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: True when the codec's error is a property of the whole matrix (low rank), so it cannot be measured
+    #: on a sample of rows: the allocation then measures it on the whole tensor.
+    whole_matrix: ClassVar[bool] = False
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Merge defaults and check ranges; raise :class:`InvalidCodecParamsError` on bad input."""
@@ -116,6 +121,11 @@ class Codec(ABC):
             raise CodecError(f"codec {self.name!r} needs the base tensor to rebuild")
         delta = self.decode_delta(stored, params, tuple(shape))
         return (base.to(torch.float32) + delta).to(dtype)
+
+    def svd_rank(self, params: Mapping[str, Any]) -> int:
+        """Singular triplets :meth:`encode` takes from the delta's SVD (validated params; 0: no SVD), so a
+        caller measuring several low-rank settings of one tensor can factorise it once, at the largest."""
+        return 0
 
     def base_shape(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the base tensor an entry of ``shape`` decodes against (params already checked by
