@@ -31,7 +31,9 @@ from deltahub.resident import (
     delta_memory,
     generate,
     load_resident,
+    merge_adapter,
     set_adapter,
+    unmerge_adapter,
     use_adapters,
 )
 
@@ -98,8 +100,16 @@ def main() -> None:
         set_adapter(model, names[0])
         t_one = best(lambda: model.generate(input_ids=ids, **gen), args.reps)
         t_mix = best(lambda: generate(model, input_ids=ids, adapter_names=rows, **gen), args.reps)
+        t0 = time.perf_counter()
+        merge_adapter(model, names[0])  # one adapter for every row: its deltas written into the base weights
+        t_merge = time.perf_counter() - t0
+        t_merged = best(lambda: model.generate(input_ids=ids, **gen), args.reps)
+        t0 = time.perf_counter()
+        unmerge_adapter(model)
+        t_unmerge = time.perf_counter() - t0
     print(f"decode tok/s (batch {args.batch}, {args.new_tokens} new, best of {args.reps}): base {toks / t_base:.1f}, "
-          f"1 delta {toks / t_one:.1f} ({t_base / t_one:.0%}), mixed {rows} {toks / t_mix:.1f} ({t_base / t_mix:.0%})")
+          f"1 delta {toks / t_one:.1f} ({t_base / t_one:.0%}), 1 delta merged {toks / t_merged:.1f} ({t_base / t_merged:.0%}; "
+          f"merge {t_merge:.2f} s, unmerge {t_unmerge:.2f} s), mixed {rows} {toks / t_mix:.1f} ({t_base / t_mix:.0%})")
 
     # memory for N attached deltas: the given deltas reused under other names, up to --attach-max
     # attached for real; beyond that N copies cost N times one copy (each attach holds its own)

@@ -18,12 +18,15 @@ from deltahub.resident import (
     DeltaLinear,
     MixedAdapterError,
     RawRouted,
+    active_adapter,
     attach_delta,
     delete_adapter,
     delta_memory,
+    disable_adapters,
     forward,
     generate,
     load_resident,
+    resident_state,
     set_adapter,
     unload,
     use_adapters,
@@ -242,3 +245,55 @@ def test_codebook_adapter_rows_and_ranges() -> None:
         assert torch.equal(a.row_range(r0, r1), dense[r0:r1])
     x = torch.randn(3, 24, dtype=torch.float64)
     torch.testing.assert_close(a.delta_matmul(x, chunk_rows=5), x @ dense.to(torch.float64).T, rtol=1e-12, atol=1e-12)
+
+
+def _state_bits(model: nn.Module) -> dict[str, bytes]:
+    from deltahub.resident.model import _walk_tensors
+
+    return {k: v.detach().contiguous().view(torch.uint8).numpy().tobytes() for k, v in _walk_tensors(model).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_merge_adapter_is_the_rebuild_and_unmerges_exactly(ft_pair: dict[str, Any], dtype: torch.dtype) -> None:
+    """merge_adapter writes dtype(float32(W) + Δ̂) into the shared weights (the plain layers then run, no
+    delta matmul): logits equal the rebuilt fine-tune's; switching adapters, a mixed batch, disabling or
+    unmerging restores every base bit."""
+    from deltahub.resident import merge_adapter, unmerge_adapter
+
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    ids = _ids()
+    model = load_resident(base_dir, {"a": deltas["a"], "b": deltas["b"]}, torch_dtype=dtype)
+    set_adapter(model, None)
+    pristine = _state_bits(model)
+    want = {}
+    for n in ("a", "b"):
+        set_adapter(model, n)
+        want[n] = _logits(model, ids)
+    set_adapter(model, None)
+    base_logits = _logits(model, ids)
+    for n in ("a", "b", "a"):
+        merge_adapter(model, n)
+        assert resident_state(model).merged == n
+        # W is rebuilt as dtype(float32(W_merged) - Δ̂) except where rounding differs: those elements are kept
+        assert all(u.index.numel() < u.weight.numel() for u in resident_state(model).merge_undo)
+        rebuilt = Delta(deltas[n]).to_model(base_dir, torch_dtype=dtype)
+        assert torch.equal(model.lm_head.weight, rebuilt.lm_head.weight)  # the tied embedding, merged once
+        assert torch.equal(model.model.layers[0].mlp.up_proj.weight, rebuilt.model.layers[0].mlp.up_proj.weight)
+        torch.testing.assert_close(_logits(model, ids), want[n], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
+    mixed = forward(model, input_ids=ids, adapter_names=["a", "b", "__base__", "b"]).logits  # unmerges first
+    assert resident_state(model).merged is None
+    torch.testing.assert_close(mixed[2], base_logits[2])
+    set_adapter(model, None)  # the base's own norms back in
+    assert _state_bits(model) == pristine
+    merge_adapter(model, "b")
+    with disable_adapters(model):
+        assert torch.equal(_logits(model, ids), base_logits)
+    merge_adapter(model, "b")
+    unmerge_adapter(model)
+    assert active_adapter(model) == "b" and resident_state(model).merged is None
+    set_adapter(model, None)
+    assert _state_bits(model) == pristine
+    merge_adapter(model, "a")
+    unload(model)
+    assert _state_bits(model) == pristine

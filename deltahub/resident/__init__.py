@@ -35,6 +35,12 @@ Exactness: with adapter ``A`` active each wrapped layer computes ``x Wᵀ + b + 
 ``x (W + Δ̂)ᵀ + b`` up to float rounding of a different summation order (tested in float64). The
 full rebuild rounds ``W + Δ̂`` to the checkpoint dtype once, so float32 results agree to ~1e-6
 relative. :func:`merge_and_unload` produces the rebuilt weights bit-for-bit.
+
+Speed: the delta matmuls cost time on every forward pass. When one adapter serves every row,
+:func:`merge_adapter` writes its deltas into the shared base weights in place (the rebuilt weights,
+bit for bit) so the plain layers run at the base's speed; :func:`unmerge_adapter` (or selecting
+anything else) restores the base bit-exactly from ``W_merged - Δ̂`` plus the few elements where
+rounding differs.
 """
 
 from __future__ import annotations
@@ -60,10 +66,12 @@ from .model import (
                     forward,
                     generate,
                     list_adapters,
+                    merge_adapter,
                     merge_and_unload,
                     resident_state,
                     set_adapter,
                     unload,
+                    unmerge_adapter,
                     use_adapters,
 )
 from .routing import DeltaEmbedding, RawRouted
@@ -88,12 +96,14 @@ __all__ = [
                     "is_delta_codec",
                     "list_adapters",
                     "load_resident",
-                    "merge_and_unload",
+                    "merge_adapter",
+    "merge_and_unload",
                     "resident_state",
                     "row_groups",
                     "set_adapter",
                     "tensor_sha256",
                     "unload",
+    "unmerge_adapter",
                     "unpack_pm1",
                     "use_adapters",
 ]

@@ -32,6 +32,7 @@ from .model import (
     _sync,
     _walk_tensors,
     resident_state,
+    unmerge_adapter,
 )
 from .routing import DeltaEmbedding, RawRouted
 
@@ -139,6 +140,7 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
     state = resident_state(model)
     if adapter_name in state.adapters:
         raise ValueError(f"an adapter named {adapter_name!r} is already attached")
+    unmerge_adapter(model)  # the base is checked and wrapped with its own weights
     d, own = _open(delta, {"revision": revision, "token": token, "cache_dir": cache_dir, "endpoint": endpoint,
                            "local_files_only": local_files_only})
     try:
