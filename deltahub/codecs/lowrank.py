@@ -98,7 +98,7 @@ class LowRank(Codec):
         p = super().validate_params(params)
         check_rank(self.name, p["rank"])
         if p["dtype"] not in FACTOR_DTYPES:
-            raise InvalidCodecParamsError(f"codec 'lowrank': dtype={p['dtype']!r} is not one of {', '.join(FACTOR_DTYPES)}")
+            raise InvalidCodecParamsError(f"codec {self.name!r}: dtype={p['dtype']!r} is not one of {', '.join(FACTOR_DTYPES)}")
         return p
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],

@@ -23,28 +23,19 @@ import torch
 
 from . import register_codec
 from ._bits import pack_bits, packed_cols, unpack_signs
-from .base import Codec, EncodeInput, Encoded, StoredSpec, expect_stored, matrix_view_shape, param_choice
+from .base import EncodeInput, Encoded, StoredSpec, expect_stored, matrix_view_shape, param_choice
 from .bitdelta import bitdelta_scales
-from .lowrank import (FACTOR_DTYPES, check_finite, check_rank, decode_factors, encode_factors, factor_specs,
-                      low_rank_product, read_rank)
-from ..errors import CodecError, InvalidCodecParamsError
+from .lowrank import (FACTOR_DTYPES, LowRank, check_finite, decode_factors, encode_factors, factor_specs, low_rank_product,
+                      read_rank)
+from ..errors import CodecError
 
 
 @register_codec
-class LowRankResidual(Codec):
-    """``lowrank`` factors plus the sign of the residual with per-row float32 scales."""
+class LowRankResidual(LowRank):
+    """``lowrank`` factors plus the sign of the residual with per-row float32 scales (params as ``lowrank``'s)."""
 
     name = "lowrank-residual"
-    whole_matrix = True
     default_params: dict[str, Any] = {"rank": 8, "dtype": "float16"}
-
-    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        p = super().validate_params(params)
-        check_rank(self.name, p["rank"])
-        if p["dtype"] not in FACTOR_DTYPES:
-            raise InvalidCodecParamsError(
-                f"codec 'lowrank-residual': dtype={p['dtype']!r} is not one of {', '.join(FACTOR_DTYPES)}")
-        return p
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
                      shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -77,9 +68,6 @@ class LowRankResidual(Codec):
             raise CodecError(f"lowrank-residual: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not "
                              f"fit tensor shape {list(shape)}")
         return (low + unpack_signs(sign, cols, scale.to(torch.float32).reshape(rows, 1))).reshape(shape)
-
-    def svd_rank(self, params: Mapping[str, Any]) -> int:
-        return int(params["rank"])
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int:
         rows, cols = matrix_view_shape(shape)

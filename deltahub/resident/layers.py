@@ -324,7 +324,26 @@ class RoutedModule(nn.Module):
         return self.active_adapter
 
 
-class DeltaLinear(RoutedModule):
+class AdapterLayer(RoutedModule):
+    """A resident wrapper holding per-adapter deltas in ``self.adapters`` (:class:`DeltaLinear`, ``DeltaEmbedding``)."""
+
+    adapters: nn.ModuleDict
+
+    def add_adapter_module(self, name: str, adapter: nn.Module) -> None:
+        """Attach an already built resident delta (a tied LM head and embedding share one: no copy)."""
+        _check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already attached to this layer")
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop one adapter's delta from this layer."""
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+
+class DeltaLinear(AdapterLayer):
     """An ``nn.Linear`` plus resident compressed deltas: ``y = base(x) + x @ Δ̂_activeᵀ``.
 
     The base layer is shared, never copied (its weight keeps its ``data_ptr``). Each adapter's
@@ -372,19 +391,6 @@ class DeltaLinear(RoutedModule):
         device = self.base_layer.weight.device
         stored = {k: v.to(device) for k, v in stored.items()}
         self.adapters[name] = make_adapter(codec, stored, params, shape, dtype, cache_decoded=cache_decoded)
-
-    def add_adapter_module(self, name: str, adapter: nn.Module) -> None:
-        """Attach an already built resident delta (shared with a tied :class:`DeltaEmbedding`: no copy)."""
-        _check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already attached to this layer")
-        self.adapters[name] = adapter
-
-    def delete_adapter(self, name: str) -> None:
-        """Drop one adapter's delta from this layer."""
-        del self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the delta applied to every row (``None``: base only)."""

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .layers import CHUNK_ROWS, RoutedModule, _check_adapter_name
+from .layers import CHUNK_ROWS, AdapterLayer, RoutedModule
 
 
-class DeltaEmbedding(RoutedModule):
+class DeltaEmbedding(AdapterLayer):
     """An ``nn.Embedding`` plus resident compressed deltas of its weight, looked up per row."""
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -48,19 +48,6 @@ class DeltaEmbedding(RoutedModule):
     @property
     def embedding_dim(self) -> int:
         return self.base_layer.embedding_dim
-
-    def add_adapter_module(self, name: str, adapter: nn.Module) -> None:
-        """Attach one adapter's resident delta of the embedding matrix (``rows(idx)`` decodes rows)."""
-        _check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already attached to this layer")
-        self.adapters[name] = adapter
-
-    def delete_adapter(self, name: str) -> None:
-        """Drop one adapter's delta from this layer."""
-        del self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The decoded delta of the embedding matrix ``[num_embeddings, dim]`` in the weight's dtype (PEFT's name)."""
