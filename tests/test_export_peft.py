@@ -183,7 +183,9 @@ def test_output_is_atomic_and_not_overwritten(pair: dict[str, Path], tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
 
 
-def test_gpt2_conv1d_is_refused(tmp_path: Path) -> None:
+def test_gpt2_conv1d_exports_with_fan_in_fan_out(tmp_path: Path) -> None:
+    """GPT-2's transposed Conv1D layers (weight [in, out]): the factors are those of Δ̂ᵀ and the config says
+    fan_in_fan_out; PEFT loads it and matches deltahub's low-rank rebuild."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -195,9 +197,23 @@ def test_gpt2_conv1d_is_refused(tmp_path: Path) -> None:
             p.add_(torch.randn_like(p) * 1e-2)
     base.save_pretrained(tmp_path / "ft")
     compress(tmp_path / "base", tmp_path / "ft", tmp_path / "d", codec="bitdelta", progress=False)
-    with pytest.raises(ExportError, match="Conv1D"):
-        export_peft(tmp_path / "d", tmp_path / "lora", base=tmp_path / "base", rank=2)
-    assert not (tmp_path / "lora").exists()
+    res = export_peft(tmp_path / "d", tmp_path / "lora", base=tmp_path / "base", rank=3)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and set(config["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+    stored = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (3, 32)  # [r, in]
+    assert stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 3)  # [out, r]
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        ref.load_state_dict(lowrank_state_dict(tmp_path / "d", tmp_path / "base", res.ranks), strict=False)
+        got = peft.PeftModel.from_pretrained(plain, tmp_path / "lora").eval()(input_ids=ids).logits
+        want = ref(input_ids=ids).logits
+        effect = float((want - AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()(input_ids=ids).logits).abs().max())
+    assert effect > 0 and float((got - want).abs().max()) <= 16 * FP16_EPS * effect + 1e-6
 
 
 def test_delta_from_the_hub_exports_against_the_pinned_base(hub_env: Any, pair: dict[str, Path], tmp_path: Path) -> None:

@@ -50,12 +50,14 @@ _HEADER_ENTRY = 96
 
 @dataclass(frozen=True)
 class _Target:
-    """One ``nn.Linear`` weight the export factorises."""
+    """One ``nn.Linear`` (or transposed ``Conv1D``) weight the export factorises."""
 
     tensor: str  # e.g. model.layers.0.self_attn.q_proj.weight
     module: str  # e.g. model.layers.0.self_attn.q_proj
-    rows: int
-    cols: int
+    rows: int  # out_features
+    cols: int  # in_features
+    #: A GPT-2 style ``Conv1D``: the weight is stored ``[in, out]`` (PEFT's ``fan_in_fan_out``).
+    transposed: bool = False
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _skeleton(d: Delta) -> nn.Module:
 
 
 def _targets(d: Delta, skeleton: nn.Module) -> list[_Target]:
-    """The changed ``nn.Linear`` weights (not vocabulary matrices) in manifest order; transposed layers refused."""
+    """The changed ``nn.Linear`` / ``Conv1D`` weights (not vocabulary matrices) in manifest order."""
     out = []
     for name, entry in d.manifest.tensors.items():
         mod_path, _, attr = name.rpartition(".")
@@ -117,12 +119,21 @@ def _targets(d: Delta, skeleton: nn.Module) -> list[_Target]:
             mod = skeleton.get_submodule(mod_path)
         except AttributeError:
             continue
-        if type(mod).__name__ == "Conv1D":
-            raise ExportError(f"{mod_path!r} is a transposed Conv1D layer (GPT-2 style, PEFT's fan_in_fan_out); "
-                              "this exporter writes nn.Linear adapters only", path=d.directory)
-        if isinstance(mod, nn.Linear) and len(entry.shape) == 2:
+        if len(entry.shape) != 2:
+            continue
+        if isinstance(mod, nn.Linear):
             out.append(_Target(name, mod_path, int(entry.shape[0]), int(entry.shape[1])))
+        elif _is_conv1d(mod):  # weight [in, out]: the LoRA factors are those of its transpose
+            out.append(_Target(name, mod_path, int(entry.shape[1]), int(entry.shape[0]), transposed=True))
+    if len({t.transposed for t in out}) > 1:
+        raise ExportError("the model mixes nn.Linear and transposed Conv1D layers; PEFT's fan_in_fan_out is one setting "
+                          "for every target", path=d.directory)
     return out
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored transposed, ``[in, out]``."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
 
 
 def _base_tensor(d: Delta, base: Checkpoint, name: str, check_base: bool) -> torch.Tensor:
@@ -138,9 +149,11 @@ def _delta_matrix(d: Delta, base: Checkpoint, target: _Target, check_base: bool)
     """The float32 ``Δ̂`` of a target: decoded from a delta codec, or ``rebuilt - base`` for an exact (raw) one."""
     entry = d.manifest.tensors[target.tensor]
     if is_delta_codec(entry.codec):
-        return d.delta_tensor(target.tensor).to(torch.float32).reshape(target.rows, target.cols)
-    base_t = _base_tensor(d, base, target.tensor, check_base)
-    return d.reconstruct(target.tensor, base_t).to(torch.float32) - base_t.to(torch.float32)
+        delta = d.delta_tensor(target.tensor).to(torch.float32)
+    else:
+        base_t = _base_tensor(d, base, target.tensor, check_base)
+        delta = d.reconstruct(target.tensor, base_t).to(torch.float32) - base_t.to(torch.float32)
+    return delta.T.contiguous() if target.transposed else delta.reshape(target.rows, target.cols)
 
 
 def _factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,13 +272,15 @@ def _target_modules(skeleton: nn.Module, modules: list[str]) -> list[str]:
     (what every engine reads), else the full module paths."""
     chosen = set(modules)
     short = sorted({m.rpartition(".")[2] for m in modules})
-    linears = {p for p, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    linears = {p for p, m in skeleton.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
     matched = {p for p in linears if p.rpartition(".")[2] in short}
     return short if matched == chosen else sorted(chosen)
 
 
-def adapter_config(d: Delta, skeleton: nn.Module, ranks: dict[str, int], modules_to_save: list[str], tied: bool) -> dict[str, Any]:
-    """``adapter_config.json`` as PEFT 0.21 writes it for a LoRA on a causal LM, with ``r = lora_alpha`` (scaling 1)."""
+def adapter_config(d: Delta, skeleton: nn.Module, ranks: dict[str, int], modules_to_save: list[str], tied: bool,
+                   fan_in_fan_out: bool = False) -> dict[str, Any]:
+    """``adapter_config.json`` as PEFT 0.21 writes it for a LoRA on a causal LM, with ``r = lora_alpha`` (scaling 1);
+    ``fan_in_fan_out`` for GPT-2 style ``Conv1D`` targets."""
     top = max(ranks.values(), default=1)
     pattern = {m: r for m, r in sorted(ranks.items()) if r != top}
     base = d.manifest.base
@@ -275,7 +290,7 @@ def adapter_config(d: Delta, skeleton: nn.Module, ranks: dict[str, int], modules
         "r": top, "lora_alpha": top, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": _target_modules(skeleton, list(ranks)),
         "modules_to_save": modules_to_save or None, "ensure_weight_tying": tied,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
         "exclude_modules": None,
     }
@@ -372,7 +387,7 @@ def _export(d: Delta, base: Checkpoint, output_dir: Path, *, rank: int | None, e
         ranks = _choose_ranks(d, base, targets, rank=rank, energy=energy, budget=budget, esize=esize, check_base=check_base,
                               advance=advance)
         tensors, errors = _factorise(d, base, targets, ranks, dtype, check_base, advance)
-    config = adapter_config(d, skeleton, ranks, config_names, tied)
+    config = adapter_config(d, skeleton, ranks, config_names, tied, fan_in_fan_out=any(t.transposed for t in targets))
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp:
         save_file({**tensors, **saved}, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -427,6 +442,7 @@ def lowrank_state_dict(delta: str | os.PathLike[str] | Delta, base: str | os.Pat
     rank) at ``W + U_r S_r V_rᵀ`` of its delta: what an exported adapter should reproduce up to its dtype's rounding."""
     d = delta if isinstance(delta, Delta) else Delta(delta)
     try:
+        skeleton = _skeleton(d) if d.manifest.config is not None else None
         with Checkpoint(base) as ckpt:
             out = {n: ckpt.read(n).to(torch.float32) if ckpt.info(n).dtype.is_floating_point else ckpt.read(n) for n in ckpt.keys()}
             for module, r in ranks.items():
@@ -434,8 +450,10 @@ def lowrank_state_dict(delta: str | os.PathLike[str] | Delta, base: str | os.Pat
                 if name not in d.manifest.tensors or name not in out:
                     raise DeltaHubError(f"module {module!r} has no weight in both the delta and the base", path=d.directory)
                 shape = d.manifest.tensors[name].shape
-                b, a, _ = _factors(_delta_matrix(d, ckpt, _Target(name, module, shape[0], shape[1]), check_base), r)
-                out[name] = out[name] + b @ a
+                conv = _is_conv1d(skeleton.get_submodule(module)) if skeleton is not None else False
+                target = _Target(name, module, shape[1], shape[0], True) if conv else _Target(name, module, shape[0], shape[1])
+                b, a, _ = _factors(_delta_matrix(d, ckpt, target, check_base), r)
+                out[name] = out[name] + ((b @ a).T if conv else b @ a)
     finally:
         if d is not delta:
             d.close()
