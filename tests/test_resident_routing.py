@@ -290,7 +290,10 @@ def test_merge_adapter_is_the_rebuild_and_unmerges_exactly(ft_pair: dict[str, An
     with disable_adapters(model):
         assert torch.equal(_logits(model, ids), base_logits)
     merge_adapter(model, "b")
+    undo = sum(t.numel() * t.element_size() for u in resident_state(model).merge_undo for t in (u.index, u.values))
+    assert delta_memory(model, "b")["caches"] == undo > 0 and delta_memory(model, "a")["caches"] == 0
     unmerge_adapter(model)
+    assert delta_memory(model, "b")["caches"] == 0
     assert active_adapter(model) == "b" and resident_state(model).merged is None
     set_adapter(model, None)
     assert _state_bits(model) == pristine
