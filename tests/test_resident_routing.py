@@ -300,3 +300,32 @@ def test_merge_adapter_is_the_rebuild_and_unmerges_exactly(ft_pair: dict[str, An
     merge_adapter(model, "a")
     unload(model)
     assert _state_bits(model) == pristine
+
+
+@pytest.mark.parametrize("codec,params", [("lowrank", {"rank": 4}), ("lowrank-mp", {"bands": [[1, 8], [3, 3]]})])
+def test_low_rank_deltas_stay_factors(ft_pair: dict[str, Any], tmp_path: Path, codec: str, params: dict[str, Any]) -> None:
+    """lowrank / lowrank-mp deltas are kept resident as their factors (two thin matmuls per layer, embedding rows
+    from the factors) and give the rebuilt fine-tune's logits; the decoded delta equals the codec's decode."""
+    from deltahub.codecs import get_codec
+    from deltahub.resident.layers import _LowRankAdapter
+
+    base_dir = ft_pair["base"]
+    ft = _full_finetune(base_dir, tmp_path / "ft", seed=5)
+    pol = Policy(codec=codec, params=params, rules=[Rule("re:norm", "raw")], whole_model=True)
+    compress(base_dir, ft, tmp_path / "d", policy=pol, progress=False)
+    ids = _ids()
+    want = _logits(Delta(tmp_path / "d").to_model(base_dir), ids)
+    model = load_resident(base_dir, {"lr": tmp_path / "d"})
+    set_adapter(model, "lr")
+    layer = model.model.layers[0].mlp.up_proj
+    adapter = layer.adapters["lr"]
+    assert isinstance(adapter, _LowRankAdapter) and isinstance(model.get_input_embeddings().adapters["lr"], _LowRankAdapter)
+    d = Delta(tmp_path / "d")
+    entry = d.manifest.tensors["model.layers.0.mlp.up_proj.weight"]
+    decoded = get_codec(codec).decode_delta(d.files.stored(entry.stored), entry.params, tuple(entry.shape))
+    assert torch.equal(adapter.dense(), decoded)
+    idx = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(adapter.rows(idx), decoded[idx], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    mixed = forward(model, input_ids=ids, adapter_names=["lr", "__base__", "lr", "__base__"]).logits
+    torch.testing.assert_close(mixed[2], want[2], rtol=1e-5, atol=1e-5)

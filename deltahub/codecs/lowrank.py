@@ -66,11 +66,17 @@ def encode_factors(inp: EncodeInput, rank: int, dtype: torch.dtype) -> dict[str,
 
 def decode_factors(codec: str, stored: Mapping[str, torch.Tensor], rows: int, cols: int, r: int) -> torch.Tensor:
     """The decoded low-rank delta ``[rows, cols]`` of stored ``u``, ``s``, ``vh`` (shapes re-checked)."""
+    return low_rank_product(*checked_factors(codec, stored, rows, cols, r))
+
+
+def checked_factors(codec: str, stored: Mapping[str, torch.Tensor], rows: int, cols: int, r: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored ``u``, ``s``, ``vh`` after checking their shapes against rank ``r`` and the matrix."""
     u, s, vh = stored["u"], stored["s"], stored["vh"]
     if tuple(u.shape) != (rows, r) or tuple(s.shape) != (r,) or tuple(vh.shape) != (r, cols):
         raise CodecError(f"{codec}: stored u {list(u.shape)} / s {list(s.shape)} / vh {list(vh.shape)} do not fit "
                          f"rank {r} and matrix [{rows}, {cols}]")
-    return low_rank_product(u, s, vh)
+    return u, s, vh
 
 
 def read_rank(codec: str, params: Mapping[str, Any], rows: int, cols: int) -> int:
@@ -121,6 +127,12 @@ class LowRank(Codec):
 
     def svd_rank(self, params: Mapping[str, Any]) -> int:
         return int(params["rank"])
+
+    def factors(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u, s, vh)`` whose :func:`low_rank_product` is :meth:`decode_delta` (resident mode multiplies by them directly)."""
+        rows, cols = matrix_view_shape(shape)
+        return checked_factors(self.name, stored, rows, cols, params["rank"])
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int:
         rows, cols = matrix_view_shape(shape)

@@ -132,6 +132,11 @@ class LowRankMP(Codec):
         return Encoded(tensors, {"bands": bands, "qgroup": q})
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        return low_rank_product(*self.factors(stored, params, shape)).reshape(shape)
+
+    def factors(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dequantized ``(u, s, vh)`` whose :func:`low_rank_product` is :meth:`decode_delta`."""
         rows, cols = matrix_view_shape(shape)
         bands, q = params["bands"], params["qgroup"]
         for role, (dtype, want) in _stored_specs(bands, q, rows, cols).items():
@@ -141,7 +146,7 @@ class LowRankMP(Codec):
         runs = _dequantize_runs(stored, bands, q, rows, cols)
         u = torch.cat([runs[2 * i].reshape(n, rows) for i, (n, _) in enumerate(bands)]).T
         vh = torch.cat([runs[2 * i + 1].reshape(n, cols) for i, (n, _) in enumerate(bands)])
-        return low_rank_product(u, stored["s"], vh).reshape(shape)
+        return u, stored["s"], vh
 
     def svd_rank(self, params: Mapping[str, Any]) -> int:
         return sum(int(n) for n, _ in params["bands"])

@@ -37,6 +37,10 @@ class LowRankResidual(LowRank):
     name = "lowrank-residual"
     default_params: dict[str, Any] = {"rank": 8, "dtype": "float16"}
 
+    def factors(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise CodecError("lowrank-residual: the delta is low rank plus a sign residual, not a low-rank product")
+
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
                      shape: tuple[int, ...], dtype: torch.dtype) -> None:
         rows, cols = matrix_view_shape(shape)

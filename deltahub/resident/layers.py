@@ -151,6 +151,31 @@ class _GenericAdapter(_DeviceOnly):
         return kernels.decoded_matmul(x, self._decode, cache, keep=False)
 
 
+class _LowRankAdapter(_GenericAdapter):
+    """A pure low-rank delta (``lowrank``, ``lowrank-mp``): ``Δ̂ = A @ Vh`` with ``A = float32(U)·S``, applied as
+    ``(x @ Vhᵀ) @ Aᵀ`` — two thin matmuls, ``r·(out + in)`` multiply-adds per row instead of ``out·in``."""
+
+    def __init__(self, codec: str, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, int],
+                 dtype: str) -> None:
+        super().__init__(codec, stored, params, shape, dtype)
+        u, s, vh = get_codec(codec).factors({k: v.cpu() for k, v in stored.items()}, params, shape)
+        device = next(iter(stored.values())).device
+        self.register_buffer("lr_a", (u.to(torch.float32) * s.to(torch.float32).reshape(1, -1)).to(device), persistent=False)
+        self.register_buffer("lr_vh", vh.to(torch.float32).contiguous().to(device), persistent=False)
+
+    def _decode(self) -> torch.Tensor:
+        return (self.lr_a @ self.lr_vh).reshape(self.shape)  # low_rank_product's own operation: the codec's decode
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lr_a.index_select(0, idx.to(self.lr_a.device)) @ self.lr_vh
+
+    def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        return (x @ self.lr_vh.T.to(x.dtype)) @ self.lr_a.T.to(x.dtype)
+
+
+#: Codecs whose delta is exactly a low-rank product (resident mode keeps them as factors).
+LOW_RANK_CODECS = ("lowrank", "lowrank-mp")
+
 _MASK_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
@@ -259,12 +284,15 @@ _Adapter = _BitDeltaAdapter | _GenericAdapter | _CodebookAdapter
 
 def make_adapter(codec: str, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, int], dtype: str,
                  *, cache_decoded: bool = False) -> _Adapter:
-    """The resident form of one delta: packed BitDelta, a 4-bit codebook form when the decoded delta
-    has few distinct values (DeltaDQ k-means, top-k ternary), else the stored tensors (decoded per use)."""
+    """The resident form of one delta: packed BitDelta, low-rank factors (``lowrank``, ``lowrank-mp``), a 4-bit
+    codebook form when the decoded delta has few distinct values (DeltaDQ k-means, top-k ternary), else the
+    stored tensors (decoded per use)."""
     if codec == "bitdelta":
         return _BitDeltaAdapter(stored["sign"], stored["scale"], params, shape, dtype)
     if not is_delta_codec(codec):
         raise CodecError(f"codec {codec!r} does not store a delta; it cannot be a resident delta module")
+    if codec in LOW_RANK_CODECS and not cache_decoded:
+        return _LowRankAdapter(codec, stored, params, shape, dtype)
     if not cache_decoded:
         dense = get_codec(codec).decode_delta({k: v.cpu() for k, v in stored.items()}, params, shape).reshape(shape)
         book = _CodebookAdapter.codebook_of(dense)
