@@ -52,17 +52,22 @@ def truncated_svd(m: torch.Tensor, rank: int, *, exact: bool | None = None) -> t
 def _randomized(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomised SVD with a seeded sketch: Q spans A's top range, then the small SVD of Qᵀ A."""
     rows, cols = a.shape
-    k = min(r + OVERSAMPLE, rows, cols)
-    gen = torch.Generator().manual_seed(SEED)
-    omega = torch.randn(cols, k, generator=gen, dtype=torch.float32)
-    q, _ = torch.linalg.qr(a @ omega)
-    for _ in range(POWER_ITERS):
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
+    q = _range(a, min(r + OVERSAMPLE, rows, cols), POWER_ITERS)
     b = q.T @ a
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
     u = q @ ub
     return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
+
+
+def _range(a: torch.Tensor, k: int, power_iters: int) -> torch.Tensor:
+    """Orthonormal ``[rows, k]`` basis of ``a``'s range from the seeded Gaussian sketch ``a @ Ω``, refined by
+    ``power_iters`` subspace iterations."""
+    gen = torch.Generator().manual_seed(SEED)
+    q, _ = torch.linalg.qr(a @ torch.randn(a.shape[1], k, generator=gen, dtype=torch.float32))
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    return q
 
 
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
@@ -105,6 +110,5 @@ def sketch_energy(m: torch.Tensor, rank: int) -> float:
     k = min(rank, rows, cols)
     if total == 0.0 or k == 0:
         return 1.0 if total == 0.0 else 0.0
-    gen = torch.Generator().manual_seed(SEED)
-    q, _ = torch.linalg.qr(a @ torch.randn(cols, k, generator=gen, dtype=torch.float32))
+    q = _range(a, k, 0)
     return min(float((q.T @ a).pow(2).sum(dtype=torch.float64)) / total, 1.0)
