@@ -38,7 +38,7 @@ def adapter_nbytes(model: nn.Module, name: str) -> dict[str, int]:
             scales.append(a.scale)
         if isinstance(a, _GenericAdapter) and a._cache is not None:
             bufs.append(a._cache)
-        caches += list(a.__dict__.get("_kernel_cache", {}).values())  # DELTAHUB_RESIDENT_CACHE (int8 / dense)
+        caches += list(a.kernel_cache.values())  # DELTAHUB_RESIDENT_CACHE (int8 / dense)
         covered[id(mod.weight)] = mod.weight.numel() * mod.weight.element_size()
     raw_b = sum(t.numel() * t.element_size() for t in info.raw.values())
     if state.merged == name:  # the exact undo record of merge_adapter

@@ -17,10 +17,7 @@ from ..codecs.base import Codec
 from ..codecs.bitdelta import expand_scales, scale_shape
 from ..errors import CodecError, DeltaHubError
 from . import kernels
-
-#: Output rows of a BitDelta sign matrix unpacked at once in the forward pass. The temporary
-#: ±1 matrix holds ``CHUNK_ROWS * in_features`` elements of ``x``'s dtype.
-CHUNK_ROWS = 1024
+from .kernels import CHUNK_ROWS
 
 #: Codecs that never become resident delta modules.
 _NOT_DELTA_CODECS = frozenset({"raw", "unchanged"})
@@ -49,6 +46,11 @@ class _DeviceOnly(nn.Module):
     The buffers are a storage format (packed bits, float32 scales, codec payloads), not compute
     weights: ``model.half()`` / ``model.to(torch.float64)`` must not round or reinterpret them.
     """
+
+    @property
+    def kernel_cache(self) -> dict[Any, torch.Tensor]:
+        """This adapter's speed cache (``DELTAHUB_RESIDENT_CACHE``, :mod:`.kernels`), kept across calls."""
+        return self.__dict__.setdefault("_kernel_cache", {})
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _DeviceOnly:  # type: ignore[override]
         for key, buf in self._buffers.items():
@@ -87,9 +89,7 @@ class _BitDeltaAdapter(_DeviceOnly):
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole decoded delta ``where(bit, s, -s)`` as ``[out, in]`` (for merging / tests)."""
-        rows, cols = self.shape
-        s = expand_scales(self.scale, rows, cols, self.granularity, self.group_size)
-        return (unpack_pm1(self.sign, cols, torch.float32) * s).to(dtype)
+        return kernels.bitdelta_dense(self.sign, self.scale, self.shape[1], self.granularity, self.group_size, dtype)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of the decoded delta as float32 ``[len(idx), in]`` (only those rows are unpacked)."""
@@ -101,8 +101,8 @@ class _BitDeltaAdapter(_DeviceOnly):
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``: unpacking ``chunk_rows`` output rows of signs at a time, or
         from a cache kept on this adapter (``DELTAHUB_RESIDENT_CACHE``, :mod:`.kernels`)."""
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        return kernels.bitdelta_matmul(x, self.sign, self.scale, self.granularity, self.group_size, cache, chunk_rows)
+        return kernels.bitdelta_matmul(x, self.sign, self.scale, self.granularity, self.group_size, self.kernel_cache,
+                                       chunk_rows)
 
 
 class _GenericAdapter(_DeviceOnly):
@@ -147,8 +147,7 @@ class _GenericAdapter(_DeviceOnly):
             self._cache = self._cache.to(x.device)
         if self._cache is not None:
             return x @ self.dense(x.dtype).T
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        return kernels.decoded_matmul(x, self._decode, cache, keep=False)
+        return kernels.decoded_matmul(x, self._decode, self.kernel_cache, keep=False)
 
 
 class _LowRankAdapter(_GenericAdapter):
@@ -267,10 +266,9 @@ class _CodebookAdapter(_DeviceOnly):
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ``, decoding ``chunk_rows`` output rows at a time (bounded temporary memory), or from the
         decoded delta cached on this adapter when ``DELTAHUB_RESIDENT_CACHE=dense`` (:mod:`.kernels`)."""
-        cache = self.__dict__.setdefault("_kernel_cache", {})
         if kernels.cache_mode() == "dense":
-            return kernels.decoded_matmul(x, self.dense, cache, keep=True)
-        cache.clear()
+            return kernels.decoded_matmul(x, self.dense, self.kernel_cache, keep=True)
+        self.kernel_cache.clear()
         rows = self.shape[0]
         out = x.new_empty((x.shape[0], rows))
         for r0 in range(0, rows, chunk_rows):
@@ -333,11 +331,13 @@ def row_groups(names: list[str | None], nrows: int, expand: bool = False) -> tup
 class RoutedModule(nn.Module):
     """Common selection state of resident wrappers: ``disabled``, per-row ``batch_adapters``, ``active_adapter``."""
 
-    base_layer: nn.Module
-    active_adapter: str | None
-    batch_adapters: list[str | None] | None
-    batch_expand: bool
-    disabled: bool
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapter: str | None = None
+        self.batch_adapters: list[str | None] | None = None
+        self.batch_expand = False
+        self.disabled = False
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base module (PEFT's name)."""
@@ -355,13 +355,19 @@ class RoutedModule(nn.Module):
 class AdapterLayer(RoutedModule):
     """A resident wrapper holding per-adapter deltas in ``self.adapters`` (:class:`DeltaLinear`, ``DeltaEmbedding``)."""
 
-    adapters: nn.ModuleDict
+    def __init__(self, base_layer: nn.Module, *, chunk_rows: int = CHUNK_ROWS) -> None:
+        super().__init__(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.chunk_rows = chunk_rows
 
-    def add_adapter_module(self, name: str, adapter: nn.Module) -> None:
-        """Attach an already built resident delta (a tied LM head and embedding share one: no copy)."""
+    def _check_new(self, name: str) -> None:
         _check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already attached to this layer")
+
+    def add_adapter_module(self, name: str, adapter: nn.Module) -> None:
+        """Attach an already built resident delta (a tied LM head and embedding share one: no copy)."""
+        self._check_new(name)
         self.adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -381,16 +387,9 @@ class DeltaLinear(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Linear, *, chunk_rows: int = CHUNK_ROWS) -> None:
-        super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"DeltaLinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.batch_adapters: list[str | None] | None = None
-        self.batch_expand = False
-        self.disabled = False
-        self.chunk_rows = chunk_rows
+        super().__init__(base_layer, chunk_rows=chunk_rows)
 
     # Read-through attributes so code that inspects a Linear keeps working.
     @property
@@ -412,9 +411,7 @@ class DeltaLinear(AdapterLayer):
     def add_adapter(self, name: str, codec: str, stored: dict[str, torch.Tensor], params: dict[str, Any], dtype: str = "float32",
                     *, cache_decoded: bool = False) -> None:
         """Store one adapter's delta for this layer (stored tensors as read from the delta file)."""
-        _check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already attached to this layer")
+        self._check_new(name)
         shape = (self.out_features, self.in_features)
         device = self.base_layer.weight.device
         stored = {k: v.to(device) for k, v in stored.items()}

@@ -168,16 +168,15 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         except AttributeError:
             mod = None
         delta_2d = is_delta_codec(entry.codec) and len(entry.shape) == 2 and attr == "weight"
-        if delta_2d and isinstance(mod, nn.Linear | DeltaLinear):
-            shape = matrix_view_shape(entry.shape)
-            plan.linears.append((mod_path, make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, shape,
-                                                        entry.dtype, cache_decoded=cache_decoded)))
-            continue
-        paths = _embedding_paths(model, tensors[name]) if delta_2d and name not in state.base_raw else None
-        if paths is not None:
-            shape = matrix_view_shape(entry.shape)
-            plan.embeddings.append((paths, make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, shape,
-                                                        entry.dtype, cache_decoded=cache_decoded)))
+        linear = delta_2d and isinstance(mod, nn.Linear | DeltaLinear)
+        paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
+        if linear or paths is not None:
+            adapter = make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, matrix_view_shape(entry.shape),
+                                   entry.dtype, cache_decoded=cache_decoded)
+            if linear:
+                plan.linears.append((mod_path, adapter))
+            else:
+                plan.embeddings.append((paths, adapter))
             continue
         rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
         if rebuilt is not None:

@@ -279,8 +279,6 @@ def merge_adapter(model: nn.Module, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; attached: {list(state.adapters)}")
     if state.merged == name:
         return
-    if state.merged is not None:
-        _unmerge(model, state)
     set_adapter(model, name)  # unmerges any other adapter; swaps this adapter's raw tensors (norms) in
     done: set[int] = set()
     with torch.no_grad():

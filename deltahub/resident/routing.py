@@ -19,23 +19,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .layers import CHUNK_ROWS, AdapterLayer, RoutedModule
+from .layers import AdapterLayer, RoutedModule
 
 
 class DeltaEmbedding(AdapterLayer):
     """An ``nn.Embedding`` plus resident compressed deltas of its weight, looked up per row."""
 
     def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__()
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"DeltaEmbedding wraps an nn.Embedding, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active_adapter = None
-        self.batch_adapters = None
-        self.batch_expand = False
-        self.disabled = False
-        self.chunk_rows = CHUNK_ROWS
+        super().__init__(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,13 +84,8 @@ class RawRouted(RoutedModule):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.raw: dict[str, dict[str, torch.Tensor]] = {}
-        self.active_adapter = None
-        self.batch_adapters = None
-        self.batch_expand = False
-        self.disabled = False
 
     def __getattr__(self, name: str) -> Any:
         try:
