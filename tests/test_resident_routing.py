@@ -247,6 +247,37 @@ def test_codebook_adapter_rows_and_ranges() -> None:
     torch.testing.assert_close(a.delta_matmul(x, chunk_rows=5), x @ dense.to(torch.float64).T, rtol=1e-12, atol=1e-12)
 
 
+
+def test_codebook_adapter_from_stored_codebook() -> None:
+    """At attach the DeltaDQ codebook form takes its table from the stored codebook (no sort of the delta):
+    still bit-exact when the table has a zero entry or entries no kept value uses, and a non-finite table
+    (a hostile delta) keeps the generic form, which decodes exactly what apply would."""
+    from deltahub.codecs import EncodeInput, get_codec
+    from deltahub.resident.layers import _CodebookAdapter, _GenericAdapter, make_adapter
+
+    torch.manual_seed(1)
+    w = torch.randn(16, 32)
+    codec = get_codec("deltadq")
+    params = codec.validate_params({**DQ, "group_size": 8})
+    enc = codec.encode(EncodeInput("w", w + torch.randn(16, 32) * 0.01, w), params)
+    for edit in ("zero", "unused", "nan"):
+        book = enc.tensors["codebook"].clone()
+        if edit == "zero":
+            book[0] = 0.0  # kept values coded 0 decode to 0: not in the non-zero map
+        elif edit == "unused":
+            book[-1] = 123.0  # only this table entry changes; values that use it change with it
+        else:
+            book[1] = float("nan")
+        stored = {**enc.tensors, "codebook": book}
+        dense = codec.decode_delta(stored, enc.params, (16, 32)).reshape(16, 32)
+        a = make_adapter("deltadq", stored, enc.params, (16, 32), "float32")
+        if edit == "nan":
+            assert isinstance(a, _GenericAdapter)
+            continue
+        assert isinstance(a, _CodebookAdapter)
+        assert torch.equal(a.dense(), dense), edit
+        assert torch.equal(a.rows(torch.tensor([3, 15, 0])), dense[[3, 15, 0]]), edit
+
 def _state_bits(model: nn.Module) -> dict[str, bytes]:
     from deltahub.resident.model import _walk_tensors
 

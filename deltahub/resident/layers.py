@@ -214,7 +214,7 @@ class _CodebookAdapter(_DeviceOnly):
         self.shape = (int(dense.shape[0]), int(dense.shape[1]))
         self.dtype_name = dtype
         mask = dense != 0
-        idx = torch.searchsorted(codebook, dense[mask]).to(torch.uint8)
+        idx = torch.searchsorted(codebook, dense[mask]).to(torch.uint8)  # exact: every non-zero value is in it
         if idx.numel() % 2:
             idx = torch.cat([idx, idx.new_zeros(1)])
         self.register_buffer("nz", pack_bits(mask), persistent=False)
@@ -224,10 +224,19 @@ class _CodebookAdapter(_DeviceOnly):
         self.register_buffer("codebook", codebook.to(torch.float32).contiguous(), persistent=False)
 
     @staticmethod
-    def codebook_of(dense: torch.Tensor) -> torch.Tensor | None:
-        """The sorted distinct non-zero values of ``dense`` when there are at most :data:`CODEBOOK_MAX`, else None."""
+    def codebook_of(dense: torch.Tensor, stored_codebook: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The sorted distinct non-zero values of ``dense`` when there are at most :data:`CODEBOOK_MAX`, else None.
+
+        ``stored_codebook``: a float32 table every decoded value is drawn from (DeltaDQ k-means decodes
+        ``codebook[code]`` exactly), whose distinct non-zero entries then serve without sorting the delta.
+        """
+        if stored_codebook is not None:
+            values = torch.unique(stored_codebook[stored_codebook != 0])
+            if values.numel() <= CODEBOOK_MAX and bool(torch.isfinite(values).all()):
+                return values
         values = torch.unique(dense[dense != 0])
-        return values if values.numel() <= CODEBOOK_MAX else None
+        # a NaN would not be found by searchsorted: such a (hostile) delta stays in its generic form
+        return values if values.numel() <= CODEBOOK_MAX and bool(torch.isfinite(values).all()) else None
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` of the decoded float32 delta (only those rows' bits and codes are read)."""
@@ -293,7 +302,8 @@ def make_adapter(codec: str, stored: dict[str, torch.Tensor], params: dict[str, 
         return _LowRankAdapter(codec, stored, params, shape, dtype)
     if not cache_decoded:
         dense = get_codec(codec).decode_delta({k: v.cpu() for k, v in stored.items()}, params, shape).reshape(shape)
-        book = _CodebookAdapter.codebook_of(dense)
+        table = stored.get("codebook") if codec == "deltadq" and params.get("quantizer") == "kmeans" else None
+        book = _CodebookAdapter.codebook_of(dense, table.cpu().to(torch.float32) if table is not None else None)
         if book is not None:
             device = next(iter(stored.values())).device
             return _CodebookAdapter(codec, dense, params, dtype, book).to(device)

@@ -14,7 +14,7 @@ from ..codecs import matrix_view_shape
 from ..codecs.unchanged import same_bits
 from ..delta import Delta, check_base_digest, check_base_shape
 from ..errors import BaseMismatchError, ShapeMismatchError
-from ..format.io import sha256_of as tensor_sha256
+from ..format.io import pipelined, sha256_of as tensor_sha256
 from ..format.manifest import TensorEntry
 from ..format.spec import dtype_name
 from .layers import (
@@ -159,6 +159,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
     """Read, decode and check every changed tensor of ``d`` into its resident form (the model is not modified)."""
     plan = _Plan()
     fallback: list[str] = []
+    jobs: list[tuple[str, TensorEntry, str, Any]] = []  # (name, entry, module path, embedding paths or None)
     for name, entry in d.manifest.tensors.items():
         if entry.codec == "unchanged":
             continue
@@ -171,18 +172,25 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         linear = delta_2d and isinstance(mod, nn.Linear | DeltaLinear)
         paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
         if linear or paths is not None:
-            adapter = make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, matrix_view_shape(entry.shape),
-                                   entry.dtype, cache_decoded=cache_decoded)
-            if linear:
-                plan.linears.append((mod_path, adapter))
-            else:
-                plan.embeddings.append((paths, adapter))
+            jobs.append((name, entry, mod_path, None if linear else paths))
             continue
         rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
         if rebuilt is not None:
             plan.raw[name] = rebuilt
             if is_delta_codec(entry.codec):
                 fallback.append(name)
+
+    def build(job: tuple[str, TensorEntry, str, Any]) -> Any:
+        entry = job[1]
+        return make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, matrix_view_shape(entry.shape),
+                            entry.dtype, cache_decoded=cache_decoded)
+
+    # Decoding into the resident form is per tensor and GIL-free (torch / numpy kernels): all cores, in order.
+    for (_, _, mod_path, paths), adapter in pipelined(jobs, build):
+        if paths is None:
+            plan.linears.append((mod_path, adapter))
+        else:
+            plan.embeddings.append((paths, adapter))
     if fallback:
         nbytes = sum(plan.raw[n].numel() * plan.raw[n].element_size() for n in fallback)
         warnings.warn(
