@@ -132,6 +132,46 @@ def test_mixed_batch_float64_exact(ft_pair: dict[str, Any]) -> None:
         torch.testing.assert_close(mixed[i], ref[i], rtol=1e-10, atol=1e-10)
 
 
+
+def test_mixed_batch_with_linear_biases(tmp_path: Path) -> None:
+    """Qwen2-style attention biases: two fine-tunes that changed q/k/v biases share one mixed batch, each row
+    with its own bias (routed per row group, not refused), and deleting one adapter unwraps cleanly."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base_dir)
+    assert AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].self_attn.q_proj.bias is not None
+    pol = Policy(codec="deltadq", params=DQ, rules=[Rule("re:norm", "raw")], whole_model=True)
+    deltas = {}
+    for tag, seed in (("a", 1), ("b", 2)):
+        ft = _full_finetune(base_dir, tmp_path / f"ft_{tag}", seed)
+        deltas[tag] = tmp_path / f"d_{tag}"
+        compress(base_dir, ft, deltas[tag], policy=pol, progress=False)
+    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(5))
+    want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+    base_logits = _logits(_base(base_dir), ids)
+    model = load_resident(base_dir, dict(deltas))
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, DeltaLinear) and set(q.raw_bias) == {"a", "b"}
+    names = ["b", "__base__", "a", "b"]
+    mixed = forward(model, input_ids=ids, adapter_names=names).logits
+    for i, n in enumerate(names):
+        ref = base_logits if n == "__base__" else want[n]
+        torch.testing.assert_close(mixed[i], ref[i], rtol=1e-5, atol=1e-5)
+    set_adapter(model, "a")  # one adapter for every row: its bias is swapped in
+    torch.testing.assert_close(_logits(model, ids), want["a"], rtol=1e-5, atol=1e-5)
+    delete_adapter(model, "a")
+    assert set(model.model.layers[0].self_attn.q_proj.raw_bias) == {"b"}
+    mixed = forward(model, input_ids=ids, adapter_names=["b", "__base__", "b", "b"]).logits
+    torch.testing.assert_close(mixed[1], base_logits[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[0], want["b"][0], rtol=1e-5, atol=1e-5)
+    delete_adapter(model, "b")
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # unwrapped: the base layer again
+    torch.testing.assert_close(_logits(model, ids), base_logits, rtol=0, atol=0)
+
 @pytest.mark.parametrize("kw", [{"num_beams": 2, "num_return_sequences": 2},
                                 {"do_sample": True, "num_return_sequences": 2, "top_k": 5}])
 def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]) -> None:

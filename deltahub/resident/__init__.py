@@ -22,14 +22,17 @@ adapter name instead:
 * tensors coded ``raw`` (norms, biases…) or delta-coded but neither Linear nor embedding weights
   are rebuilt exactly and kept per adapter (their full size per adapter); their modules become
   :class:`RawRouted`: with one adapter for every row the tensors are swapped in, in a mixed batch
-  each row group runs the module with its own tensors. ``unchanged`` tensors cost nothing.
+  each row group runs the module with its own tensors. A changed bias of a delta-wrapped Linear
+  (Qwen2's q/k/v biases) is kept per adapter in :class:`DeltaLinear` and added per row group.
+  ``unchanged`` tensors cost nothing.
 
 Selecting adapters: :func:`set_adapter` (one adapter for every row; ``None`` = base),
 :func:`disable_adapters` (context: base only), :func:`use_adapters` / :func:`forward` (one adapter
 per batch row, PEFT's ``adapter_names``; ``None`` or ``"__base__"`` = base) and :func:`generate`
 (the same for ``model.generate``, names expanded for beams / ``num_return_sequences``). Every row
 gets what its fine-tune gives alone. :class:`MixedAdapterError`: unknown names, a row count that
-does not match, or selected adapters differing in a raw tensor inside a delta-wrapped layer.
+does not match, or selected adapters differing in a raw tensor (other than a Linear bias) inside a
+delta-wrapped layer.
 
 Exactness: with adapter ``A`` active each wrapped layer computes ``x Wᵀ + b + x Δ̂ᵀ``, which equals
 ``x (W + Δ̂)ᵀ + b`` up to float rounding of a different summation order (tested in float64). The

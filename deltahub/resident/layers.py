@@ -400,6 +400,9 @@ class DeltaLinear(AdapterLayer):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"DeltaLinear wraps an nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer, chunk_rows=chunk_rows)
+        #: Exact per-adapter biases (a fine-tune that changed this Linear's bias): swapped into the base layer
+        #: when one adapter serves every row, added per row group in a mixed batch.
+        self.raw_bias: dict[str, torch.Tensor] = {}
 
     # Read-through attributes so code that inspects a Linear keeps working.
     @property
@@ -455,10 +458,12 @@ class DeltaLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` plus the selected delta(s): all rows, or grouped by row adapter in a mixed batch."""
-        y = self.base_layer(x)
-        if not len(self.adapters):
-            return y
+        if not len(self.adapters) and not self.raw_bias:
+            return self.base_layer(x)
         sel = self.selection(x.shape[0] if x.dim() >= 2 else 0)
+        if isinstance(sel, tuple) and any(name in self.raw_bias for name, _ in sel if name is not None):
+            return self._mixed_with_biases(x, sel)
+        y = self.base_layer(x)
         if isinstance(sel, tuple):
             for name, idx in sel:
                 if name is None or name not in self.adapters:
@@ -470,6 +475,24 @@ class DeltaLinear(AdapterLayer):
         if sel is None or sel not in self.adapters:
             return y
         return y + self._delta(sel, x).to(y.dtype)
+
+    def _mixed_with_biases(self, x: torch.Tensor, sel: tuple[tuple[str | None, torch.Tensor], ...]) -> torch.Tensor:
+        """Mixed batch where some adapters changed the bias: ``x Wᵀ`` once, then each row group's own bias and delta."""
+        y = nn.functional.linear(x, self.base_layer.weight)
+        base_bias = self.base_layer.bias
+        for name, idx in sel:
+            bias = self.raw_bias.get(name, base_bias) if name is not None else base_bias
+            has_delta = name is not None and name in self.adapters
+            if bias is None and not has_delta:
+                continue
+            idx = idx.to(x.device)
+            part = y.index_select(0, idx)
+            if bias is not None:
+                part = part + bias.to(y.dtype)
+            if has_delta:
+                part = part + self._delta(name, x.index_select(0, idx)).to(y.dtype)
+            y = y.index_copy(0, idx, part)
+        return y
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active_adapter!r}, chunk_rows={self.chunk_rows}"

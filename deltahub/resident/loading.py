@@ -177,7 +177,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
         if rebuilt is not None:
             plan.raw[name] = rebuilt
-            if is_delta_codec(entry.codec):
+            if is_delta_codec(entry.codec) and len(entry.shape) >= 2:  # (delta-coded biases cost next to nothing)
                 fallback.append(name)
 
     def build(job: tuple[str, TensorEntry, str, Any]) -> Any:
@@ -234,8 +234,11 @@ def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo, plan: _
             state.base_raw[tname] = tensors[tname].data
         for p, local in _tensor_owners(model, tensors[tname]):
             mod = model.get_submodule(p) if p else model
+            if isinstance(mod, DeltaLinear) and local == "bias":
+                mod.raw_bias[name] = value  # added per row group in a mixed batch
+                continue
             if isinstance(mod, DeltaLinear | DeltaEmbedding) or not p:
-                state.unroutable.add(tname)  # e.g. a Linear bias next to a delta-coded weight
+                state.unroutable.add(tname)  # e.g. an embedding's padding buffer inside a delta-wrapped layer
                 continue
             routed = _wrapped(model, p, RawRouted, chunk_rows)
             routed.raw.setdefault(name, {})[local] = value

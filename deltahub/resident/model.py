@@ -44,7 +44,8 @@ class ResidentState:
     batch: list[str | None] | None = None
     #: generate(): the batch may be each named row repeated k times (beams / return sequences).
     expand: bool = False
-    #: Raw tensors that cannot be routed per row (inside a delta-wrapped layer, e.g. a Linear bias).
+    #: Raw tensors that cannot be routed per row (inside a delta-wrapped layer other than a Linear bias,
+    #: which DeltaLinear routes itself; e.g. an embedding module's other buffers).
     unroutable: set[str] = field(default_factory=set)
     #: sha256 of base tensors already checked, by name (the base is hashed once for all its deltas).
     base_digests: dict[str, str] = field(default_factory=dict)
@@ -138,7 +139,7 @@ def _mixed_raw_source(state: ResidentState, names: list[str | None]) -> str | No
             if t is not first and not (t.shape == first.shape and torch.equal(t, first)):
                 raise MixedAdapterError(
                     f"adapters {ordered[0]!r} and {other!r} have different {tname!r} (an exact, non-shareable tensor "
-                    "inside a delta-wrapped layer, e.g. a Linear bias); they cannot share one mixed batch — run them in separate batches"
+                    "inside a delta-wrapped layer); they cannot share one mixed batch — run them in separate batches"
                 )
     state._mixed_ok[selected] = ordered[0]
     return ordered[0]
@@ -212,8 +213,9 @@ def use_adapters(model: nn.Module, adapter_names: list[str | None]) -> Iterator[
     :class:`DeltaEmbedding` each group's embedding rows, :class:`RawRouted` runs norms (and other
     exactly stored tensors) with each group's own tensors — so row ``i`` gets the logits of
     fine-tune ``adapter_names[i]`` alone. Inputs inside the context must have ``len(adapter_names)``
-    rows (dim 0), else :class:`MixedAdapterError`. The only tensors that cannot differ between the
-    selected adapters are raw tensors inside a delta-wrapped layer (a changed Linear bias).
+    rows (dim 0), else :class:`MixedAdapterError`. A changed Linear bias next to a delta is added
+    per row group by :class:`DeltaLinear`; the only tensors that cannot differ between the selected
+    adapters are other raw tensors inside a delta-wrapped layer (rare: none in the usual architectures).
     """
     with _route(model, adapter_names, expand=False):
         yield model
@@ -341,7 +343,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         mod = model.get_submodule(mod_path)
         assert isinstance(mod, DeltaLinear | DeltaEmbedding)
         mod.delete_adapter(name)
-        if not len(mod.adapters):
+    for mod_path, mod in list(_routed(model)):
+        if isinstance(mod, DeltaLinear):
+            mod.raw_bias.pop(name, None)
+        if isinstance(mod, DeltaLinear | DeltaEmbedding) and not len(mod.adapters) and not getattr(mod, "raw_bias", None):
             _replace(model, mod_path, mod.base_layer)
     for mod_path in info.routed_modules:
         mod = model.get_submodule(mod_path)
