@@ -172,6 +172,56 @@ def test_mixed_batch_with_linear_biases(tmp_path: Path) -> None:
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # unwrapped: the base layer again
     torch.testing.assert_close(_logits(model, ids), base_logits, rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("codec,params", [("deltadq", DQ), ("bitdelta", {"granularity": "row"}),
+                                          ("lowrank", {"rank": 4})])
+def test_gpt2_conv1d_deltas_stay_compressed(tmp_path: Path, codec: str, params: dict[str, Any]) -> None:
+    """GPT-2's Conv1D layers (weights stored [in, out]) are resident deltas too, not full exact copies:
+    a mixed batch of two fine-tunes matches each rebuild, merge gives the rebuild, memory stays compressed."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from deltahub.resident import merge_adapter, unmerge_adapter
+
+    cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base_dir)
+    pol = Policy(codec=codec, params=params, rules=[Rule("re:(ln_|bias)", "raw")], whole_model=True)
+    deltas = {}
+    for tag, seed in (("a", 1), ("b", 2)):
+        ft = _full_finetune(base_dir, tmp_path / f"ft_{tag}", seed)
+        deltas[tag] = tmp_path / f"d_{tag}"
+        compress(base_dir, ft, deltas[tag], policy=pol, progress=False)
+    ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(5))
+    want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "kept as full exact tensors" fallback
+        model = load_resident(base_dir, dict(deltas))
+    attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(attn, DeltaLinear) and attn.fan_in_fan_out and attn.in_features == 32 and attn.out_features == 96
+    assert attn.get_delta_weight("a").shape == attn.weight.shape
+    assert isinstance(model.transformer.wpe, DeltaEmbedding)  # learned positions: ids arrive as one row
+    names = ["b", "a", "__base__"]
+    mixed = forward(model, input_ids=ids, adapter_names=names).logits
+    base_logits = _logits(_base(base_dir), ids)
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i], (base_logits if n == "__base__" else want[n])[i], rtol=1e-5, atol=1e-5)
+    common = {"max_new_tokens": 4, "pad_token_id": 0, "num_beams": 2, "num_return_sequences": 2}
+    beams = generate(model, input_ids=ids, adapter_names=names, **common)  # cached positions: one-row ids each step
+    for i, n in enumerate(names):
+        set_adapter(model, n)
+        assert torch.equal(beams[2 * i:2 * i + 2], model.generate(input_ids=ids[i:i + 1], **common)), n
+    merge_adapter(model, "a")
+    torch.testing.assert_close(_logits(model, ids), want["a"], rtol=1e-5, atol=1e-5)
+    unmerge_adapter(model)
+    set_adapter(model, None)
+    torch.testing.assert_close(_logits(model, ids), base_logits, rtol=0, atol=0)
+    mem = delta_memory(model)
+    full = sum(p.numel() * p.element_size() for p in _base(base_dir).parameters())
+    assert mem["a"]["total"] < full / 2, mem["a"]
+
 @pytest.mark.parametrize("kw", [{"num_beams": 2, "num_return_sequences": 2},
                                 {"do_sample": True, "num_return_sequences": 2, "top_k": 5}])
 def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@
 whole model per fine-tune. Here the base is loaded once and each delta is *attached* under an
 adapter name instead:
 
-* every ``nn.Linear`` whose weight is coded with a delta codec (``bitdelta``, ``dare``,
+* every ``nn.Linear`` (or GPT-2 ``Conv1D``, weight stored ``[in, out]``: ``fan_in_fan_out``) whose
+  weight is coded with a delta codec (``bitdelta``, ``dare``,
   ``topk-ternary``, …) is wrapped in a :class:`DeltaLinear` that shares the base layer (its
   weight is never copied) and holds, per adapter, the delta **in its stored, compressed form**.
   For BitDelta that is the packed sign bits (uint8) plus float32 scales, about 1/16 of the fp16

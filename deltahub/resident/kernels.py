@@ -138,15 +138,17 @@ def bitdelta_matmul(x: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, gr
     return binary_matmul(x, sign, scale, granularity, group_size, pm1=pm1, chunk_rows=chunk_rows)
 
 
-def decoded_matmul(x: torch.Tensor, decode: Any, cache: dict[Any, torch.Tensor], keep: bool) -> torch.Tensor:
-    """``x @ Δ̂ᵀ`` for a codec without a matmul kernel: ``decode()`` gives float32 ``Δ̂``; it is kept
-    in ``cache`` (in ``x``'s dtype, on ``x``'s device) when ``keep`` or :func:`cache_mode` is ``dense``."""
+def decoded_matmul(x: torch.Tensor, decode: Any, cache: dict[Any, torch.Tensor], keep: bool,
+                   transposed: bool = False) -> torch.Tensor:
+    """``x @ Δ̂ᵀ`` (``transposed``: ``x @ Δ̂``, a delta stored ``[in, out]``) for a codec without a matmul kernel:
+    ``decode()`` gives float32 ``Δ̂``; it is kept in ``cache`` (in ``x``'s dtype, on ``x``'s device) when
+    ``keep`` or :func:`cache_mode` is ``dense``."""
     if keep or cache_mode() == "dense":
         d = cached(cache, ("dense", x.dtype, x.device), lambda: decode().to(device=x.device, dtype=x.dtype))
     else:
         cache.clear()
         d = decode().to(device=x.device, dtype=x.dtype)
-    return x @ d.T
+    return x @ d if transposed else x @ d.T
 
 
 # ---------------------------------------------------------------------------------------- mixed batches (SGMV)

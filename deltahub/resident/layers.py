@@ -35,6 +35,12 @@ def is_delta_codec(codec_name: str) -> bool:
     return codec.needs_base and type(codec).decode_delta is not Codec.decode_delta
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2 family): a Linear whose weight is stored ``[in, out]``, ``y = x W + b``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or name == "__base__":
         raise ValueError(f"adapter names must be non-empty strings without '.' (and not '__base__'), got {name!r}")
@@ -58,6 +64,18 @@ class _DeviceOnly(nn.Module):
                 device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
                 self._buffers[key] = buf.to(device)
         return self
+
+
+def _matmul_t_by_rows(adapter: Any, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """``x @ Δ̂`` for a delta stored as ``[in, out]`` (GPT-2's ``Conv1D``), accumulated over ``chunk_rows``
+    decoded rows of ``Δ̂`` at a time: bounded temporary memory, any adapter with ``rows``."""
+    rows, cols = adapter.shape
+    out = x.new_zeros((x.shape[0], cols))
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, rows)
+        idx = torch.arange(r0, r1, device=x.device)
+        out.addmm_(x[:, r0:r1], adapter.rows(idx).to(device=x.device, dtype=x.dtype))
+    return out
 
 
 class _BitDeltaAdapter(_DeviceOnly):
@@ -104,6 +122,10 @@ class _BitDeltaAdapter(_DeviceOnly):
         return kernels.bitdelta_matmul(x, self.sign, self.scale, self.granularity, self.group_size, self.kernel_cache,
                                        chunk_rows)
 
+    def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows of signs at a time."""
+        return _matmul_t_by_rows(self, x, chunk_rows)
+
 
 class _GenericAdapter(_DeviceOnly):
     """Any other delta codec: its stored tensors as buffers, decoded with the codec when needed."""
@@ -149,6 +171,12 @@ class _GenericAdapter(_DeviceOnly):
             return x @ self.dense(x.dtype).T
         return kernels.decoded_matmul(x, self._decode, self.kernel_cache, keep=False)
 
+    def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``)."""
+        if self._cache is not None:
+            return x @ self.dense(x.dtype).to(x.device)
+        return kernels.decoded_matmul(x, self._decode, self.kernel_cache, keep=False, transposed=True)
+
 
 class _LowRankAdapter(_GenericAdapter):
     """A pure low-rank delta (``lowrank``, ``lowrank-mp``): ``Δ̂ = A @ Vh`` with ``A = float32(U)·S``, applied as
@@ -170,6 +198,9 @@ class _LowRankAdapter(_GenericAdapter):
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         return (x @ self.lr_vh.T.to(x.dtype)) @ self.lr_a.T.to(x.dtype)
+
+    def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        return (x @ self.lr_a.to(x.dtype)) @ self.lr_vh.to(x.dtype)
 
 
 #: Codecs whose delta is exactly a low-rank product (resident mode keeps them as factors).
@@ -285,6 +316,16 @@ class _CodebookAdapter(_DeviceOnly):
             out[:, r0:r1] = x @ self.row_range(r0, r1, x.dtype).T
         return out
 
+    def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+        """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows at a time."""
+        if kernels.cache_mode() == "dense":
+            return kernels.decoded_matmul(x, self.dense, self.kernel_cache, keep=True, transposed=True)
+        out = x.new_zeros((x.shape[0], self.shape[1]))
+        for r0 in range(0, self.shape[0], chunk_rows):
+            r1 = min(r0 + chunk_rows, self.shape[0])
+            out.addmm_(x[:, r0:r1], self.row_range(r0, r1, x.dtype))
+        return out
+
 
 _Adapter = _BitDeltaAdapter | _GenericAdapter | _CodebookAdapter
 
@@ -348,10 +389,21 @@ class RoutedModule(nn.Module):
         self.batch_adapters: list[str | None] | None = None
         self.batch_expand = False
         self.disabled = False
+        #: The batch size of the running model call, shared with the model's resident state (a box set by a
+        #: forward pre-hook): inputs that arrive with one row for the whole batch (GPT-2 / OPT position ids)
+        #: are broadcast to it in a mixed batch, so learned position embeddings route per row too.
+        self.rows_box: list[int] = [0]
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base module (PEFT's name)."""
         return self.base_layer
+
+    def broadcast_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` expanded to the model call's batch size when a mixed batch meets a one-row input (position ids)."""
+        rows = self.rows_box[0]
+        if self.batch_adapters is not None and not self.disabled and x.dim() >= 2 and x.shape[0] == 1 and rows > 1:
+            return x.expand(rows, *x.shape[1:])
+        return x
 
     def selection(self, nrows: int) -> tuple[tuple[str | None, torch.Tensor], ...] | str | None:
         """Row groups in a mixed batch, else the one adapter for every row (``None``: base only)."""
@@ -396,10 +448,12 @@ class DeltaLinear(AdapterLayer):
     ``active_adapter``, in that order; the model-level functions of this module set them.
     """
 
-    def __init__(self, base_layer: nn.Linear, *, chunk_rows: int = CHUNK_ROWS) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"DeltaLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+    def __init__(self, base_layer: nn.Module, *, chunk_rows: int = CHUNK_ROWS) -> None:
+        if not isinstance(base_layer, nn.Linear) and not is_conv1d(base_layer):
+            raise TypeError(f"DeltaLinear wraps an nn.Linear or a transformers Conv1D, got {type(base_layer).__name__}")
         super().__init__(base_layer, chunk_rows=chunk_rows)
+        #: PEFT's name: the base weight (and every delta of it) is stored ``[in, out]`` (GPT-2's ``Conv1D``).
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
         #: Exact per-adapter biases (a fine-tune that changed this Linear's bias): swapped into the base layer
         #: when one adapter serves every row, added per row group in a mixed batch.
         self.raw_bias: dict[str, torch.Tensor] = {}
@@ -415,17 +469,17 @@ class DeltaLinear(AdapterLayer):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return int(self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1])
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return int(self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0])
 
     def add_adapter(self, name: str, codec: str, stored: dict[str, torch.Tensor], params: dict[str, Any], dtype: str = "float32",
                     *, cache_decoded: bool = False) -> None:
         """Store one adapter's delta for this layer (stored tensors as read from the delta file)."""
         self._check_new(name)
-        shape = (self.out_features, self.in_features)
+        shape = (int(self.base_layer.weight.shape[0]), int(self.base_layer.weight.shape[1]))  # the stored layout
         device = self.base_layer.weight.device
         stored = {k: v.to(device) for k, v in stored.items()}
         self.adapters[name] = make_adapter(codec, stored, params, shape, dtype, cache_decoded=cache_decoded)
@@ -454,7 +508,8 @@ class DeltaLinear(AdapterLayer):
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[name]
         x2 = x.reshape(-1, self.in_features)
-        return adapter.delta_matmul(x2, self.chunk_rows).reshape(*x.shape[:-1], self.out_features)
+        y = adapter.delta_matmul_t(x2, self.chunk_rows) if self.fan_in_fan_out else adapter.delta_matmul(x2, self.chunk_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` plus the selected delta(s): all rows, or grouped by row adapter in a mixed batch."""
@@ -478,7 +533,8 @@ class DeltaLinear(AdapterLayer):
 
     def _mixed_with_biases(self, x: torch.Tensor, sel: tuple[tuple[str | None, torch.Tensor], ...]) -> torch.Tensor:
         """Mixed batch where some adapters changed the bias: ``x Wᵀ`` once, then each row group's own bias and delta."""
-        y = nn.functional.linear(x, self.base_layer.weight)
+        w = self.base_layer.weight
+        y = x @ w if self.fan_in_fan_out else nn.functional.linear(x, w)
         base_bias = self.base_layer.bias
         for name, idx in sel:
             bias = self.raw_bias.get(name, base_bias) if name is not None else base_bias

@@ -22,6 +22,7 @@ from .layers import (
     DeltaLinear,
     RoutedModule,
     _check_adapter_name,
+    is_conv1d,
     is_delta_codec,
     make_adapter,
 )
@@ -169,7 +170,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         except AttributeError:
             mod = None
         delta_2d = is_delta_codec(entry.codec) and len(entry.shape) == 2 and attr == "weight"
-        linear = delta_2d and isinstance(mod, nn.Linear | DeltaLinear)
+        linear = delta_2d and mod is not None and (isinstance(mod, nn.Linear | DeltaLinear) or is_conv1d(mod))
         paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
         if linear or paths is not None:
             jobs.append((name, entry, mod_path, None if linear else paths))

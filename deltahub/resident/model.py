@@ -3,6 +3,8 @@ the operations on a whole model (select, mix per row, delete, merge, unload)."""
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ class ResidentState:
     #: Raw tensors that cannot be routed per row (inside a delta-wrapped layer other than a Linear bias,
     #: which DeltaLinear routes itself; e.g. an embedding module's other buffers).
     unroutable: set[str] = field(default_factory=set)
+    #: Batch size of the running model call (one-element box shared with every routed module; see _record_rows).
+    rows: list[int] = field(default_factory=lambda: [0])
     #: sha256 of base tensors already checked, by name (the base is hashed once for all its deltas).
     base_digests: dict[str, str] = field(default_factory=dict)
     _mixed_ok: dict[frozenset[str | None], str | None] = field(default_factory=dict)
@@ -72,7 +76,18 @@ def resident_state(model: nn.Module) -> ResidentState:
     if state is None:
         state = ResidentState()
         object.__setattr__(model, _STATE_ATTR, state)
+        model.register_forward_pre_hook(functools.partial(_record_rows, state.rows), with_kwargs=True)
     return state
+
+
+def _record_rows(box: list[int], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of the resident model: the call's batch size (``input_ids`` / ``inputs_embeds``) into ``box``."""
+    t = kwargs.get("input_ids")
+    if t is None:
+        t = kwargs.get("inputs_embeds")
+    if t is None and args and isinstance(args[0], torch.Tensor):
+        t = args[0]
+    box[0] = int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
 
 
 def _walk_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -163,6 +178,7 @@ def _sync(model: nn.Module) -> None:
         mod.active_adapter = None if merged else state.active
         mod.batch_adapters = None if state.batch is None else list(state.batch)
         mod.batch_expand = state.expand
+        mod.rows_box = state.rows
     tensors = _walk_tensors(model)
     mixed = state.batch is not None and not state.disabled
     for tname in state.base_raw:

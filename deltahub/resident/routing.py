@@ -57,9 +57,10 @@ class DeltaEmbedding(AdapterLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Base lookup plus each row's adapter rows."""
-        y = self.base_layer(ids)
         if not len(self.adapters):
-            return y
+            return self.base_layer(ids)
+        ids = self.broadcast_rows(ids)
+        y = self.base_layer(ids)
         sel = self.selection(ids.shape[0] if ids.dim() >= 2 else 0)
         if isinstance(sel, tuple):
             y = y.clone()
@@ -95,6 +96,8 @@ class RawRouted(RoutedModule):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The base module; in a mixed batch once per adapter row group, with that adapter's tensors."""
+        if self.batch_adapters is not None:
+            x = self.broadcast_rows(x)
         sel = self.selection(x.shape[0] if x.dim() >= 2 else 0) if self.batch_adapters is not None else None
         if not isinstance(sel, tuple) or all(n is None or n not in self.raw for n, _ in sel):
             return self.base_layer(x, *args, **kwargs)
