@@ -159,7 +159,12 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
     """Read, decode and check every changed tensor of ``d`` into its resident form (the model is not modified)."""
     plan = _Plan()
     fallback: list[str] = []
+    made: dict[str, nn.Module] = {}  # coded entry name -> its resident adapter (shared by its aliases)
     for name, entry in d.manifest.tensors.items():
+        target = entry.alias_of
+        if target is not None and tensors[name] is tensors[target]:
+            continue  # tied in the model too: the target's adapter or raw tensor already covers every owner
+        coded, entry = d.manifest.coded(name)  # an alias (format 1.3) is resident as its target, sharing its parts
         if entry.codec == "unchanged":
             continue
         mod_path, _, attr = name.rpartition(".")
@@ -171,12 +176,18 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         linear = delta_2d and isinstance(mod, nn.Linear | DeltaLinear)
         paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
         if linear or paths is not None:
-            adapter = make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, matrix_view_shape(entry.shape),
-                                   entry.dtype, cache_decoded=cache_decoded)
+            adapter = made.get(coded)
+            if adapter is None:
+                adapter = made[coded] = make_adapter(entry.codec, d.files.stored(entry.stored), entry.params,
+                                                     matrix_view_shape(entry.shape), entry.dtype, cache_decoded=cache_decoded)
             if linear:
                 plan.linears.append((mod_path, adapter))
             else:
                 plan.embeddings.append((paths, adapter))
+            continue
+        if coded != name and coded in plan.raw and plan.raw[coded].dtype == tensors[name].dtype \
+                and plan.raw[coded].device == tensors[name].device:
+            plan.raw[name] = plan.raw[coded]  # the same bytes: one tensor for both names
             continue
         rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
         if rebuilt is not None:
