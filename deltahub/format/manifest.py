@@ -304,11 +304,15 @@ def _check_aliases(tensors: dict[str, TensorEntry], path: Any) -> None:
                 raise ManifestError(f"{what} is {e.dtype} {e.shape}, its target {target[:200]!r} is {t.dtype} {t.shape}",
                                     path=path)
             if e.base_sha256 != t.base_sha256:
-                raise ManifestError(f"{what}: base_sha256 {str(e.base_sha256)[:16]}… differs from its target's "
-                                    f"{str(t.base_sha256)[:16]}… (the base tensors must be identical)", path=path)
+                raise ManifestError(f"{what}: base_sha256 {_short_sha(e.base_sha256)} differs from its target's "
+                                    f"{_short_sha(t.base_sha256)} (the base tensors must be identical)", path=path)
             if e.stored or e.digests:
                 raise ManifestError(f"{what} stores tensors {sorted(e.stored)[:5]} (an alias stores nothing)", path=path)
         seen.add(name)
+
+
+def _short_sha(sha: str | None) -> str:
+    return "absent" if sha is None else f"{sha[:16]}…"
 
 
 def _digest_map(value: Any, what: str, path: Any) -> dict[str, str]:

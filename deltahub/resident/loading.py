@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
     plan = _Plan()
     fallback: list[str] = []
     made: dict[str, nn.Module] = {}  # coded entry name -> its resident adapter (shared by its aliases)
+    holders = Counter(id(t) for t in tensors.values())  # > 1: a tensor tied between modules
     for name, entry in d.manifest.tensors.items():
         target = entry.alias_of
         if target is not None and tensors[name] is tensors[target]:
@@ -174,7 +176,11 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
             mod = None
         delta_2d = is_delta_codec(entry.codec) and len(entry.shape) == 2 and attr == "weight"
         linear = delta_2d and isinstance(mod, nn.Linear | DeltaLinear)
-        paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
+        # an embedding's matrix, also when met first as its tied LM head (a delta storing the head first)
+        shared = linear and holders[id(tensors[name])] > 1
+        paths = (_embedding_paths(model, tensors[name]) if delta_2d and (shared or not linear) and name not in state.base_raw
+                 else None)
+        linear = linear and paths is None
         if linear or paths is not None:
             adapter = made.get(coded)
             if adapter is None:
