@@ -50,12 +50,14 @@ from .format.io import (
 )
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import (
+    ALIAS_CODEC,
     AUX_FILE_PATTERNS,
     DEFAULT_MAX_SHARD_BYTES,
     MANIFEST_NAME,
     dtype_name,
 )
 from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
+from .ties import TieFinder
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -164,6 +166,8 @@ def compress(
     base_ckpt, ft_ckpt = Checkpoint(base), Checkpoint(finetuned)
     try:
         job.start(ft_ckpt, calib)
+        job.ties = TieFinder(ft_ckpt, lambda a, b: job.policy.choose(a, len(ft_ckpt.info(a).shape))
+                             == job.policy.choose(b, len(ft_ckpt.info(b).shape)))
         job.base_cache = CheckpointDigests(base_ckpt.files)  # base digests of an unchanged file are not recomputed
         aux = _plan_aux_files(ft_ckpt.dir, None if keep_aux_files else base_ckpt.dir)
         base_digests: dict[str, str] = {}
@@ -366,6 +370,8 @@ class _Job:
     default_budget: bool = False
     #: Allocation result: tensor name -> the chosen point (``codec="auto"`` tensors only).
     decisions: dict[str, Point] = dataclasses.field(default_factory=dict)
+    #: Which names are aliases of an earlier, identical tensor (format 1.3 tied weights), decided once.
+    ties: TieFinder | None = None
 
     def start(self, ft_ckpt: Checkpoint, calib: Mapping[str, torch.Tensor] | None) -> None:
         """Check the calibration against the fine-tune (headers only)."""
@@ -406,7 +412,12 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
         info = ft_ckpt.info(name)
         if digest is not None:
             base_digests[name] = digest
-        entries[name] = _encode_tensor(job, name, info, ft_t, base_t, digest, writer)
+        target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
+        if target is not None:
+            entries[name] = alias_entry(name, info, target, digest)
+            logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once", name, target)
+        else:
+            entries[name] = _encode_tensor(job, name, info, ft_t, base_t, digest, writer)
         del ft_t, base_t
         advance(info.nbytes)
     return entries
@@ -480,6 +491,13 @@ def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: 
     return entry
 
 
+def alias_entry(name: str, info: Any, target: str, digest: str | None) -> TensorEntry:
+    """The manifest entry of a tensor byte-identical to the earlier entry ``target`` (format 1.3): no stored
+    tensors, ``params`` ``{"target": target}``, its own base digest (equal to the target's)."""
+    return TensorEntry(codec=ALIAS_CODEC, shape=list(info.shape), dtype=dtype_name(info.dtype), params={"target": target},
+                       stored={}, stored_bytes=0, base_sha256=digest)
+
+
 #: Codec stats written into the manifest entry.
 _REPORTED = ("delta_l2", "error_l2")
 
@@ -523,6 +541,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     and allocate the directory budget (:mod:`deltahub.allocation`). ``base_digests`` gets the base digests read."""
     curves: list[Curve] = []
     fixed = 0
+    uses: Counter[str] = Counter()  # tensor name -> names it is coded for beyond its own (tied: format 1.3 aliases)
     pending: deque[tuple[int, Future[Curve]]] = deque()
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
     with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
@@ -531,6 +550,13 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
             info = ft_ckpt.info(name)
             if digest is not None:
                 base_digests[name] = digest
+            target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
+            if target is not None:  # coded once, as its target: only the alias entry's manifest bytes
+                uses[target] += 1
+                fixed += _alias_overhead(name, info, target, digest)
+                advance(info.nbytes)
+                del ft_t, base_t
+                continue
             c, p, auto = _select_codec(job, name, info, ft_t, base_t)
             inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
             if auto:  # measured in worker threads (torch and zstd release the GIL), at most `workers` tensors at once
@@ -547,6 +573,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
         for nbytes, fut in pending:
             curves.append(fut.result())
             advance(nbytes)
+    curves = [_tied_curve(c, 1 + uses[c.name]) for c in curves]
     fp16 = 2 * sum(math.prod(ft_ckpt.info(n).shape) for n in ft_ckpt.keys())
     directory = min(fp16 / job.target_ratio if job.target_ratio else math.inf,
                     job.max_bytes if job.max_bytes is not None else math.inf)
@@ -572,6 +599,23 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
                 int(budget), len(choice), int(directory), fixed, overhead,
                 ", ".join(f"{k} x {v}" for k, v in sorted(Counter(p.label for p in choice.values()).items())))
     return choice
+
+
+def _tied_curve(curve: Curve, uses: int) -> Curve:
+    """The curve of a tensor coded once for ``uses`` names (tied weights, format 1.3 aliases): its bytes once,
+    its distortion ``uses`` times. The one rebuilt tensor serves every name (a tied embedding is also the LM
+    head): its error reaches the model through each use, as it would have from ``uses`` separately coded
+    copies, while its bytes are paid once; so a byte spent on it buys ``uses`` times the usual reduction,
+    and the allocation gives it a finer setting than either name alone would get."""
+    if uses == 1:
+        return curve
+    return Curve(curve.name, curve.numel, [dataclasses.replace(p, distortion=p.distortion * uses) for p in curve.points])
+
+
+def _alias_overhead(name: str, info: Any, target: str, digest: str | None) -> int:
+    """Bytes an alias entry adds to the manifest (as written, indented)."""
+    text = json.dumps({name: alias_entry(name, info, target, digest or "0" * 64).to_dict()}, indent=2)
+    return len(text) + 4 * text.count("\n")
 
 
 #: Candidates are measured on evenly spaced rows of a matrix, about this many elements (the chosen one is

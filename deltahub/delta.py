@@ -58,8 +58,10 @@ class Delta:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.manifest = Manifest.load(self.directory)
+        self.manifest = Manifest.load(self.directory)  # alias entries (1.3) are checked there
         for name, entry in self.manifest.tensors.items():
+            if entry.alias_of is not None:
+                continue
             try:
                 get_codec(entry.codec)
             except CodecError:
@@ -69,7 +71,8 @@ class Delta:
                 ) from None
         self.files = DeltaFiles(self.directory, self.manifest)
         for name, entry in self.manifest.tensors.items():
-            self._check_entry(name, entry)
+            if entry.alias_of is None:
+                self._check_entry(name, entry)
         self._check_stored_names_unique()
 
     def _check_stored_names_unique(self) -> None:
@@ -134,8 +137,10 @@ class Delta:
     # ------------------------------------------------------------------ per tensor
 
     def reconstruct(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
-        """The fine-tuned tensor ``name`` rebuilt from its stored tensors and the base tensor."""
-        return self._rebuild(name, self.files.stored(self.manifest.tensors[name].stored), base)
+        """The fine-tuned tensor ``name`` rebuilt from its stored tensors and the base tensor (for an alias entry:
+        its target's, decoded with the target's coding; the base tensors are identical by the format's rule)."""
+        coded, entry = self.manifest.coded(name)
+        return self._rebuild(coded, self.files.stored(entry.stored), base)
 
     def _rebuild(self, name: str, stored: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         entry = self.manifest.tensors[name]
@@ -154,14 +159,16 @@ class Delta:
         return out
 
     def delta_tensor(self, name: str) -> torch.Tensor:
-        """The float32 delta of a delta-coded tensor (for resident delta modules)."""
-        entry = self.manifest.tensors[name]
+        """The float32 delta of a delta-coded tensor (for resident delta modules; an alias's is its target's)."""
+        _, entry = self.manifest.coded(name)
         return get_codec(entry.codec).decode_delta(self.files.stored(entry.stored), entry.params, tuple(entry.shape))
 
     # ------------------------------------------------------------------ base checks
 
     def _needs_base(self, entry: TensorEntry) -> bool:
-        return entry.base_sha256 is not None and not (entry.codec == "raw" and entry.params.get("mode") == "full")
+        """Whether the entry decodes against its own base tensor (an alias decodes against its target's)."""
+        return (entry.base_sha256 is not None and entry.alias_of is None
+                and not (entry.codec == "raw" and entry.params.get("mode") == "full"))
 
     def check_base_structure(self, base: Checkpoint, *, check_base: bool = True) -> None:
         """Header-only check that ``base`` has every tensor the delta needs, with the recorded shape.
@@ -248,8 +255,19 @@ class Delta:
 
     def _rebuild_one(self, base: Checkpoint, name: str, cache: CheckpointDigests | None,
                      dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
-        """One pipeline step (a worker thread): read, verify against the recorded digests, decode, cast."""
+        """One pipeline step (a worker thread): read, verify against the recorded digests, decode, cast.
+
+        An alias entry (format 1.3) checks its own base tensor's digest (it is part of the fingerprint) and is
+        rebuilt as its target is, from the target's stored tensors and base tensor: the same bytes. (Decoding
+        twice keeps the pipeline's memory bound; the stored bytes are read twice, not stored twice.)"""
         entry = self.manifest.tensors[name]
+        if entry.alias_of is not None:
+            digest = None
+            if cache is not None and entry.base_sha256 is not None:
+                digest = base_digest(base, name, cache)
+                check_base_digest(self.manifest, name, digest, path=base.path)
+            out, _ = self._rebuild_one(base, entry.alias_of, cache, dtype)
+            return out, digest
         stored = self.files.stored(entry.stored)
         base_t, digest = None, None
         if self._needs_base(entry) and cache is None:
@@ -432,7 +450,7 @@ def check_base_shape(manifest: Manifest, name: str, shape: Any, *, path: str | P
 
     ``resizable`` (rebuilding a model, not patching one in place): the shape the entry's codec decodes
     against instead (``Codec.base_shape``; fewer rows for a ``rowsparse`` resized vocabulary)."""
-    entry = manifest.tensors[name]
+    _, entry = manifest.coded(name)
     want = list(get_codec(entry.codec).base_shape(entry.params, tuple(entry.shape))) if resizable else list(entry.shape)
     if list(shape) != want:
         raise ShapeMismatchError(f"base tensor {name!r} has shape {list(shape)}, the delta expects {want}"

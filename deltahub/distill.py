@@ -20,7 +20,8 @@ codec              trained (stored roles)                 frozen
 The *student* is the rebuilt model in float32 in which every weight coded by one of these
 codecs is ``float32(W_base) + decode(frozen codes, trainable params)``; at step 0 that is
 bit-identical to :meth:`deltahub.Delta.to_model` (tested). Embeddings, the LM head and norms
-are part of the student whenever they are coded lossily (a tied embedding is one tensor). The
+are part of the student whenever they are coded lossily (a tied embedding is one tensor, and so is a
+tied pair stored under two names, format 1.3 ``alias``: both uses train the one coded tensor). The
 *teacher* is the fine-tune; its logits are computed on the fly per batch (no cache: at 135M
 parameters one teacher forward costs less than the student's forward + backward, and nothing
 vocabulary-sized is kept beyond one batch). The loss is taken at every position: ``"kl"``
@@ -263,6 +264,9 @@ class Student:
         self.model.requires_grad_(False)
         names = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         self.coded: dict[str, _Coded] = {}
+        #: alias name -> target (tied weights, format 1.3): the alias's parameter is the target's trained weight, so
+        #: the pair is one trainable tensor whose gradient sums both uses (input embedding and LM head).
+        self.tied: dict[str, str] = {}
         with Checkpoint(base) as base_ckpt:
             for name, entry in self.manifest.tensors.items():
                 roles = [r for r in TRAINED_ROLES.get(entry.codec, ()) if r in entry.stored]
@@ -277,6 +281,7 @@ class Student:
                 u = {r: torch.nn.Parameter(torch.zeros_like(init[r])) for r in roles}
                 b = base_ckpt.read(name).to(torch.float32).reshape(-1).to(device)
                 self.coded[name] = _Coded(name, entry.codec, tuple(entry.shape), b, init, sigma, u, dec)
+        self.tied = {a: t for a, t in self.manifest.aliases().items() if t in self.coded and a in names}
         delta.close()
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -284,6 +289,7 @@ class Student:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         weights = {n: c.weight() for n, c in self.coded.items()}
+        weights.update({a: weights[t] for a, t in self.tied.items()})
         out = torch.func.functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids, "use_cache": False},
                                          tie_weights=True, strict=False)
         return out.logits

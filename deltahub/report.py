@@ -44,7 +44,10 @@ def _rel_l2(stats: list[dict[str, float]]) -> float | None:
 
 
 def storage_rows(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per codec plus a total row: tensors, parameters, bytes, bits/weight, ratio vs fp16, rel. L2."""
+    """One row per codec plus a total row: tensors, parameters, bytes, bits/weight, ratio vs fp16, rel. L2.
+
+    Alias entries (tied weights, format 1.3) are a row ``alias`` of 0 bytes: their bytes are their
+    targets', counted once, in the target's codec row; their parameters count in the total (the model has them)."""
     rows = []
     by: dict[str, list[Any]] = {}
     for e in manifest.tensors.values():
@@ -94,7 +97,10 @@ def tensor_group(name: str, shape: list[int] | tuple[int, ...]) -> str:
 
 
 def group_rows(manifest: Manifest, aux_bytes: int | None = None, directory_bytes: int | None = None) -> list[dict[str, Any]]:
-    """Stored bytes by tensor group, then aux files and manifest/headers when the directory's sizes are known, and a total."""
+    """Stored bytes by tensor group, then aux files and manifest/headers when the directory's sizes are known, and a total.
+
+    A tied tensor (an alias entry, format 1.3) counts its parameters in its own group and no bytes: the
+    bytes are its target's, counted once in the target's group."""
     fp16 = 2 * sum(math.prod(e.shape) for e in manifest.tensors.values())
     by: dict[str, list[Any]] = {}
     for name, e in manifest.tensors.items():
@@ -198,7 +204,8 @@ def tensor_table(manifest: Manifest, limit: int | None = None) -> Table:
     for name, e in items:
         n = math.prod(e.shape)
         rel = e.stats.get("error_l2", 0) / e.stats["delta_l2"] if e.stats.get("delta_l2") else None
-        table.add_row(name, e.codec, "×".join(map(str, e.shape)), e.dtype, human_bytes(e.stored_bytes),
+        codec = e.codec if e.alias_of is None else f"alias of {e.alias_of}"
+        table.add_row(name, codec, "×".join(map(str, e.shape)), e.dtype, human_bytes(e.stored_bytes),
                       f"{8 * e.stored_bytes / n:.3f}" if n else "-", "" if rel is None else f"{rel:.3f}")
     return table
 

@@ -32,7 +32,7 @@ def test_corpus_covers_every_codec_and_file_kind(corpus: list[fz.Target]) -> Non
     codecs = set()
     for t in corpus:
         codecs |= {e["codec"] for e in json.loads(t.files[fz.MANIFEST_NAME])["tensors"].values()}
-    assert codecs >= {"bitdelta", "deltadq", "dare", "topk-ternary", "rowsparse", "raw", "unchanged"}
+    assert codecs >= {"bitdelta", "deltadq", "dare", "topk-ternary", "rowsparse", "raw", "unchanged", "alias"}
     assert any(fz.INDEX_NAME in t.files for t in corpus)
     assert all(t.aux_files for t in corpus)
     assert all(t.largest_tensor_bytes > 0 for t in corpus)

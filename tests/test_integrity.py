@@ -85,7 +85,7 @@ def _flip(path: Path, offset: int, mask: int = 0x01) -> bytes:
 def test_written_digests_match_stored_bytes(tmp_path: Path, codec: str) -> None:
     _, _, d = _make(tmp_path, codec)
     m = _manifest(d)
-    assert m["format_version"] == FORMAT_VERSION == "1.2"
+    assert m["format_version"] == FORMAT_VERSION == "1.3"
     verify_manifest_bytes((d / MANIFEST_NAME).read_bytes(), m, path=d / MANIFEST_NAME)
     f = SafetensorsFile(d / "delta.safetensors")
     for name, e in m["tensors"].items():

@@ -146,3 +146,42 @@ def test_invalid_codec_params_fail(schema: dict[str, Any], manifests: list[dict[
     codec = CASES[index][0]
     change(_entry(m, codec))
     assert _errors(schema, m)
+
+
+@pytest.fixture(scope="module")
+def tied_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A delta of a checkpoint that stores the LM head with the embedding's bytes: one ``alias`` entry (format 1.3)."""
+    from safetensors.torch import load_file, save_file
+
+    base, ft = make_tiny_pair(tmp_path_factory.mktemp("tied"), vocab=96)
+    for p in (base, ft):
+        sd = load_file(str(p / "model.safetensors"))
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        save_file(sd, str(p / "model.safetensors"), metadata={"format": "pt"})
+    d = tmp_path_factory.mktemp("tied-delta")
+    compress(base, ft, d, codec="bitdelta", overwrite=True, progress=False)
+    return json.loads((d / "delta_config.json").read_text())
+
+
+ALIAS_BREAKS = {
+    "stores a tensor": lambda e: e.update(stored={"data": "lm_head.weight.data"}),
+    "has digests": lambda e: e.update(digests={"data": "sha256:" + "0" * 64}),
+    "no target": lambda e: e.update(params={}),
+    "empty target": lambda e: e.update(params={"target": ""}),
+    "target not a string": lambda e: e.update(params={"target": 3}),
+    "extra param": lambda e: e["params"].update(rows=2),
+    "no params": lambda e: e.pop("params"),
+}
+
+
+def test_tied_manifest_validates(schema: dict[str, Any], tied_manifest: dict[str, Any]) -> None:
+    assert _errors(schema, tied_manifest) == []
+    assert [e["params"] for e in tied_manifest["tensors"].values() if e["codec"] == "alias"] == [
+        {"target": next(n for n in tied_manifest["tensors"] if n in ("lm_head.weight", "model.embed_tokens.weight"))}]
+
+
+@pytest.mark.parametrize("name", sorted(ALIAS_BREAKS))
+def test_invalid_alias_entries_fail(schema: dict[str, Any], tied_manifest: dict[str, Any], name: str) -> None:
+    m = copy.deepcopy(tied_manifest)
+    ALIAS_BREAKS[name](_entry(m, "alias"))
+    assert _errors(schema, m), f"schema accepted an alias entry that {name}"

@@ -473,3 +473,109 @@ def test_lowrank_worked_examples(block: str, codec_name: str, roles: list[str]) 
     assert enc.params == params
     again = codec.decode_delta(enc.tensors, enc.params, shape)
     assert torch.allclose(again, decoded, atol=1e-3 if codec_name == "lowrank-mp" else 1e-5)
+
+
+# --- 4.11 alias ----------------------------------------------------------------------------------------------
+ALIAS_STORED = {"model.embed_tokens.weight.sign": ("U8", [2, 2], "ad010000"),
+                "model.embed_tokens.weight.scale": ("F32", [2], "6666e63e0000003f")}  # 6.1's bytes
+
+
+def _alias_delta(root: Path, tensors: dict) -> tuple[Path, Path]:
+    """A delta directory whose manifest has the ``tensors`` entries (6.9's, or a broken copy) and 6.1's stored
+    tensors, and its all-zero float32 base holding every entry name; written with plain json / safetensors."""
+    from safetensors.numpy import save_file
+
+    from deltahub.format.integrity import manifest_bytes
+
+    root.mkdir(parents=True, exist_ok=True)
+    base_names = {n for n, e in tensors.items() if "base_sha256" in e}
+    base = {n: np.zeros((2, 10), dtype=np.float32) for n in base_names}
+    save_file(base, str(root / "base.safetensors"))
+    lines = "".join(f"{n}\tF32\t[2,10]\t{hashlib.sha256(bytes(80)).hexdigest()}\n" for n in sorted(base_names, key=str.encode))
+    (root / "delta").mkdir()
+    save_file({k: np.frombuffer(bytes.fromhex(h), dtype={"U8": np.uint8, "F32": np.float32}[d]).reshape(s)
+               for k, (d, s, h) in ALIAS_STORED.items()}, str(root / "delta" / "delta.safetensors"))
+    manifest = {"format": "deltahub", "format_version": "1.3", "created_with": "test",
+                "base": {"name_or_path": "base", "revision": None, "extra_tensors": {},
+                         "fingerprint": "sha256:" + hashlib.sha256(lines.encode()).hexdigest()},
+                "finetuned": {"name_or_path": "ft", "revision": None}, "config": None, "totals": {},
+                "files": ["delta.safetensors"], "file_digests": {}, "tensors": tensors}
+    (root / "delta" / "delta_config.json").write_bytes(manifest_bytes(manifest))
+    return root / "delta", root / "base.safetensors"
+
+
+def _ref_rebuild(delta_dir: Path, base_file: Path) -> dict[str, np.ndarray]:
+    """An independent reader of 6.9's delta, from the spec alone: bitdelta (row scales, 4.1) and alias (4.11)."""
+    from safetensors.numpy import load_file
+
+    m = json.loads((delta_dir / "delta_config.json").read_text())
+    stored, base = load_file(str(delta_dir / "delta.safetensors")), load_file(str(base_file))
+    out: dict[str, np.ndarray] = {}
+    for name, e in m["tensors"].items():
+        if e["codec"] == "alias":
+            out[name] = out[e["params"]["target"]]  # an earlier entry: already rebuilt
+            continue
+        assert e["codec"] == "bitdelta" and e["params"] == {"granularity": "row"}
+        rows, cols = e["shape"]
+        bits = np.unpackbits(stored[e["stored"]["sign"]], axis=1, bitorder="little")[:, :cols].astype(bool)
+        scale = stored[e["stored"]["scale"]][:, None]
+        out[name] = base[name].astype(np.float32) + np.where(bits, scale, -scale).astype(np.float32)
+    return out
+
+
+def test_alias_worked_example(tmp_path: Path) -> None:
+    """6.9: deltahub and an independent reader rebuild both names to 6.1's values, bit for bit; the digests and
+    base_sha256 of the example are those of the bytes."""
+    from deltahub.delta import Delta
+    from deltahub.format.io import Checkpoint
+
+    tensors = json.loads("\n".join(spec_block("alias-example")))
+    assert list(tensors) == ["model.embed_tokens.weight", "lm_head.weight"]
+    delta_dir, base_file = _alias_delta(tmp_path, tensors)
+    want = np.array([[0.45, -0.45, 0.45, 0.45, -0.45, 0.45, -0.45, 0.45, 0.45, -0.45], [-0.5] * 10], dtype=np.float32)
+    ref = _ref_rebuild(delta_dir, base_file)
+    d = Delta(delta_dir)
+    with Checkpoint(base_file) as base:
+        got = dict(d.iter_tensors(base))  # digests, base sha256 per tensor and the fingerprint all checked
+    assert list(got) == list(tensors)
+    for name in tensors:
+        assert np.array_equal(got[name].numpy(), want) and np.array_equal(ref[name], want)
+        assert got[name].numpy().tobytes() == ref[name].tobytes()
+    assert d.manifest.coded("lm_head.weight")[0] == "model.embed_tokens.weight"
+    assert d.manifest.tensors["lm_head.weight"].stored_bytes == 0
+
+
+def _aliased(tensors: dict, **change: object) -> dict:
+    out = json.loads(json.dumps(tensors))
+    out["lm_head.weight"].update(change)
+    return out
+
+
+ALIAS_BREAKS = {
+    "names itself": lambda t: _aliased(t, params={"target": "lm_head.weight"}),
+    "is not a tensor": lambda t: _aliased(t, params={"target": "model.norm.weight"}),
+    "empty target": lambda t: _aliased(t, params={"target": ""}),
+    "extra param": lambda t: _aliased(t, params={"target": "model.embed_tokens.weight", "rows": 2}),
+    "comes after": lambda t: {"lm_head.weight": t["lm_head.weight"], "model.embed_tokens.weight": t["model.embed_tokens.weight"]},
+    "chain": lambda t: {**t, "output.weight": {**t["lm_head.weight"], "params": {"target": "lm_head.weight"}}},
+    "shape": lambda t: _aliased(t, shape=[10, 2]),
+    "dtype": lambda t: _aliased(t, dtype="float16"),
+    "base_sha256": lambda t: _aliased(t, base_sha256="0" * 64),
+    "no base_sha256": lambda t: {**t, "lm_head.weight": {k: v for k, v in t["lm_head.weight"].items() if k != "base_sha256"}},
+    "stores": lambda t: _aliased(t, stored={"sign": "lm_head.weight.sign"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALIAS_BREAKS))
+def test_alias_rules_are_refused(tmp_path: Path, name: str) -> None:
+    """Every break of a 4.11 rule is a one-line ManifestError naming delta_config.json and the entry, before any read."""
+    from deltahub.delta import Delta
+    from deltahub.errors import ManifestError
+
+    broken = ALIAS_BREAKS[name](json.loads("\n".join(spec_block("alias-example"))))
+    delta_dir, _ = _alias_delta(tmp_path, broken)
+    with pytest.raises(ManifestError) as info:
+        Delta(delta_dir)
+    msg = str(info.value)
+    assert "\n" not in msg and "delta_config.json" in msg and "alias entry" in msg
+    assert ("'output.weight'" if name == "chain" else "'lm_head.weight'") in msg

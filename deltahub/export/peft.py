@@ -113,7 +113,7 @@ def _targets(d: Delta, skeleton: nn.Module) -> list[_Target]:
     out = []
     for name, entry in d.manifest.tensors.items():
         mod_path, _, attr = name.rpartition(".")
-        if entry.codec == "unchanged" or attr != "weight" or is_vocabulary_matrix(name):
+        if d.manifest.coded(name)[1].codec == "unchanged" or attr != "weight" or is_vocabulary_matrix(name):
             continue
         try:
             mod = skeleton.get_submodule(mod_path)
@@ -147,7 +147,7 @@ def _base_tensor(d: Delta, base: Checkpoint, name: str, check_base: bool) -> tor
 
 def _delta_matrix(d: Delta, base: Checkpoint, target: _Target, check_base: bool) -> torch.Tensor:
     """The float32 ``Δ̂`` of a target: decoded from a delta codec, or ``rebuilt - base`` for an exact (raw) one."""
-    entry = d.manifest.tensors[target.tensor]
+    _, entry = d.manifest.coded(target.tensor)  # an alias (format 1.3): its target's coding
     if is_delta_codec(entry.codec):
         delta = d.delta_tensor(target.tensor).to(torch.float32)
     else:
@@ -252,7 +252,7 @@ def _not_carried(d: Delta, base: Checkpoint, skip: set[str], check_base: bool) -
     """Changed tensors the adapter leaves at the base, with ``‖ft - base‖ / ‖base‖`` (inf: no base counterpart)."""
     out = []
     for name, entry in d.manifest.tensors.items():
-        if name in skip or entry.codec == "unchanged":
+        if name in skip or d.manifest.coded(name)[1].codec == "unchanged":
             continue
         if entry.base_sha256 is None or list(base.info(name).shape) != list(entry.shape):
             out.append((name, math.inf))

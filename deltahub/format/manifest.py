@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsupportedFormatError
 from . import integrity
 from .names import check_listed_file, is_delta_weights_name
-from .spec import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, NAME_TO_DTYPE, check_version
+from .spec import ALIAS_CODEC, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, NAME_TO_DTYPE, check_version
 
 
 @dataclass
@@ -33,6 +33,14 @@ class TensorEntry:
     stats: dict[str, Any] = field(default_factory=dict)
     #: role -> tensor digest of the stored tensor (format 1.1, see :mod:`.integrity`).
     digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alias_of(self) -> str | None:
+        """The entry this one is an alias of (format 1.3, ``codec`` ``"alias"``), else None."""
+        if self.codec != ALIAS_CODEC:
+            return None
+        target = self.params.get("target")
+        return target if isinstance(target, str) else None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,6 +100,18 @@ class Manifest:
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
         }
 
+    def coded(self, name: str) -> tuple[str, TensorEntry]:
+        """``(name, entry)`` of the entry that holds tensor ``name``'s coding: its alias target for an alias
+        entry (validated on load: an existing, earlier, non-alias entry of the same shape, dtype and base),
+        else ``name`` itself. Everything that decodes a tensor goes through here."""
+        entry = self.tensors[name]
+        target = entry.alias_of
+        return (target, self.tensors[target]) if target is not None else (name, entry)
+
+    def aliases(self) -> dict[str, str]:
+        """Alias entry name -> target name, in manifest order."""
+        return {n: e.alias_of for n, e in self.tensors.items() if e.alias_of is not None}
+
     def to_json(self) -> str:
         """The ``delta_config.json`` text, ``manifest_digest`` included (format 1.1)."""
         return integrity.manifest_bytes(self.to_dict()).decode()
@@ -124,6 +144,7 @@ class Manifest:
             tensors = {}
             for name, e in raw_tensors.items():
                 tensors[name] = _tensor_entry(name, e, path)
+            _check_aliases(tensors, path)
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}", path=path) from None
         config = d.get("config")
@@ -255,6 +276,43 @@ def _tensor_entry(name: Any, e: Any, path: Any) -> TensorEntry:
     return TensorEntry(codec=codec, shape=shape, dtype=dtype, params=dict(params), stored=dict(stored),
                        stored_bytes=stored_bytes, base_sha256=base_sha256, stats=_informative(e.get("stats"), strings=_STRING_STATS),
                        digests=_digest_map(e.get("digests"), f"{what}: digests", path))
+
+
+def _check_aliases(tensors: dict[str, TensorEntry], path: Any) -> None:
+    """The rules of an alias entry (format_spec.md 4.11), before anything reads a stored byte: ``params`` is
+    exactly ``{"target": name}``; the target is another entry, earlier in ``tensors``, not itself an alias (no
+    chains, no cycles), of the same shape and dtype, with the same ``base_sha256`` (both absent or equal); the
+    alias stores nothing. A violation is a :class:`ManifestError` naming the entry."""
+    seen: set[str] = set()
+    for name, e in tensors.items():
+        if e.codec == ALIAS_CODEC:
+            what = f"alias entry {name[:200]!r}"
+            target = e.params.get("target")
+            if set(e.params) != {"target"} or not isinstance(target, str) or not target:
+                raise ManifestError(f"{what}: params must be exactly {{'target': <tensor name>}}, got "
+                                    f"{str(e.params)[:80]}", path=path)
+            if target == name:
+                raise ManifestError(f"{what} names itself as its target", path=path)
+            if target not in tensors:
+                raise ManifestError(f"{what}: target {target[:200]!r} is not a tensor of the manifest", path=path)
+            t = tensors[target]
+            if t.codec == ALIAS_CODEC:
+                raise ManifestError(f"{what}: target {target[:200]!r} is itself an alias (chains are not allowed)", path=path)
+            if target not in seen:
+                raise ManifestError(f"{what}: target {target[:200]!r} comes after it in tensors (must come before)", path=path)
+            if (e.shape, e.dtype) != (t.shape, t.dtype):
+                raise ManifestError(f"{what} is {e.dtype} {e.shape}, its target {target[:200]!r} is {t.dtype} {t.shape}",
+                                    path=path)
+            if e.base_sha256 != t.base_sha256:
+                raise ManifestError(f"{what}: base_sha256 {_short_sha(e.base_sha256)} differs from its target's "
+                                    f"{_short_sha(t.base_sha256)} (the base tensors must be identical)", path=path)
+            if e.stored or e.digests:
+                raise ManifestError(f"{what} stores tensors {sorted(e.stored)[:5]} (an alias stores nothing)", path=path)
+        seen.add(name)
+
+
+def _short_sha(sha: str | None) -> str:
+    return "absent" if sha is None else f"{sha[:16]}…"
 
 
 def _digest_map(value: Any, what: str, path: Any) -> dict[str, str]:

@@ -12,9 +12,15 @@ if TYPE_CHECKING:
 FORMAT_NAME = "deltahub"
 #: Version this code writes. Readers accept any ``1.x``; a higher minor only adds optional fields
 #: (1.1: digests of stored tensors, files and the manifest itself, see ``integrity.py``; 1.2: ``base_files``,
-#: aux files taken from the base instead of stored, and the codecs added since).
-FORMAT_VERSION = "1.2"
+#: aux files taken from the base instead of stored, and the codecs added since; 1.3: ``alias`` entries, a tensor
+#: stored under two names coded once).
+FORMAT_VERSION = "1.3"
 SUPPORTED_MAJOR = 1
+
+#: The ``codec`` of an alias entry (format 1.3): the tensor is byte-identical to another entry's rebuild (tied
+#: weights stored under two names), named by ``params["target"]``; it stores nothing. Not a registered codec:
+#: readers resolve it at the manifest level (:meth:`deltahub.format.manifest.Manifest.coded`).
+ALIAS_CODEC = "alias"
 
 MANIFEST_NAME = "delta_config.json"
 WEIGHTS_NAME = "delta.safetensors"

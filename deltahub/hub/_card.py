@@ -50,7 +50,7 @@ def card_metadata(path: str | Path | None) -> dict[str, Any]:
 def model_card_data(manifest: Manifest, *, license: str | None = None, finetune_card: dict[str, Any] | None = None) -> ModelCardData:
     """The card's YAML metadata: ``base_model``, ``base_model_relation``, ``pipeline_tag``, ``license``, tags."""
     base = manifest.base
-    codecs = sorted({e.codec for e in manifest.tensors.values()})
+    codecs = sorted({e.codec for e in manifest.tensors.values() if e.alias_of is None})  # an alias is no codec
     carried = {k: v for k, v in (finetune_card or {}).items() if k in _CARRIED and v}
     if license is not None:
         carried["license"] = license

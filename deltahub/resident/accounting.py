@@ -11,7 +11,7 @@ from .routing import DeltaEmbedding
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of distinct tensors (a tied LM head shares its embedding's adapter: counted once)."""
+    """Bytes of distinct tensors (a tied LM head shares its embedding's adapter, an alias its target's: counted once)."""
     seen: dict[int, int] = {}
     for t in tensors:
         seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
@@ -40,7 +40,7 @@ def adapter_nbytes(model: nn.Module, name: str) -> dict[str, int]:
             bufs.append(a._cache)
         caches += list(a.kernel_cache.values())  # DELTAHUB_RESIDENT_CACHE (int8 / dense)
         covered[id(mod.weight)] = mod.weight.numel() * mod.weight.element_size()
-    raw_b = sum(t.numel() * t.element_size() for t in info.raw.values())
+    raw_b = _nbytes(list(info.raw.values()))  # a tied pair stored under two names (format 1.3 alias): one tensor
     if state.merged == name:  # the exact undo record of merge_adapter
         caches += [t for u in state.merge_undo for t in (u.index, u.values)]
     return {"delta_modules": _nbytes(bufs), "scales": _nbytes(scales), "raw": raw_b, "caches": _nbytes(caches),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,13 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
     """Read, decode and check every changed tensor of ``d`` into its resident form (the model is not modified)."""
     plan = _Plan()
     fallback: list[str] = []
-    jobs: list[tuple[str, TensorEntry, str, Any]] = []  # (name, entry, module path, embedding paths or None)
+    jobs: list[tuple[str, TensorEntry, str, Any]] = []  # (coded entry name, entry, module path, embedding paths or None)
+    holders = Counter(id(t) for t in tensors.values())  # > 1: a tensor tied between modules
     for name, entry in d.manifest.tensors.items():
+        target = entry.alias_of
+        if target is not None and tensors[name] is tensors[target]:
+            continue  # tied in the model too: the target's adapter or raw tensor already covers every owner
+        coded, entry = d.manifest.coded(name)  # an alias (format 1.3) is resident as its target, sharing its parts
         if entry.codec == "unchanged":
             continue
         mod_path, _, attr = name.rpartition(".")
@@ -171,9 +177,17 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
             mod = None
         delta_2d = is_delta_codec(entry.codec) and len(entry.shape) == 2 and attr == "weight"
         linear = delta_2d and mod is not None and (isinstance(mod, nn.Linear | DeltaLinear) or is_conv1d(mod))
-        paths = _embedding_paths(model, tensors[name]) if delta_2d and not linear and name not in state.base_raw else None
+        # an embedding's matrix, also when met first as its tied LM head (a delta storing the head first)
+        shared = linear and holders[id(tensors[name])] > 1
+        paths = (_embedding_paths(model, tensors[name]) if delta_2d and (shared or not linear) and name not in state.base_raw
+                 else None)
+        linear = linear and paths is None
         if linear or paths is not None:
-            jobs.append((name, entry, mod_path, None if linear else paths))
+            jobs.append((coded, entry, mod_path, None if linear else paths))
+            continue
+        if coded != name and coded in plan.raw and plan.raw[coded].dtype == tensors[name].dtype \
+                and plan.raw[coded].device == tensors[name].device:
+            plan.raw[name] = plan.raw[coded]  # the same bytes: one tensor for both names
             continue
         rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
         if rebuilt is not None:
@@ -186,12 +200,15 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
         return make_adapter(entry.codec, d.files.stored(entry.stored), entry.params, matrix_view_shape(entry.shape),
                             entry.dtype, cache_decoded=cache_decoded)
 
-    # Decoding into the resident form is per tensor and GIL-free (torch / numpy kernels): all cores, in order.
-    for (_, _, mod_path, paths), adapter in pipelined(jobs, build):
+    # Decoding into the resident form is per tensor and GIL-free (torch / numpy kernels): all cores, in order;
+    # an alias (format 1.3) shares its target's adapter, decoded once.
+    unique = list({job[0]: job for job in jobs}.values())
+    made = {job[0]: adapter for job, adapter in pipelined(unique, build)}
+    for coded, _, mod_path, paths in jobs:
         if paths is None:
-            plan.linears.append((mod_path, adapter))
+            plan.linears.append((mod_path, made[coded]))
         else:
-            plan.embeddings.append((paths, adapter))
+            plan.embeddings.append((paths, made[coded]))
     if fallback:
         nbytes = sum(plan.raw[n].numel() * plan.raw[n].element_size() for n in fallback)
         warnings.warn(

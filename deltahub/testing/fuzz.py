@@ -283,7 +283,8 @@ def build_corpus(root: str | Path) -> list[Target]:
 
     ``mixed``: one delta file, every codec (bitdelta tensor/row/group, deltadq 16x kmeans and
     uniform parts 1/2, dare, topk-ternary and rowsparse with bitmap and index masks, raw+zstd
-    embeddings, unchanged norms), plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index.
+    embeddings, unchanged norms), plus aux files. ``sharded``: bfloat16, default policy, cut into several delta shards + index,
+    with an untied LM head stored with the embedding's bytes (an ``alias`` entry).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -308,6 +309,9 @@ def build_corpus(root: str | Path) -> list[Target]:
             for pname, p in ft.named_parameters():
                 if "norm" not in pname:  # norms stay identical: the "unchanged" codec
                     p.add_((torch.randn_like(p, dtype=torch.float32) * 1e-2).to(dtype))
+            if name == "sharded":  # untied, but stored twice with the same bytes: an "alias" entry (format 1.3)
+                for m in (base, ft):
+                    m.lm_head.weight.copy_(m.model.embed_tokens.weight)
         pair = root / f"pair-{name}"
         base.save_pretrained(pair / "base")
         ft.save_pretrained(pair / "ft")

@@ -1,0 +1,84 @@
+"""Tied tensors: one fine-tune tensor stored under several names with identical bytes (format 1.3 ``alias``).
+
+Older and non-``transformers`` checkpoints (and some sharded models) store a tied embedding and LM head
+twice, byte for byte. ``compress`` codes such a tensor once, under its first name, and writes an alias
+entry for each later name (format_spec.md 4.11), when the base tensors of the names are identical too:
+otherwise the two deltas differ and each is coded on its own.
+
+Finding them costs little: only tensors that share their dtype and shape with another tensor of the
+fine-tune are looked at; each gets a key (its base tensor's digest, dtype and shape, and a hash of a
+strided sample of at most ~64 KiB of its own bytes, O(1) per tensor), and only a key seen before costs a
+full comparison, one re-read of the earlier tensor (so a tied pair costs one extra read of the tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .codecs.unchanged import same_bits
+from .format.io import Checkpoint, tensor_bytes
+
+#: Bytes of a tensor hashed for its key (evenly strided), so a key costs O(1) whatever the tensor's size.
+SAMPLE_BYTES = 1 << 16
+#: Earlier tensors kept per key: a key shared by tensors that differ (a sample collision) costs at most
+#: this many full comparisons.
+MAX_CANDIDATES = 4
+
+
+def _sample_hash(t: torch.Tensor) -> bytes:
+    """sha256 of an evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
+    raw = tensor_bytes(t)
+    step = max(1, raw.numel() // SAMPLE_BYTES)
+    return hashlib.sha256(memoryview(raw[::step].contiguous().numpy())).digest()
+
+
+class TieFinder:
+    """Decides, tensor by tensor in storage order, which names are aliases of an earlier one.
+
+    ``same_coding(a, b)`` says whether the writer's policy would code names ``a`` and ``b`` alike (a
+    user rule giving them different codecs keeps both coded). Decisions are remembered, so a second pass
+    over the tensors (compress's allocation, then its encoding) gets the same answers without any work.
+    """
+
+    def __init__(self, ft: Checkpoint, same_coding: Callable[[str, str], bool] | None = None) -> None:
+        self._ft = ft
+        self._same_coding = same_coding or (lambda a, b: True)
+        counts = Counter((ft.info(n).dtype, tuple(ft.info(n).shape)) for n in ft.keys())
+        self._shared = {k for k, c in counts.items() if c > 1}
+        self._firsts: dict[tuple[Any, ...], list[str]] = {}
+        self._decided: dict[str, str | None] = {}
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias name -> target name, of the names decided so far."""
+        return {n: t for n, t in self._decided.items() if t is not None}
+
+    def target(self, name: str, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None) -> str | None:
+        """The earlier name ``name`` is an alias of (same fine-tune bytes, dtype and shape; base tensors of the
+        same digest, dtype and shape, or both absent), or None. A tensor equal to its base (``unchanged``, 0
+        bytes) is never an alias: nothing would be saved."""
+        if name in self._decided:
+            return self._decided[name]
+        found = self._find(name, ft_t, base_t, base_digest)
+        self._decided[name] = found
+        return found
+
+    def _find(self, name: str, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None) -> str | None:
+        shape = tuple(ft_t.shape)
+        if (ft_t.dtype, shape) not in self._shared or ft_t.numel() == 0:
+            return None
+        base_key = None if base_t is None else (base_t.dtype, tuple(base_t.shape), base_digest)
+        firsts = self._firsts.setdefault((ft_t.dtype, shape, base_key, _sample_hash(ft_t)), [])
+        for cand in firsts:
+            if self._same_coding(cand, name) and same_bits(self._ft.read(cand), ft_t):
+                if base_t is not None and same_bits(base_t, ft_t):
+                    return None
+                return cand
+        if len(firsts) < MAX_CANDIDATES:
+            firsts.append(name)
+        return None
