@@ -150,6 +150,36 @@ def test_triton_sgmv_matches_torch_under_interpreter(monkeypatch: pytest.MonkeyP
     assert torch.all(got[20] == 0) and got.dtype == x.dtype
 
 
+def test_delta_linear_mixed_batch_uses_fused_sgmv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed batch of BitDelta adapters in DeltaLinear goes through the fused kernel (Triton's interpreter
+    here, CUDA when served): one launch over per-adapter token segments, equal to the per-group torch path."""
+    pytest.importorskip("triton")
+    rows, cols = 24, 40
+    layer = DeltaLinear(torch.nn.Linear(cols, rows))
+    made = [_bitdelta(rows, cols, "row", 0, seed=i) for i in range(3)]
+    for i, (sign, scale, _) in enumerate(made):
+        layer.add_adapter(f"a{i}", "bitdelta", {"sign": sign, "scale": scale}, {"granularity": "row"})
+    x = torch.randn(5, 3, cols)
+    layer.batch_adapters = ["a2", None, "a0", "a2", "a1"]
+    torch_path = layer(x)
+    calls: list[int] = []
+    real = kernels.binary_sgmv
+    monkeypatch.setattr(kernels, "binary_sgmv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused = layer(x)
+    assert calls == [1]
+    base = layer.base_layer(x)
+    exact = base.double().clone()
+    for r, name in enumerate(layer.batch_adapters):
+        if name is not None:
+            exact[r] += x[r].double() @ made[int(name[1])][2].T
+    dense_abs = sum(m[2].abs() for m in made)  # a bound over every adapter's |Δ̂|
+    bound = cols * 2.0**-23 * (x.double().abs() @ dense_abs.T) + 2.0**-23 * exact.abs() + 1e-30
+    assert torch.all((fused.double() - exact).abs() <= bound)
+    torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused[1], base[1])  # a base row gets no delta
+
+
 @pytest.mark.parametrize("mode", ["int8", "dense"])
 def test_delta_linear_forward_per_cache_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """DeltaLinear's output under a cache mode: BitDelta bit-identical to ``none`` for ``int8``, and

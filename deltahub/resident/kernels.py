@@ -10,7 +10,8 @@ Pure functions over tensors (no modules), used by :mod:`deltahub.resident.layers
 * :func:`delta_matmul_segments`: a mixed batch whose rows are sorted by adapter (SGMV-style
   segment table ``[start, end, adapter]``) in one call: on CUDA with Triton, one fused kernel for
   BitDelta adapters (sign bits unpacked in registers, per-row/group scale, per-segment adapter);
-  otherwise one :meth:`delta_matmul` per segment.
+  otherwise one :meth:`delta_matmul` per segment. :class:`~deltahub.resident.layers.DeltaLinear`
+  routes a mixed batch through it whenever :func:`fused_sgmv_applies` (CUDA, Triton, BitDelta).
 
 ``benchmarks/kernels.md`` has the measurements behind these choices.
 """
@@ -192,7 +193,7 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
     is BitDelta of one shape; otherwise one ``adapter.delta_matmul`` per segment."""
     rows = adapters[0].shape[0] if adapters else 0
     segs = _check_segments(segments, x.shape[0], len(adapters))
-    if x.is_cuda and triton_available() and _all_bitdelta(adapters):
+    if fused_sgmv_applies(x, adapters):
         signs, scales, group = stack_bitdelta(adapters)  # type: ignore[arg-type]
         return binary_sgmv(x, segments.to(device=x.device, dtype=torch.int32), signs, scales, group)
     out = x.new_zeros((x.shape[0], rows))
@@ -200,6 +201,18 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
         if e > s:
             out[s:e] = adapters[a].delta_matmul(x[s:e])
     return out
+
+
+def fused_sgmv_applies(x: torch.Tensor, adapters: Sequence[Any]) -> bool:
+    """Whether a mixed batch over ``adapters`` runs as one fused launch: x on CUDA (or Triton's CPU
+    interpreter, ``TRITON_INTERPRET=1``, for tests), Triton installed, every adapter BitDelta of one shape
+    and one scale group width."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or len(adapters) < 2:
+        return False
+    if not _all_bitdelta(adapters) or not triton_available():
+        return False
+    cols = adapters[0].shape[1]
+    return len({min(a.group_size, cols) if a.granularity == "group" else cols for a in adapters}) == 1
 
 
 def _all_bitdelta(adapters: Sequence[Any]) -> bool:

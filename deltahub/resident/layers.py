@@ -520,6 +520,9 @@ class DeltaLinear(AdapterLayer):
             return self._mixed_with_biases(x, sel)
         y = self.base_layer(x)
         if isinstance(sel, tuple):
+            groups = [(name, idx) for name, idx in sel if name is not None and name in self.adapters]
+            if not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [self.adapters[n] for n, _ in groups]):
+                return y + self._delta_sgmv(x, groups).to(y.dtype)
             for name, idx in sel:
                 if name is None or name not in self.adapters:
                     continue
@@ -530,6 +533,24 @@ class DeltaLinear(AdapterLayer):
         if sel is None or sel not in self.adapters:
             return y
         return y + self._delta(sel, x).to(y.dtype)
+
+    def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Every row group's delta in one fused launch (Punica-style SGMV over adapter segments): the tokens of
+        each group's batch rows are gathered into consecutive segments, and the result scattered back."""
+        x2 = x.reshape(x.shape[0], -1, self.in_features)
+        tokens = x2.shape[1]
+        order, segs, start = [], [], 0
+        for k, (_, idx) in enumerate(groups):
+            rows = (idx.to(x.device).reshape(-1, 1) * tokens + torch.arange(tokens, device=x.device)).reshape(-1)
+            order.append(rows)
+            segs.append((start, start + rows.numel(), k))
+            start += rows.numel()
+        perm = torch.cat(order)
+        flat = x2.reshape(-1, self.in_features)
+        segments = torch.tensor(segs, dtype=torch.int32, device=x.device)
+        part = kernels.delta_matmul_segments(flat.index_select(0, perm), segments, [self.adapters[n] for n, _ in groups])
+        out = flat.new_zeros((flat.shape[0], self.out_features)).index_copy_(0, perm, part.to(flat.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _mixed_with_biases(self, x: torch.Tensor, sel: tuple[tuple[str | None, torch.Tensor], ...]) -> torch.Tensor:
         """Mixed batch where some adapters changed the bias: ``x Wᵀ`` once, then each row group's own bias and delta."""
