@@ -50,6 +50,21 @@ def _full_finetune(base_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def _two_finetunes(config: Any, root: Path, pol: Policy, ids: torch.Tensor) -> tuple[Path, dict[str, Path], dict[str, torch.Tensor]]:
+    """A random base of ``config``, two full fine-tunes of it compressed with ``pol``: (base, deltas, rebuilt logits)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base_dir = root / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
+    deltas = {}
+    for tag, seed in (("a", 1), ("b", 2)):
+        ft = _full_finetune(base_dir, root / f"ft_{tag}", seed)
+        deltas[tag] = root / f"d_{tag}"
+        compress(base_dir, ft, deltas[tag], policy=pol, progress=False)
+    return base_dir, deltas, {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+
+
 @pytest.fixture(scope="module")
 def ft_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("routing")
@@ -140,18 +155,10 @@ def test_mixed_batch_with_linear_biases(tmp_path: Path) -> None:
 
     cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    base_dir = tmp_path / "base"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(base_dir)
-    assert AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].self_attn.q_proj.bias is not None
-    pol = Policy(codec="deltadq", params=DQ, rules=[Rule("re:norm", "raw")], whole_model=True)
-    deltas = {}
-    for tag, seed in (("a", 1), ("b", 2)):
-        ft = _full_finetune(base_dir, tmp_path / f"ft_{tag}", seed)
-        deltas[tag] = tmp_path / f"d_{tag}"
-        compress(base_dir, ft, deltas[tag], policy=pol, progress=False)
     ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(5))
-    want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+    pol = Policy(codec="deltadq", params=DQ, rules=[Rule("re:norm", "raw")], whole_model=True)
+    base_dir, deltas, want = _two_finetunes(cfg, tmp_path, pol, ids)
+    assert AutoModelForCausalLM.from_pretrained(base_dir).model.layers[0].self_attn.q_proj.bias is not None
     base_logits = _logits(_base(base_dir), ids)
     model = load_resident(base_dir, dict(deltas))
     q = model.model.layers[0].self_attn.q_proj
@@ -180,22 +187,14 @@ def test_gpt2_conv1d_deltas_stay_compressed(tmp_path: Path, codec: str, params: 
     a mixed batch of two fine-tunes matches each rebuild, merge gives the rebuild, memory stays compressed."""
     import warnings
 
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import GPT2Config
 
     from deltahub.resident import merge_adapter, unmerge_adapter
 
     cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    torch.manual_seed(0)
-    base_dir = tmp_path / "base"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(base_dir)
-    pol = Policy(codec=codec, params=params, rules=[Rule("re:(ln_|bias)", "raw")], whole_model=True)
-    deltas = {}
-    for tag, seed in (("a", 1), ("b", 2)):
-        ft = _full_finetune(base_dir, tmp_path / f"ft_{tag}", seed)
-        deltas[tag] = tmp_path / f"d_{tag}"
-        compress(base_dir, ft, deltas[tag], policy=pol, progress=False)
     ids = torch.randint(0, 96, (3, 6), generator=torch.Generator().manual_seed(5))
-    want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
+    pol = Policy(codec=codec, params=params, rules=[Rule("re:(ln_|bias)", "raw")], whole_model=True)
+    base_dir, deltas, want = _two_finetunes(cfg, tmp_path, pol, ids)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "kept as full exact tensors" fallback
         model = load_resident(base_dir, dict(deltas))
