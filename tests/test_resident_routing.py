@@ -221,6 +221,40 @@ def test_gpt2_conv1d_deltas_stay_compressed(tmp_path: Path, codec: str, params: 
     full = sum(p.numel() * p.element_size() for p in _base(base_dir).parameters())
     assert mem["a"]["total"] < full / 2, mem["a"]
 
+
+def test_base_served_in_bf16(ft_pair: dict[str, Any], tmp_path: Path) -> None:
+    """A float32 delta whose norms are exact XORs against the float32 base attaches to a base loaded in
+    bfloat16 (how most users serve): those tensors are rebuilt from the checkpoint's own bits (sha256 checked,
+    through the digest cache) and cast, with no 'cannot check' warning; a changed checkpoint is refused."""
+    import shutil
+    import warnings
+
+    from deltahub.errors import BaseMismatchError
+
+    base_dir, deltas = ft_pair["base"], ft_pair["deltas"]
+    assert any(e.codec == "raw" and e.params.get("mode") == "xor" for e in Delta(deltas["a"]).manifest.tensors.values())
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_resident(base_dir, {"a": deltas["a"]}, torch_dtype=torch.bfloat16)
+    got = _logits(model, ids).float()
+    want = _logits(load_resident(base_dir, {"a": deltas["a"]}), ids)
+    assert got.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())  # bf16 rounding, not a wrong norm
+    norm = next(n for n, e in Delta(deltas["a"]).manifest.tensors.items() if e.codec == "raw")
+    exact = Delta(deltas["a"]).reconstruct(norm, _base(base_dir).state_dict()[norm]).to(torch.bfloat16)
+    assert torch.equal(resident_state(model).adapters["a"].raw[norm], exact)
+    # the base checkpoint on disk no longer matches the delta's recorded base: refused
+    moved = tmp_path / "base"
+    shutil.copytree(base_dir, moved)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(moved / "model.safetensors")
+    sd[norm] = sd[norm] + 1.0
+    save_file(sd, moved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BaseMismatchError):
+        load_resident(moved, {"a": deltas["a"]}, torch_dtype=torch.bfloat16)
+
 @pytest.mark.parametrize("kw", [{"num_beams": 2, "num_return_sequences": 2},
                                 {"do_sample": True, "num_return_sequences": 2, "top_k": 5}])
 def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]) -> None:

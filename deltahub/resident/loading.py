@@ -14,8 +14,9 @@ from torch import nn
 from ..codecs import matrix_view_shape
 from ..codecs.unchanged import same_bits
 from ..delta import Delta, check_base_digest, check_base_shape
-from ..errors import BaseMismatchError, ShapeMismatchError
-from ..format.io import pipelined, sha256_of as tensor_sha256
+from ..errors import BaseMismatchError, DeltaHubError, ShapeMismatchError
+from ..format.digest_cache import CheckpointDigests
+from ..format.io import Checkpoint, pipelined, sha256_of as tensor_sha256
 from ..format.manifest import TensorEntry
 from ..format.spec import dtype_name
 from .layers import (
@@ -73,11 +74,39 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
             state.base_digests[key] = tensor_sha256(base_t)
         check_base_digest(m, name, state.base_digests[key], path=delta.directory)
     if skipped:
+        skipped = _check_on_disk(delta, skipped, state.base_dir)
+    if skipped:
         warnings.warn(
             f"{len(skipped)} model tensor(s) (e.g. {skipped[0]!r}) are not in the delta's dtype, so their base sha256 "
             "cannot be checked; only shapes were checked (load the base in the delta's dtype for the full check)",
             stacklevel=3,
         )
+
+
+def _check_on_disk(delta: Delta, names: list[str], base_dir: str | None) -> list[str]:
+    """Check the base sha256 of ``names`` (held by the model in another dtype) on the checkpoint at ``base_dir``,
+    through the per-file digest cache (an unchanged file is hashed once, ever); returns the names left unchecked."""
+    if not base_dir or not Path(base_dir).is_dir():
+        return names
+    try:
+        ckpt = Checkpoint(base_dir)
+    except DeltaHubError:
+        return names
+    left = []
+    with ckpt:
+        cache = CheckpointDigests(ckpt.files)
+        for name in names:
+            entry = delta.manifest.tensors[name]
+            if name not in ckpt or dtype_name(ckpt.info(name).dtype) != entry.dtype:
+                left.append(name)
+                continue
+            digest = cache.get(name)
+            if digest is None:
+                digest = tensor_sha256(ckpt.read(name))
+                cache.put(name, digest)
+            check_base_digest(delta.manifest, name, digest, path=delta.directory)
+        cache.save()
+    return left
 
 
 def _tensor_owners(model: nn.Module, t: torch.Tensor) -> list[tuple[str, str]]:
@@ -143,6 +172,8 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
     if adapter_name in state.adapters:
         raise ValueError(f"an adapter named {adapter_name!r} is already attached")
     unmerge_adapter(model)  # the base is checked and wrapped with its own weights
+    if state.base_dir is None and Path(str(getattr(model, "name_or_path", "") or "")).is_dir():
+        state.base_dir = str(model.name_or_path)
     d, own = _open(delta, {"revision": revision, "token": token, "cache_dir": cache_dir, "endpoint": endpoint,
                            "local_files_only": local_files_only})
     try:
@@ -189,7 +220,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
                 and plan.raw[coded].device == tensors[name].device:
             plan.raw[name] = plan.raw[coded]  # the same bytes: one tensor for both names
             continue
-        rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]))
+        rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]), state.base_dir)
         if rebuilt is not None:
             plan.raw[name] = rebuilt
             if is_delta_codec(entry.codec) and len(entry.shape) >= 2:  # (delta-coded biases cost next to nothing)
@@ -219,16 +250,43 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
     return plan
 
 
-def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.Tensor) -> torch.Tensor | None:
-    """The exact rebuilt tensor ``name`` in the model's dtype and device, or None when it equals the base bit for bit."""
+def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.Tensor,
+                        base_dir: str | None = None) -> torch.Tensor | None:
+    """The exact rebuilt tensor ``name`` in the model's dtype and device, or None when it equals the base bit for bit.
+
+    A tensor stored as XOR against the base's bits needs the base in the delta's dtype: when the model
+    holds it in another one (a base served in bf16), the base tensor is read from the checkpoint on
+    disk (``base_dir``), checked against the manifest's sha256, rebuilt, then cast to the model's dtype.
+    """
+    source = base_t.detach().cpu()
     if entry.codec == "raw" and entry.params.get("mode") == "xor" and dtype_name(base_t.dtype) != entry.dtype:
-        raise ShapeMismatchError(
-            f"tensor {name!r} is stored as an exact XOR against a {entry.dtype} base, but the model holds it as "
-            f"{dtype_name(base_t.dtype)}; load the base with torch_dtype={entry.dtype} to attach this delta",
-            path=d.directory,
-        )
-    rebuilt = d.reconstruct(name, base_t.detach().cpu()).to(dtype=base_t.dtype, device=base_t.device)
+        source = _checkpoint_tensor(d, name, entry, base_dir)
+        if source is None:
+            raise ShapeMismatchError(
+                f"tensor {name!r} is stored as an exact XOR against a {entry.dtype} base, but the model holds it as "
+                f"{dtype_name(base_t.dtype)} and its base checkpoint is not on disk; load the base with "
+                f"torch_dtype={entry.dtype} (or with load_resident) to attach this delta",
+                path=d.directory,
+            )
+    rebuilt = d.reconstruct(name, source).to(dtype=base_t.dtype, device=base_t.device)
     return None if same_bits(rebuilt, base_t.detach()) else rebuilt
+
+
+def _checkpoint_tensor(d: Delta, name: str, entry: TensorEntry, base_dir: str | None) -> torch.Tensor | None:
+    """Base tensor ``name`` as stored in the checkpoint at ``base_dir`` (its sha256 checked), or None if unavailable."""
+    if not base_dir or not Path(base_dir).is_dir():
+        return None
+    try:
+        ckpt = Checkpoint(base_dir)
+    except DeltaHubError:
+        return None
+    with ckpt:
+        if name not in ckpt or dtype_name(ckpt.info(name).dtype) != entry.dtype:
+            return None
+        t = ckpt.read(name).clone()  # owned memory: the file is closed below
+    if entry.base_sha256 is not None:
+        check_base_digest(d.manifest, name, tensor_sha256(t), path=d.directory)
+    return t
 
 
 def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo, plan: _Plan, tensors: dict[str, torch.Tensor],
@@ -291,7 +349,9 @@ def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | D
     made against, pinned to its recorded commit (:func:`deltahub.hub.resolve_base`); a path or Hub id
     overrides it. All deltas must name the same base (fingerprint), checked once before loading;
     each base tensor's sha256 is then hashed once for all of them. ``torch_dtype`` ``None`` keeps the
-    checkpoint's dtype (needed for the sha256 check). The first delta becomes the active adapter.
+    checkpoint's dtype; another one (``torch.bfloat16`` to serve in 16 bits) works too: tensors the model then
+    holds in another dtype are checked on the checkpoint's bytes, and exact tensors stored as XOR against
+    the base are rebuilt from them. The first delta becomes the active adapter.
     """
     from transformers import AutoModelForCausalLM
 
@@ -313,6 +373,7 @@ def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | D
         kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
         model = AutoModelForCausalLM.from_pretrained(str(base.local_dir), **kwargs)
         model.eval()
+        resident_state(model).base_dir = str(base.local_dir)
         with explain_base_mismatch(first.manifest, base):
             for name, (d, _) in opened.items():
                 attach_delta(model, d, name, check_base=check_base)

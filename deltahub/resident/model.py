@@ -49,6 +49,10 @@ class ResidentState:
     #: Raw tensors that cannot be routed per row (inside a delta-wrapped layer other than a Linear bias,
     #: which DeltaLinear routes itself; e.g. an embedding module's other buffers).
     unroutable: set[str] = field(default_factory=set)
+    #: The base checkpoint directory the model was loaded from (``load_resident``, or a local
+    #: ``model.name_or_path``): exact tensors stored as XOR against the base's bits are rebuilt from the
+    #: checkpoint's own bits when the model holds the base in another dtype (served in bf16 / fp16).
+    base_dir: str | None = None
     #: Batch size of the running model call (one-element box shared with every routed module; see _record_rows).
     rows: list[int] = field(default_factory=lambda: [0])
     #: sha256 of base tensors already checked, by name (the base is hashed once for all its deltas).
