@@ -262,7 +262,15 @@ def test_wrong_base_is_refused(pair: dict[str, Any]) -> None:
     with pytest.raises(ShapeMismatchError, match="shape"):
         attach_delta(_base_model(small), deltas["A_row"], "A")
 
-    # another dtype: no sha256 possible, shapes only, with a warning
-    with pytest.warns(UserWarning, match="sha256"):
+    # another dtype: checked on the checkpoint the model was loaded from (its name_or_path), no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         m64 = attach_delta(_base_model(pair["base"], torch.float64), deltas["A_row"], "A")
     assert isinstance(m64.model.layers[0].mlp.up_proj, DeltaLinear)
+    # ... and without a checkpoint on disk: shapes only, with a warning
+    orphan = _base_model(pair["base"], torch.float64)
+    orphan.name_or_path = ""
+    with pytest.warns(UserWarning, match="sha256"):
+        attach_delta(orphan, deltas["A_row"], "A")
