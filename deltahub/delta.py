@@ -406,8 +406,12 @@ class Delta:
         return out
 
     def to_model(self, base: str | Path, *, check_base: bool = True, torch_dtype: torch.dtype | None = None,
-                 progress: bool | None = None, **model_kwargs: Any) -> Any:
-        """The rebuilt fine-tune as a ``transformers`` model (class from the config's ``architectures``)."""
+                 progress: bool | None = None, dtype: torch.dtype | None = None, **model_kwargs: Any) -> Any:
+        """The rebuilt fine-tune as a ``transformers`` model (class from the config's ``architectures``).
+
+        ``dtype`` (transformers' name; ``torch_dtype`` is the older alias) casts the model; default: the
+        rebuilt weights' own dtype."""
+        torch_dtype = _one_dtype(dtype, torch_dtype)
         if self.manifest.config is None:
             raise UnsupportedFormatError("the delta has no model config, so no transformers model can be built", path=self.directory)
         cls, config = model_class_for(self.manifest.config, {n: tuple(e.shape) for n, e in self.manifest.tensors.items()},
@@ -539,6 +543,13 @@ def _oneline(exc: BaseException) -> str:
 
 #: What ``apply(dtype=...)`` / ``--dtype`` may write.
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` or its older alias ``torch_dtype`` (both given: they must agree)."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one (dtype)")
+    return dtype if dtype is not None else torch_dtype
 
 
 def _float_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

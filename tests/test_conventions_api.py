@@ -177,6 +177,21 @@ def test_dtype_is_honoured(made: dict[str, Path]) -> None:
     assert _dtypes(m) == {torch.bfloat16}
 
 
+def test_dtype_keyword_on_to_model_and_load_resident(made: dict[str, Path]) -> None:
+    """``dtype=`` (transformers' name) works on Delta.to_model and load_resident, beside the older ``torch_dtype``;
+    it was silently dropped before (the checkpoint dtype won)."""
+    from deltahub.delta import Delta
+    from deltahub.resident import load_resident
+
+    d = Delta(made["delta"])
+    assert _dtypes(d.to_model(made["base"], dtype=torch.bfloat16)) == {torch.bfloat16}
+    assert _dtypes(d.to_model(made["base"], torch_dtype=torch.bfloat16)) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="disagree"):
+        d.to_model(made["base"], dtype=torch.bfloat16, torch_dtype=torch.float16)
+    model = load_resident(made["base"], {"a": made["delta"]}, dtype=torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_device_map_rebuilds_once_into_the_cache(made: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DELTAHUB_CACHE", str(tmp_path / "dh"))
     d, base = str(made["delta"]), str(made["base"])

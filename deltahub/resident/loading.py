@@ -341,21 +341,24 @@ def _wrapped(model: nn.Module, path: str, kind: type, chunk_rows: int) -> Any:
 def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | Delta], torch_dtype: torch.dtype | None = None,
                   *, check_base: bool = True, revision: str | None = None, base_revision: str | None = None,
                   token: str | bool | None = None, cache_dir: str | Path | None = None, endpoint: str | None = None,
-                  local_files_only: bool = False, **model_kwargs: Any) -> nn.Module:
+                  local_files_only: bool = False, dtype: torch.dtype | None = None, **model_kwargs: Any) -> nn.Module:
     """Load the base once with ``AutoModelForCausalLM.from_pretrained`` and attach every delta under its key.
 
     Deltas may be Delta objects, directories or Hub ids (``namespace/name[@rev]``; ``revision``
     applies to every delta given without ``@rev``). ``base_path`` ``None``: the base the deltas were
     made against, pinned to its recorded commit (:func:`deltahub.hub.resolve_base`); a path or Hub id
     overrides it. All deltas must name the same base (fingerprint), checked once before loading;
-    each base tensor's sha256 is then hashed once for all of them. ``torch_dtype`` ``None`` keeps the
-    checkpoint's dtype; another one (``torch.bfloat16`` to serve in 16 bits) works too: tensors the model then
+    each base tensor's sha256 is then hashed once for all of them. ``dtype`` (or its older alias, the
+    positional ``torch_dtype``) ``None`` keeps the checkpoint's dtype; another one (``torch.bfloat16`` to serve in 16 bits) works too: tensors the model then
     holds in another dtype are checked on the checkpoint's bytes, and exact tensors stored as XOR against
     the base are rebuilt from them. The first delta becomes the active adapter.
     """
     from transformers import AutoModelForCausalLM
 
+    from ..delta import _one_dtype
     from ..hub import explain_base_mismatch, is_hub_spec, resolve_base
+
+    torch_dtype = _one_dtype(dtype, torch_dtype)
 
     hub_kw = {"token": token, "cache_dir": cache_dir, "endpoint": endpoint, "local_files_only": local_files_only}
     opened = {n: _open(d, {"revision": revision, **hub_kw}) for n, d in deltas.items()}
