@@ -255,6 +255,23 @@ def test_base_served_in_bf16(ft_pair: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(BaseMismatchError):
         load_resident(moved, {"a": deltas["a"]}, torch_dtype=torch.bfloat16)
 
+
+def test_failed_merge_restores_the_base(ft_pair: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode that fails part-way through merge_adapter leaves no weight merged: every base bit comes back."""
+    from deltahub.resident import merge_adapter
+
+    model = load_resident(ft_pair["base"], {"a": ft_pair["deltas"]["a"]})
+    set_adapter(model, None)
+    before = _state_bits(model)
+    layers = [m for m in model.modules() if isinstance(m, DeltaLinear) and "a" in m.adapters]
+    victim = layers[len(layers) // 2].adapters["a"]
+    monkeypatch.setattr(victim, "dense", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("decode failed")))
+    with pytest.raises(RuntimeError, match="decode failed"):
+        merge_adapter(model, "a")
+    assert resident_state(model).merged is None and not resident_state(model).merge_undo
+    set_adapter(model, None)
+    assert _state_bits(model) == before
+
 @pytest.mark.parametrize("kw", [{"num_beams": 2, "num_return_sequences": 2},
                                 {"do_sample": True, "num_return_sequences": 2, "top_k": 5}])
 def test_generate_with_adapter_names(ft_pair: dict[str, Any], kw: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..format.io import pipelined
 from .layers import BASE_ADAPTER, DeltaLinear, MixedAdapterError, RoutedModule
 from .routing import DeltaEmbedding, RawRouted
 
@@ -302,27 +303,32 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     if state.merged == name:
         return
     set_adapter(model, name)  # unmerges any other adapter; swaps this adapter's raw tensors (norms) in
-    done: set[int] = set()
-    with torch.no_grad():
-        for _, mod in list(_routed(model)):
-            if not isinstance(mod, DeltaLinear | DeltaEmbedding) or name not in mod.adapters:
-                continue
-            w = mod.base_layer.weight
-            if id(w) in done:  # tied weights: merged once
-                continue
-            done.add(id(w))
-            adapter = mod.adapters[name]
+    todo: dict[int, tuple[torch.Tensor, Any]] = {}  # by id of the base weight: tied weights are merged once
+    for _, mod in _routed(model):
+        if isinstance(mod, DeltaLinear | DeltaEmbedding) and name in mod.adapters:
+            todo.setdefault(id(mod.base_layer.weight), (mod.base_layer.weight, mod.adapters[name]))
+
+    def prepare(item: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w, adapter = item
+        with torch.no_grad():
             d = adapter.dense(torch.float32).to(w.device)
             orig = w.detach()
             merged = (orig.to(torch.float32) + d).to(w.dtype)
             back = (merged.to(torch.float32) - d).to(w.dtype)
-            differ = _bits(back) != _bits(orig)
-            index = differ.reshape(-1).nonzero().squeeze(1)
+            index = (_bits(back) != _bits(orig)).reshape(-1).nonzero().squeeze(1)
             values = orig.reshape(-1).index_select(0, index)
-            small = index.to(torch.int32) if orig.numel() < 2**31 else index  # 4 bytes per kept element
+        return merged, (index.to(torch.int32) if orig.numel() < 2**31 else index), values  # 4 bytes per kept index
+
+    state.merged = name  # so that a failure part-way is undone by _unmerge
+    try:
+        # decode + add per weight on all cores (GIL-free torch ops); weights are written in order, one at a time
+        for (w, adapter), (merged, small, values) in pipelined(list(todo.values()), prepare):
             state.merge_undo.append(_MergeUndo(w, adapter, small, values))
-            orig.copy_(merged)
-    state.merged = name
+            with torch.no_grad():
+                w.detach().copy_(merged)
+    except BaseException:
+        _unmerge(model, state)
+        raise
     _sync(model)
 
 
