@@ -341,13 +341,18 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def _unmerge(model: nn.Module, state: ResidentState) -> None:
-    with torch.no_grad():
-        for u in reversed(state.merge_undo):
+    def restore(u: _MergeUndo) -> torch.Tensor:
+        with torch.no_grad():
             w = u.weight.detach()
             d = u.delta.dense(torch.float32).to(w.device)
             back = (w.to(torch.float32) - d).to(w.dtype).reshape(-1)
             back.index_copy_(0, u.index.long(), u.values)
-            w.copy_(back.view(w.shape))
+            return back.view(w.shape)
+
+    # each record touches its own weight (tied weights were merged once): decoded on all cores, written in order
+    for u, back in pipelined(list(reversed(state.merge_undo)), restore):
+        with torch.no_grad():
+            u.weight.detach().copy_(back)
     state.merge_undo.clear()
     state.merged = None
 
