@@ -293,3 +293,40 @@ def test_compress_fills_and_reuses_the_digest_cache(pair: tuple[Path, Path, Path
     m2 = compress(base, ft, tmp_path / "d2", codec="deltadq", preset="64x", progress=False)
     apply_delta(tmp_path / "d2", base, tmp_path / "o", progress=False)
     assert hash_calls == [] and m1.base.fingerprint == m2.base.fingerprint == Delta(delta).manifest.base.fingerprint
+
+
+def test_pipelined_small_items_run_past_a_slow_large_one() -> None:
+    """With a byte cost, small items are not held behind a slow large one at the head of the queue (more than
+    workers + 1 in flight), the bytes in flight never exceed max_cost, and results still come in order."""
+    import threading
+    import time
+
+    sizes = [100] + [1] * 12
+    started: list[int] = []
+    lock = threading.Lock()
+    inflight = {"now": 0, "max": 0}
+    head_done = threading.Event()
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+            inflight["now"] += sizes[i]
+            inflight["max"] = max(inflight["max"], inflight["now"])
+        if i == 0:
+            time.sleep(0.3)  # the large head item is slow
+            with lock:
+                inflight["past_head"] = len(started) - 1
+            head_done.set()
+        with lock:
+            inflight["now"] -= sizes[i]
+        return i * 10
+
+    out = list(io_mod.pipelined(range(len(sizes)), fn, workers=2, cost=sizes.__getitem__, max_cost=106))
+    assert [r for _, r in out] == [i * 10 for i in range(len(sizes))]
+    assert inflight["max"] <= 106
+    assert len(started) == len(sizes)
+    assert inflight["past_head"] == 6  # bytes allowed 6 small items past the head (a count bound: 2)
+    # without a cost, the count bound (workers + 1 in flight) stays
+    seen: list[int] = []
+    list(io_mod.pipelined(range(6), lambda i: seen.append(i) or i, workers=2))
+    assert sorted(seen) == list(range(6))

@@ -898,24 +898,33 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+#: Items in flight per worker when their bytes bound the window (:func:`pipelined`): measured on the real
+#: pair's default delta, apply took 1.70 s best-of-3 with 1 (head-of-line blocking behind the 113 MB
+#: embedding), 1.42 s with 4 and 1.40 s with 16 (benchmarks/throughput.md).
+AHEAD = 8
+
+
 def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int | None = None,
               cost: Callable[[T], int] | None = None, max_cost: int = 0) -> Iterator[tuple[T, R]]:
     """Yield ``(item, fn(item))`` in order while ``fn`` runs on ``workers`` threads ahead of the consumer.
 
     Read, hash, decode (all GIL-free in torch / hashlib / zstd) then overlap each other and the
-    consumer's writes. At most ``workers + 1`` items are in flight, and their summed ``cost``
-    (bytes) stays within ``max_cost`` except that one item is always allowed, so memory holds a
-    bounded window of tensors. An exception in ``fn`` surfaces when its item's turn comes.
+    consumer's writes. Without ``cost`` at most ``workers + 1`` items are in flight. With it, their
+    summed ``cost`` (bytes) stays within ``max_cost`` (one item is always allowed) and up to
+    ``AHEAD * workers`` items may be in flight: a large tensor at the head of the queue then no longer
+    idles the other workers (small ones run past it), while memory stays bounded by the bytes.
+    An exception in ``fn`` surfaces when its item's turn comes.
     """
     todo = list(items)
     workers = workers or default_workers()
+    limit = workers if cost is None else AHEAD * workers
     cost = cost or (lambda _: 0)
     pending: collections.deque[tuple[T, int, Future[R]]] = collections.deque()
     inflight, i = 0, 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-pipeline", initializer=_one_torch_thread) as pool:
         try:
             while i < len(todo) or pending:
-                while i < len(todo) and (not pending or (len(pending) <= workers and inflight + cost(todo[i]) <= max_cost)):
+                while i < len(todo) and (not pending or (len(pending) <= limit and inflight + cost(todo[i]) <= max_cost)):
                     c = cost(todo[i])
                     pending.append((todo[i], c, pool.submit(fn, todo[i])))
                     inflight, i = inflight + c, i + 1
