@@ -5,7 +5,11 @@ is compared with the fp16 fine-tune (2 bytes per parameter), and the rebuilt mod
 fine-tune on held-out stdlib blocks: KL(fine-tune || rebuilt), held-out loss, share of the
 fine-tune's loss gain kept. Writes ``whole_model.md``, ``whole_model.json`` and ``whole_model.png``.
 
-    python benchmarks/bench_whole_model.py [--pair smollm2-135m] [--ratios 10,20,50,100,200,500] [--eval-blocks 8]
+    python benchmarks/bench_whole_model.py [--name smollm2-135m] [--ratios 10,20,50,100,200,500] [--eval-blocks 8]
+    python benchmarks/bench_whole_model.py --name gemma3-270m --ratios 20,100 --references bitdelta
+
+``--name`` picks the demo pair (built or reused with its default recipe unless ``--base``/``--finetuned``
+are given) and whether held-out blocks start with BOS (Gemma's do, as in its fine-tune).
 
 The allocation's measurements do not depend on the budget, so they are made once per pair
 and reused across ratios (``--no-reuse`` measures every run from scratch); the compress wall
@@ -35,7 +39,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="10,20,50,100,200,500")
     ap.add_argument("--eval-blocks", type=int, default=8)
     ap.add_argument("--reference-configs", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--name", default="smollm2-135m")
+    ap.add_argument("--references", default="bitdelta,deltadq", help="which reference configs to run (comma list)")
+    ap.add_argument("--name", default="smollm2-135m", help="demo model name (a DEMO_MODELS key) or a free label")
     ap.add_argument("--no-reuse", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE)
     a = ap.parse_args()
@@ -46,23 +51,28 @@ def main() -> None:
     import deltahub.compression as comp
     from deltahub.delta import Delta
     from deltahub.demo import build_pair, stdlib_corpus
-    from deltahub.demo.pair import load_model
+    from deltahub.demo.pair import DEMO_MODELS, load_model
     from deltahub.evaluation import evaluate_models
 
-    base, ft = (a.base, a.finetuned) if a.base else build_pair(None, steps=60)
+    spec = DEMO_MODELS.get(a.name)
+    if a.base:
+        base, ft = a.base, a.finetuned
+    else:
+        base, ft = build_pair(None, model=spec.name if spec else "smollm2-135m")
     from deltahub.format.io import Checkpoint
 
     with Checkpoint(ft) as ck:  # stored tensors (a tied LM head is stored once)
         fp16 = 2 * sum(ck.info(n).numel for n in ck.keys())
     tok = AutoTokenizer.from_pretrained(ft)
-    blocks = stdlib_corpus(tok)[1][: a.eval_blocks]
+    blocks = stdlib_corpus(tok, bos=bool(spec and spec.bos_per_block))[1][: a.eval_blocks]
     models = {"fine-tune": load_model(ft)}
     ref = evaluate_models({**models, "base": load_model(base)}, blocks, reference="fine-tune")
     work = Path(tempfile.mkdtemp(prefix="deltahub-wm-"))
 
-    configs: list[tuple[str, dict[str, Any]]] = [("bitdelta, exact embeddings (BitDelta paper policy)", {"codec": "bitdelta"}),
-                                                  ("deltadq 16x, exact embeddings (earlier auto's best)", {"codec": "deltadq", "preset": "16x"})]
-    configs = configs if a.reference_configs else []
+    references = {"bitdelta": ("bitdelta, exact embeddings (BitDelta paper policy)", {"codec": "bitdelta"}),
+                  "deltadq": ("deltadq 16x, exact embeddings (earlier auto's best)", {"codec": "deltadq", "preset": "16x"})}
+    wanted = [r for r in a.references.split(",") if r] if a.reference_configs else []
+    configs: list[tuple[str, dict[str, Any]]] = [references[r] for r in wanted]
     configs += [(f"auto --target-ratio {r}" + (" (default)" if r == comp.DEFAULT_TARGET_RATIO else ""), {"target_ratio": float(r)})
                 for r in map(int, a.ratios.split(","))]
     t0 = time.perf_counter()
@@ -114,11 +124,11 @@ def _write(out: Path, name: str, r: dict[str, Any]) -> None:
     lines = [f"## {name}: whole delta directory vs the fp16 fine-tune ({human_bytes(r['fp16_bytes'])})", "",
              f"Held-out: {r['eval_tokens']} tokens; base loss {r['base_loss']:.4f} (KL {r['base_kl']:.4f}), "
              f"fine-tune {r['finetune_loss']:.4f}. Default compress (fresh) {r['default_compress_s']:.0f} s.", "",
-             "| config | whole delta | vs fp16 fine-tune | KL(ft ‖ rebuilt) | held-out loss | gain kept | top-1 agree |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | whole delta | vs fp16 fine-tune | KL(ft ‖ rebuilt) | held-out loss | gain kept | top-1 agree | compress s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['config']} | {human_bytes(row['bytes'])} | {row['ratio']:.1f}x | {row['kl']:.5f} | "
-                     f"{row['loss']:.4f} | {100 * row['gain_kept']:.0f}% | {100 * row['top1']:.2f}% |")
+                     f"{row['loss']:.4f} | {100 * row['gain_kept']:.0f}% | {100 * row['top1']:.2f}% | {row['compress_s']:.0f} |")
     (out / f"whole_model_{name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
