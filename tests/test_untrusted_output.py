@@ -176,6 +176,31 @@ def test_two_concurrent_applies_one_wins(pair_and_delta: tuple[Path, Path, Path]
     assert _temps(tmp_path) == []
 
 
+def test_output_written_by_another_run_after_the_old_one_moved_aside(pair_and_delta: tuple[Path, Path, Path],
+                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Portable fallback, overwrite: the old output has been moved aside (identity checked) when another run
+    writes the output. That run's output is kept untouched, this run's result is discarded with a one-line
+    error, and the old output, which the user asked to replace, is removed (no leftover temp)."""
+    base, _, delta = pair_and_delta
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(io, "_renameat2", lambda src, dst, flags: False)
+    real = io._rename_noreplace
+
+    def racing(src: Path, dst: Path) -> None:
+        if Path(dst) == out and ".tmp-" in Path(src).name and not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("another run")  # lands between our two renames
+        real(src, dst)
+
+    monkeypatch.setattr(io, "_rename_noreplace", racing)
+    with pytest.raises(OutputExistsError, match="appeared"):
+        apply_delta(delta, base, out, overwrite=True, progress=False)
+    assert (out / "theirs.txt").read_text() == "another run" and not (out / "model.safetensors").exists()
+    assert _temps(tmp_path) == []
+
+
 def test_calibration_file_appearing_meanwhile_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       rename_mode: str) -> None:
     out = tmp_path / "calib.safetensors"

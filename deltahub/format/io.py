@@ -761,8 +761,11 @@ def _commit(tmp: Path, target: Path, *, overwrite: bool, replaces: tuple[int, in
     try:
         _rename_noreplace(tmp, target)
     except FileExistsError:
-        raise OutputExistsError(f"output appeared {_CONCURRENT}; the output it was to replace is kept as {trash}",
-                                path=target) from None
+        # another run wrote the output after ours moved the old one aside: the old one (identity checked) is
+        # the output the user asked to replace, so it is removed as asked; the newcomer is not touched
+        _remove(trash)
+        raise OutputExistsError(f"output appeared {_CONCURRENT}; this run's result was discarded (the output it was "
+                                "asked to replace is gone, as asked)", path=target) from None
     except BaseException:  # interrupted or failed: the old output goes back where it was
         with contextlib.suppress(OSError):
             _rename_noreplace(trash, target)
