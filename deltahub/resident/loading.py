@@ -83,14 +83,21 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
         )
 
 
+def _base_checkpoint(base_dir: str | None) -> Checkpoint | None:
+    """The base checkpoint the model was loaded from, when it is a readable local directory (else None)."""
+    if not base_dir or not Path(base_dir).is_dir():
+        return None
+    try:
+        return Checkpoint(base_dir)
+    except DeltaHubError:
+        return None
+
+
 def _check_on_disk(delta: Delta, names: list[str], base_dir: str | None) -> list[str]:
     """Check the base sha256 of ``names`` (held by the model in another dtype) on the checkpoint at ``base_dir``,
     through the per-file digest cache (an unchanged file is hashed once, ever); returns the names left unchecked."""
-    if not base_dir or not Path(base_dir).is_dir():
-        return names
-    try:
-        ckpt = Checkpoint(base_dir)
-    except DeltaHubError:
+    ckpt = _base_checkpoint(base_dir)
+    if ckpt is None:
         return names
     left = []
     with ckpt:
@@ -274,11 +281,8 @@ def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.T
 
 def _checkpoint_tensor(d: Delta, name: str, entry: TensorEntry, base_dir: str | None) -> torch.Tensor | None:
     """Base tensor ``name`` as stored in the checkpoint at ``base_dir`` (its sha256 checked), or None if unavailable."""
-    if not base_dir or not Path(base_dir).is_dir():
-        return None
-    try:
-        ckpt = Checkpoint(base_dir)
-    except DeltaHubError:
+    ckpt = _base_checkpoint(base_dir)
+    if ckpt is None:
         return None
     with ckpt:
         if name not in ckpt or dtype_name(ckpt.info(name).dtype) != entry.dtype:
