@@ -176,16 +176,22 @@ def test_two_concurrent_applies_one_wins(pair_and_delta: tuple[Path, Path, Path]
     assert _temps(tmp_path) == []
 
 
+def _old_output_on_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An existing output ``tmp_path/out`` (holding ``old.txt``), with the portable rename fallback forced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(io, "_renameat2", lambda src, dst, flags: False)
+    return out
+
+
 def test_output_written_by_another_run_after_the_old_one_moved_aside(pair_and_delta: tuple[Path, Path, Path],
                                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Portable fallback, overwrite: the old output has been moved aside (identity checked) when another run
     writes the output. That run's output is kept untouched, this run's result is discarded with a one-line
     error, and the old output, which the user asked to replace, is removed (no leftover temp)."""
     base, _, delta = pair_and_delta
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    monkeypatch.setattr(io, "_renameat2", lambda src, dst, flags: False)
+    out = _old_output_on_fallback(tmp_path, monkeypatch)
     real = io._rename_noreplace
 
     def racing(src: Path, dst: Path) -> None:
@@ -431,10 +437,7 @@ def test_interrupted_overwrite_keeps_the_old_output(pair_and_delta: tuple[Path, 
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Fallback path (old output moved aside first): Ctrl-C before the new one is in place puts it back."""
     base, _, delta = pair_and_delta
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    monkeypatch.setattr(io, "_renameat2", lambda src, dst, flags: False)
+    out = _old_output_on_fallback(tmp_path, monkeypatch)
     original = io._rename_noreplace
 
     def interrupted(src: Path, dst: Path) -> None:
