@@ -45,6 +45,7 @@ from .format.io import (
     base_digest,
     check_output,
     fingerprint,
+    pipelined,
     prefetch,
     read_with_digest,
 )
@@ -408,7 +409,33 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     ``base_digests`` gets the digest of every base tensor read (those already in it are not rehashed).
     """
     entries: dict[str, TensorEntry] = {}
-    for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)):
+    names = list(ft_ckpt.keys())
+    load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
+    if job.ties is None or job.ties.decided_all(names):
+        # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
+        # cores (one torch thread each), and written and recorded in storage order, so the delta's bytes
+        # are those of a serial run.
+        def encode(name: str) -> tuple[TensorEntry, str | None, tuple[dict[str, torch.Tensor], str] | None]:
+            ft_t, base_t, digest = load(name)
+            info = ft_ckpt.info(name)
+            target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
+            if target is not None:
+                return alias_entry(name, info, target, digest), digest, None
+            entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
+            return entry, digest, (tensors, codec)
+
+        for name, (entry, digest, stored) in pipelined(names, encode):
+            if digest is not None:
+                base_digests[name] = digest
+            if stored is None:
+                logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once",
+                            name, entry.params["target"])
+            else:
+                _record(entry, *stored, writer)
+            entries[name] = entry
+            advance(ft_ckpt.info(name).nbytes)
+        return entries
+    for name, (ft_t, base_t, digest) in prefetch(names, load):
         info = ft_ckpt.info(name)
         if digest is not None:
             base_digests[name] = digest
@@ -477,6 +504,20 @@ def _run_codec(job: _Job, inp: EncodeInput, c: Any, p: dict[str, Any], auto: boo
 def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
                    digest: str | None, writer: DeltaShardWriter) -> TensorEntry:
     """Encode one tensor, hand its stored tensors to ``writer`` and return its manifest entry."""
+    entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
+    return _record(entry, tensors, codec, writer)
+
+
+def _record(entry: TensorEntry, tensors: dict[str, torch.Tensor], codec: str, writer: DeltaShardWriter) -> TensorEntry:
+    """Write an encoded tensor's stored tensors (keyed by their stored names) and fill in the entry's digests."""
+    written = writer.add(tensors, codec)
+    entry.digests = {r: written[k] for r, k in entry.stored.items()}
+    return entry
+
+
+def _encode_entry(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
+                  digest: str | None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
+    """Encode one tensor: its manifest entry (digests not yet known), its stored tensors by stored name, the codec."""
     c, p, auto = _select_codec(job, name, info, ft_t, base_t)
     inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
     c, enc, auto_stats = _run_codec(job, inp, c, p, auto)
@@ -486,9 +527,7 @@ def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: 
     if job.compute_stats and c.needs_base and c.name != "unchanged":
         entry.stats = {k: v for k, v in (enc.stats or _stats(c, enc, inp, tuple(info.shape))).items() if k in _REPORTED}
     entry.stats.update(auto_stats)
-    written = writer.add({stored[r]: t for r, t in enc.tensors.items()}, c.name)
-    entry.digests = {r: written[k] for r, k in stored.items()}
-    return entry
+    return entry, {stored[r]: t for r, t in enc.tensors.items()}, c.name
 
 
 def alias_entry(name: str, info: Any, target: str, digest: str | None) -> TensorEntry:

@@ -53,6 +53,11 @@ class TieFinder:
         self._firsts: dict[tuple[Any, ...], list[str]] = {}
         self._decided: dict[str, str | None] = {}
 
+    def decided_all(self, names: list[str]) -> bool:
+        """Whether every one of ``names`` was decided already (later calls of :meth:`target` are then lookups,
+        safe from any thread and in any order)."""
+        return all(n in self._decided for n in names)
+
     @property
     def aliases(self) -> dict[str, str]:
         """Alias name -> target name, of the names decided so far."""

@@ -31,3 +31,17 @@ def test_compress_applies_params_given_with_policy(tiny_pair: tuple[Path, Path],
         compress(base, ft, tmp_path / "e", policy=Policy(codec="bitdelta", params={"granularity": "tensor"}),
                  params={"granularity": "row"}, progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_parallel_encoding_writes_the_bytes_of_a_serial_run(tiny_pair: tuple[Path, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default policy encodes tensors on several workers once the allocation has decided everything;
+    what it writes (stored tensors, manifest) is byte-identical to a one-worker run."""
+    base, ft = tiny_pair
+    outs = []
+    for workers in ("1", "3"):
+        monkeypatch.setenv("DELTAHUB_NUM_WORKERS", workers)
+        out = tmp_path / f"d{workers}"
+        compress(base, ft, out, progress=False)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()})
+    assert outs[0] == outs[1] and any(n.endswith(".safetensors") for n in outs[0])
