@@ -44,6 +44,7 @@ from .format.io import (
     atomic_file,
     base_digest,
     check_output,
+    _one_torch_thread,
     fingerprint,
     pipelined,
     prefetch,
@@ -584,7 +585,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     pending: deque[tuple[int, Future[Curve]]] = deque()
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
     with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure") as pool:
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure", initializer=_one_torch_thread) as pool:
         for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)):
             info = ft_ckpt.info(name)
             if digest is not None:
