@@ -16,7 +16,7 @@ from ..codecs.unchanged import same_bits
 from ..delta import Delta, check_base_digest, check_base_shape
 from ..errors import BaseMismatchError, DeltaHubError, ShapeMismatchError
 from ..format.digest_cache import CheckpointDigests
-from ..format.io import Checkpoint, pipelined, sha256_of as tensor_sha256
+from ..format.io import Checkpoint, base_digest, pipelined, sha256_of as tensor_sha256
 from ..format.manifest import TensorEntry
 from ..format.spec import dtype_name
 from .layers import (
@@ -50,7 +50,8 @@ class _Plan:
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor], state: ResidentState, check_base: bool) -> None:
+def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor], state: ResidentState, check_base: bool,
+                disk: _BaseOnDisk) -> None:
     """Shapes of every manifest tensor against the model; with ``check_base`` also the base sha256 per tensor."""
     m = delta.manifest
     skipped: list[str] = []
@@ -74,7 +75,7 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
             state.base_digests[key] = tensor_sha256(base_t)
         check_base_digest(m, name, state.base_digests[key], path=delta.directory)
     if skipped:
-        skipped = _check_on_disk(delta, skipped, state.base_dir)
+        skipped = _check_on_disk(delta, skipped, disk)
     if skipped:
         warnings.warn(
             f"{len(skipped)} model tensor(s) (e.g. {skipped[0]!r}) are not in the delta's dtype, so their base sha256 "
@@ -83,36 +84,61 @@ def _check_base(model: nn.Module, delta: Delta, tensors: dict[str, torch.Tensor]
         )
 
 
-def _base_checkpoint(base_dir: str | None) -> Checkpoint | None:
-    """The base checkpoint the model was loaded from, when it is a readable local directory (else None)."""
-    if not base_dir or not Path(base_dir).is_dir():
-        return None
-    try:
-        return Checkpoint(base_dir)
-    except DeltaHubError:
-        return None
+class _BaseOnDisk:
+    """The base checkpoint the model was loaded from (a local directory), opened at most once per attach:
+    the stored bits and sha256 (through the per-file digest cache) of tensors the model holds in another dtype."""
+
+    def __init__(self, base_dir: str | None) -> None:
+        self._dir = base_dir
+        self._ckpt: Checkpoint | None = None
+        self._cache: CheckpointDigests | None = None
+        self._tried = False
+
+    def _checkpoint(self) -> Checkpoint | None:
+        if not self._tried:
+            self._tried = True
+            if self._dir and Path(self._dir).is_dir():
+                try:
+                    self._ckpt = Checkpoint(self._dir)
+                    self._cache = CheckpointDigests(self._ckpt.files)
+                except DeltaHubError:
+                    self._ckpt = None
+        return self._ckpt
+
+    def has(self, name: str, dtype: str) -> bool:
+        """Whether the checkpoint stores ``name`` in ``dtype`` (a format dtype name)."""
+        ckpt = self._checkpoint()
+        return ckpt is not None and name in ckpt and dtype_name(ckpt.info(name).dtype) == dtype
+
+    def digest(self, name: str) -> str:
+        """sha256 of the stored tensor (cached by file identity: an unchanged file is hashed once, ever)."""
+        assert self._ckpt is not None
+        return base_digest(self._ckpt, name, self._cache)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor, in owned memory (the file is closed with this object)."""
+        assert self._ckpt is not None
+        return self._ckpt.read(name).clone()
+
+    def __enter__(self) -> _BaseOnDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ckpt is not None:
+            if self._cache is not None:
+                self._cache.save()
+            self._ckpt.close()
 
 
-def _check_on_disk(delta: Delta, names: list[str], base_dir: str | None) -> list[str]:
-    """Check the base sha256 of ``names`` (held by the model in another dtype) on the checkpoint at ``base_dir``,
-    through the per-file digest cache (an unchanged file is hashed once, ever); returns the names left unchecked."""
-    ckpt = _base_checkpoint(base_dir)
-    if ckpt is None:
-        return names
+def _check_on_disk(delta: Delta, names: list[str], disk: _BaseOnDisk) -> list[str]:
+    """Check the base sha256 of ``names`` (held by the model in another dtype) on the base checkpoint on disk;
+    returns the names left unchecked (no checkpoint, or not stored in the delta's dtype)."""
     left = []
-    with ckpt:
-        cache = CheckpointDigests(ckpt.files)
-        for name in names:
-            entry = delta.manifest.tensors[name]
-            if name not in ckpt or dtype_name(ckpt.info(name).dtype) != entry.dtype:
-                left.append(name)
-                continue
-            digest = cache.get(name)
-            if digest is None:
-                digest = tensor_sha256(ckpt.read(name))
-                cache.put(name, digest)
-            check_base_digest(delta.manifest, name, digest, path=delta.directory)
-        cache.save()
+    for name in names:
+        if disk.has(name, delta.manifest.tensors[name].dtype):
+            check_base_digest(delta.manifest, name, disk.digest(name), path=delta.directory)
+        else:
+            left.append(name)
     return left
 
 
@@ -185,8 +211,9 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
                            "local_files_only": local_files_only})
     try:
         tensors = _walk_tensors(model)
-        _check_base(model, d, tensors, state, check_base)
-        plan = _plan(model, d, tensors, state, adapter_name, cache_decoded)
+        with _BaseOnDisk(state.base_dir) as disk:
+            _check_base(model, d, tensors, state, check_base, disk)
+            plan = _plan(model, d, tensors, state, adapter_name, cache_decoded, disk)
     finally:
         if own:
             d.close()
@@ -195,7 +222,7 @@ def attach_delta(model: nn.Module, delta: Delta | str | Path, adapter_name: str,
 
 
 def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: ResidentState, adapter_name: str,
-          cache_decoded: bool) -> _Plan:
+          cache_decoded: bool, disk: _BaseOnDisk) -> _Plan:
     """Read, decode and check every changed tensor of ``d`` into its resident form (the model is not modified)."""
     plan = _Plan()
     fallback: list[str] = []
@@ -227,7 +254,7 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
                 and plan.raw[coded].device == tensors[name].device:
             plan.raw[name] = plan.raw[coded]  # the same bytes: one tensor for both names
             continue
-        rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]), state.base_dir)
+        rebuilt = _rebuilt_if_changed(d, name, entry, state.base_raw.get(name, tensors[name]), disk)
         if rebuilt is not None:
             plan.raw[name] = rebuilt
             if is_delta_codec(entry.codec) and len(entry.shape) >= 2:  # (delta-coded biases cost next to nothing)
@@ -258,39 +285,27 @@ def _plan(model: nn.Module, d: Delta, tensors: dict[str, torch.Tensor], state: R
 
 
 def _rebuilt_if_changed(d: Delta, name: str, entry: TensorEntry, base_t: torch.Tensor,
-                        base_dir: str | None = None) -> torch.Tensor | None:
+                        disk: _BaseOnDisk | None = None) -> torch.Tensor | None:
     """The exact rebuilt tensor ``name`` in the model's dtype and device, or None when it equals the base bit for bit.
 
     A tensor stored as XOR against the base's bits needs the base in the delta's dtype: when the model
     holds it in another one (a base served in bf16), the base tensor is read from the checkpoint on
-    disk (``base_dir``), checked against the manifest's sha256, rebuilt, then cast to the model's dtype.
+    disk (``disk``), checked against the manifest's sha256, rebuilt, then cast to the model's dtype.
     """
     source = base_t.detach().cpu()
     if entry.codec == "raw" and entry.params.get("mode") == "xor" and dtype_name(base_t.dtype) != entry.dtype:
-        source = _checkpoint_tensor(d, name, entry, base_dir)
-        if source is None:
+        if disk is None or not disk.has(name, entry.dtype):
             raise ShapeMismatchError(
                 f"tensor {name!r} is stored as an exact XOR against a {entry.dtype} base, but the model holds it as "
                 f"{dtype_name(base_t.dtype)} and its base checkpoint is not on disk; load the base with "
                 f"torch_dtype={entry.dtype} (or with load_resident) to attach this delta",
                 path=d.directory,
             )
+        if entry.base_sha256 is not None:
+            check_base_digest(d.manifest, name, disk.digest(name), path=d.directory)
+        source = disk.read(name)
     rebuilt = d.reconstruct(name, source).to(dtype=base_t.dtype, device=base_t.device)
     return None if same_bits(rebuilt, base_t.detach()) else rebuilt
-
-
-def _checkpoint_tensor(d: Delta, name: str, entry: TensorEntry, base_dir: str | None) -> torch.Tensor | None:
-    """Base tensor ``name`` as stored in the checkpoint at ``base_dir`` (its sha256 checked), or None if unavailable."""
-    ckpt = _base_checkpoint(base_dir)
-    if ckpt is None:
-        return None
-    with ckpt:
-        if name not in ckpt or dtype_name(ckpt.info(name).dtype) != entry.dtype:
-            return None
-        t = ckpt.read(name).clone()  # owned memory: the file is closed below
-    if entry.base_sha256 is not None:
-        check_base_digest(d.manifest, name, tensor_sha256(t), path=d.directory)
-    return t
 
 
 def _install(model: nn.Module, state: ResidentState, info: _AdapterInfo, plan: _Plan, tensors: dict[str, torch.Tensor],
