@@ -412,42 +412,34 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     entries: dict[str, TensorEntry] = {}
     names = list(ft_ckpt.keys())
     load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
-    if job.ties is None or job.ties.decided_all(names):
-        # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
-        # cores (one torch thread each), and written and recorded in storage order, so the delta's bytes
-        # are those of a serial run.
-        def encode(name: str) -> tuple[TensorEntry, str | None, tuple[dict[str, torch.Tensor], str] | None]:
-            ft_t, base_t, digest = load(name)
-            info = ft_ckpt.info(name)
-            target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
-            if target is not None:
-                return alias_entry(name, info, target, digest), digest, None
-            entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
-            return entry, digest, (tensors, codec)
 
-        for name, (entry, digest, stored) in pipelined(names, encode):
-            if digest is not None:
-                base_digests[name] = digest
-            if stored is None:
-                logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once",
-                            name, entry.params["target"])
-            else:
-                _record(entry, *stored, writer)
-            entries[name] = entry
-            advance(ft_ckpt.info(name).nbytes)
-        return entries
-    for name, (ft_t, base_t, digest) in prefetch(names, load):
+    def encode(name: str, loaded: tuple[torch.Tensor, torch.Tensor | None, str | None]
+               ) -> tuple[TensorEntry, str | None, tuple[dict[str, torch.Tensor], str] | None]:
+        ft_t, base_t, digest = loaded
         info = ft_ckpt.info(name)
-        if digest is not None:
-            base_digests[name] = digest
         target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
         if target is not None:
-            entries[name] = alias_entry(name, info, target, digest)
-            logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once", name, target)
+            return alias_entry(name, info, target, digest), digest, None
+        entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
+        return entry, digest, (tensors, codec)
+
+    if job.ties is None or job.ties.decided_all(names):
+        # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
+        # cores (one torch thread each); they are written and recorded below in storage order, so the
+        # delta's bytes are those of a serial run.
+        results = pipelined(names, lambda n: encode(n, load(n)))
+    else:  # ties are decided here, in storage order: reads are prefetched, encoding is serial
+        results = ((n, encode(n, loaded)) for n, loaded in prefetch(names, load))
+    for name, (entry, digest, stored) in results:
+        if digest is not None:
+            base_digests[name] = digest
+        if stored is None:
+            logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once",
+                        name, entry.params["target"])
         else:
-            entries[name] = _encode_tensor(job, name, info, ft_t, base_t, digest, writer)
-        del ft_t, base_t
-        advance(info.nbytes)
+            _record(entry, *stored, writer)
+        entries[name] = entry
+        advance(ft_ckpt.info(name).nbytes)
     return entries
 
 
@@ -500,13 +492,6 @@ def _run_codec(job: _Job, inp: EncodeInput, c: Any, p: dict[str, Any], auto: boo
     if auto and point.error_l2 is not None and not enc.stats:
         enc.stats = {"delta_l2": point.delta_l2, "error_l2": point.error_l2}
     return c, enc, stats
-
-
-def _encode_tensor(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
-                   digest: str | None, writer: DeltaShardWriter) -> TensorEntry:
-    """Encode one tensor, hand its stored tensors to ``writer`` and return its manifest entry."""
-    entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
-    return _record(entry, tensors, codec, writer)
 
 
 def _record(entry: TensorEntry, tensors: dict[str, torch.Tensor], codec: str, writer: DeltaShardWriter) -> TensorEntry:
