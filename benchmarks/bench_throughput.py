@@ -195,13 +195,17 @@ def apply_stages(delta_dir: Path, base: Path, work: Path, dtype: Any = None) -> 
 
 def compress_stages(base: Path, ft: Path, delta_dir: Path) -> dict[str, float]:
     """Serial seconds of compress's stages: reading both checkpoints, hashing the base, encoding
-    (cProfile's time under ``_encode_tensor`` minus the stored-tensor digests), writing the shards."""
+    (cProfile's time under ``_run_codec`` minus the stored-tensor digests), writing the shards.
+    The final encoding's worker pool is replaced by a loop in this thread, so cProfile sees it."""
     import cProfile
     import pstats
 
     import torch
 
+    import deltahub.compression as compression
     from deltahub.compression import compress
+
+    compression.pipelined = lambda items, fn, **_: ((i, fn(i)) for i in items)  # type: ignore[assignment]
     from deltahub.format.io import Checkpoint, _bytes_sha256
 
     torch.set_num_threads(1)
