@@ -66,15 +66,15 @@ class _DeviceOnly(nn.Module):
         return self
 
 
-def _matmul_t_by_rows(adapter: Any, x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def _matmul_t_by_rows(shape: tuple[int, int], x: torch.Tensor, chunk_rows: int,
+                      row_range: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """``x @ Δ̂`` for a delta stored as ``[in, out]`` (GPT-2's ``Conv1D``), accumulated over ``chunk_rows``
-    decoded rows of ``Δ̂`` at a time: bounded temporary memory, any adapter with ``rows``."""
-    rows, cols = adapter.shape
+    decoded rows of ``Δ̂`` at a time (``row_range(r0, r1)``): bounded temporary memory."""
+    rows, cols = shape
     out = x.new_zeros((x.shape[0], cols))
     for r0 in range(0, rows, chunk_rows):
         r1 = min(r0 + chunk_rows, rows)
-        idx = torch.arange(r0, r1, device=x.device)
-        out.addmm_(x[:, r0:r1], adapter.rows(idx).to(device=x.device, dtype=x.dtype))
+        out.addmm_(x[:, r0:r1], row_range(r0, r1).to(device=x.device, dtype=x.dtype))
     return out
 
 
@@ -124,7 +124,8 @@ class _BitDeltaAdapter(_DeviceOnly):
 
     def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows of signs at a time."""
-        return _matmul_t_by_rows(self, x, chunk_rows)
+        return _matmul_t_by_rows(self.shape, x, chunk_rows,
+                                 lambda r0, r1: self.rows(torch.arange(r0, r1, device=self.sign.device)))
 
 
 class _GenericAdapter(_DeviceOnly):
@@ -320,11 +321,7 @@ class _CodebookAdapter(_DeviceOnly):
         """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows at a time."""
         if kernels.cache_mode() == "dense":
             return kernels.decoded_matmul(x, self.dense, self.kernel_cache, keep=True, transposed=True)
-        out = x.new_zeros((x.shape[0], self.shape[1]))
-        for r0 in range(0, self.shape[0], chunk_rows):
-            r1 = min(r0 + chunk_rows, self.shape[0])
-            out.addmm_(x[:, r0:r1], self.row_range(r0, r1, x.dtype))
-        return out
+        return _matmul_t_by_rows(self.shape, x, chunk_rows, lambda r0, r1: self.row_range(r0, r1, x.dtype))
 
 
 _Adapter = _BitDeltaAdapter | _GenericAdapter | _CodebookAdapter
