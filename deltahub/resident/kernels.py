@@ -187,13 +187,17 @@ def _check_segments(segments: torch.Tensor, n: int, num_adapters: int) -> list[t
     return segs  # type: ignore[return-value]
 
 
-def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[DeltaMatmul]) -> torch.Tensor:
+def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[DeltaMatmul], *,
+                          fused: bool | None = None) -> torch.Tensor:
     """``y[r] = x[r] @ Δ̂_aᵀ`` for every row ``r`` of every segment ``(start, end, a)``; rows in no
-    segment get 0. One fused Triton launch when ``x`` is on CUDA, Triton imports and every adapter
-    is BitDelta of one shape; otherwise one ``adapter.delta_matmul`` per segment."""
+    segment get 0. One fused Triton launch when ``x`` is on CUDA and :func:`fused_sgmv_applies`
+    (``fused=True``: whenever the caller checked that, e.g. under Triton's interpreter); otherwise one
+    ``adapter.delta_matmul`` per segment."""
     rows = adapters[0].shape[0] if adapters else 0
     segs = _check_segments(segments, x.shape[0], len(adapters))
-    if fused_sgmv_applies(x, adapters):
+    if fused is None:
+        fused = x.is_cuda and fused_sgmv_applies(x, adapters)
+    if fused:
         signs, scales, group = stack_bitdelta(adapters)  # type: ignore[arg-type]
         return binary_sgmv(x, segments.to(device=x.device, dtype=torch.int32), signs, scales, group)
     out = x.new_zeros((x.shape[0], rows))
@@ -204,15 +208,18 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
 
 
 def fused_sgmv_applies(x: torch.Tensor, adapters: Sequence[Any]) -> bool:
-    """Whether a mixed batch over ``adapters`` runs as one fused launch: x on CUDA (or Triton's CPU
+    """Whether a mixed batch over ``adapters`` can run as one fused launch: x on CUDA (or Triton's CPU
     interpreter, ``TRITON_INTERPRET=1``, for tests), Triton installed, every adapter BitDelta of one shape
     and one scale group width."""
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or len(adapters) < 2:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    if not _all_bitdelta(adapters) or not triton_available():
-        return False
+    return _all_bitdelta(adapters) and triton_available() and len(_scale_widths(adapters)) == 1
+
+
+def _scale_widths(adapters: Sequence[Any]) -> set[int]:
+    """The column widths the BitDelta adapters' scales cover (one per row: the whole row)."""
     cols = adapters[0].shape[1]
-    return len({min(a.group_size, cols) if a.granularity == "group" else cols for a in adapters}) == 1
+    return {min(a.group_size, cols) if a.granularity == "group" else cols for a in adapters}
 
 
 def _all_bitdelta(adapters: Sequence[Any]) -> bool:
@@ -224,7 +231,7 @@ def stack_bitdelta(adapters: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor,
     """BitDelta adapters of one shape as the fused kernel's operands: signs uint8 ``[A, out, in/8]``,
     float32 scales ``[A, out, G]`` (``G`` column groups; 1 for ``tensor``/``row``) and the group width."""
     rows, cols = adapters[0].shape
-    widths = {min(a.group_size, cols) if a.granularity == "group" else cols for a in adapters}
+    widths = _scale_widths(adapters)
     if len(widths) != 1:
         raise ValueError(f"adapters mix scale group widths {sorted(widths)}; the fused kernel needs one")
     width = max(widths.pop(), 1)

@@ -545,7 +545,8 @@ class DeltaLinear(AdapterLayer):
         perm = torch.cat(order)
         flat = x2.reshape(-1, self.in_features)
         segments = torch.tensor(segs, dtype=torch.int32, device=x.device)
-        part = kernels.delta_matmul_segments(flat.index_select(0, perm), segments, [self.adapters[n] for n, _ in groups])
+        part = kernels.delta_matmul_segments(flat.index_select(0, perm), segments, [self.adapters[n] for n, _ in groups],
+                                             fused=True)
         out = flat.new_zeros((flat.shape[0], self.out_features)).index_copy_(0, perm, part.to(flat.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
