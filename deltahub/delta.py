@@ -142,11 +142,15 @@ class Delta:
         coded, entry = self.manifest.coded(name)
         return self._rebuild(coded, self.files.stored(entry.stored), base)
 
-    def _rebuild(self, name: str, stored: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    def _rebuild(self, name: str, stored: dict[str, torch.Tensor], base: torch.Tensor | None, *,
+                 owned: bool = False) -> torch.Tensor:
+        """One tensor from its stored tensors and base tensor; ``owned``: the base buffer is the caller's to
+        overwrite (read for this rebuild alone), so codecs may add their delta into it in place."""
         entry = self.manifest.tensors[name]
         codec = get_codec(entry.codec)
         try:
-            out = codec.reconstruct(stored, entry.params, base, tuple(entry.shape), dtype_from_name(entry.dtype))
+            rebuild = codec.reconstruct_ if owned else codec.reconstruct
+            out = rebuild(stored, entry.params, base, tuple(entry.shape), dtype_from_name(entry.dtype))
         except DeltaHubError as exc:
             if name in str(exc):
                 raise
@@ -278,7 +282,7 @@ class Delta:
             digest = base_digest(base, name, cache)
         if cache is not None and entry.base_sha256 is not None:
             check_base_digest(self.manifest, name, digest, path=base.path)
-        out = self._rebuild(name, stored, base_t)
+        out = self._rebuild(name, stored, base_t, owned=True)  # base_t: a fresh read, used only here
         if dtype is not None and out.is_floating_point() and out.dtype != dtype:
             out = out.to(dtype)
         return out, digest

@@ -45,3 +45,15 @@ def make_tiny_pair(root: Path, *, dtype: torch.dtype = torch.float32, tie: bool 
 @pytest.fixture
 def tiny_pair(tmp_path: Path) -> tuple[Path, Path]:
     return make_tiny_pair(tmp_path)
+
+
+@pytest.fixture(params=["native", "numpy"])
+def decode_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once with the native decode kernels and once with the numpy paths
+    (``DELTAHUB_NATIVE``); the native run is skipped where the extension was not built."""
+    from deltahub.codecs._accel import native_available
+
+    if request.param == "native" and not native_available():
+        pytest.skip("the native kernels were not built (no C compiler at install)")
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1" if request.param == "native" else "0")
+    return request.param

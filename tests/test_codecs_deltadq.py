@@ -19,6 +19,8 @@ from deltahub.errors import CodecError, InvalidCodecParamsError
 
 from test_rng_masks import ref_decode_indices, ref_u, ref_unpack
 
+pytestmark = pytest.mark.usefixtures("decode_impl")  # native kernels and numpy paths alike
+
 
 def make_input(rows: int, cols: int, seed: int = 0, name: str = "model.layers.0.mlp.up_proj.weight",
                std: float = 1e-3, calib_tokens: int = 0) -> EncodeInput:

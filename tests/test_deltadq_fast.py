@@ -20,6 +20,8 @@ from deltahub.codecs.deltadq import (_spread_errors, auto_candidates, choose_gro
 
 from test_rng_masks import ref_u, ref_unpack
 
+pytestmark = pytest.mark.usefixtures("decode_impl")  # every test: native kernels and numpy paths
+
 
 # --- straightforward references (torch int64 arithmetic, whole-tensor, as before the fast paths) ------
 def ref_u32(seed: int, stream: int, idx: torch.Tensor) -> torch.Tensor:
@@ -144,12 +146,15 @@ def test_gather_scatter_kept_any_thread_count(threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         got = gather_kept(flat, 9, 10, g, keep)
-        out = torch.zeros(rows * cols)
-        scatter_kept(out, got, 9, 10, g, keep)
+        out = scatter_kept(rows * cols, got, 9, 10, g, keep)
+        table = torch.linspace(-1, 1, 16)
+        codes = torch.randint(0, 16, (got.numel(),), dtype=torch.uint8)
+        coded = scatter_kept(rows * cols, codes, 9, 10, g, keep, table=table)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(got, flat[mask])
     assert torch.equal(out, torch.where(mask, flat, torch.zeros(())))
+    assert torch.equal(coded[mask], table[codes.long()]) and not coded[~mask].any()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 1 - 2**-32])

@@ -17,6 +17,8 @@ from deltahub.codecs._rng import (group_keep_mask, keep_mask, keep_threshold, na
                                   uniform_u32_at)
 from deltahub.errors import CodecError
 
+pytestmark = pytest.mark.usefixtures("decode_impl")  # native kernels and numpy paths alike
+
 M32 = 0xFFFFFFFF
 
 

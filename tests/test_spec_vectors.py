@@ -21,7 +21,7 @@ from deltahub.codecs import EncodeInput, get_codec
 from deltahub.codecs._masks import bitmap_nbytes, encode_mask
 from deltahub.codecs._quant import packed_nbytes
 from deltahub.codecs._rng import (group_keep_mask, hash32_int, keep_mask, keep_threshold, name_stream, uniform_u32,
-                                  uniform_u32_at, _keys)
+                                  uniform_u32_at, stream_keys)
 from deltahub.codecs._zstd import decompress_frame
 from deltahub.codecs.base import matrix_view_shape
 from deltahub.codecs.deltadq import PRESETS, auto_candidates, keep_count
@@ -32,6 +32,8 @@ from deltahub.format.spec import WEIGHTS_NAME
 
 from test_codecs_deltadq import ref_group_mask, ref_stream
 from test_rng_masks import ref_h, ref_u
+
+pytestmark = pytest.mark.usefixtures("decode_impl")  # native kernels and numpy paths alike
 
 SPEC = Path(__file__).resolve().parents[1] / "format_spec.md"
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
@@ -112,7 +114,7 @@ def test_seeded_mask_vectors() -> None:
         elif kind == "keys":
             k1, k2 = (int(w, 16) for w in rhs.split())
             seed, stream = _int(a["seed"]), _int(a["stream"])
-            assert _keys(seed, stream) == (k1, k2), line
+            assert stream_keys(seed, stream) == (k1, k2), line
             assert ref_h(seed ^ 0x9E3779B9) == k1 and ref_h(k1 ^ stream) == k2, line
         elif kind == "u32":
             seed, stream, spec_i = _int(a["seed"]), _int(a["stream"]), a["i"]

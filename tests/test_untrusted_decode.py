@@ -28,6 +28,8 @@ from deltahub.errors import (CodecError, CorruptFileError, DeltaHubError, Invali
                              ShapeMismatchError, UnsupportedFormatError)
 from deltahub.format.io import Checkpoint, save_tensors
 
+pytestmark = pytest.mark.usefixtures("decode_impl")  # native kernels and numpy paths alike
+
 TARGET = "model.layers.0.mlp.down_proj.weight"  # [32, 64]
 NORM = "model.layers.0.input_layernorm.weight"  # unchanged
 NEW = "extra.new_tensor"  # only in the fine-tune: raw full

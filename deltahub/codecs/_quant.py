@@ -276,6 +276,12 @@ def store_stream(codes: torch.Tensor, bits: int, *, entropy: bool = True) -> tor
 
 def load_stream(stored: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`store_stream`: uint8 codes ``[n]``."""
+    return unpack_codes(load_packed(stored, n, bits), n, bits)
+
+
+def load_packed(stored: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The packed bytes of a stored code stream of ``n`` ``bits``-bit codes (decompressed when stored
+    as a zstd frame; its size checked)."""
     raw_len = packed_nbytes(n, bits)
     if stored.dtype != torch.uint8 or stored.dim() != 1:
         raise CodecError(f"code stream must be a 1-D uint8 tensor, got {stored.dtype} {list(stored.shape)}")
@@ -284,4 +290,4 @@ def load_stream(stored: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     if stored.numel() < raw_len:
         raw = decompress_frame(stored.numpy().tobytes(), what="code stream", size=raw_len)
         stored = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return unpack_codes(stored, n, bits)
+    return stored

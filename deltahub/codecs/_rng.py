@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ._accel import NATIVE_BLOCK, native
 from ..errors import InvalidCodecParamsError
 
 MASK32 = 0xFFFFFFFF
@@ -86,7 +87,8 @@ def name_stream(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
 
 
-def _keys(seed: int, stream: int) -> tuple[int, int]:
+def stream_keys(seed: int, stream: int) -> tuple[int, int]:
+    """``(k1, k2)`` of a ``(seed, stream)`` pair (the native kernels take these)."""
     if not 0 <= seed <= MASK32 or not 0 <= stream <= MASK32:
         raise ValueError(f"seed {seed} and stream {stream} must lie in [0, 2^32)")
     k1 = hash32_int(seed ^ SEED_SALT)
@@ -95,7 +97,7 @@ def _keys(seed: int, stream: int) -> tuple[int, int]:
 
 def uniform_u32_at(seed: int, stream: int, index: torch.Tensor) -> torch.Tensor:
     """``u_i`` for the given non-negative int64 element indices (any shape)."""
-    k1, k2 = _keys(seed, stream)
+    k1, k2 = stream_keys(seed, stream)
     index = index.to(torch.int64)
     if index.numel() == 0 or int(index.max()) <= MASK32:
         x = index ^ hash32_int(k2 ^ hash32_int(HI_SALT))  # hi == 0: one key for the whole tensor
@@ -133,7 +135,7 @@ def _fill_u32(out: np.ndarray, tmp: np.ndarray, k1: int, k2: int, start: int) ->
 
 def uniform_u32_np(seed: int, stream: int, n: int, start: int = 0) -> np.ndarray:
     """``u_start .. u_{start+n-1}`` as a numpy uint32 array (generated block by block)."""
-    k1, k2 = _keys(seed, stream)
+    k1, k2 = stream_keys(seed, stream)
     out = np.empty(n, dtype=np.uint32)
     tmp = np.empty(min(n, BLOCK), dtype=np.uint32)
     for a in range(0, n, BLOCK):
@@ -159,7 +161,7 @@ def keep_mask(seed: int, stream: int, shape: Sequence[int], p: float) -> torch.T
     t = keep_threshold(p)
     if t > MASK32:
         return torch.ones(tuple(shape), dtype=torch.bool)
-    k1, k2 = _keys(seed, stream)
+    k1, k2 = stream_keys(seed, stream)
     out = np.empty(n, dtype=bool)
     u = np.empty(min(n, BLOCK), dtype=np.uint32)
     tmp = np.empty_like(u)
@@ -211,8 +213,9 @@ def _select_rows(u: np.ndarray, keep: int) -> np.ndarray:
 
 def block_ranges(numel: int, group_size: int) -> list[tuple[int, int]]:
     """``(start, length)`` of the blocks the group mask is generated in: whole groups, about
-    :data:`BLOCK` elements each (one group when a group is larger)."""
-    step = max(1, BLOCK // group_size) * group_size
+    :data:`BLOCK` elements each (:data:`~._accel.NATIVE_BLOCK` with the native kernels; one group
+    when a group is larger)."""
+    step = max(1, (NATIVE_BLOCK if native() is not None else BLOCK) // group_size) * group_size
     return [(a, min(step, numel - a)) for a in range(0, numel, step)]
 
 
@@ -226,7 +229,12 @@ def group_keep_block(seed: int, stream: int, start: int, length: int, group_size
         return np.arange(start, start + length, dtype=np.int64)
     if keep <= 0:
         return np.zeros(0, dtype=np.int64)
-    k1, k2 = _keys(seed, stream)
+    k1, k2 = stream_keys(seed, stream)
+    nat = native()
+    if nat is not None:
+        pos = np.empty(length // g * keep, dtype=np.int64)
+        nat.positions(k1, k2, start, length, g, keep, pos)
+        return pos
     u = np.empty(length, dtype=np.uint32)
     tmp = np.empty(min(length, BLOCK), dtype=np.uint32)
     for a in range(0, length, BLOCK):

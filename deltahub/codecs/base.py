@@ -122,6 +122,31 @@ class Codec(ABC):
         delta = self.decode_delta(stored, params, tuple(shape))
         return (base.to(torch.float32) + delta).to(dtype)
 
+    def reconstruct_(
+        self,
+        stored: dict[str, torch.Tensor],
+        params: dict[str, Any],
+        base: torch.Tensor | None,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`reconstruct`, allowed to overwrite ``base`` (a buffer the caller owns and drops afterwards).
+
+        Codecs using the generic rule add their delta into a float32 base in place
+        (:meth:`add_delta_`), so rebuilding allocates no second tensor; same bits as :meth:`reconstruct`
+        (float32 addition is commutative)."""
+        if (type(self).reconstruct is not Codec.reconstruct or base is None or base.dtype != torch.float32
+                or not base.is_contiguous() or base.numel() != math.prod(shape)):
+            return self.reconstruct(stored, params, base, shape, dtype)
+        out = base.reshape(shape)
+        self.add_delta_(out, stored, params, tuple(shape))
+        return out.to(dtype)
+
+    def add_delta_(self, target: torch.Tensor, stored: dict[str, torch.Tensor], params: dict[str, Any],
+                   shape: tuple[int, ...]) -> None:
+        """``target += decode_delta(...)`` for a contiguous float32 ``target`` of ``shape`` (codecs may fuse it)."""
+        target.add_(self.decode_delta(stored, params, shape))
+
     def svd_rank(self, params: Mapping[str, Any]) -> int:
         """Singular triplets :meth:`encode` takes from the delta's SVD (validated params; 0: no SVD), so a
         caller measuring several low-rank settings of one tensor can factorise it once, at the largest."""

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from . import register_codec
-from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_stream,
+from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_packed, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
-from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream
+from ._accel import native
+from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
@@ -171,26 +172,71 @@ def gather_kept(flat: torch.Tensor, seed: int, stream: int, g: int, keep: int) -
     """The elements of ``flat`` the group mask keeps, in row-major order (``flat[M]``), generated
     block by block so the mask never exists whole."""
     out = torch.empty(flat.numel() // g * keep, dtype=flat.dtype)
+    nat = native() if flat.dtype == torch.float32 and flat.is_contiguous() else None
+    if nat is not None:
+        k1, k2 = stream_keys(seed, stream)
+        src, dst = flat.numpy(), out.numpy()
 
-    def block(a: int, m: int) -> None:
-        pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
-        v0 = a // g * keep
-        torch.index_select(flat, 0, pos, out=out[v0:v0 + pos.numel()])
+        def block(a: int, m: int) -> None:
+            v0 = a // g * keep
+            nat.gather(k1, k2, a, g, keep, src[a:a + m], dst[v0:v0 + m // g * keep])
+    else:
+        def block(a: int, m: int) -> None:
+            pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
+            v0 = a // g * keep
+            torch.index_select(flat, 0, pos, out=out[v0:v0 + pos.numel()])
 
     map_blocks(block, block_ranges(flat.numel(), g))
     return out
 
 
-def scatter_kept(out: torch.Tensor, values: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> None:
-    """``out[M] = values`` for the flat output and the group mask ``M``, block by block (the
-    inverse of :func:`gather_kept`); peak scratch is a few bytes per element of one block."""
+def scatter_kept(numel: int, values: torch.Tensor, seed: int, stream: int, g: int, keep: int,
+                 table: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat float32 tensor with ``values`` at the group mask ``M`` and 0 elsewhere (the inverse of
+    :func:`gather_kept`), block by block; peak scratch is a few bytes per element of one block.
+
+    With ``table`` (float32, at most 256 entries), ``values`` are uint8 codes and the kept elements get
+    ``table[code]``. With ``out`` (flat contiguous float32 of ``numel``), the decoded delta is added to it
+    in place (``out + 0`` at dropped elements: the bits of ``out + delta``) and ``out`` is returned.
+    """
+    nat = native()
+    if nat is not None and (out is None or (out.dtype == torch.float32 and out.is_contiguous())):
+        if table is not None:
+            padded = torch.zeros(256, dtype=torch.float32)
+            padded[:table.numel()] = table
+            return _scatter_native(nat, numel, values.contiguous().numpy(), padded.numpy(), seed, stream, g, keep, out)
+        return _scatter_native(nat, numel, values.to(torch.float32).contiguous().numpy(), None, seed, stream, g, keep, out)
+    if table is not None:
+        values = table.index_select(0, values.to(torch.int32))
+    values = values.to(torch.float32)
+    delta = torch.zeros(numel, dtype=torch.float32)
 
     def block(a: int, m: int) -> None:
         pos = torch.from_numpy(group_keep_block(seed, stream, a, m, g, keep))
         v0 = a // g * keep
-        out.index_copy_(0, pos, values[v0:v0 + pos.numel()])
+        delta.index_copy_(0, pos, values[v0:v0 + pos.numel()])
 
-    map_blocks(block, block_ranges(out.numel(), g))
+    map_blocks(block, block_ranges(numel, g))
+    if out is None:
+        return delta
+    return out.add_(delta)
+
+
+def _scatter_native(nat: Any, numel: int, src: np.ndarray, table: np.ndarray | None, seed: int, stream: int,
+                    g: int, keep: int, out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`scatter_kept` by the native kernel, which writes every element (no zero fill first)."""
+    acc = out is not None
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32)
+    dst = out.numpy()
+    k1, k2 = stream_keys(seed, stream)
+
+    def block(a: int, m: int) -> None:
+        v0 = a // g * keep
+        nat.scatter(k1, k2, a, g, keep, dst[a:a + m], src[v0:v0 + m // g * keep], table, acc)
+
+    map_blocks(block, block_ranges(numel, g))
+    return out
 
 
 def _closed_form_stats(delta: torch.Tensor, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
@@ -346,6 +392,18 @@ class DeltaDQ(Codec):
         expect_stored(self.name, stored, expected)
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        return self._decode(stored, params, shape, None).reshape(shape)
+
+    def add_delta_(self, target: torch.Tensor, stored: dict[str, torch.Tensor], params: dict[str, Any],
+                   shape: tuple[int, ...]) -> None:
+        """Adds the delta straight into ``target`` (native kernels: one pass, no delta tensor)."""
+        if target.dtype != torch.float32 or not target.is_contiguous():
+            return super().add_delta_(target, stored, params, shape)
+        self._decode(stored, params, shape, target.view(-1))
+
+    def _decode(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...],
+                out: torch.Tensor | None) -> torch.Tensor:
+        """The flat decoded delta, or ``out + delta`` in place when ``out`` (flat float32) is given."""
         rows, cols = matrix_view_shape(shape)
         g, bits, parts = params["group_size"], params["bits"], params["parts"]
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -361,17 +419,14 @@ class DeltaDQ(Codec):
             cb = stored["codebook"]
             if cb.dtype != torch.float32 or tuple(cb.shape) != (1 << bits,):
                 raise CodecError(f"deltadq: codebook must be float32 [{1 << bits}], got {cb.dtype} {list(cb.shape)}")
-            values = cb.index_select(0, codes.to(torch.int32))
-        else:
-            qg = params["qgroup"]
-            ng = num_groups(n, qg)
-            qmin, qstep, norm = stored["qmin"], stored["qstep"], stored["norm"]
-            if tuple(qmin.shape) != (ng,) or tuple(qstep.shape) != (ng,) or tuple(norm.shape) != (1,):
-                raise CodecError(f"deltadq: uniform scales do not fit {n} values in groups of {qg}")
-            values = dequantize_uniform(codes, qmin, qstep, norm, qg)
-        out = torch.zeros(rows * cols, dtype=torch.float32)
-        scatter_kept(out, values.to(torch.float32), params["seed"], params["stream"], g, keep)
-        return out.reshape(shape)
+            return scatter_kept(rows * cols, codes, params["seed"], params["stream"], g, keep, table=cb, out=out)
+        qg = params["qgroup"]
+        ng = num_groups(n, qg)
+        qmin, qstep, norm = stored["qmin"], stored["qstep"], stored["norm"]
+        if tuple(qmin.shape) != (ng,) or tuple(qstep.shape) != (ng,) or tuple(norm.shape) != (1,):
+            raise CodecError(f"deltadq: uniform scales do not fit {n} values in groups of {qg}")
+        values = dequantize_uniform(codes, qmin, qstep, norm, qg)
+        return scatter_kept(rows * cols, values, params["seed"], params["stream"], g, keep, out=out)
 
     @staticmethod
     def _codes(stored: dict[str, torch.Tensor], n: int, bits: int, parts: int) -> torch.Tensor:
@@ -379,6 +434,14 @@ class DeltaDQ(Codec):
         pbits, lbits = _part_bits(bits, parts)
         if not pbits:
             return load_stream(stored["low0"], n, lbits)
+        nat = native()
+        if nat is not None and lbits:
+            part_packed = load_packed(stored["part"], n, pbits).numpy()
+            counts = nat.part_counts(part_packed, n, pbits)
+            lows = [load_packed(stored[f"low{j}"], c, lbits).numpy() for j, c in enumerate(counts)]
+            codes = np.empty(n, dtype=np.uint8)
+            nat.merge_parts(codes, part_packed, pbits, lows, lbits)
+            return torch.from_numpy(codes)
         part = load_stream(stored["part"], n, pbits)
         if not lbits:
             return part

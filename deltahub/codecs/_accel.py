@@ -1,0 +1,33 @@
+"""Which implementation runs the per-element loops of decoding: the native kernels or numpy/torch.
+
+``deltahub/codecs/_native.c`` is built at install when a C compiler is present (``setup.py``,
+an optional extension). It computes bit for bit what the numpy paths of ``_rng.py``,
+``deltadq.py`` and ``_quant.py`` compute (tests run both), several times faster and without
+scratch arrays. ``DELTAHUB_NATIVE=0`` forces the numpy paths (read at each call).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+try:
+    from . import _native as _NATIVE  # type: ignore[attr-defined]
+except ImportError:  # no compiler at install time: the numpy paths
+    _NATIVE = None
+
+#: Elements per call of a native block kernel: large enough that the call costs nothing, small
+#: enough that a tensor's blocks spread over the threads.
+NATIVE_BLOCK = 1 << 18
+
+
+def native() -> ModuleType | None:
+    """The native kernel module, or None when it is not built or ``DELTAHUB_NATIVE=0``."""
+    if _NATIVE is None or os.environ.get("DELTAHUB_NATIVE", "1").strip() in ("0", "false", "no", "off"):
+        return None
+    return _NATIVE
+
+
+def native_available() -> bool:
+    """Whether the native kernels were built (whatever ``DELTAHUB_NATIVE`` says)."""
+    return _NATIVE is not None

@@ -1,0 +1,155 @@
+"""The native decode kernels (deltahub/codecs/_native.c) against the numpy paths, bit for bit, and
+the in-place rebuild (``Codec.reconstruct_``) against ``reconstruct``."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from deltahub.codecs import EncodeInput, get_codec
+from deltahub.codecs._accel import native_available
+from deltahub.codecs._quant import pack_codes, packed_nbytes
+from deltahub.codecs._rng import group_keep_block, stream_keys
+from deltahub.codecs.deltadq import gather_kept, keep_count, scatter_kept
+
+needs_native = pytest.mark.skipif(not native_available(), reason="the native kernels were not built")
+
+
+def test_native_kernels_are_built_where_a_compiler_is() -> None:
+    """An install on a machine with a C compiler (CI's included) must not silently fall back to numpy."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler here")
+    assert native_available()
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, fn):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+    a = fn()
+    monkeypatch.setenv("DELTAHUB_NATIVE", "0")
+    b = fn()
+    return a, b
+
+
+@needs_native
+@pytest.mark.parametrize("g,keep", [(1, 1), (2, 1), (3, 2), (4, 1), (4, 3), (5, 5), (8, 2), (16, 4), (16, 15), (17, 9),
+                                    (32, 8), (33, 1), (64, 16), (576, 144), (576, 1), (1536, 384), (5000, 4999)])
+@pytest.mark.parametrize("start_groups", [0, 3, (2**32 - 700) // 1])
+def test_positions_match_numpy(g: int, keep: int, start_groups: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    start = (start_groups // g) * g if start_groups > 10 else start_groups * g  # near 2^32: a block crossing hi
+    length = g * max(1, 3000 // g)
+    a, b = _both(monkeypatch, lambda: group_keep_block(11, 22, start, length, g, keep))
+    assert a.dtype == b.dtype == np.int64
+    assert np.array_equal(a, b)
+    assert len(a) == length // g * keep
+
+
+@needs_native
+@pytest.mark.parametrize("quantizer", ["kmeans", "uniform"])
+@pytest.mark.parametrize("shape,g", [((64, 96), 8), ((7, 576), 576), ((33, 40), 4), ((5, 1536), 1536), ((300, 12), 3)])
+def test_deltadq_decode_and_inplace_rebuild_match_numpy(quantizer: str, shape: tuple[int, int], g: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    delta = torch.randn(shape) * 1e-3
+    base = torch.randn(shape)
+    base[0, :5] = -0.0  # -0.0 + 0.0 is +0.0: the in-place add must keep that rule at dropped elements
+    base[1, 1] = float("nan")
+    codec = get_codec("deltadq")
+    params = codec.validate_params({"p": 0.75, "bits": 3, "parts": 2, "quantizer": quantizer, "group_size": g})
+    enc = codec.encode(EncodeInput(name="w", finetuned=base + delta, base=base, _delta=delta), params)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = codec.decode_delta(enc.tensors, enc.params, shape)
+        r = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.float32)
+        owned = base.clone()
+        r_ = codec.reconstruct_(enc.tensors, enc.params, owned, shape, torch.float32)
+        return d, r, r_
+
+    (d1, r1, i1), (d0, r0, i0) = _both(monkeypatch, run)
+    for x, y in ((d1, d0), (r1, r0), (i1, i0), (i1, r1)):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+    assert torch.equal(r1.view(torch.int32), (base + d0).view(torch.int32))
+
+
+@needs_native
+def test_gather_scatter_roundtrip_across_the_2_32_boundary() -> None:
+    """Element indices >= 2^32 take the other key of the generator (format_spec.md): the native kernel
+    switches it mid-block."""
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    g, keep = 8, 3
+    start = 2**32 - 8 * 100
+    k1, k2 = stream_keys(5, 6)
+    dense = np.random.default_rng(0).standard_normal(8 * 200).astype(np.float32)
+    kept = np.empty(200 * keep, dtype=np.float32)
+    assert _native.gather(k1, k2, start, g, keep, dense, kept) == 200 * keep
+    pos = np.empty(200 * keep, dtype=np.int64)
+    _native.positions(k1, k2, start, 8 * 200, g, keep, pos)
+    assert np.array_equal(pos, np.asarray(group_keep_block(5, 6, start, 8 * 200, g, keep)))
+    assert np.array_equal(kept, dense[pos - start])
+    out = np.empty_like(dense)
+    _native.scatter(k1, k2, start, g, keep, out, kept, None)
+    ref = np.zeros_like(dense)
+    ref[pos - start] = kept
+    assert np.array_equal(out.view(np.int32), ref.view(np.int32))
+
+
+@needs_native
+def test_native_kernels_refuse_buffers_that_do_not_fit() -> None:
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    k1, k2 = stream_keys(0, 0)
+    dense = np.zeros(64, dtype=np.float32)
+    with pytest.raises(ValueError):
+        _native.scatter(k1, k2, 0, 8, 2, dense, np.zeros(15, dtype=np.float32), None)  # needs 16 values
+    with pytest.raises(ValueError):
+        _native.scatter(k1, k2, 0, 8, 2, dense, np.zeros(16, dtype=np.uint8), np.zeros(16, dtype=np.float32))  # table of 16
+    with pytest.raises(ValueError):
+        _native.scatter(k1, k2, 4, 8, 2, dense, np.zeros(16, dtype=np.float32), None)  # start inside a group
+    with pytest.raises(ValueError):
+        _native.scatter(k1, k2, 0, 8, 9, dense, np.zeros(90, dtype=np.float32), None)  # keep > g
+    with pytest.raises(ValueError):
+        _native.gather(k1, k2, 0, 8, 2, dense, np.zeros(15, dtype=np.float32))
+    with pytest.raises(ValueError):
+        _native.positions(k1, k2, 0, 64, 8, 2, np.zeros(15, dtype=np.int64))
+    part = pack_codes(torch.tensor([0, 1, 1, 0, 1]), 1).numpy()
+    with pytest.raises(ValueError):  # part 1 has 3 members: its 2-bit stream needs 1 byte, given 2
+        _native.merge_parts(np.zeros(5, dtype=np.uint8), part, 1, [np.zeros(1, np.uint8), np.zeros(2, np.uint8)], 2)
+    with pytest.raises(ValueError):  # one low stream per part
+        _native.merge_parts(np.zeros(5, dtype=np.uint8), part, 1, [np.zeros(1, np.uint8)], 2)
+    with pytest.raises(ValueError):  # the part stream must hold exactly 5 one-bit codes
+        _native.part_counts(np.zeros(2, np.uint8), 5, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("pbits,lbits", [(1, 1), (1, 3), (2, 2), (3, 5), (1, 7), (4, 4)])
+def test_merge_parts_matches_numpy(pbits: int, lbits: int) -> None:
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    n = 10_007
+    rng = np.random.default_rng(pbits * 10 + lbits)
+    codes = rng.integers(0, 1 << (pbits + lbits), n).astype(np.uint8)
+    part, low = codes >> lbits, codes & ((1 << lbits) - 1)
+    part_packed = pack_codes(torch.from_numpy(part), pbits).numpy()
+    counts = _native.part_counts(part_packed, n, pbits)
+    assert counts == [int((part == j).sum()) for j in range(1 << pbits)]
+    lows = [pack_codes(torch.from_numpy(low[part == j]), lbits).numpy() for j in range(1 << pbits)]
+    assert [len(x) for x in lows] == [packed_nbytes(c, lbits) for c in counts]
+    out = np.empty(n, dtype=np.uint8)
+    _native.merge_parts(out, part_packed, pbits, lows, lbits)
+    assert np.array_equal(out, codes)
+
+
+@pytest.mark.usefixtures("decode_impl")
+def test_gather_scatter_inplace_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    g, keep = 16, keep_count(0.75, 16)
+    flat = torch.randn(16 * 500)
+    kept = gather_kept(flat, 1, 2, g, keep)
+    target = torch.randn(16 * 500)
+    want = target + scatter_kept(flat.numel(), kept, 1, 2, g, keep)
+    got = scatter_kept(flat.numel(), kept, 1, 2, g, keep, out=target.clone())
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
