@@ -153,3 +153,26 @@ def test_gather_scatter_inplace_add(monkeypatch: pytest.MonkeyPatch) -> None:
     want = target + scatter_kept(flat.numel(), kept, 1, 2, g, keep)
     got = scatter_kept(flat.numel(), kept, 1, 2, g, keep, out=target.clone())
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@needs_native
+@pytest.mark.parametrize("granularity,group_size", [("tensor", 0), ("row", 0), ("group", 8), ("group", 5), ("group", 1000)])
+@pytest.mark.parametrize("shape", [(37, 21), (3, 1), (300, 64), (2, 3, 40)])
+def test_bitdelta_inplace_rebuild_matches_reconstruct(granularity: str, group_size: int, shape: tuple[int, ...],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.codecs import bitdelta
+
+    monkeypatch.setattr(bitdelta, "SIGN_BLOCK", 64)  # several row blocks on the threads
+    torch.manual_seed(1)
+    base = torch.randn(shape)
+    base.view(-1)[:3] = -0.0
+    delta = torch.randn(shape) * 1e-2
+    codec = get_codec("bitdelta")
+    raw = {"granularity": granularity} | ({"group_size": group_size} if group_size else {})
+    params = codec.validate_params(raw)
+    enc = codec.encode(EncodeInput(name="w", finetuned=base + delta, base=base, _delta=delta), params)
+    want = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.float32)
+    got = codec.reconstruct_(enc.tensors, enc.params, base.clone(), shape, torch.float32)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    half = codec.reconstruct_(enc.tensors, enc.params, base.clone(), shape, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, want.to(torch.bfloat16))

@@ -7,18 +7,23 @@ the decoded delta is ``+scale`` where the stored bit is 1 and ``-scale`` where i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import register_codec
+from ._accel import native
 from ._bits import pack_bits, packed_cols, unpack_pm1, unpack_signs
+from ._rng import map_blocks
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
 GRANULARITIES = ("tensor", "row", "group")
+#: Elements per call of the native sign-add kernel (whole rows; the calls spread over the threads).
+SIGN_BLOCK = 1 << 20
 
 
 def scale_shape(rows: int, cols: int, granularity: str, group_size: int) -> tuple[int, ...]:
@@ -143,6 +148,32 @@ class BitDelta(Codec):
         s = expand_scales(scale.to(torch.float32), rows, cols, params["granularity"], g)
         out = torch.addcmul(base.reshape(rows, cols).to(torch.float32), pm1, s)
         return out.to(dtype).reshape(shape)
+
+    def reconstruct_(self, stored: dict[str, torch.Tensor], params: dict[str, Any], base: torch.Tensor | None,
+                     shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`reconstruct` into the caller's float32 ``base`` buffer by the native kernel (same bits)."""
+        nat = native()
+        if nat is None or base is None or base.dtype != torch.float32 or not base.is_contiguous() or base.numel() != math.prod(shape):
+            return self.reconstruct(stored, params, base, shape, dtype)
+        rows, cols = matrix_view_shape(shape)
+        sign, scale = stored["sign"], stored["scale"]
+        granularity, g = params["granularity"], params.get("group_size", 0)
+        if tuple(sign.shape) != (rows, packed_cols(cols)) or tuple(scale.shape) != scale_shape(rows, cols, granularity, g):
+            raise CodecError(
+                f"bitdelta: stored sign {list(sign.shape)} / scale {list(scale.shape)} do not fit tensor shape {list(shape)}"
+            )
+        scale = scale.to(torch.float32).contiguous()
+        stride = 0 if granularity == "tensor" else (1 if granularity == "row" else scale.shape[1])
+        gcols = max(cols, 1) if granularity != "group" else min(g, max(cols, 1))
+        flat, sign_np, scale_np = base.view(rows, cols).numpy(), sign.contiguous().numpy(), scale.reshape(-1).numpy()
+        step = max(1, SIGN_BLOCK // max(cols, 1))
+
+        def block(r0: int, m: int) -> None:
+            nat.sign_add(flat[r0:r0 + m], sign_np[r0:r0 + m], scale_np[r0 * stride:] if stride else scale_np, m, cols,
+                         stride, gcols)
+
+        map_blocks(block, [(r, min(step, rows - r)) for r in range(0, rows, step)])
+        return base.reshape(shape).to(dtype)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int:
         rows, cols = matrix_view_shape(shape)

@@ -1,0 +1,512 @@
+/* Native kernels for the hot per-element loops of decoding (optional; pure numpy/torch fallbacks in
+ * _rng.py / deltadq.py / _quant.py compute the same bits, and tests compare the two).
+ *
+ * - the counter-based generator and exact-count group selection of format_spec.md ("Seeded masks",
+ *   "Group-wise dropout"): u_i = H(lo ^ K(hi)) ^ k1, per group the `keep` smallest keys (u_i, j);
+ * - group scatter / gather between a dense block and its kept values, and the kept positions;
+ * - merging the part-id stream with the per-part low-bit streams of separate quantization.
+ *
+ * Every function takes plain buffers, checks their sizes against the arguments before touching
+ * them (a stranger's delta chooses the numbers) and releases the GIL while it loops, so the
+ * Python side runs blocks of one tensor on several threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HI_SALT 0x85EBCA6Bu
+
+static inline uint32_t h32(uint32_t x) {
+    x ^= x >> 17; x *= 0xED5AD4BBu;
+    x ^= x >> 11; x *= 0xAC4C1B51u;
+    x ^= x >> 15; x *= 0x31848BABu;
+    x ^= x >> 14;
+    return x;
+}
+
+static inline uint32_t key_hi(uint32_t k2, uint32_t hi) { return h32(k2 ^ h32(hi ^ HI_SALT)); }
+
+/* u[j] = u_(start + j) for j < n. */
+static void fill_u32(uint32_t *u, size_t n, uint32_t k1, uint32_t k2, uint64_t start) {
+    uint64_t i = start;
+    size_t done = 0;
+    while (done < n) {
+        uint32_t hi = (uint32_t)(i >> 32);
+        uint32_t lo = (uint32_t)i;
+        uint64_t room = ((uint64_t)1 << 32) - lo;
+        size_t m = (size_t)((uint64_t)(n - done) < room ? (uint64_t)(n - done) : room);
+        uint32_t kh = key_hi(k2, hi);
+        for (size_t j = 0; j < m; j++) u[done + j] = h32((lo + (uint32_t)j) ^ kh) ^ k1;
+        done += m;
+        i += m;
+    }
+}
+
+/* The (k+1)-th smallest of a[0..n) (distinct values), partially reordering a. Quickselect with a
+ * median-of-three pivot; only used on the few keys that share the threshold's histogram bin. */
+static uint64_t select_kth(uint64_t *a, size_t n, size_t k) {
+    size_t lo = 0, hi = n - 1;
+#define SWAP(i, j) do { uint64_t t_ = a[i]; a[i] = a[j]; a[j] = t_; } while (0)
+    while (hi > lo) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < a[lo]) SWAP(mid, lo);
+        if (a[hi] < a[lo]) SWAP(hi, lo);
+        if (a[hi] < a[mid]) SWAP(hi, mid);
+        SWAP(mid, hi);  /* the median of the three is the pivot, at hi */
+        uint64_t piv = a[hi];
+        size_t st = lo;
+        for (size_t i = lo; i < hi; i++) if (a[i] < piv) { SWAP(i, st); st++; }
+        SWAP(st, hi);
+        if (k == st) return a[k];
+        if (k < st) hi = st - 1; else lo = st + 1;
+    }
+#undef SWAP
+    return a[lo];
+}
+
+enum { MODE_POS = 0, MODE_SCATTER_VALUES = 1, MODE_SCATTER_CODES = 2, MODE_GATHER = 3 };
+
+typedef struct {
+    int mode;
+    int64_t *pos;          /* MODE_POS: out positions */
+    float *dense;          /* scatter: the block written; gather: the block read */
+    const float *values;   /* MODE_SCATTER_VALUES */
+    const uint8_t *codes;  /* MODE_SCATTER_CODES */
+    const float *table;    /* MODE_SCATTER_CODES: 256 entries */
+    float *kept;           /* MODE_GATHER: out values */
+    int acc;               /* scatter: add into the block instead of overwriting it */
+} walk_t;
+
+/* Scratch for selecting in groups of g (allocated once per block). */
+typedef struct {
+    uint32_t *hist;   /* 2^hbits bins */
+    uint64_t *cand;   /* keys of the threshold bin (at most g) */
+    unsigned hbits;
+} sel_t;
+
+/* flags[j] = 1 for the keep smallest keys (u[j], j) of one group of g (1 <= keep < g). */
+static void select_group(const uint32_t *u, uint8_t *flags, size_t g, size_t keep, sel_t *s) {
+    size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
+    if (small <= 8 && g <= 128) {
+        /* The keep-th smallest u: a sorted list of the `small` smallest (or largest) u seen, kept by
+         * branch-free min/max exchanges; then the kept set is u < thr plus the first ties at thr. */
+        uint32_t lst[8];
+        uint32_t thr;
+        if (small == keep) {
+            for (size_t t = 0; t < small; t++) lst[t] = 0xFFFFFFFFu;
+            for (size_t j = 0; j < g; j++) {
+                uint32_t x = u[j];
+                for (size_t t = 0; t < small; t++) {
+                    uint32_t lo = lst[t] < x ? lst[t] : x;
+                    x = lst[t] < x ? x : lst[t];
+                    lst[t] = lo;
+                }
+            }
+        } else {  /* the (g - keep + 1)-th largest is the keep-th smallest */
+            for (size_t t = 0; t < small; t++) lst[t] = 0;
+            for (size_t j = 0; j < g; j++) {
+                uint32_t x = u[j];
+                for (size_t t = 0; t < small; t++) {
+                    uint32_t hi = lst[t] > x ? lst[t] : x;
+                    x = lst[t] > x ? x : lst[t];
+                    lst[t] = hi;
+                }
+            }
+        }
+        thr = lst[small - 1];
+        size_t lt = 0;
+        for (size_t j = 0; j < g; j++) lt += u[j] < thr;
+        size_t need = keep - lt, eq = 0;  /* >= 1: thr itself is among the keep smallest */
+        for (size_t j = 0; j < g; j++) {
+            size_t e = u[j] == thr;
+            flags[j] = (u[j] < thr) | (e & (eq < need));
+            eq += e;
+        }
+        return;
+    }
+    /* Histogram of the top hbits bits: the bin where the count crosses keep holds the threshold;
+     * lower bins are kept, higher ones dropped, and the few keys of that bin are selected exactly. */
+    unsigned sh = 32 - s->hbits;
+    size_t nb = (size_t)1 << s->hbits;
+    memset(s->hist, 0, nb * sizeof(uint32_t));
+    for (size_t j = 0; j < g; j++) s->hist[u[j] >> sh]++;
+    size_t below = 0, b = 0;
+    while (below + s->hist[b] < keep) below += s->hist[b++];
+    size_t m = 0;
+    for (size_t j = 0; j < g; j++) if ((u[j] >> sh) == b) s->cand[m++] = ((uint64_t)u[j] << 32) | (uint64_t)j;
+    uint64_t kth = select_kth(s->cand, m, keep - below - 1);
+    uint32_t bb = (uint32_t)b;
+    for (size_t j = 0; j < g; j++) {
+        uint32_t bin = u[j] >> sh;
+        uint64_t key = ((uint64_t)u[j] << 32) | (uint64_t)j;
+        flags[j] = (bin < bb) | ((bin == bb) & (key <= kth));
+    }
+}
+
+/* Elements per pass of walk_groups: scratch of 5 bytes each stays in cache and below malloc's
+ * mmap threshold (fresh pages per call cost more than the work on a VM). */
+#define CHUNK 16384
+
+/* Walks the groups of [start, start + length) (whole groups of g), visiting kept elements in
+ * row-major order; returns the number kept, or -1 when out of memory. */
+static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t start, size_t length,
+                           size_t g, size_t keep) {
+    size_t chunk = g >= CHUNK ? g : CHUNK / g * g;
+    if (chunk > length) chunk = length;
+    uint8_t *flags = (uint8_t *)malloc(chunk ? chunk : 1);
+    uint32_t *u = (uint32_t *)malloc((chunk ? chunk : 1) * sizeof(uint32_t));
+    sel_t s = {0};
+    unsigned hb = 1;
+    while (hb < 16 && ((size_t)1 << hb) < g / 2) hb++;
+    s.hbits = hb;
+    s.hist = (uint32_t *)malloc(((size_t)1 << hb) * sizeof(uint32_t));
+    s.cand = (uint64_t *)malloc(g * sizeof(uint64_t));
+    if (!flags || !u || !s.hist || !s.cand) { free(flags); free(u); free(s.hist); free(s.cand); return -1; }
+    int64_t v = 0, last = (int64_t)(length / g * keep) - 1;
+    for (size_t c0 = 0; c0 < length; c0 += chunk) {
+        size_t n = length - c0 < chunk ? length - c0 : chunk;
+        if (keep >= g) {
+            memset(flags, 1, n);
+        } else {
+            fill_u32(u, n, k1, k2, start + c0);
+            if (keep == 1) {  /* the first smallest u of each group */
+                memset(flags, 0, n);
+                for (size_t off = 0; off < n; off += g) {
+                    size_t best = 0;
+                    uint32_t bu = u[off];
+                    for (size_t j = 1; j < g; j++) {
+                        uint32_t x = u[off + j];
+                        int lt = x < bu;
+                        bu = lt ? x : bu;
+                        best = lt ? j : best;
+                    }
+                    flags[off + best] = 1;
+                }
+            } else {
+                for (size_t off = 0; off < n; off += g) select_group(u + off, flags + off, g, keep, &s);
+            }
+        }
+        switch (w->mode) {
+        case MODE_POS:
+            for (size_t j = 0; j < n; j++) if (flags[j]) w->pos[v++] = (int64_t)(start + c0 + j);
+            break;
+        case MODE_SCATTER_VALUES: {
+            float *d = w->dense + c0;
+            if (w->acc) {
+                for (size_t j = 0; j < n; j++) {
+                    int64_t f = flags[j];
+                    float x = w->values[v < last ? v : last];
+                    d[j] = d[j] + (f ? x : 0.0f);
+                    v += f;
+                }
+            } else {
+                for (size_t j = 0; j < n; j++) {
+                    int64_t f = flags[j];
+                    float x = w->values[v < last ? v : last];
+                    d[j] = f ? x : 0.0f;
+                    v += f;
+                }
+            }
+            break;
+        }
+        case MODE_SCATTER_CODES: {
+            float *d = w->dense + c0;
+            if (w->acc) {  /* d + 0.0f for dropped elements too: the same bits as adding the decoded delta */
+                for (size_t j = 0; j < n; j++) {
+                    int64_t f = flags[j];
+                    float x = w->table[w->codes[v < last ? v : last]];
+                    d[j] = d[j] + (f ? x : 0.0f);
+                    v += f;
+                }
+            } else {
+                for (size_t j = 0; j < n; j++) {
+                    int64_t f = flags[j];
+                    float x = w->table[w->codes[v < last ? v : last]];
+                    d[j] = f ? x : 0.0f;
+                    v += f;
+                }
+            }
+            break;
+        }
+        default: {
+            const float *d = w->dense + c0;
+            for (size_t j = 0; j < n; j++) if (flags[j]) w->kept[v++] = d[j];
+            break;
+        }
+        }
+    }
+    free(flags); free(u); free(s.hist); free(s.cand);
+    return v;
+}
+
+static int check_groups(unsigned long long start, Py_ssize_t length, Py_ssize_t g, Py_ssize_t keep) {
+    if (g < 1 || keep < 1 || keep > g || length < 0 || length % g || start % (unsigned long long)g) {
+        PyErr_Format(PyExc_ValueError, "bad group arguments: start=%llu length=%zd group_size=%zd keep=%zd",
+                     start, length, g, keep);
+        return -1;
+    }
+    return 0;
+}
+
+/* scatter(k1, k2, start, g, keep, dense_f32 (written), src, table or None, acc): the block's kept
+ * elements get src's values in order (float32), or table[src code] (uint8 codes, a 256-entry float32
+ * table); the others 0. With acc, those values are added to the block instead (0.0f to the dropped
+ * ones, so the bits are those of adding the decoded delta). Returns the number of values used. */
+static PyObject *py_scatter(PyObject *self, PyObject *args) {
+    unsigned int k1, k2;
+    unsigned long long start;
+    Py_ssize_t g, keep;
+    Py_buffer dense = {0}, src = {0};
+    PyObject *table_obj, *ret = NULL;
+    Py_buffer table = {0};
+    int acc = 0;
+    if (!PyArg_ParseTuple(args, "IIKnnw*y*O|p", &k1, &k2, &start, &g, &keep, &dense, &src, &table_obj, &acc)) return NULL;
+    walk_t w = {0};
+    w.acc = acc;
+    Py_ssize_t length = dense.len / (Py_ssize_t)sizeof(float);
+    if (check_groups(start, length, g, keep)) goto done;
+    Py_ssize_t nkept = length / g * keep;
+    w.dense = (float *)dense.buf;
+    if (table_obj == Py_None) {
+        w.mode = MODE_SCATTER_VALUES;
+        if (src.len < nkept * (Py_ssize_t)sizeof(float)) { PyErr_SetString(PyExc_ValueError, "too few values"); goto done; }
+        w.values = (const float *)src.buf;
+    } else {
+        w.mode = MODE_SCATTER_CODES;
+        if (PyObject_GetBuffer(table_obj, &table, PyBUF_SIMPLE)) goto done;
+        if (table.len != 256 * (Py_ssize_t)sizeof(float)) {
+            PyErr_SetString(PyExc_ValueError, "the code table must have 256 float32 entries"); goto done;
+        }
+        if (src.len < nkept) { PyErr_SetString(PyExc_ValueError, "too few codes"); goto done; }
+        w.codes = (const uint8_t *)src.buf;
+        w.table = (const float *)table.buf;
+    }
+    int64_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = walk_groups(&w, k1, k2, start, (size_t)length, (size_t)g, (size_t)keep);
+    Py_END_ALLOW_THREADS
+    if (n < 0) { PyErr_NoMemory(); goto done; }
+    ret = PyLong_FromLongLong(n);
+done:
+    PyBuffer_Release(&dense);
+    PyBuffer_Release(&src);
+    if (table.obj) PyBuffer_Release(&table);
+    return ret;
+}
+
+/* gather(k1, k2, start, g, keep, dense_f32 (read), kept_f32 (written)) -> count: the block's kept values in order. */
+static PyObject *py_gather(PyObject *self, PyObject *args) {
+    unsigned int k1, k2;
+    unsigned long long start;
+    Py_ssize_t g, keep;
+    Py_buffer dense = {0}, kept = {0};
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "IIKnny*w*", &k1, &k2, &start, &g, &keep, &dense, &kept)) return NULL;
+    walk_t w = {0};
+    Py_ssize_t length = dense.len / (Py_ssize_t)sizeof(float);
+    if (check_groups(start, length, g, keep)) goto done;
+    if (kept.len < length / g * keep * (Py_ssize_t)sizeof(float)) { PyErr_SetString(PyExc_ValueError, "value buffer too small"); goto done; }
+    w.mode = MODE_GATHER;
+    w.dense = (float *)dense.buf;
+    w.kept = (float *)kept.buf;
+    int64_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = walk_groups(&w, k1, k2, start, (size_t)length, (size_t)g, (size_t)keep);
+    Py_END_ALLOW_THREADS
+    if (n < 0) { PyErr_NoMemory(); goto done; }
+    ret = PyLong_FromLongLong(n);
+done:
+    PyBuffer_Release(&dense);
+    PyBuffer_Release(&kept);
+    return ret;
+}
+
+/* positions(k1, k2, start, length, g, keep, out_int64) -> count: kept row-major indices. */
+static PyObject *py_positions(PyObject *self, PyObject *args) {
+    unsigned int k1, k2;
+    unsigned long long start;
+    Py_ssize_t length, g, keep;
+    Py_buffer out = {0};
+    if (!PyArg_ParseTuple(args, "IIKnnnw*", &k1, &k2, &start, &length, &g, &keep, &out)) return NULL;
+    PyObject *ret = NULL;
+    if (check_groups(start, length, g, keep)) goto done;
+    if (out.len < length / g * keep * (Py_ssize_t)sizeof(int64_t)) { PyErr_SetString(PyExc_ValueError, "position buffer too small"); goto done; }
+    walk_t w = {0};
+    w.mode = MODE_POS;
+    w.pos = (int64_t *)out.buf;
+    int64_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = walk_groups(&w, k1, k2, start, (size_t)length, (size_t)g, (size_t)keep);
+    Py_END_ALLOW_THREADS
+    if (n < 0) { PyErr_NoMemory(); goto done; }
+    ret = PyLong_FromLongLong(n);
+done:
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+/* Reads the `bits`-bit code i (LSB-first bit stream); the caller checked the stream's length. */
+static inline unsigned read_code(const uint8_t *s, size_t nbytes, uint64_t i, unsigned bits) {
+    uint64_t t = i * bits;
+    size_t byte = (size_t)(t >> 3);
+    unsigned sh = (unsigned)(t & 7);
+    unsigned v = s[byte];
+    if (byte + 1 < nbytes) v |= (unsigned)s[byte + 1] << 8;
+    return (v >> sh) & ((1u << bits) - 1);
+}
+
+static inline size_t packed_nbytes(uint64_t n, unsigned bits) { return (size_t)((n * bits + 7) / 8); }
+
+/* part_counts(part_packed, n, pbits) -> list of 2^pbits member counts. */
+static PyObject *py_part_counts(PyObject *self, PyObject *args) {
+    Py_buffer part = {0};
+    Py_ssize_t n;
+    unsigned int pbits;
+    if (!PyArg_ParseTuple(args, "y*nI", &part, &n, &pbits)) return NULL;
+    PyObject *ret = NULL;
+    uint64_t counts[256] = {0};
+    if (n < 0 || pbits < 1 || pbits > 8 || (size_t)part.len != packed_nbytes((uint64_t)n, pbits)) {
+        PyErr_SetString(PyExc_ValueError, "part stream does not fit its count"); goto done;
+    }
+    const uint8_t *s = (const uint8_t *)part.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (pbits == 1) {
+        uint64_t ones = 0;
+        size_t full = (size_t)n / 8;
+        for (size_t k = 0; k < full; k++) ones += (uint64_t)__builtin_popcount(s[k]);
+        for (uint64_t i = (uint64_t)full * 8; i < (uint64_t)n; i++) ones += read_code(s, part.len, i, 1);
+        counts[1] = ones;
+        counts[0] = (uint64_t)n - ones;
+    } else {
+        for (uint64_t i = 0; i < (uint64_t)n; i++) counts[read_code(s, part.len, i, pbits)]++;
+    }
+    Py_END_ALLOW_THREADS
+    ret = PyList_New(1 << pbits);
+    if (!ret) goto done;
+    for (unsigned j = 0; j < (1u << pbits); j++) PyList_SET_ITEM(ret, j, PyLong_FromUnsignedLongLong(counts[j]));
+done:
+    PyBuffer_Release(&part);
+    return ret;
+}
+
+/* merge_parts(out_u8, part_packed, pbits, lows (sequence of packed buffers), lbits): code i =
+ * (part_i << lbits) | next low of part_i. Each low stream must hold exactly its part's count. */
+static PyObject *py_merge_parts(PyObject *self, PyObject *args) {
+    Py_buffer out = {0}, part = {0};
+    unsigned int pbits, lbits;
+    PyObject *lows;
+    if (!PyArg_ParseTuple(args, "w*y*IOI", &out, &part, &pbits, &lows, &lbits)) return NULL;
+    PyObject *ret = NULL, *seq = NULL;
+    Py_buffer lb[256];
+    Py_ssize_t nl = 0, got = 0;
+    uint64_t counts[256] = {0};
+    uint64_t next[256] = {0};
+    const uint8_t *ls[256];
+    size_t llen[256];
+    uint64_t n = (uint64_t)out.len;
+    if (pbits < 1 || pbits > 8 || lbits < 1 || pbits + lbits > 8 || (size_t)part.len != packed_nbytes(n, pbits)) {
+        PyErr_SetString(PyExc_ValueError, "merge_parts: streams do not fit the code count"); goto done;
+    }
+    seq = PySequence_Fast(lows, "lows must be a sequence");
+    if (!seq) goto done;
+    nl = PySequence_Fast_GET_SIZE(seq);
+    if (nl != (Py_ssize_t)(1 << pbits)) { PyErr_SetString(PyExc_ValueError, "merge_parts: one low stream per part"); goto done; }
+    for (; got < nl; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &lb[got], PyBUF_SIMPLE)) goto done;
+        ls[got] = (const uint8_t *)lb[got].buf;
+        llen[got] = (size_t)lb[got].len;
+    }
+    const uint8_t *s = (const uint8_t *)part.buf;
+    uint8_t *o = (uint8_t *)out.buf;
+    for (uint64_t i = 0; i < n; i++) counts[read_code(s, part.len, i, pbits)]++;
+    for (Py_ssize_t j = 0; j < nl; j++) {
+        if (llen[j] != packed_nbytes(counts[j], lbits)) {
+            PyErr_Format(PyExc_ValueError, "merge_parts: low stream %zd has %zu bytes, its %llu codes need %zu",
+                         j, llen[j], (unsigned long long)counts[j], packed_nbytes(counts[j], lbits));
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (pbits == 1 && lbits == 1) {
+        for (uint64_t i = 0; i < n; i++) {
+            unsigned p = (s[i >> 3] >> (i & 7)) & 1u;
+            uint64_t k = next[p]++;
+            o[i] = (uint8_t)((p << 1) | ((ls[p][k >> 3] >> (k & 7)) & 1u));
+        }
+    } else {
+        for (uint64_t i = 0; i < n; i++) {
+            unsigned p = read_code(s, part.len, i, pbits);
+            uint64_t k = next[p]++;
+            o[i] = (uint8_t)((p << lbits) | read_code(ls[p], llen[p], k, lbits));
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    for (Py_ssize_t j = 0; j < got; j++) PyBuffer_Release(&lb[j]);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&part);
+    return ret;
+}
+
+/* sign_add(dense_f32 [rows, cols] (added to in place), packed [rows, ceil(cols/8)], scales_f32, scale_stride,
+ * group_cols): dense[r, c] += bit(r, c) ? s : -s with s = scales[r * scale_stride + c / group_cols]
+ * (BitDelta; +-1 * s is exact, so this is the bits of float32(base) + delta). */
+static PyObject *py_sign_add(PyObject *self, PyObject *args) {
+    Py_buffer dense = {0}, packed = {0}, scales = {0};
+    Py_ssize_t rows, cols, stride, gcols;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnn", &dense, &packed, &scales, &rows, &cols, &stride, &gcols)) return NULL;
+    Py_ssize_t pc = (cols + 7) / 8;
+    if (rows < 0 || cols < 0 || stride < 0 || gcols < 1 || dense.len != rows * cols * (Py_ssize_t)sizeof(float)
+        || packed.len != rows * pc) {
+        PyErr_SetString(PyExc_ValueError, "sign_add: buffers do not fit the shape"); goto done;
+    }
+    Py_ssize_t ng = cols ? (cols - 1) / gcols + 1 : 0;
+    if (rows && cols && ((rows - 1) * stride + ng) * (Py_ssize_t)sizeof(float) > scales.len) {
+        PyErr_SetString(PyExc_ValueError, "sign_add: too few scales"); goto done;
+    }
+    float *d = (float *)dense.buf;
+    const uint8_t *b = (const uint8_t *)packed.buf;
+    const float *sc = (const float *)scales.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *dr = d + r * cols;
+        const uint8_t *br = b + r * pc;
+        const float *sr = sc + r * stride;
+        for (Py_ssize_t c0 = 0; c0 < cols; c0 += gcols) {
+            Py_ssize_t c1 = c0 + gcols < cols ? c0 + gcols : cols;
+            float pos = sr[c0 / gcols], neg = -pos;
+            for (Py_ssize_t c = c0; c < c1; c++) {
+                int bit = (br[c >> 3] >> (c & 7)) & 1;
+                dr[c] = dr[c] + (bit ? pos : neg);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&dense);
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&scales);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
+    {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
+    {"positions", py_positions, METH_VARARGS, "Kept row-major indices of whole groups of a block."},
+    {"sign_add", py_sign_add, METH_VARARGS, "BitDelta: add +-scale by the packed sign bits, in place."},
+    {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},
+    {"merge_parts", py_merge_parts, METH_VARARGS, "Codes from a part-id stream and per-part low-bit streams."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "deltahub's native decode kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
