@@ -28,7 +28,14 @@ static inline uint32_t h32(uint32_t x) {
 
 static inline uint32_t key_hi(uint32_t k2, uint32_t hi) { return h32(k2 ^ h32(hi ^ HI_SALT)); }
 
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
 /* u[j] = u_(start + j) for j < n. */
+CLONES
 static void fill_u32(uint32_t *u, size_t n, uint32_t k1, uint32_t k2, uint64_t start) {
     uint64_t i = start;
     size_t done = 0;
@@ -137,12 +144,73 @@ static void select_group(const uint32_t *u, uint8_t *flags, size_t g, size_t kee
     size_t m = 0;
     for (size_t j = 0; j < g; j++) if ((u[j] >> sh) == b) s->cand[m++] = ((uint64_t)u[j] << 32) | (uint64_t)j;
     uint64_t kth = select_kth(s->cand, m, keep - below - 1);
-    uint32_t bb = (uint32_t)b;
-    for (size_t j = 0; j < g; j++) {
-        uint32_t bin = u[j] >> sh;
-        uint64_t key = ((uint64_t)u[j] << 32) | (uint64_t)j;
-        flags[j] = (bin < bb) | ((bin == bb) & (key <= kth));
+    uint32_t tu = (uint32_t)(kth >> 32), tj = (uint32_t)kth;
+    for (uint32_t j = 0; j < (uint32_t)g; j++) flags[j] = (u[j] < tu) | ((u[j] == tu) & (j <= tj));
+}
+
+/* Lane-parallel selection: LANES groups at once, one per vector lane (GCC/Clang vector extensions;
+ * AVX2 where the CPU has it, through target clones). Each lane computes its group's u values, keeps
+ * a sorted list of the `small` smallest (or largest) by min/max exchanges, and flags u <= the
+ * keep-th smallest. A lane whose threshold value is tied (count != keep) is redone by the scalar
+ * select_group, so the result is exactly that of the scalar rule. */
+#define LANES 8
+#define LIST_MAX 16
+typedef uint32_t v8u __attribute__((vector_size(4 * LANES)));
+typedef int32_t v8i __attribute__((vector_size(4 * LANES)));
+
+static inline v8u vh32(v8u x) {
+    x ^= x >> 17; x *= 0xED5AD4BBu;
+    x ^= x >> 11; x *= 0xAC4C1B51u;
+    x ^= x >> 15; x *= 0x31848BABu;
+    x ^= x >> 14;
+    return x;
+}
+
+static inline v8u vmin(v8u a, v8u b) { v8u m = (v8u)(a < b); return (a & m) | (b & ~m); }
+static inline v8u vmax(v8u a, v8u b) { v8u m = (v8u)(a < b); return (b & m) | (a & ~m); }
+
+/* Flags of `ngroups` (a multiple of LANES) whole groups starting at element `first` (flags[0] is
+ * element `first`); the block must not cross a multiple of 2^32 (one key for all). Returns the
+ * number of lanes redone by the scalar rule. */
+CLONES
+static size_t lane_select(uint8_t *flags, uint32_t k1, uint32_t kh, uint64_t first, size_t ngroups, size_t g,
+                          size_t keep, sel_t *s, uint32_t *scratch) {
+    size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
+    int largest = small != keep;
+    v8u lane_off;
+    for (int k = 0; k < LANES; k++) lane_off[k] = (uint32_t)(k * g);
+    v8u U[64];
+    size_t redo = 0;
+    for (size_t gi = 0; gi < ngroups; gi += LANES) {
+        uint32_t lo0 = (uint32_t)(first + gi * g);
+        v8u lst[LIST_MAX];
+        for (size_t t = 0; t < small; t++) lst[t] = largest ? (v8u){0} : ~(v8u){0};
+        for (size_t j = 0; j < g; j++) {
+            v8u x = vh32((lane_off + (lo0 + (uint32_t)j)) ^ kh) ^ k1;
+            U[j] = x;
+            if (largest) {
+                for (size_t t = 0; t < small; t++) { v8u hi = vmax(lst[t], x); x = vmin(lst[t], x); lst[t] = hi; }
+            } else {
+                for (size_t t = 0; t < small; t++) { v8u lo = vmin(lst[t], x); x = vmax(lst[t], x); lst[t] = lo; }
+            }
+        }
+        v8u thr = lst[small - 1];
+        v8i cnt = {0};
+        uint8_t *f = flags + gi * g;
+        for (size_t j = 0; j < g; j++) {
+            v8i le = (v8i)(U[j] <= thr);  /* -1 where flagged */
+            cnt -= le;
+            for (int k = 0; k < LANES; k++) f[k * g + j] = (uint8_t)(le[k] & 1);
+        }
+        for (int k = 0; k < LANES; k++) {
+            if ((size_t)cnt[k] != keep) {  /* a tie at the threshold: the scalar rule decides */
+                for (size_t j = 0; j < g; j++) scratch[j] = U[j][k];
+                select_group(scratch, f + k * g, g, keep, s);
+                redo++;
+            }
+        }
     }
+    return redo;
 }
 
 /* Elements per pass of walk_groups: scratch of 5 bytes each stays in cache and below malloc's
@@ -165,10 +233,20 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
     s.cand = (uint64_t *)malloc(g * sizeof(uint64_t));
     if (!flags || !u || !s.hist || !s.cand) { free(flags); free(u); free(s.hist); free(s.cand); return -1; }
     int64_t v = 0, last = (int64_t)(length / g * keep) - 1;
+    size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
+    int lane_ok = keep < g && g <= 64 && small <= LIST_MAX;
     for (size_t c0 = 0; c0 < length; c0 += chunk) {
         size_t n = length - c0 < chunk ? length - c0 : chunk;
         if (keep >= g) {
             memset(flags, 1, n);
+        } else if (lane_ok && (start + c0) >> 32 == (start + c0 + n - 1) >> 32 && n / g >= LANES) {
+            size_t nl = n / g / LANES * LANES;  /* groups done in lanes; the rest below */
+            lane_select(flags, k1, key_hi(k2, (uint32_t)((start + c0) >> 32)), start + c0, nl, g, keep, &s, u);
+            size_t done = nl * g;
+            if (done < n) {
+                fill_u32(u, n - done, k1, k2, start + c0 + done);
+                for (size_t off = 0; off < n - done; off += g) select_group(u + off, flags + done + off, g, keep, &s);
+            }
         } else {
             fill_u32(u, n, k1, k2, start + c0);
             if (keep == 1) {  /* the first smallest u of each group */
