@@ -12,7 +12,7 @@ setup(
         Extension(
             "deltahub.codecs._native",
             sources=["deltahub/codecs/_native.c"],
-            extra_compile_args=["-O3", "-std=c99"],
+            extra_compile_args=["-O3", "-std=c99", "-Wno-psabi"],
             optional=True,
         )
     ]

@@ -36,6 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 PRESETS = ("16x", "32x", "64x", "128x", "256x", "512x")
+DEFAULT = "default policy (auto)"
 
 #: Run in a fresh interpreter: import, then time one apply; prints a JSON line.
 #: The profile and the steps taken, measured while building the pipeline (same machine, shared).
@@ -136,9 +137,11 @@ def time_imports(repeats: int) -> dict[str, float]:
     return {**out, "python": py}
 
 
-def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, **kwargs: Any) -> dict[str, Any]:
-    """Fresh-process apply runs: the first with an empty digest cache, then ``repeats`` warm; best of each."""
-    env = {**os.environ, "DELTAHUB_DIGEST_CACHE": str(cache_dir), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
+def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, native: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Fresh-process apply runs: the first with an empty digest cache, then ``repeats`` warm; best of each.
+    ``native=False``: the numpy paths (``DELTAHUB_NATIVE=0``) instead of the native decode kernels."""
+    env = {**os.environ, "DELTAHUB_DIGEST_CACHE": str(cache_dir), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT),
+           "DELTAHUB_NATIVE": "1" if native else "0"}
     shutil.rmtree(cache_dir, ignore_errors=True)
     runs = []
     for _ in range(1 + repeats):
@@ -176,7 +179,7 @@ def apply_stages(delta_dir: Path, base: Path, work: Path, dtype: Any = None) -> 
         st["read + verify stored"] += time.perf_counter() - t
         b = bytes_to_tensor(raw, ck.info(name).dtype, ck.info(name).shape) if raw is not None else None
         t = time.perf_counter()
-        out = d._rebuild(name, stored, b if d._needs_base(e) else None)
+        out = d._rebuild(name, stored, b if d._needs_base(e) else None, owned=True)
         st["decode"] += time.perf_counter() - t
         t = time.perf_counter()
         if dtype is not None and out.is_floating_point():
@@ -236,12 +239,14 @@ def compress_stages(base: Path, ft: Path, delta_dir: Path) -> dict[str, float]:
 
 
 def ensure_deltas(base: Path, ft: Path, work: Path, presets: list[str]) -> dict[str, Path]:
-    """The default BitDelta delta and one per DeltaDQ preset, made once into ``work``."""
+    """The default (whole-model ``auto``) delta, a BitDelta one and one per DeltaDQ preset, made once into ``work``."""
     from deltahub.compression import compress
 
-    out = {"bitdelta (default policy)": work / "d-bitdelta"}
-    if not out["bitdelta (default policy)"].exists():
-        compress(base, ft, out["bitdelta (default policy)"], progress=False)
+    out = {DEFAULT: work / "d-default", "bitdelta": work / "d-bitdelta"}
+    if not out[DEFAULT].exists():
+        compress(base, ft, out[DEFAULT], progress=False)
+    if not out["bitdelta"].exists():
+        compress(base, ft, out["bitdelta"], codec="bitdelta", progress=False)
     for p in presets:
         d = work / f"d-deltadq-{p}"
         if not d.exists():
@@ -268,14 +273,17 @@ def _md(results: dict[str, Any]) -> str:
         f"(`python -c pass`: {imp['python']:.2f} s), reported beside, not inside, the apply times.", "",
         "## apply (Python, after imports; fresh process per run)", "",
     ]
+    numpy_runs = results.get("apply_numpy", {})
     rows = [[k, f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['warm_s'] / cp:.1f}x", f"{r['cold_cpu_s']:.2f}", f"{r['warm_cpu_s']:.2f}",
+             f"{numpy_runs[k]['warm_s']:.2f}" if k in numpy_runs else "",
              f"{r['peak_rss_mib'] - r['rss_after_imports_mib']:.0f}",
              f"{(r['peak_rss_mib'] - r['rss_after_imports_mib']) / results['largest_shard_mib']:.2f}x"] for k, r in results["apply"].items()]
     lines += [markdown_table(["delta", "wall, cold digest cache (s)", "wall, warm (s)", "warm / cp", "CPU cold (s)", "CPU warm (s)",
-                              "peak RSS - imports (MiB)", "/ largest shard"], rows), "",
+                              "warm, numpy paths (s)", "peak RSS - imports (MiB)", "/ largest shard"], rows), "",
               "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. Cold: the digest cache "
-              "empty, so the base is hashed; warm: the next runs, which hash nothing.", ""]
-    for title, key in (("apply, serial stages (one thread, bitdelta delta)", "apply_stages"), ("compress, serial stages (one thread, default policy)", "compress_stages")):
+              "empty, so the base is hashed; warm: the next runs, which hash nothing. Numpy paths: the same warm "
+              "runs with `DELTAHUB_NATIVE=0` (no native decode kernels, as on an install without a C compiler).", ""]
+    for title, key in (("apply, serial stages (one thread, default delta)", "apply_stages"), ("compress, serial stages (one thread, default policy)", "compress_stages")):
         st = results.get(key)
         if st:
             lines += [f"## {title}", "", markdown_table(["stage", "s"], [[k, f"{v:.2f}"] for k, v in st.items()]), ""]
@@ -305,14 +313,15 @@ def main() -> None:
                            "largest_shard_mib": shards[-1].stat().st_size / 2**20}
     res["cp_s"] = time_cp(shards[-1], a.work, max(a.repeats, 3))
     res["imports"] = time_imports(a.repeats)
-    res["apply"] = {}
+    res["apply"], res["apply_numpy"] = {}, {}
     for label, d in deltas.items():
         res["apply"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests")
-        print(label, res["apply"][label], flush=True)
-    res["apply"]["bitdelta, --dtype bfloat16"] = apply_runs(deltas["bitdelta (default policy)"], base, a.work, a.repeats, a.work / "digests",
-                                                            dtype="bfloat16")
+        res["apply_numpy"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests", native=False)
+        print(label, res["apply"][label], res["apply_numpy"][label]["warm_s"], flush=True)
+    res["apply"]["default policy, --dtype bfloat16"] = apply_runs(deltas[DEFAULT], base, a.work, a.repeats, a.work / "digests",
+                                                                  dtype="bfloat16")
     if not a.no_stages:
-        res["apply_stages"] = apply_stages(deltas["bitdelta (default policy)"], base, a.work)
+        res["apply_stages"] = apply_stages(deltas[DEFAULT], base, a.work)
         res["compress_stages"] = compress_stages(base, ft, a.work / "x")
     (HERE / "throughput.json").write_text(json.dumps(res, indent=1) + "\n")
     a.out.write_text(_md(res))

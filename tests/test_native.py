@@ -176,3 +176,13 @@ def test_bitdelta_inplace_rebuild_matches_reconstruct(granularity: str, group_si
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     half = codec.reconstruct_(enc.tensors, enc.params, base.clone(), shape, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, want.to(torch.bfloat16))
+
+
+def test_env_switch_selects_the_numpy_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.codecs._accel import native
+
+    for off in ("0", "false", "off", " no "):
+        monkeypatch.setenv("DELTAHUB_NATIVE", off)
+        assert native() is None
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+    assert (native() is not None) == native_available()
