@@ -291,6 +291,15 @@ def _md(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _history(out: Path) -> str:
+    """The hand-written per-session sections of an existing report (from its first ``## Session``), kept."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    at = text.find("\n## Session ")
+    return "" if at < 0 else text[at:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -324,7 +333,7 @@ def main() -> None:
         res["apply_stages"] = apply_stages(deltas[DEFAULT], base, a.work)
         res["compress_stages"] = compress_stages(base, ft, a.work / "x")
     (HERE / "throughput.json").write_text(json.dumps(res, indent=1) + "\n")
-    a.out.write_text(_md(res))
+    a.out.write_text(_md(res) + _history(a.out))
     print(a.out.read_text())
 
 
