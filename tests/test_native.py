@@ -186,3 +186,25 @@ def test_env_switch_selects_the_numpy_paths(monkeypatch: pytest.MonkeyPatch) -> 
         assert native() is None
     monkeypatch.setenv("DELTAHUB_NATIVE", "1")
     assert (native() is not None) == native_available()
+
+
+@needs_native
+@pytest.mark.parametrize("g,keep", [(4, 1), (4, 3), (8, 2), (16, 4), (16, 13), (32, 8), (64, 16), (64, 60)])
+def test_selection_with_ties_at_the_threshold(g: int, keep: int) -> None:
+    """Equal u values (astronomically rare from the hash, so made here on purpose) go to the lower
+    column: the vector-lane path hands such groups to the scalar rule, and both match a full sort."""
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    rng = np.random.default_rng(g * 100 + keep)
+    groups = 64
+    u = rng.integers(0, 6, (groups, g)).astype(np.uint32) * np.uint32(1 << 29)  # few distinct values: many ties
+    u[::3] = rng.integers(0, 2**32, (len(u[::3]), g), dtype=np.uint64).astype(np.uint32)  # and some without
+    keys = u.astype(np.int64) * g + np.arange(g)
+    want = np.zeros_like(u, dtype=np.uint8)
+    np.put_along_axis(want, np.argsort(keys, axis=1)[:, :keep], 1, axis=1)
+    for lanes in (True, False):
+        got = np.zeros(groups * g, dtype=np.uint8)
+        redone = _native.select_flags(u.reshape(-1), g, keep, got, lanes)
+        assert np.array_equal(got.reshape(groups, g), want), lanes
+        if lanes:
+            assert redone > 0  # the tie path ran

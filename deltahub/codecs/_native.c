@@ -174,7 +174,7 @@ static inline v8u vmax(v8u a, v8u b) { v8u m = (v8u)(a < b); return (b & m) | (a
  * number of lanes redone by the scalar rule. */
 CLONES
 static size_t lane_select(uint8_t *flags, uint32_t k1, uint32_t kh, uint64_t first, size_t ngroups, size_t g,
-                          size_t keep, sel_t *s, uint32_t *scratch) {
+                          size_t keep, sel_t *s, uint32_t *scratch, const uint32_t *given) {
     size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
     int largest = small != keep;
     v8u lane_off;
@@ -186,7 +186,12 @@ static size_t lane_select(uint8_t *flags, uint32_t k1, uint32_t kh, uint64_t fir
         v8u lst[LIST_MAX];
         for (size_t t = 0; t < small; t++) lst[t] = largest ? (v8u){0} : ~(v8u){0};
         for (size_t j = 0; j < g; j++) {
-            v8u x = vh32((lane_off + (lo0 + (uint32_t)j)) ^ kh) ^ k1;
+            v8u x;
+            if (given) {  /* test hook: the u values are given (row-major groups), not generated */
+                for (int k = 0; k < LANES; k++) x[k] = given[(gi + (size_t)k) * g + j];
+            } else {
+                x = vh32((lane_off + (lo0 + (uint32_t)j)) ^ kh) ^ k1;
+            }
             U[j] = x;
             if (largest) {
                 for (size_t t = 0; t < small; t++) { v8u hi = vmax(lst[t], x); x = vmin(lst[t], x); lst[t] = hi; }
@@ -241,7 +246,7 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
             memset(flags, 1, n);
         } else if (lane_ok && (start + c0) >> 32 == (start + c0 + n - 1) >> 32 && n / g >= LANES) {
             size_t nl = n / g / LANES * LANES;  /* groups done in lanes; the rest below */
-            lane_select(flags, k1, key_hi(k2, (uint32_t)((start + c0) >> 32)), start + c0, nl, g, keep, &s, u);
+            lane_select(flags, k1, key_hi(k2, (uint32_t)((start + c0) >> 32)), start + c0, nl, g, keep, &s, u, NULL);
             size_t done = nl * g;
             if (done < n) {
                 fill_u32(u, n - done, k1, k2, start + c0 + done);
@@ -422,6 +427,39 @@ static PyObject *py_positions(PyObject *self, PyObject *args) {
     ret = PyLong_FromLongLong(n);
 done:
     PyBuffer_Release(&out);
+    return ret;
+}
+
+/* select_flags(u_uint32, g, keep, flags_u8 (written), lanes) -> scalar lanes redone: the selection rule
+ * on given u values (a test hook, so ties at the threshold can be made on purpose); lanes=1 runs the
+ * vector-lane path (whole batches of LANES groups), lanes=0 the scalar one. */
+static PyObject *py_select_flags(PyObject *self, PyObject *args) {
+    Py_buffer ub = {0}, fb = {0};
+    Py_ssize_t g, keep;
+    int lanes;
+    if (!PyArg_ParseTuple(args, "y*nnw*p", &ub, &g, &keep, &fb, &lanes)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)ub.len / 4, redo = 0;
+    sel_t s = {0};
+    uint32_t *scratch = NULL;
+    if (g < 2 || g > 64 || keep < 1 || keep >= g || n % (size_t)g || (size_t)fb.len != n
+        || (lanes && (n / (size_t)g) % LANES)) {
+        PyErr_SetString(PyExc_ValueError, "select_flags: bad arguments"); goto done;
+    }
+    s.hbits = 6;
+    s.hist = (uint32_t *)malloc(64 * sizeof(uint32_t));
+    s.cand = (uint64_t *)malloc((size_t)g * sizeof(uint64_t));
+    scratch = (uint32_t *)malloc((size_t)g * sizeof(uint32_t));
+    if (!s.hist || !s.cand || !scratch) { PyErr_NoMemory(); goto done; }
+    const uint32_t *u = (const uint32_t *)ub.buf;
+    uint8_t *f = (uint8_t *)fb.buf;
+    if (lanes) redo = lane_select(f, 0, 0, 0, n / (size_t)g, (size_t)g, (size_t)keep, &s, scratch, u);
+    else for (size_t off = 0; off < n; off += (size_t)g) select_group(u + off, f + off, (size_t)g, (size_t)keep, &s);
+    ret = PyLong_FromSize_t(redo);
+done:
+    free(s.hist); free(s.cand); free(scratch);
+    PyBuffer_Release(&ub);
+    PyBuffer_Release(&fb);
     return ret;
 }
 
@@ -615,6 +653,7 @@ static PyMethodDef methods[] = {
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
     {"positions", py_positions, METH_VARARGS, "Kept row-major indices of whole groups of a block."},
     {"sign_add", py_sign_add, METH_VARARGS, "BitDelta: add +-scale by the packed sign bits, in place."},
+    {"select_flags", py_select_flags, METH_VARARGS, "Test hook: the group selection on given u values."},
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},
     {"merge_parts", py_merge_parts, METH_VARARGS, "Codes from a part-id stream and per-part low-bit streams."},
     {NULL, NULL, 0, NULL},
