@@ -183,7 +183,9 @@ def test_delta_linear_mixed_batch_uses_fused_sgmv(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("mode", ["int8", "dense"])
 def test_delta_linear_forward_per_cache_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """DeltaLinear's output under a cache mode: BitDelta bit-identical to ``none`` for ``int8``, and
-    every codec (a real DeltaDQ adapter too) within float32 rounding of ``none`` for ``dense``."""
+    every codec (a real DeltaDQ adapter too) within float32 rounding of ``none`` for ``dense``. These are the
+    torch paths: the native CPU kernels (``none`` only) are compared in tests/test_resident_native.py."""
+    monkeypatch.setenv("DELTAHUB_NATIVE", "0")
     rows, cols = 20, 32
     sign, scale, bd = _bitdelta(rows, cols, "row", 0)
     codec = get_codec("deltadq")

@@ -21,9 +21,14 @@ except ImportError:  # no compiler at install time: the numpy paths
 NATIVE_BLOCK = 1 << 18
 
 
+def native_enabled() -> bool:
+    """Whether ``DELTAHUB_NATIVE`` allows native kernels (read at each call; ``0`` turns every one off)."""
+    return os.environ.get("DELTAHUB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def native() -> ModuleType | None:
     """The native kernel module, or None when it is not built or ``DELTAHUB_NATIVE=0``."""
-    if _NATIVE is None or os.environ.get("DELTAHUB_NATIVE", "1").strip() in ("0", "false", "no", "off"):
+    if _NATIVE is None or not native_enabled():
         return None
     return _NATIVE
 

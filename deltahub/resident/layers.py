@@ -16,7 +16,7 @@ from ..codecs._bits import pack_bits, packed_cols, unpack_pm1
 from ..codecs.base import Codec
 from ..codecs.bitdelta import expand_scales, scale_shape
 from ..errors import CodecError, DeltaHubError
-from . import kernels
+from . import _cpu, kernels
 from .kernels import CHUNK_ROWS
 
 #: Codecs that never become resident delta modules.
@@ -116,14 +116,33 @@ class _BitDeltaAdapter(_DeviceOnly):
         signs = unpack_pm1(self.sign.index_select(0, idx), cols, torch.float32)
         return signs * expand_scales(s, idx.numel(), cols, self.granularity, self.group_size)
 
+    def native_addmm_(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
+                      transposed: bool = False) -> bool:
+        """``y[rows] += x[rows] @ Δ̂ᵀ`` in place by the native CPU kernel (:mod:`._cpu`), from the packed signs;
+        False (nothing done) where it does not apply (another device or dtype, autograd, a cache mode other than
+        ``none``: ``int8`` / ``dense`` ask for the torch path with that cache)."""
+        if self.sign.device.type != "cpu" or kernels.cache_mode() != "none" or not _cpu.applies(x, y):
+            return False
+        _cpu.bitdelta_addmm_(y, x, self, rows, transposed)
+        return True
+
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-        """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``: unpacking ``chunk_rows`` output rows of signs at a time, or
-        from a cache kept on this adapter (``DELTAHUB_RESIDENT_CACHE``, :mod:`.kernels`)."""
+        """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``: by the native CPU kernel for decode-sized float32 batches, else
+        unpacking ``chunk_rows`` output rows of signs at a time, or from a cache kept on this adapter
+        (``DELTAHUB_RESIDENT_CACHE``, :mod:`.kernels`)."""
+        if x.shape[0] <= _cpu.MAX_NATIVE_ROWS:
+            y = x.new_zeros((x.shape[0], self.shape[0]))
+            if self.native_addmm_(y, x.contiguous()):
+                return y
         return kernels.bitdelta_matmul(x, self.sign, self.scale, self.granularity, self.group_size, self.kernel_cache,
                                        chunk_rows)
 
     def delta_matmul_t(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows of signs at a time."""
+        if x.shape[0] <= _cpu.MAX_NATIVE_ROWS:
+            y = x.new_zeros((x.shape[0], self.shape[1]))
+            if self.native_addmm_(y, x.contiguous(), transposed=True):
+                return y
         return _matmul_t_by_rows(self.shape, x, chunk_rows,
                                  lambda r0, r1: self.rows(torch.arange(r0, r1, device=self.sign.device)))
 
@@ -253,7 +272,10 @@ class _CodebookAdapter(_DeviceOnly):
         self.register_buffer("codes", (idx[0::2] | (idx[1::2] << 4)).contiguous(), persistent=False)
         counts = mask.sum(dim=1, dtype=torch.int64)
         self.register_buffer("row_ptr", torch.cat([counts.new_zeros(1), counts.cumsum(0)]), persistent=False)
-        self.register_buffer("codebook", codebook.to(torch.float32).contiguous(), persistent=False)
+        # padded to CODEBOOK_MAX entries (the native kernel loads all 16 at once; codes never point past the values)
+        book = torch.zeros(CODEBOOK_MAX, dtype=torch.float32)
+        book[:codebook.numel()] = codebook.to(torch.float32)
+        self.register_buffer("codebook", book, persistent=False)
 
     @staticmethod
     def codebook_of(dense: torch.Tensor, stored_codebook: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -287,6 +309,8 @@ class _CodebookAdapter(_DeviceOnly):
 
     def row_range(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``r0:r1`` of the decoded delta in ``dtype``: their codes are one contiguous run (no index gather)."""
+        if self.nz.device.type == "cpu" and _cpu.available():
+            return _cpu.codebook_decode(self, r0, r1).to(dtype)
         mask = _unpack_mask(self.nz[r0:r1], self.shape[1])
         k0, k1 = int(self.row_ptr[r0]), int(self.row_ptr[r1])
         out = torch.zeros(r1 - r0, self.shape[1], dtype=dtype, device=self.nz.device)
@@ -304,12 +328,27 @@ class _CodebookAdapter(_DeviceOnly):
         """The whole decoded delta ``[out, in]``."""
         return self.row_range(0, self.shape[0], dtype)
 
+    def native_addmm_(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
+                      transposed: bool = False) -> bool:
+        """``y[rows] += x[rows] @ Δ̂ᵀ`` in place by the native CPU kernel (:mod:`._cpu`), from the bitmap and codes;
+        False (nothing done) where it does not apply (another device or dtype, autograd, a cache mode other than
+        ``none``: ``int8`` / ``dense`` ask for the torch path with that cache)."""
+        if self.nz.device.type != "cpu" or kernels.cache_mode() != "none" or not _cpu.applies(x, y):
+            return False
+        _cpu.codebook_addmm_(y, x, self, rows, transposed)
+        return True
+
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-        """``x @ Δ̂ᵀ``, decoding ``chunk_rows`` output rows at a time (bounded temporary memory), or from the
-        decoded delta cached on this adapter when ``DELTAHUB_RESIDENT_CACHE=dense`` (:mod:`.kernels`)."""
+        """``x @ Δ̂ᵀ``: by the native CPU kernel for decode-sized float32 batches, else decoding ``chunk_rows``
+        output rows at a time (bounded temporary memory), or from the decoded delta cached on this adapter when
+        ``DELTAHUB_RESIDENT_CACHE=dense`` (:mod:`.kernels`)."""
         if kernels.cache_mode() == "dense":
             return kernels.decoded_matmul(x, self.dense, self.kernel_cache, keep=True)
         self.kernel_cache.clear()
+        if x.shape[0] <= _cpu.MAX_NATIVE_ROWS:
+            y = x.new_zeros((x.shape[0], self.shape[0]))
+            if self.native_addmm_(y, x.contiguous()):
+                return y
         rows = self.shape[0]
         out = x.new_empty((x.shape[0], rows))
         for r0 in range(0, rows, chunk_rows):
@@ -321,6 +360,10 @@ class _CodebookAdapter(_DeviceOnly):
         """``x @ Δ̂`` (a delta stored ``[in, out]``, GPT-2's ``Conv1D``), ``chunk_rows`` rows at a time."""
         if kernels.cache_mode() == "dense":
             return kernels.decoded_matmul(x, self.dense, self.kernel_cache, keep=True, transposed=True)
+        if x.shape[0] <= _cpu.MAX_NATIVE_ROWS:
+            y = x.new_zeros((x.shape[0], self.shape[1]))
+            if self.native_addmm_(y, x.contiguous(), transposed=True):
+                return y
         return _matmul_t_by_rows(self.shape, x, chunk_rows, lambda r0, r1: self.row_range(r0, r1, x.dtype))
 
 
@@ -520,6 +563,8 @@ class DeltaLinear(AdapterLayer):
             groups = [(name, idx) for name, idx in sel if name is not None and name in self.adapters]
             if not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [self.adapters[n] for n, _ in groups]):
                 return y + self._delta_sgmv(x, groups).to(y.dtype)
+            if self._native_into(y, x, groups):
+                return y
             for name, idx in sel:
                 if name is None or name not in self.adapters:
                     continue
@@ -529,7 +574,39 @@ class DeltaLinear(AdapterLayer):
             return y
         if sel is None or sel not in self.adapters:
             return y
+        if self._native_into(y, x, [(sel, None)]):
+            return y
         return y + self._delta(sel, x).to(y.dtype)
+
+    def _native_into(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[str, torch.Tensor | None]]) -> bool:
+        """Add each ``(adapter, batch rows)`` group's delta into ``y`` in place with the native CPU kernels, reading
+        the resident form directly (decode-sized batches: at most :data:`._cpu.MAX_NATIVE_ROWS` token rows per
+        adapter). False, with ``y`` untouched, where they do not apply (the torch path runs instead)."""
+        if not groups or not _cpu.applies(x, y) or not y.is_contiguous() or kernels.cache_mode() != "none":
+            return False
+        adapters = [self.adapters[name] for name, _ in groups]
+        if not all(hasattr(a, "native_addmm_") and all(t.device.type == "cpu" for t in a.stored().values())
+                   for a in adapters):
+            return False
+        x2 = x.reshape(-1, self.in_features)
+        tokens = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1
+        plans: list[tuple[Any, torch.Tensor | None]] = []
+        for adapter, (_, idx) in zip(adapters, groups):
+            if idx is None:
+                n, rows = x2.shape[0], None
+            else:
+                idx = idx.to(torch.int64)
+                rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
+                n = rows.numel()
+            if n > _cpu.MAX_NATIVE_ROWS:
+                return False
+            plans.append((adapter, rows))
+        x2 = x2.contiguous()
+        y2 = y.view(-1, self.out_features)
+        for adapter, rows in plans:
+            if not adapter.native_addmm_(y2, x2, rows, self.fan_in_fan_out):
+                raise RuntimeError("native resident kernel refused after its checks passed")  # pragma: no cover
+        return True
 
     def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """Every row group's delta in one fused launch (Punica-style SGMV over adapter segments): the tokens of

@@ -1,0 +1,114 @@
+"""CPU products of resident deltas straight from their resident form (the optional native kernels).
+
+``deltahub/resident/_native.c`` (built at install when a C compiler is present) computes
+``y[rows] += x[rows] @ Δ̂ᵀ`` from a codebook adapter's bitmap + 4-bit codes or a BitDelta adapter's
+sign bits, without decoding ``Δ̂`` to a dense matrix: per 16 weights one code expansion and one
+FMA per batch row (AVX-512 where the CPU has it, portable loops elsewhere). The torch paths of
+:mod:`.layers` compute the same products (up to the summation order's float rounding); this module
+is used when :func:`applies` (float32 on CPU, no autograd) and the native module was built.
+
+``DELTAHUB_NATIVE=0`` turns the native kernels off (the torch paths run); ``DELTAHUB_NATIVE_SIMD=0``
+keeps them but on the portable loops (tests compare both).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..codecs._accel import native_enabled
+
+try:
+    from . import _native as _NATIVE  # type: ignore[attr-defined]
+except ImportError:  # built without a compiler: the torch paths
+    _NATIVE = None
+
+#: At most this many batch rows go through the native product; larger batches (prefill) decode rows
+#: densely (natively) and use torch's GEMM, which reuses each decoded weight across rows better.
+MAX_NATIVE_ROWS = 16
+
+_GRANULARITY = {"tensor": 0, "row": 1, "group": 2}
+
+
+def available() -> bool:
+    """Whether the native resident kernels are built and not turned off by ``DELTAHUB_NATIVE``."""
+    return _NATIVE is not None and native_enabled()
+
+
+def simd() -> bool:
+    """Whether the AVX-512 paths run (built, supported by this CPU, not ``DELTAHUB_NATIVE_SIMD=0``)."""
+    return (_NATIVE is not None and bool(_NATIVE.simd())
+            and os.environ.get("DELTAHUB_NATIVE_SIMD", "1").strip().lower() not in ("0", "false", "no", "off"))
+
+
+def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the native path can compute with ``x`` (and ``others``, e.g. the output it adds into):
+    float32 on CPU, no autograd graph to record."""
+    if not available() or x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
+        return False
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in others)
+
+
+def _rows_arg(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> tuple[int, int, torch.Tensor | None]:
+    if x.dim() != 2 or y.dim() != 2 or not x.is_contiguous() or not y.is_contiguous():
+        raise ValueError("resident kernel: x and y must be contiguous 2-d tensors")
+    if rows is None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"resident kernel: {x.shape[0]} input rows for {y.shape[0]} output rows")
+        return 0, x.shape[0], None
+    rows = rows.to(device="cpu", dtype=torch.int64).contiguous()
+    return rows.data_ptr(), rows.numel(), rows
+
+
+def codebook_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
+                    transposed: bool = False) -> torch.Tensor:
+    """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``, a delta stored ``[in, out]``) for a
+    :class:`~deltahub.resident.layers._CodebookAdapter`; ``rows`` None: every row. Returns ``y``."""
+    assert _NATIVE is not None
+    R, C = adapter.shape
+    if x.shape[1] != (R if transposed else C) or y.shape[1] != (C if transposed else R):
+        raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
+    ptr, n, keep = _rows_arg(y, x, rows)
+    if not n or not R or not C:
+        return y
+    cb = adapter.codebook
+    _NATIVE.cb_matmul(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0],
+                      adapter.nz.data_ptr(), adapter.codes.data_ptr(), adapter.codes.numel(), adapter.row_ptr.data_ptr(),
+                      cb.data_ptr(), R, C, transposed, simd())
+    del keep
+    return y
+
+
+def codebook_decode(adapter: Any, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a codebook adapter's delta as dense float32 ``[r1 - r0, in]``."""
+    assert _NATIVE is not None
+    R, C = adapter.shape
+    out = torch.empty((r1 - r0, C), dtype=torch.float32)
+    if r1 <= r0 or not C:
+        return out
+    _NATIVE.cb_decode(adapter.nz.data_ptr(), adapter.codes.data_ptr(), adapter.codes.numel(), adapter.row_ptr.data_ptr(),
+                      adapter.codebook.data_ptr(), R, C, r0, r1, out.data_ptr(), simd())
+    return out
+
+
+def bitdelta_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
+                    transposed: bool = False) -> torch.Tensor:
+    """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``) for a
+    :class:`~deltahub.resident.layers._BitDeltaAdapter`; ``rows`` None: every row. Returns ``y``."""
+    assert _NATIVE is not None
+    R, C = adapter.shape
+    if x.shape[1] != (R if transposed else C) or y.shape[1] != (C if transposed else R):
+        raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
+    ptr, n, keep = _rows_arg(y, x, rows)
+    if not n or not R or not C:
+        return y
+    gcols = min(adapter.group_size, C) if adapter.granularity == "group" else max(C, 1)
+    _NATIVE.bd_matmul(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0],
+                      adapter.sign.data_ptr(), adapter.scale.data_ptr(), adapter.scale.numel(),
+                      _GRANULARITY[adapter.granularity], max(gcols, 1), R, C, transposed, simd())
+    del keep
+    return y
