@@ -138,7 +138,7 @@ def test_kernels_refuse_what_does_not_fit() -> None:
     bad = a.codes[:1].clone()
     with pytest.raises(ValueError, match="code buffer"):
         _cpu._NATIVE.cb_matmul(x.data_ptr(), 24, 2, 0, 2, y.data_ptr(), 8, 2, a.nz.data_ptr(), bad.data_ptr(), 1,
-                               a.row_ptr.data_ptr(), a.codebook.data_ptr(), 8, 24, False, True)
+                               a.row_ptr.data_ptr(), a.codebook.data_ptr(), 8, 24, False, True, 1)
 
 
 def _layer(seed: int = 0) -> tuple[DeltaLinear, dict[str, torch.Tensor]]:
@@ -203,3 +203,26 @@ def test_prefill_sized_batches_use_the_chunked_path(monkeypatch: pytest.MonkeyPa
     with torch.no_grad():
         got = layer(x) - layer.base_layer(x)
     _check(got.reshape(-1, 40), x.reshape(-1, 48), deltas["bd"], False)
+
+
+@needs_native
+def test_threaded_products_equal_one_thread(simd_mode: str) -> None:
+    """Rows split over torch's OpenMP threads compute each output row exactly as one thread does."""
+    a, dense = _codebook(300, 400, 0.25, 9)
+    b, dbd = _bitdelta(300, 400, "group", 64, 10)
+    x = torch.randn(3, 400)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = torch.zeros(3, 300)
+            _cpu.codebook_addmm_(y, x, a)
+            z = torch.zeros(3, 300)
+            _cpu.bitdelta_addmm_(z, x, b)
+            outs.append((y, z))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    _check(outs[1][0], x, dense, False)
+    _check(outs[1][1], x, dbd, False)

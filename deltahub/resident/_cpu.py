@@ -3,7 +3,8 @@
 ``deltahub/resident/_native.c`` (built at install when a C compiler is present) computes
 ``y[rows] += x[rows] @ Δ̂ᵀ`` from a codebook adapter's bitmap + 4-bit codes or a BitDelta adapter's
 sign bits, without decoding ``Δ̂`` to a dense matrix: per 16 weights one code expansion and one
-FMA per batch row (AVX-512 where the CPU has it, portable loops elsewhere). The torch paths of
+FMA per batch row (AVX-512 where the CPU has it, portable loops elsewhere), output rows split over
+torch's own OpenMP threads (``torch.get_num_threads()``). The torch paths of
 :mod:`.layers` compute the same products (up to the summation order's float rounding); this module
 is used when :func:`applies` (float32 on CPU, no autograd) and the native module was built.
 
@@ -60,27 +61,82 @@ def _rows_arg(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> tu
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"resident kernel: {x.shape[0]} input rows for {y.shape[0]} output rows")
         return 0, x.shape[0], None
-    rows = rows.to(device="cpu", dtype=torch.int64).contiguous()
+    if rows.dtype != torch.int64 or rows.device.type != "cpu" or not rows.is_contiguous():
+        rows = rows.to(device="cpu", dtype=torch.int64).contiguous()
     return rows.data_ptr(), rows.numel(), rows
+
+
+#: Native argument tuples: ``(kind, args)``, kind 0 = codebook (``cb_matmul``), 1 = BitDelta (``bd_matmul``).
+NativeArgs = tuple[int, tuple[Any, ...]]
+
+
+def codebook_args(nz: torch.Tensor, codes: torch.Tensor, row_ptr: torch.Tensor, codebook: torch.Tensor,
+                  shape: tuple[int, int]) -> NativeArgs:
+    """The kernel arguments of a codebook adapter's buffers (checked here once: dtypes, sizes, contiguity)."""
+    R, C = shape
+    if (nz.dtype != torch.uint8 or tuple(nz.shape) != (R, (C + 7) // 8) or codes.dtype != torch.uint8
+            or row_ptr.dtype != torch.int64 or row_ptr.numel() != R + 1 or codebook.dtype != torch.float32
+            or codebook.numel() != 16 or not all(t.is_contiguous() for t in (nz, codes, row_ptr, codebook))):
+        raise ValueError(f"resident kernel: codebook buffers do not fit the delta {[R, C]}")
+    return 0, (nz.data_ptr(), codes.data_ptr(), codes.numel(), row_ptr.data_ptr(), codebook.data_ptr(), R, C)
+
+
+def bitdelta_args(sign: torch.Tensor, scale: torch.Tensor, granularity: str, group_size: int,
+                  shape: tuple[int, int]) -> NativeArgs:
+    """The kernel arguments of a BitDelta adapter's buffers (checked here once)."""
+    R, C = shape
+    if (sign.dtype != torch.uint8 or tuple(sign.shape) != (R, (C + 7) // 8) or scale.dtype != torch.float32
+            or not sign.is_contiguous() or not scale.is_contiguous()):
+        raise ValueError(f"resident kernel: BitDelta buffers do not fit the delta {[R, C]}")
+    gcols = min(group_size, C) if granularity == "group" else C
+    return 1, (sign.data_ptr(), scale.data_ptr(), scale.numel(), _GRANULARITY[granularity], max(gcols, 1), R, C)
+
+
+def addmm_(y: torch.Tensor, x: torch.Tensor, native_args: NativeArgs, rows: torch.Tensor | None, transposed: bool,
+           use_simd: bool, threads: int) -> torch.Tensor:
+    """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``, a delta stored ``[in, out]``) from an adapter's
+    :meth:`native_args`; ``rows`` None: every row. The caller checked :func:`applies`. Returns ``y``."""
+    assert _NATIVE is not None
+    kind, args = native_args
+    R, C = args[-2], args[-1]
+    if x.shape[-1] != (R if transposed else C) or y.shape[-1] != (C if transposed else R):
+        raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
+    ptr, n, keep = _rows_arg(y, x, rows)
+    if n and R and C:
+        fn = _NATIVE.cb_matmul if kind == 0 else _NATIVE.bd_matmul
+        fn(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0], *args, transposed,
+           use_simd, threads)
+    del keep
+    return y
+
+
+def try_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
+               transposed: bool = False) -> bool:
+    """:func:`addmm_` for one adapter when the native path applies (built, float32 on CPU, no autograd, cache mode
+    ``none``, the adapter's buffers on the CPU); False, with ``y`` untouched, otherwise."""
+    from .kernels import cache_mode
+
+    if not applies(x, y) or cache_mode() != "none":
+        return False
+    args = adapter.native_args()
+    if args is None:
+        return False
+    addmm_(y, x, args, rows, transposed, simd(), torch.get_num_threads())
+    return True
 
 
 def codebook_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
                     transposed: bool = False) -> torch.Tensor:
-    """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``, a delta stored ``[in, out]``) for a
-    :class:`~deltahub.resident.layers._CodebookAdapter`; ``rows`` None: every row. Returns ``y``."""
-    assert _NATIVE is not None
-    R, C = adapter.shape
-    if x.shape[1] != (R if transposed else C) or y.shape[1] != (C if transposed else R):
-        raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
-    ptr, n, keep = _rows_arg(y, x, rows)
-    if not n or not R or not C:
-        return y
-    cb = adapter.codebook
-    _NATIVE.cb_matmul(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0],
-                      adapter.nz.data_ptr(), adapter.codes.data_ptr(), adapter.codes.numel(), adapter.row_ptr.data_ptr(),
-                      cb.data_ptr(), R, C, transposed, simd())
-    del keep
-    return y
+    """``y[rows] += x[rows] @ Δ̂ᵀ`` for a :class:`~deltahub.resident.layers._CodebookAdapter` (see :func:`addmm_`)."""
+    args = codebook_args(adapter.nz, adapter.codes, adapter.row_ptr, adapter.codebook, adapter.shape)
+    return addmm_(y, x, args, rows, transposed, simd(), torch.get_num_threads())
+
+
+def bitdelta_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
+                    transposed: bool = False) -> torch.Tensor:
+    """``y[rows] += x[rows] @ Δ̂ᵀ`` for a :class:`~deltahub.resident.layers._BitDeltaAdapter` (see :func:`addmm_`)."""
+    args = bitdelta_args(adapter.sign, adapter.scale, adapter.granularity, adapter.group_size, adapter.shape)
+    return addmm_(y, x, args, rows, transposed, simd(), torch.get_num_threads())
 
 
 def codebook_decode(adapter: Any, r0: int, r1: int) -> torch.Tensor:
@@ -90,25 +146,7 @@ def codebook_decode(adapter: Any, r0: int, r1: int) -> torch.Tensor:
     out = torch.empty((r1 - r0, C), dtype=torch.float32)
     if r1 <= r0 or not C:
         return out
-    _NATIVE.cb_decode(adapter.nz.data_ptr(), adapter.codes.data_ptr(), adapter.codes.numel(), adapter.row_ptr.data_ptr(),
-                      adapter.codebook.data_ptr(), R, C, r0, r1, out.data_ptr(), simd())
+    _, (nz, codes, ncodes, row_ptr, book, _, _) = codebook_args(adapter.nz, adapter.codes, adapter.row_ptr,
+                                                              adapter.codebook, adapter.shape)
+    _NATIVE.cb_decode(nz, codes, ncodes, row_ptr, book, R, C, r0, r1, out.data_ptr(), simd())
     return out
-
-
-def bitdelta_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
-                    transposed: bool = False) -> torch.Tensor:
-    """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``) for a
-    :class:`~deltahub.resident.layers._BitDeltaAdapter`; ``rows`` None: every row. Returns ``y``."""
-    assert _NATIVE is not None
-    R, C = adapter.shape
-    if x.shape[1] != (R if transposed else C) or y.shape[1] != (C if transposed else R):
-        raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
-    ptr, n, keep = _rows_arg(y, x, rows)
-    if not n or not R or not C:
-        return y
-    gcols = min(adapter.group_size, C) if adapter.granularity == "group" else max(C, 1)
-    _NATIVE.bd_matmul(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0],
-                      adapter.sign.data_ptr(), adapter.scale.data_ptr(), adapter.scale.numel(),
-                      _GRANULARITY[adapter.granularity], max(gcols, 1), R, C, transposed, simd())
-    del keep
-    return y

@@ -24,6 +24,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <dlfcn.h>
 
 #define MAXB 8 /* batch rows held in registers at once */
 
@@ -47,7 +48,7 @@ static inline unsigned code_at(const uint8_t *codes, int64_t k) { return (codes[
 /* ------------------------------------------------------------------------------------------------ portable */
 
 static void cb_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *nz,
-                           const uint8_t *codes, const int64_t *rp, const float *cbk, size_t R, size_t C, float *y,
+                           const uint8_t *codes, const int64_t *rp, const float *cbk, size_t R0, size_t R, size_t C, float *y,
                            size_t ys, int transposed) {
     size_t nb = (C + 7) / 8;
     float cb[16] = {0};
@@ -56,7 +57,7 @@ static void cb_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t
         size_t row = idx ? (size_t)idx[i] : i;
         const float *xr = x + row * xs;
         float *yr = y + row * ys;
-        for (size_t r = 0; r < R; r++) {
+        for (size_t r = R0; r < R; r++) {
             const uint8_t *m = nz + r * nb;
             int64_t k = rp[r];
             if (!transposed) {
@@ -78,14 +79,14 @@ static inline float bd_scale(const float *sc, int gran, size_t r, size_t c, size
 }
 
 static void bd_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *sign,
-                           const float *sc, int gran, size_t gcols, size_t R, size_t C, float *y, size_t ys,
+                           const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C, float *y, size_t ys,
                            int transposed) {
     size_t nb = (C + 7) / 8, ng = (C + gcols - 1) / gcols;
     for (size_t i = 0; i < n; i++) {
         size_t row = idx ? (size_t)idx[i] : i;
         const float *xr = x + row * xs;
         float *yr = y + row * ys;
-        for (size_t r = 0; r < R; r++) {
+        for (size_t r = R0; r < R; r++) {
             const uint8_t *m = sign + r * nb;
             if (!transposed) {
                 float acc = 0.0f;
@@ -172,10 +173,10 @@ typedef struct {
 
 /* codebook, stored [out, in]: y[b][r] += sum_c x[b][c] * delta[r, c] for every row r, 64 columns a step. */
 AVX512 FORCE void cb_fwd(const int NB, const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,
-                         const int64_t *rp, __m512 cb, size_t R, size_t C) {
+                         const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {
     const int ACC = NB <= 4 ? 4 : 2; /* accumulators per batch row (registers: 32) */
     size_t nb = (C + 7) / 8;
-    for (size_t r = 0; r < R; r++) {
+    for (size_t r = R0; r < R; r++) {
         const uint8_t *mrow = nz + r * nb;
         int64_t k = rp[r];
         __m512 acc[MAXB][4]; /* independent chains: an FMA's latency is 4 cycles */
@@ -215,9 +216,9 @@ AVX512 FORCE void cb_fwd(const int NB, const Rows *rw, const uint8_t *nz, const 
 
 /* codebook, stored [in, out] (Conv1D): y[b][c] += x[b][r] * delta[r, c]. */
 AVX512 FORCE void cb_bwd(const int NB, const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,
-                         const int64_t *rp, __m512 cb, size_t R, size_t C) {
+                         const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {
     size_t nb = (C + 7) / 8;
-    for (size_t r = 0; r < R; r++) {
+    for (size_t r = R0; r < R; r++) {
         const uint8_t *mrow = nz + r * nb;
         int64_t k = rp[r];
         __m512 xv[MAXB];
@@ -245,10 +246,10 @@ AVX512 FORCE void cb_bwd(const int NB, const Rows *rw, const uint8_t *nz, const 
 /* BitDelta, stored [out, in]: per row and column group, s * (2 * sum_{bit=1} x - sum x); gsum[b][g] holds the
  * column-group sums of x. */
 AVX512 FORCE void bd_fwd(const int NB, const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t gcols,
-                         size_t R, size_t C, const float *gsum) {
+                         size_t R0, size_t R, size_t C, const float *gsum) {
     const int ACC = NB <= 4 ? 4 : 2;
     size_t nb = (C + 7) / 8, ng = (C + gcols - 1) / gcols;
-    for (size_t r = 0; r < R; r++) {
+    for (size_t r = R0; r < R; r++) {
         const uint8_t *mrow = sign + r * nb;
         float res[MAXB] = {0};
         for (size_t g = 0; g < ng; g++) {
@@ -287,10 +288,10 @@ AVX512 FORCE void bd_fwd(const int NB, const Rows *rw, const uint8_t *sign, cons
 }
 
 /* BitDelta stored [in, out] (Conv1D), tensor or row scales: y[b][c] += x[b][r] * (bit ? s : -s). */
-AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t R,
+AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t R0, size_t R,
                          size_t C) {
     size_t nb = (C + 7) / 8;
-    for (size_t r = 0; r < R; r++) {
+    for (size_t r = R0; r < R; r++) {
         const uint8_t *mrow = sign + r * nb;
         __m512 pos = _mm512_set1_ps(gran == 0 ? sc[0] : sc[r]);
         __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), pos);
@@ -309,20 +310,20 @@ AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, cons
 
 #define INSTANCES(NB)                                                                                              \
     AVX512 static void cb_fwd_##NB(const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,   \
-                                   const int64_t *rp, __m512 cb, size_t R, size_t C) {                             \
-        cb_fwd(NB, rw, nz, codes, cend, rp, cb, R, C);                                                             \
+                                   const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {                             \
+        cb_fwd(NB, rw, nz, codes, cend, rp, cb, R0, R, C);                                                             \
     }                                                                                                              \
     AVX512 static void cb_bwd_##NB(const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,   \
-                                   const int64_t *rp, __m512 cb, size_t R, size_t C) {                             \
-        cb_bwd(NB, rw, nz, codes, cend, rp, cb, R, C);                                                             \
+                                   const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {                             \
+        cb_bwd(NB, rw, nz, codes, cend, rp, cb, R0, R, C);                                                             \
     }                                                                                                              \
     AVX512 static void bd_fwd_##NB(const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t gcols,    \
-                                   size_t R, size_t C, const float *gsum) {                                        \
-        bd_fwd(NB, rw, sign, sc, gran, gcols, R, C, gsum);                                                         \
+                                   size_t R0, size_t R, size_t C, const float *gsum) {                                        \
+        bd_fwd(NB, rw, sign, sc, gran, gcols, R0, R, C, gsum);                                                         \
     }                                                                                                              \
-    AVX512 static void bd_bwd_##NB(const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t R,       \
+    AVX512 static void bd_bwd_##NB(const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t R0, size_t R,\
                                    size_t C) {                                                                     \
-        bd_bwd(NB, rw, sign, sc, gran, R, C);                                                                      \
+        bd_bwd(NB, rw, sign, sc, gran, R0, R, C);                                                                      \
     }
 INSTANCES(1)
 INSTANCES(2)
@@ -333,9 +334,9 @@ INSTANCES(6)
 INSTANCES(7)
 INSTANCES(8)
 
-typedef void (*cb_fn)(const Rows *, const uint8_t *, const uint8_t *, const uint8_t *, const int64_t *, __m512, size_t, size_t);
-typedef void (*bdf_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t, size_t, const float *);
-typedef void (*bdb_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t);
+typedef void (*cb_fn)(const Rows *, const uint8_t *, const uint8_t *, const uint8_t *, const int64_t *, __m512, size_t, size_t, size_t);
+typedef void (*bdf_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t, size_t, size_t, const float *);
+typedef void (*bdb_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t, size_t);
 static const cb_fn CB_FWD[MAXB] = {cb_fwd_1, cb_fwd_2, cb_fwd_3, cb_fwd_4, cb_fwd_5, cb_fwd_6, cb_fwd_7, cb_fwd_8};
 static const cb_fn CB_BWD[MAXB] = {cb_bwd_1, cb_bwd_2, cb_bwd_3, cb_bwd_4, cb_bwd_5, cb_bwd_6, cb_bwd_7, cb_bwd_8};
 static const bdf_fn BD_FWD[MAXB] = {bd_fwd_1, bd_fwd_2, bd_fwd_3, bd_fwd_4, bd_fwd_5, bd_fwd_6, bd_fwd_7, bd_fwd_8};
@@ -352,13 +353,13 @@ static size_t next_rows(Rows *rw, const float *x, size_t xs, const int64_t *idx,
 }
 
 AVX512 static void cb_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *nz,
-                                  const uint8_t *codes, size_t ncb, const int64_t *rp, const float *cbk, size_t R,
+                                  const uint8_t *codes, size_t ncb, const int64_t *rp, const float *cbk, size_t R0, size_t R,
                                   size_t C, float *y, size_t ys, int transposed) {
     __m512 cb = _mm512_loadu_ps(cbk);
     Rows rw;
     for (size_t i0 = 0; i0 < n; i0 += MAXB) {
         size_t bn = next_rows(&rw, x, xs, idx, n, y, ys, i0);
-        (transposed ? CB_BWD : CB_FWD)[bn - 1](&rw, nz, codes, codes + ncb, rp, cb, R, C);
+        (transposed ? CB_BWD : CB_FWD)[bn - 1](&rw, nz, codes, codes + ncb, rp, cb, R0, R, C);
     }
 }
 
@@ -383,14 +384,14 @@ AVX512 static void cb_decode_avx512(const uint8_t *nz, const uint8_t *codes, siz
 }
 
 AVX512 static void bd_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *sign,
-                                  const float *sc, int gran, size_t gcols, size_t R, size_t C, float *y, size_t ys,
+                                  const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C, float *y, size_t ys,
                                   float *gsum, int transposed) {
     size_t ng = (C + gcols - 1) / gcols;
     Rows rw;
     for (size_t i0 = 0; i0 < n; i0 += MAXB) {
         size_t bn = next_rows(&rw, x, xs, idx, n, y, ys, i0);
         if (transposed) {
-            BD_BWD[bn - 1](&rw, sign, sc, gran, R, C);
+            BD_BWD[bn - 1](&rw, sign, sc, gran, R0, R, C);
             continue;
         }
         for (size_t b = 0; b < bn; b++)
@@ -400,7 +401,7 @@ AVX512 static void bd_rows_avx512(const float *x, size_t xs, const int64_t *idx,
                 for (size_t c = c0; c < c1; c += 16) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail16(c1 - c), rw.xr[b] + c));
                 gsum[b * ng + g] = _mm512_reduce_add_ps(s);
             }
-        BD_FWD[bn - 1](&rw, sign, sc, gran, gcols, R, C, gsum);
+        BD_FWD[bn - 1](&rw, sign, sc, gran, gcols, R0, R, C, gsum);
     }
 }
 
@@ -417,6 +418,82 @@ static int simd_ok(void) {
 #else
 static int simd_ok(void) { return 0; }
 #endif
+
+/* ------------------------------------------------------------------------------------------------ threads */
+/* The output rows of one product are split over torch's own OpenMP team (GOMP_parallel of the libgomp torch
+ * loaded, found at run time): its threads are the ones already running torch's ops, so no second pool competes
+ * with them for the cores. Without that symbol (another threading runtime) the product runs on the calling
+ * thread. */
+typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_t)(void);
+static gomp_parallel_t gomp_parallel;
+static omp_int_t omp_thread_num, omp_num_threads;
+
+static void load_omp(void) {
+    gomp_parallel = (gomp_parallel_t)dlsym(RTLD_DEFAULT, "GOMP_parallel");
+    omp_thread_num = (omp_int_t)dlsym(RTLD_DEFAULT, "omp_get_thread_num");
+    omp_num_threads = (omp_int_t)dlsym(RTLD_DEFAULT, "omp_get_num_threads");
+    if (!omp_thread_num || !omp_num_threads) gomp_parallel = NULL;
+}
+
+typedef struct {
+    int kind; /* 0 codebook, 1 BitDelta */
+    int simd, transposed, gran;
+    const float *x;
+    const int64_t *idx;
+    float *y;
+    size_t n, xs, ys, R, C, gcols, ncb;
+    const uint8_t *bits, *codes;
+    const int64_t *rp;
+    const float *vals; /* codebook (16) or scales */
+    int failed;
+} Job;
+
+static void job_rows(Job *j, size_t r0, size_t r1) {
+    if (r0 >= r1) return;
+#ifdef HAVE_X86
+    if (j->simd && j->kind == 0) {
+        cb_rows_avx512(j->x, j->xs, j->idx, j->n, j->bits, j->codes, j->ncb, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
+                       j->transposed);
+        return;
+    }
+    if (j->simd && j->kind == 1) {
+        size_t ng = (j->C + j->gcols - 1) / j->gcols;
+        float *gsum = (float *)malloc((size_t)MAXB * (ng ? ng : 1) * sizeof(float));
+        if (!gsum) { j->failed = 1; return; }
+        bd_rows_avx512(j->x, j->xs, j->idx, j->n, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys, gsum,
+                       j->transposed);
+        free(gsum);
+        return;
+    }
+#endif
+    if (j->kind == 0)
+        cb_rows_scalar(j->x, j->xs, j->idx, j->n, j->bits, j->codes, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
+                       j->transposed);
+    else
+        bd_rows_scalar(j->x, j->xs, j->idx, j->n, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys,
+                       j->transposed);
+}
+
+static void job_body(void *p) {
+    Job *j = (Job *)p;
+    size_t t = (size_t)omp_thread_num(), T = (size_t)omp_num_threads();
+    job_rows(j, j->R * t / T, j->R * (t + 1) / T);
+}
+
+/* Below this many multiply-adds a product stays on one thread (a team's start costs a few microseconds). */
+#define PARALLEL_MIN (1u << 16)
+
+static int job_run(Job *j, int threads) {
+    j->failed = 0;
+    /* the transposed layouts accumulate every stored row into the same outputs: one thread */
+    if (threads > 1 && gomp_parallel && !j->transposed && j->R >= 2 * (size_t)threads
+        && (double)j->R * (double)j->C * (double)j->n >= PARALLEL_MIN)
+        gomp_parallel(job_body, j, (unsigned)threads, 0);
+    else
+        job_rows(j, 0, j->R);
+    return j->failed ? -1 : 0;
+}
 
 /* ------------------------------------------------------------------------------------------------ Python */
 
@@ -452,13 +529,14 @@ static int parse_batch(Batch *bt, unsigned long long x, Py_ssize_t xs, Py_ssize_
     return 0;
 }
 
-/* cb_matmul(x, xs, xrows, idx, n, y, ys, yrows, nz, codes, ncodes_bytes, row_ptr, codebook16, R, C, transposed, simd) */
+/* cb_matmul(x, xs, xrows, idx, n, y, ys, yrows, nz, codes, ncodes_bytes, row_ptr, codebook16, R, C, transposed,
+ * simd, threads) */
 static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, idx, y, nz, codes, rp, cbk;
     Py_ssize_t xs, xrows, n, ys, yrows, ncb, R, C;
-    int transposed, simd;
-    if (!PyArg_ParseTuple(args, "KnnKnKnnKKnKKnnpp", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &nz, &codes, &ncb,
-                          &rp, &cbk, &R, &C, &transposed, &simd))
+    int transposed, simd, threads;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnKKnKKnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &nz, &codes, &ncb,
+                          &rp, &cbk, &R, &C, &transposed, &simd, &threads))
         return NULL;
     if (R < 0 || C < 0 || !nz || !rp || !cbk) {
         PyErr_SetString(PyExc_ValueError, "cb_matmul: bad delta");
@@ -472,15 +550,16 @@ static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
     Batch b;
     if (parse_batch(&b, x, xs, xrows, idx, n, y, ys, yrows, (size_t)(transposed ? R : C), (size_t)(transposed ? C : R)) < 0)
         return NULL;
+    Job j = {0};
+    j.kind = 0;
+    j.simd = simd && simd_ok();
+    j.transposed = transposed;
+    j.x = b.x; j.idx = b.idx; j.y = b.y; j.n = b.n; j.xs = b.xs; j.ys = b.ys;
+    j.R = (size_t)R; j.C = (size_t)C; j.ncb = (size_t)ncb;
+    j.bits = (const uint8_t *)(uintptr_t)nz; j.codes = (const uint8_t *)(uintptr_t)codes; j.rp = rowp;
+    j.vals = (const float *)(uintptr_t)cbk;
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86
-    if (simd && simd_ok())
-        cb_rows_avx512(b.x, b.xs, b.idx, b.n, (const uint8_t *)(uintptr_t)nz, (const uint8_t *)(uintptr_t)codes, (size_t)ncb, rowp,
-                       (const float *)(uintptr_t)cbk, (size_t)R, (size_t)C, b.y, b.ys, transposed);
-    else
-#endif
-        cb_rows_scalar(b.x, b.xs, b.idx, b.n, (const uint8_t *)(uintptr_t)nz, (const uint8_t *)(uintptr_t)codes, rowp,
-                       (const float *)(uintptr_t)cbk, (size_t)R, (size_t)C, b.y, b.ys, transposed);
+    job_run(&j, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -510,14 +589,14 @@ static PyObject *py_cb_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd);
+/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd, threads);
  * gran: 0 tensor, 1 row, 2 column groups of gcols. */
 static PyObject *py_bd_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, idx, y, sign, scale;
     Py_ssize_t xs, xrows, n, ys, yrows, nscale, gcols, R, C;
-    int gran, transposed, simd;
-    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnpp", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale, &nscale,
-                          &gran, &gcols, &R, &C, &transposed, &simd))
+    int gran, transposed, simd, threads;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale, &nscale,
+                          &gran, &gcols, &R, &C, &transposed, &simd, &threads))
         return NULL;
     if (gran == 0 || gran == 1) gcols = C > 0 ? C : 1;
     Py_ssize_t ng = C > 0 ? (C + gcols - 1) / gcols : 0;
@@ -529,40 +608,40 @@ static PyObject *py_bd_matmul(PyObject *self, PyObject *args) {
     Batch b;
     if (parse_batch(&b, x, xs, xrows, idx, n, y, ys, yrows, (size_t)(transposed ? R : C), (size_t)(transposed ? C : R)) < 0)
         return NULL;
-    float *gsum = NULL;
-    int fast = 0;
-    (void)fast;
-#ifdef HAVE_X86
-    fast = simd && simd_ok() && (!transposed || gran != 2);
-    if (fast) {
-        gsum = PyMem_RawMalloc((size_t)(MAXB * (ng ? ng : 1)) * sizeof(float));
-        if (!gsum) return PyErr_NoMemory();
-    }
-#endif
+    Job j = {0};
+    j.kind = 1;
+    j.simd = simd && simd_ok() && (!transposed || gran != 2); /* the transposed group-scale layout: portable loop */
+    j.transposed = transposed;
+    j.gran = gran;
+    j.gcols = (size_t)gcols;
+    j.x = b.x; j.idx = b.idx; j.y = b.y; j.n = b.n; j.xs = b.xs; j.ys = b.ys;
+    j.R = (size_t)R; j.C = (size_t)C;
+    j.bits = (const uint8_t *)(uintptr_t)sign;
+    j.vals = (const float *)(uintptr_t)scale;
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86
-    if (fast)
-        bd_rows_avx512(b.x, b.xs, b.idx, b.n, (const uint8_t *)(uintptr_t)sign, (const float *)(uintptr_t)scale, gran,
-                       (size_t)gcols, (size_t)R, (size_t)C, b.y, b.ys, gsum, transposed);
-    else
-#endif
-        bd_rows_scalar(b.x, b.xs, b.idx, b.n, (const uint8_t *)(uintptr_t)sign, (const float *)(uintptr_t)scale, gran,
-                       (size_t)gcols, (size_t)R, (size_t)C, b.y, b.ys, transposed);
+    rc = job_run(&j, threads);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(gsum);
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyObject *py_simd(PyObject *self, PyObject *args) { return PyBool_FromLong(simd_ok()); }
+
+static PyObject *py_threaded(PyObject *self, PyObject *args) { return PyBool_FromLong(gomp_parallel != NULL); }
 
 static PyMethodDef methods[] = {
     {"cb_matmul", py_cb_matmul, METH_VARARGS, "y[rows] += x[rows] @ delta^T from the codebook form."},
     {"cb_decode", py_cb_decode, METH_VARARGS, "Rows of the codebook form as dense float32."},
     {"bd_matmul", py_bd_matmul, METH_VARARGS, "y[rows] += x[rows] @ delta^T from BitDelta signs and scales."},
     {"simd", py_simd, METH_NOARGS, "Whether the AVX-512 paths run on this CPU."},
+    {"threaded", py_threaded, METH_NOARGS, "Whether products can run on torch's OpenMP team."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "deltahub's resident-delta CPU kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    load_omp();
+    return PyModule_Create(&module);
+}

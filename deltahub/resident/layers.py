@@ -63,7 +63,19 @@ class _DeviceOnly(nn.Module):
             if buf is not None:
                 device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
                 self._buffers[key] = buf.to(device)
+        self.__dict__.pop("_native_args", None)  # pointers into the old buffers
         return self
+
+    def native_args(self) -> tuple[int, tuple[Any, ...]] | None:
+        """``(kind, arguments)`` of this adapter's native CPU kernel (:func:`._cpu.addmm_`), cached (the buffers'
+        addresses; dropped when the buffers move), or None when it has none or its buffers are not on the CPU."""
+        got = self.__dict__.get("_native_args", False)
+        if got is False:
+            got = self.__dict__["_native_args"] = self._make_native_args()
+        return got
+
+    def _make_native_args(self) -> tuple[int, tuple[Any, ...]] | None:
+        return None
 
 
 def _matmul_t_by_rows(shape: tuple[int, int], x: torch.Tensor, chunk_rows: int,
@@ -116,15 +128,17 @@ class _BitDeltaAdapter(_DeviceOnly):
         signs = unpack_pm1(self.sign.index_select(0, idx), cols, torch.float32)
         return signs * expand_scales(s, idx.numel(), cols, self.granularity, self.group_size)
 
+    def _make_native_args(self) -> tuple[int, tuple[Any, ...]] | None:
+        if self.sign.device.type != "cpu":
+            return None
+        return _cpu.bitdelta_args(self.sign, self.scale, self.granularity, self.group_size, self.shape)
+
     def native_addmm_(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
                       transposed: bool = False) -> bool:
         """``y[rows] += x[rows] @ Δ̂ᵀ`` in place by the native CPU kernel (:mod:`._cpu`), from the packed signs;
         False (nothing done) where it does not apply (another device or dtype, autograd, a cache mode other than
         ``none``: ``int8`` / ``dense`` ask for the torch path with that cache)."""
-        if self.sign.device.type != "cpu" or kernels.cache_mode() != "none" or not _cpu.applies(x, y):
-            return False
-        _cpu.bitdelta_addmm_(y, x, self, rows, transposed)
-        return True
+        return _cpu.try_addmm_(y, x, self, rows, transposed)
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ`` for ``x`` ``[n, in]``: by the native CPU kernel for decode-sized float32 batches, else
@@ -328,15 +342,17 @@ class _CodebookAdapter(_DeviceOnly):
         """The whole decoded delta ``[out, in]``."""
         return self.row_range(0, self.shape[0], dtype)
 
+    def _make_native_args(self) -> tuple[int, tuple[Any, ...]] | None:
+        if self.nz.device.type != "cpu":
+            return None
+        return _cpu.codebook_args(self.nz, self.codes, self.row_ptr, self.codebook, self.shape)
+
     def native_addmm_(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
                       transposed: bool = False) -> bool:
         """``y[rows] += x[rows] @ Δ̂ᵀ`` in place by the native CPU kernel (:mod:`._cpu`), from the bitmap and codes;
         False (nothing done) where it does not apply (another device or dtype, autograd, a cache mode other than
         ``none``: ``int8`` / ``dense`` ask for the torch path with that cache)."""
-        if self.nz.device.type != "cpu" or kernels.cache_mode() != "none" or not _cpu.applies(x, y):
-            return False
-        _cpu.codebook_addmm_(y, x, self, rows, transposed)
-        return True
+        return _cpu.try_addmm_(y, x, self, rows, transposed)
 
     def delta_matmul(self, x: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
         """``x @ Δ̂ᵀ``: by the native CPU kernel for decode-sized float32 batches, else decoding ``chunk_rows``
@@ -582,30 +598,28 @@ class DeltaLinear(AdapterLayer):
         """Add each ``(adapter, batch rows)`` group's delta into ``y`` in place with the native CPU kernels, reading
         the resident form directly (decode-sized batches: at most :data:`._cpu.MAX_NATIVE_ROWS` token rows per
         adapter). False, with ``y`` untouched, where they do not apply (the torch path runs instead)."""
-        if not groups or not _cpu.applies(x, y) or not y.is_contiguous() or kernels.cache_mode() != "none":
-            return False
-        adapters = [self.adapters[name] for name, _ in groups]
-        if not all(hasattr(a, "native_addmm_") and all(t.device.type == "cpu" for t in a.stored().values())
-                   for a in adapters):
+        if not groups or not y.is_contiguous() or not _cpu.applies(x, y) or kernels.cache_mode() != "none":
             return False
         x2 = x.reshape(-1, self.in_features)
         tokens = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1
-        plans: list[tuple[Any, torch.Tensor | None]] = []
-        for adapter, (_, idx) in zip(adapters, groups):
+        plans: list[tuple[tuple[int, tuple[Any, ...]], torch.Tensor | None]] = []
+        for name, idx in groups:
+            args = self.adapters[name].native_args() if hasattr(self.adapters[name], "native_args") else None
+            if args is None:
+                return False
             if idx is None:
                 n, rows = x2.shape[0], None
             else:
-                idx = idx.to(torch.int64)
                 rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
                 n = rows.numel()
             if n > _cpu.MAX_NATIVE_ROWS:
                 return False
-            plans.append((adapter, rows))
+            plans.append((args, rows))
         x2 = x2.contiguous()
         y2 = y.view(-1, self.out_features)
-        for adapter, rows in plans:
-            if not adapter.native_addmm_(y2, x2, rows, self.fan_in_fan_out):
-                raise RuntimeError("native resident kernel refused after its checks passed")  # pragma: no cover
+        simd, threads = _cpu.simd(), torch.get_num_threads()
+        for args, rows in plans:
+            _cpu.addmm_(y2, x2, args, rows, self.fan_in_fan_out, simd, threads)
         return True
 
     def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:

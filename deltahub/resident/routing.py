@@ -106,12 +106,32 @@ class RawRouted(RoutedModule):
             idx = idx.to(x.device)
             part = x.index_select(0, idx)
             tensors = self.raw.get(name) if name is not None else None
-            y = functional_call(self.base_layer, tensors, (part, *args), kwargs) if tensors else self.base_layer(part, *args, **kwargs)
+            y = self._call_with(tensors, part, args, kwargs) if tensors else self.base_layer(part, *args, **kwargs)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out[idx] = y
         assert out is not None
         return out
+
+    def _call_with(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """The base module on ``x`` with ``tensors`` in place of its own. Its direct parameters and buffers are
+        swapped in its dicts for the call and put back after (``functional_call`` does the same through a
+        reparametrization that costs ~100x more per call, which decode steps of a mixed batch pay per norm);
+        nested names go through ``functional_call``."""
+        base = self.base_layer
+        if any("." in k or (k not in base._parameters and k not in base._buffers) for k in tensors):
+            return functional_call(base, tensors, (x, *args), kwargs)
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for k, t in tensors.items():
+                store = base._parameters if k in base._parameters else base._buffers
+                saved.append((store, k, store[k]))
+                store[k] = t
+            return base(x, *args, **kwargs)
+        finally:
+            for store, k, old in reversed(saved):
+                store[k] = old
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.raw)}"
