@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..codecs._accel import native_enabled
+from .kernels import cache_mode
 
 try:
     from . import _native as _NATIVE  # type: ignore[attr-defined]
@@ -52,6 +53,20 @@ def applies(x: torch.Tensor, *others: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in others)):
         return False
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in others)
+
+
+#: What the native path needs from the environment, read once per model call (:func:`call_flags`):
+#: ``(use_simd, threads)``, or ``()`` when the native kernels are off.
+Flags = tuple[()] | tuple[bool, int]
+
+
+def call_flags() -> Flags:
+    """``(use_simd, threads)`` for the native kernels now, or ``()`` where they do not run (not built,
+    ``DELTAHUB_NATIVE=0``, or a ``DELTAHUB_RESIDENT_CACHE`` mode other than ``none``, which asks for the
+    torch paths with that cache). Reads the environment: resident models call it once per forward pass."""
+    if not available() or cache_mode() != "none":
+        return ()
+    return simd(), torch.get_num_threads()
 
 
 def _rows_arg(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> tuple[int, int, torch.Tensor | None]:
@@ -114,8 +129,6 @@ def try_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tenso
                transposed: bool = False) -> bool:
     """:func:`addmm_` for one adapter when the native path applies (built, float32 on CPU, no autograd, cache mode
     ``none``, the adapter's buffers on the CPU); False, with ``y`` untouched, otherwise."""
-    from .kernels import cache_mode
-
     if not applies(x, y) or cache_mode() != "none":
         return False
     args = adapter.native_args()

@@ -4,7 +4,7 @@ a delta in its stored (compressed) form, applied in the forward pass."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -435,6 +435,18 @@ def row_groups(names: list[str | None], nrows: int, expand: bool = False) -> tup
     return _groups(tuple(names), nrows, expand)
 
 
+class CallInfo:
+    """Facts of the running model call, shared by every resident wrapper of one model (set by the model's
+    forward pre-hook, cleared by its forward hook): the batch size, and the native kernels' flags
+    (:func:`._cpu.call_flags`, read once per call instead of once per layer; ``None`` outside a model call)."""
+
+    __slots__ = ("native", "rows")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.native: _cpu.Flags | None = None
+
+
 class RoutedModule(nn.Module):
     """Common selection state of resident wrappers: ``disabled``, per-row ``batch_adapters``, ``active_adapter``."""
 
@@ -445,10 +457,10 @@ class RoutedModule(nn.Module):
         self.batch_adapters: list[str | None] | None = None
         self.batch_expand = False
         self.disabled = False
-        #: The batch size of the running model call, shared with the model's resident state (a box set by a
-        #: forward pre-hook): inputs that arrive with one row for the whole batch (GPT-2 / OPT position ids)
-        #: are broadcast to it in a mixed batch, so learned position embeddings route per row too.
-        self.rows_box: list[int] = [0]
+        #: The running model call, shared with the model's resident state: inputs that arrive with one row for
+        #: the whole batch (GPT-2 / OPT position ids) are broadcast to its batch size in a mixed batch, so
+        #: learned position embeddings route per row too.
+        self.call_info = CallInfo()
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base module (PEFT's name)."""
@@ -456,7 +468,7 @@ class RoutedModule(nn.Module):
 
     def broadcast_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` expanded to the model call's batch size when a mixed batch meets a one-row input (position ids)."""
-        rows = self.rows_box[0]
+        rows = self.call_info.rows
         if self.batch_adapters is not None and not self.disabled and x.dim() >= 2 and x.shape[0] == 1 and rows > 1:
             return x.expand(rows, *x.shape[1:])
         return x
@@ -569,57 +581,80 @@ class DeltaLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` plus the selected delta(s): all rows, or grouped by row adapter in a mixed batch."""
-        if not len(self.adapters) and not self.raw_bias:
-            return self.base_layer(x)
-        sel = self.selection(x.shape[0] if x.dim() >= 2 else 0)
-        if isinstance(sel, tuple) and any(name in self.raw_bias for name, _ in sel if name is not None):
-            return self._mixed_with_biases(x, sel)
-        y = self.base_layer(x)
-        if isinstance(sel, tuple):
-            groups = [(name, idx) for name, idx in sel if name is not None and name in self.adapters]
-            if not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [self.adapters[n] for n, _ in groups]):
-                return y + self._delta_sgmv(x, groups).to(y.dtype)
-            if self._native_into(y, x, groups):
-                return y
-            for name, idx in sel:
-                if name is None or name not in self.adapters:
-                    continue
-                idx = idx.to(x.device)
-                d = self._delta(name, x.index_select(0, idx))
-                y = y.index_add(0, idx, d.to(y.dtype))
+        # runs once per Linear per decode step: plain dict look-ups instead of nn.Module attribute access
+        mods = self._modules["adapters"]._modules  # type: ignore[union-attr]
+        base = self._modules["base_layer"]
+        assert base is not None
+        if self.disabled or (not mods and not self.raw_bias):
+            return base(x)
+        if self.batch_adapters is not None:
+            return self._forward_mixed(x, row_groups(self.batch_adapters, x.shape[0] if x.dim() >= 2 else 0,
+                                                     self.batch_expand))
+        name = self.active_adapter
+        y = base(x)
+        adapter = mods.get(name) if name is not None else None
+        if adapter is None:
             return y
-        if sel is None or sel not in self.adapters:
+        if self._native_into(y, x, ((adapter, None),)):
             return y
-        if self._native_into(y, x, [(sel, None)]):
-            return y
-        return y + self._delta(sel, x).to(y.dtype)
+        return y + self._delta(name, x).to(y.dtype)  # type: ignore[arg-type]
 
-    def _native_into(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[str, torch.Tensor | None]]) -> bool:
+    def _forward_mixed(self, x: torch.Tensor, sel: tuple[tuple[str | None, torch.Tensor], ...]) -> torch.Tensor:
+        """A mixed batch: the base output once, then each row group's delta added to its rows."""
+        if self.raw_bias and any(name in self.raw_bias for name, _ in sel if name is not None):
+            return self._mixed_with_biases(x, sel)
+        mods = self._modules["adapters"]._modules  # type: ignore[union-attr]
+        y = self.base_layer(x)
+        groups = [(name, idx) for name, idx in sel if name is not None and name in mods]
+        if not groups:
+            return y
+        if not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [mods[n] for n, _ in groups]):
+            return y + self._delta_sgmv(x, groups).to(y.dtype)
+        if self._native_into(y, x, [(mods[n], idx) for n, idx in groups]):
+            return y
+        for name, idx in groups:
+            idx = idx.to(x.device)
+            d = self._delta(name, x.index_select(0, idx))
+            y = y.index_add(0, idx, d.to(y.dtype))
+        return y
+
+    def _native_into(self, y: torch.Tensor, x: torch.Tensor, groups: Sequence[tuple[nn.Module, torch.Tensor | None]]) -> bool:
         """Add each ``(adapter, batch rows)`` group's delta into ``y`` in place with the native CPU kernels, reading
         the resident form directly (decode-sized batches: at most :data:`._cpu.MAX_NATIVE_ROWS` token rows per
         adapter). False, with ``y`` untouched, where they do not apply (the torch path runs instead)."""
-        if not groups or not y.is_contiguous() or not _cpu.applies(x, y) or kernels.cache_mode() != "none":
+        flags = self.call_info.native
+        if flags is None:
+            flags = _cpu.call_flags()
+        if (not flags or x.dtype is not torch.float32 or y.dtype is not torch.float32 or not x.is_cpu or not y.is_cpu
+                or not y.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
             return False
-        x2 = x.reshape(-1, self.in_features)
-        tokens = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1
-        plans: list[tuple[tuple[int, tuple[Any, ...]], torch.Tensor | None]] = []
-        for name, idx in groups:
-            args = self.adapters[name].native_args() if hasattr(self.adapters[name], "native_args") else None
+        plans: list[tuple[_cpu.NativeArgs, torch.Tensor | None]] = []
+        x2: torch.Tensor | None = None
+        tokens = 1
+        for adapter, idx in groups:
+            args = adapter.__dict__.get("_native_args", False)
+            if args is False:
+                args = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
             if args is None:
                 return False
+            if x2 is None:
+                rows_, cols_ = args[1][-2], args[1][-1]
+                x2 = x.reshape(-1, rows_ if self.fan_in_fan_out else cols_)
+                tokens = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1
             if idx is None:
-                n, rows = x2.shape[0], None
+                rows, n = None, x2.shape[0]
             else:
                 rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
                 n = rows.numel()
             if n > _cpu.MAX_NATIVE_ROWS:
                 return False
             plans.append((args, rows))
+        if x2 is None:
+            return False
         x2 = x2.contiguous()
-        y2 = y.view(-1, self.out_features)
-        simd, threads = _cpu.simd(), torch.get_num_threads()
+        y2 = y.view(x2.shape[0], -1)
         for args, rows in plans:
-            _cpu.addmm_(y2, x2, args, rows, self.fan_in_fan_out, simd, threads)
+            _cpu.addmm_(y2, x2, args, rows, self.fan_in_fan_out, *flags)
         return True
 
     def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..format.io import pipelined
-from .layers import BASE_ADAPTER, DeltaLinear, MixedAdapterError, RoutedModule
+from . import _cpu
+from .layers import BASE_ADAPTER, CallInfo, DeltaLinear, MixedAdapterError, RoutedModule
 from .routing import DeltaEmbedding, RawRouted
 
 _STATE_ATTR = "_deltahub_resident"
@@ -54,8 +55,8 @@ class ResidentState:
     #: ``model.name_or_path``): exact tensors stored as XOR against the base's bits are rebuilt from the
     #: checkpoint's own bits when the model holds the base in another dtype (served in bf16 / fp16).
     base_dir: str | None = None
-    #: Batch size of the running model call (one-element box shared with every routed module; see _record_rows).
-    rows: list[int] = field(default_factory=lambda: [0])
+    #: The running model call (batch size, native flags), shared with every routed module; see _record_rows.
+    call: CallInfo = field(default_factory=CallInfo)
     #: sha256 of base tensors already checked, by name (the base is hashed once for all its deltas).
     base_digests: dict[str, str] = field(default_factory=dict)
     _mixed_ok: dict[frozenset[str | None], str | None] = field(default_factory=dict)
@@ -81,18 +82,26 @@ def resident_state(model: nn.Module) -> ResidentState:
     if state is None:
         state = ResidentState()
         object.__setattr__(model, _STATE_ATTR, state)
-        model.register_forward_pre_hook(functools.partial(_record_rows, state.rows), with_kwargs=True)
+        model.register_forward_pre_hook(functools.partial(_record_rows, state.call), with_kwargs=True)
+        model.register_forward_hook(functools.partial(_end_call, state.call), always_call=True)
     return state
 
 
-def _record_rows(box: list[int], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook of the resident model: the call's batch size (``input_ids`` / ``inputs_embeds``) into ``box``."""
+def _record_rows(call: CallInfo, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of the resident model: the call's batch size (``input_ids`` / ``inputs_embeds``) and the
+    native kernels' flags (the environment read once per call, not once per layer) into ``call``."""
     t = kwargs.get("input_ids")
     if t is None:
         t = kwargs.get("inputs_embeds")
     if t is None and args and isinstance(args[0], torch.Tensor):
         t = args[0]
-    box[0] = int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
+    call.rows = int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
+    call.native = _cpu.call_flags()
+
+
+def _end_call(call: CallInfo, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Forward hook (also after an exception): layers called on their own read the environment again."""
+    call.native = None
 
 
 def _walk_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -183,7 +192,7 @@ def _sync(model: nn.Module) -> None:
         mod.active_adapter = None if merged else state.active
         mod.batch_adapters = None if state.batch is None else list(state.batch)
         mod.batch_expand = state.expand
-        mod.rows_box = state.rows
+        mod.call_info = state.call
     tensors = _walk_tensors(model)
     mixed = state.batch is not None and not state.disabled
     for tname in state.base_raw:
