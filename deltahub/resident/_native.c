@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <dlfcn.h>
 
@@ -117,6 +118,20 @@ static void cb_decode_scalar(const uint8_t *nz, const uint8_t *codes, const int6
     }
 }
 
+/* Columns padded to whole 64-column blocks (the interleaved x of cb_fwd). */
+static size_t padded64(size_t C) { return (C + 63) / 64 * 64; }
+
+/* x's n batch rows interleaved for cb_fwd into xp [n, padded64(C)] (64-byte aligned): in each 64-column block,
+ * position 16k + i holds column 4i + k; columns past C are 0. */
+static void interleave_x(const float *x, size_t xs, const int64_t *idx, size_t n, size_t C, float *xp) {
+    size_t Cp = padded64(C);
+    for (size_t i = 0; i < n; i++) {
+        const float *xr = x + (idx ? (size_t)idx[i] : i) * xs;
+        float *o = xp + i * Cp;
+        for (size_t c = 0; c < Cp; c++) o[(c & ~(size_t)63) + 16 * (c & 3) + ((c & 63) >> 2)] = c < C ? xr[c] : 0.0f;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ AVX-512 */
 #ifdef HAVE_X86
 /* Each kernel is instantiated for 1..MAXB batch rows (NB a compile-time constant), so the per-row
@@ -171,42 +186,36 @@ typedef struct {
     float *yr[MAXB];
 } Rows;
 
-/* codebook, stored [out, in]: y[b][r] += sum_c x[b][c] * delta[r, c] for every row r, 64 columns a step. */
+/* codebook, stored [out, in]: y[b][r] += sum_c x[b][c] * delta[r, c] for every row r, 64 columns a step.
+ * x comes interleaved (interleave_x): in each 64-column block, lane i of sub-vector k holds column 4i + k, so the
+ * step's expanded codes (one byte per column, 0x10 where the bitmap has no non-zero) are looked up as dwords:
+ * byte k of each dword is sub-vector k's index after a shift by 8k (vpermt2ps reads bits 4:0; bit 4 picks the
+ * zero table). One shuffle-port op per 16 weights instead of three (extract, widen, permute). */
 AVX512 FORCE void cb_fwd(const int NB, const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,
                          const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {
     const int ACC = NB <= 4 ? 4 : 2; /* accumulators per batch row (registers: 32) */
     size_t nb = (C + 7) / 8;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i absent = _mm512_set1_epi8(0x10);
     for (size_t r = R0; r < R; r++) {
         const uint8_t *mrow = nz + r * nb;
         int64_t k = rp[r];
         __m512 acc[MAXB][4]; /* independent chains: an FMA's latency is 4 cycles */
         for (int b = 0; b < NB; b++)
-            for (int j = 0; j < 4; j++) acc[b][j] = _mm512_setzero_ps();
+            for (int j = 0; j < 4; j++) acc[b][j] = zero;
         for (size_t c = 0; c < C; c += 64) {
             uint64_t m = bits64(mrow, nb, c) & tail64(C - c);
             if (!m) continue;
-            __m512i e = _mm512_maskz_expand_epi8((__mmask64)m, codes64(codes, cend, k));
+            __m512i e = _mm512_mask_expand_epi8(absent, (__mmask64)m, codes64(codes, cend, k));
             k += __builtin_popcountll(m);
-            if (c + 64 <= C) {
 #define FWD_SUB(j)                                                                                                 \
     {                                                                                                              \
-        __m512 v = SUB_VALUES(e, m, j, cb);                                                                        \
+        __m512 v = _mm512_permutex2var_ps(cb, (j) ? _mm512_srli_epi32(e, 8 * (j)) : e, zero);                       \
         for (int b = 0; b < NB; b++)                                                                               \
-            acc[b][(j) % ACC] = _mm512_fmadd_ps(v, _mm512_loadu_ps(rw->xr[b] + c + 16 * (j)), acc[b][(j) % ACC]);  \
+            acc[b][(j) % ACC] = _mm512_fmadd_ps(v, _mm512_load_ps(rw->xr[b] + c + 16 * (j)), acc[b][(j) % ACC]);   \
     }
-                FWD_SUB(0) FWD_SUB(1) FWD_SUB(2) FWD_SUB(3)
+            FWD_SUB(0) FWD_SUB(1) FWD_SUB(2) FWD_SUB(3)
 #undef FWD_SUB
-            } else {
-#define FWD_TAIL(j)                                                                                                \
-    if (c + 16 * (j) < C) {                                                                                        \
-        __mmask16 mj = (__mmask16)(m >> (16 * (j)));                                                               \
-        __m512 v = SUB_VALUES(e, m, j, cb);                                                                        \
-        for (int b = 0; b < NB; b++)                                                                               \
-            acc[b][0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mj, rw->xr[b] + c + 16 * (j)), acc[b][0]);        \
-    }
-                FWD_TAIL(0) FWD_TAIL(1) FWD_TAIL(2) FWD_TAIL(3)
-#undef FWD_TAIL
-            }
         }
         for (int b = 0; b < NB; b++)
             rw->yr[b][r] += _mm512_reduce_add_ps(
@@ -352,13 +361,16 @@ static size_t next_rows(Rows *rw, const float *x, size_t xs, const int64_t *idx,
     return bn;
 }
 
-AVX512 static void cb_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *nz,
-                                  const uint8_t *codes, size_t ncb, const int64_t *rp, const float *cbk, size_t R0, size_t R,
-                                  size_t C, float *y, size_t ys, int transposed) {
+/* xp: x interleaved (interleave_x) for the [out, in] layout, else NULL (transposed: x as given). */
+AVX512 static void cb_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const float *xp,
+                                  const uint8_t *nz, const uint8_t *codes, size_t ncb, const int64_t *rp, const float *cbk,
+                                  size_t R0, size_t R, size_t C, float *y, size_t ys, int transposed) {
     __m512 cb = _mm512_loadu_ps(cbk);
     Rows rw;
     for (size_t i0 = 0; i0 < n; i0 += MAXB) {
         size_t bn = next_rows(&rw, x, xs, idx, n, y, ys, i0);
+        if (!transposed)
+            for (size_t b = 0; b < bn; b++) rw.xr[b] = xp + (i0 + b) * padded64(C);
         (transposed ? CB_BWD : CB_FWD)[bn - 1](&rw, nz, codes, codes + ncb, rp, cb, R0, R, C);
     }
 }
@@ -446,6 +458,7 @@ typedef struct {
     const uint8_t *bits, *codes;
     const int64_t *rp;
     const float *vals; /* codebook (16) or scales */
+    const float *xp;   /* codebook [out, in] on AVX-512: x interleaved (interleave_x) */
     int failed;
 } Job;
 
@@ -453,7 +466,7 @@ static void job_rows(Job *j, size_t r0, size_t r1) {
     if (r0 >= r1) return;
 #ifdef HAVE_X86
     if (j->simd && j->kind == 0) {
-        cb_rows_avx512(j->x, j->xs, j->idx, j->n, j->bits, j->codes, j->ncb, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
+        cb_rows_avx512(j->x, j->xs, j->idx, j->n, j->xp, j->bits, j->codes, j->ncb, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
                        j->transposed);
         return;
     }
@@ -558,9 +571,20 @@ static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
     j.R = (size_t)R; j.C = (size_t)C; j.ncb = (size_t)ncb;
     j.bits = (const uint8_t *)(uintptr_t)nz; j.codes = (const uint8_t *)(uintptr_t)codes; j.rp = rowp;
     j.vals = (const float *)(uintptr_t)cbk;
+    int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    job_run(&j, threads);
+    void *xp = NULL;
+    if (j.simd && !transposed && j.n && j.R && j.C) {
+        if (posix_memalign(&xp, 64, j.n * padded64(j.C) * sizeof(float)) == 0)
+            interleave_x(j.x, j.xs, j.idx, j.n, j.C, (float *)xp);
+        else
+            xp = NULL, rc = -1;
+    }
+    j.xp = (const float *)xp;
+    if (rc == 0) rc = job_run(&j, threads);
+    free(xp);
     Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

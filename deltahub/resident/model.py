@@ -193,6 +193,8 @@ def _sync(model: nn.Module) -> None:
         mod.batch_adapters = None if state.batch is None else list(state.batch)
         mod.batch_expand = state.expand
         mod.call_info = state.call
+        if isinstance(mod, RawRouted):
+            mod.clear_cache()
     tensors = _walk_tensors(model)
     mixed = state.batch is not None and not state.disabled
     for tname in state.base_raw:
