@@ -48,9 +48,9 @@ static inline unsigned code_at(const uint8_t *codes, int64_t k) { return (codes[
 
 /* ------------------------------------------------------------------------------------------------ portable */
 
-static void cb_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *nz,
-                           const uint8_t *codes, const int64_t *rp, const float *cbk, size_t R0, size_t R, size_t C, float *y,
-                           size_t ys, int transposed) {
+static void cb_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const float *W, size_t ws,
+                           const uint8_t *nz, const uint8_t *codes, const int64_t *rp, const float *cbk, size_t R0, size_t R,
+                           size_t C, float *y, size_t ys, int transposed) {
     size_t nb = (C + 7) / 8;
     float cb[16] = {0};
     memcpy(cb, cbk, 16 * sizeof(float));
@@ -61,7 +61,13 @@ static void cb_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t
         for (size_t r = R0; r < R; r++) {
             const uint8_t *m = nz + r * nb;
             int64_t k = rp[r];
-            if (!transposed) {
+            if (W) { /* the rebuilt weight fp32(W + delta) */
+                const float *wr = W + r * ws;
+                float acc = 0.0f;
+                for (size_t c = 0; c < C; c++)
+                    acc += (((m[c >> 3] >> (c & 7)) & 1) ? wr[c] + cb[code_at(codes, k++)] : wr[c]) * xr[c];
+                yr[r] += acc;
+            } else if (!transposed) {
                 float acc = 0.0f;
                 for (size_t c = 0; c < C; c++)
                     if ((m[c >> 3] >> (c & 7)) & 1) acc += cb[code_at(codes, k++)] * xr[c];
@@ -223,6 +229,52 @@ AVX512 FORCE void cb_fwd(const int NB, const Rows *rw, const uint8_t *nz, const 
     }
 }
 
+/* codebook with the base weight, stored [out, in]: y[b][r] += sum_c x[b][c] * (W[r, c] + delta[r, c]), the rebuilt
+ * weight fp32(W + delta) formed in registers (one pass over W and the resident delta instead of a GEMM over W and
+ * a second product over the delta). x in its natural column order (W is read as stored). */
+AVX512 FORCE void cbw_fwd(const int NB, const Rows *rw, const float *W, size_t ws, const uint8_t *nz, const uint8_t *codes,
+                          const uint8_t *cend, const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {
+    const int ACC = NB <= 4 ? 4 : 2;
+    size_t nb = (C + 7) / 8;
+    for (size_t r = R0; r < R; r++) {
+        const uint8_t *mrow = nz + r * nb;
+        const float *wr = W + r * ws;
+        int64_t k = rp[r];
+        __m512 acc[MAXB][4];
+        for (int b = 0; b < NB; b++)
+            for (int j = 0; j < 4; j++) acc[b][j] = _mm512_setzero_ps();
+        for (size_t c = 0; c < C; c += 64) {
+            uint64_t t = tail64(C - c), m = bits64(mrow, nb, c) & t;
+            __m512i e = _mm512_setzero_si512();
+            if (m) {
+                e = _mm512_maskz_expand_epi8((__mmask64)m, codes64(codes, cend, k));
+                k += __builtin_popcountll(m);
+            }
+            if (c + 64 <= C) {
+#define FWDW_SUB(j)                                                                                                \
+    {                                                                                                              \
+        __m512 v = _mm512_loadu_ps(wr + c + 16 * (j));                                                             \
+        if ((__mmask16)(m >> (16 * (j)))) v = _mm512_add_ps(v, SUB_VALUES(e, m, j, cb));                           \
+        for (int b = 0; b < NB; b++)                                                                               \
+            acc[b][(j) % ACC] = _mm512_fmadd_ps(v, _mm512_loadu_ps(rw->xr[b] + c + 16 * (j)), acc[b][(j) % ACC]);  \
+    }
+                FWDW_SUB(0) FWDW_SUB(1) FWDW_SUB(2) FWDW_SUB(3)
+#undef FWDW_SUB
+            } else {
+                for (int j = 0; j < 4 && c + 16 * (size_t)j < C; j++) {
+                    __mmask16 tj = (__mmask16)(t >> (16 * j));
+                    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(tj, wr + c + 16 * j), SUB_VALUES(e, m, j, cb));
+                    for (int b = 0; b < NB; b++)
+                        acc[b][0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(tj, rw->xr[b] + c + 16 * j), acc[b][0]);
+                }
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            rw->yr[b][r] += _mm512_reduce_add_ps(
+                _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3])));
+    }
+}
+
 /* codebook, stored [in, out] (Conv1D): y[b][c] += x[b][r] * delta[r, c]. */
 AVX512 FORCE void cb_bwd(const int NB, const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,
                          const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {
@@ -318,6 +370,10 @@ AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, cons
 }
 
 #define INSTANCES(NB)                                                                                              \
+    AVX512 static void cbw_fwd_##NB(const Rows *rw, const float *W, size_t ws, const uint8_t *nz, const uint8_t *codes,\
+                                    const uint8_t *cend, const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {  \
+        cbw_fwd(NB, rw, W, ws, nz, codes, cend, rp, cb, R0, R, C);                                                     \
+    }                                                                                                              \
     AVX512 static void cb_fwd_##NB(const Rows *rw, const uint8_t *nz, const uint8_t *codes, const uint8_t *cend,   \
                                    const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {                             \
         cb_fwd(NB, rw, nz, codes, cend, rp, cb, R0, R, C);                                                             \
@@ -347,6 +403,9 @@ typedef void (*cb_fn)(const Rows *, const uint8_t *, const uint8_t *, const uint
 typedef void (*bdf_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t, size_t, size_t, const float *);
 typedef void (*bdb_fn)(const Rows *, const uint8_t *, const float *, int, size_t, size_t, size_t);
 static const cb_fn CB_FWD[MAXB] = {cb_fwd_1, cb_fwd_2, cb_fwd_3, cb_fwd_4, cb_fwd_5, cb_fwd_6, cb_fwd_7, cb_fwd_8};
+typedef void (*cbw_fn)(const Rows *, const float *, size_t, const uint8_t *, const uint8_t *, const uint8_t *,
+                       const int64_t *, __m512, size_t, size_t, size_t);
+static const cbw_fn CBW_FWD[MAXB] = {cbw_fwd_1, cbw_fwd_2, cbw_fwd_3, cbw_fwd_4, cbw_fwd_5, cbw_fwd_6, cbw_fwd_7, cbw_fwd_8};
 static const cb_fn CB_BWD[MAXB] = {cb_bwd_1, cb_bwd_2, cb_bwd_3, cb_bwd_4, cb_bwd_5, cb_bwd_6, cb_bwd_7, cb_bwd_8};
 static const bdf_fn BD_FWD[MAXB] = {bd_fwd_1, bd_fwd_2, bd_fwd_3, bd_fwd_4, bd_fwd_5, bd_fwd_6, bd_fwd_7, bd_fwd_8};
 static const bdb_fn BD_BWD[MAXB] = {bd_bwd_1, bd_bwd_2, bd_bwd_3, bd_bwd_4, bd_bwd_5, bd_bwd_6, bd_bwd_7, bd_bwd_8};
@@ -363,12 +422,17 @@ static size_t next_rows(Rows *rw, const float *x, size_t xs, const int64_t *idx,
 
 /* xp: x interleaved (interleave_x) for the [out, in] layout, else NULL (transposed: x as given). */
 AVX512 static void cb_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const float *xp,
-                                  const uint8_t *nz, const uint8_t *codes, size_t ncb, const int64_t *rp, const float *cbk,
-                                  size_t R0, size_t R, size_t C, float *y, size_t ys, int transposed) {
+                                  const float *W, size_t ws, const uint8_t *nz, const uint8_t *codes, size_t ncb,
+                                  const int64_t *rp, const float *cbk, size_t R0, size_t R, size_t C, float *y, size_t ys,
+                                  int transposed) {
     __m512 cb = _mm512_loadu_ps(cbk);
     Rows rw;
     for (size_t i0 = 0; i0 < n; i0 += MAXB) {
         size_t bn = next_rows(&rw, x, xs, idx, n, y, ys, i0);
+        if (W) {
+            CBW_FWD[bn - 1](&rw, W, ws, nz, codes, codes + ncb, rp, cb, R0, R, C);
+            continue;
+        }
         if (!transposed)
             for (size_t b = 0; b < bn; b++) rw.xr[b] = xp + (i0 + b) * padded64(C);
         (transposed ? CB_BWD : CB_FWD)[bn - 1](&rw, nz, codes, codes + ncb, rp, cb, R0, R, C);
@@ -459,6 +523,8 @@ typedef struct {
     const int64_t *rp;
     const float *vals; /* codebook (16) or scales */
     const float *xp;   /* codebook [out, in] on AVX-512: x interleaved (interleave_x) */
+    const float *w;    /* codebook [out, in] with the base weight (cbw): W [R, C], row stride ws */
+    size_t ws;
     int failed;
 } Job;
 
@@ -466,7 +532,7 @@ static void job_rows(Job *j, size_t r0, size_t r1) {
     if (r0 >= r1) return;
 #ifdef HAVE_X86
     if (j->simd && j->kind == 0) {
-        cb_rows_avx512(j->x, j->xs, j->idx, j->n, j->xp, j->bits, j->codes, j->ncb, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
+        cb_rows_avx512(j->x, j->xs, j->idx, j->n, j->xp, j->w, j->ws, j->bits, j->codes, j->ncb, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
                        j->transposed);
         return;
     }
@@ -481,7 +547,7 @@ static void job_rows(Job *j, size_t r0, size_t r1) {
     }
 #endif
     if (j->kind == 0)
-        cb_rows_scalar(j->x, j->xs, j->idx, j->n, j->bits, j->codes, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
+        cb_rows_scalar(j->x, j->xs, j->idx, j->n, j->w, j->ws, j->bits, j->codes, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
                        j->transposed);
     else
         bd_rows_scalar(j->x, j->xs, j->idx, j->n, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys,
@@ -543,16 +609,23 @@ static int parse_batch(Batch *bt, unsigned long long x, Py_ssize_t xs, Py_ssize_
 }
 
 /* cb_matmul(x, xs, xrows, idx, n, y, ys, yrows, nz, codes, ncodes_bytes, row_ptr, codebook16, R, C, transposed,
- * simd, threads) */
+ * simd, threads[, w, ws, wrows]); with the base weight w ([R, C] float32, row stride ws; not transposed):
+ * y[rows] += x[rows] @ (W + delta)^T, the rebuilt layer's product in one pass. */
 static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
     unsigned long long x, idx, y, nz, codes, rp, cbk;
     Py_ssize_t xs, xrows, n, ys, yrows, ncb, R, C;
     int transposed, simd, threads;
-    if (!PyArg_ParseTuple(args, "KnnKnKnnKKnKKnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &nz, &codes, &ncb,
-                          &rp, &cbk, &R, &C, &transposed, &simd, &threads))
+    unsigned long long w = 0;
+    Py_ssize_t ws = 0, wrows = 0;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnKKnKKnnppi|Knn", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &nz, &codes, &ncb,
+                          &rp, &cbk, &R, &C, &transposed, &simd, &threads, &w, &ws, &wrows))
         return NULL;
     if (R < 0 || C < 0 || !nz || !rp || !cbk) {
         PyErr_SetString(PyExc_ValueError, "cb_matmul: bad delta");
+        return NULL;
+    }
+    if (w && (transposed || wrows != R || ws < C)) {
+        PyErr_SetString(PyExc_ValueError, "cb_matmul: the base weight does not fit the delta");
         return NULL;
     }
     const int64_t *rowp = (const int64_t *)(uintptr_t)rp;
@@ -574,7 +647,9 @@ static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
     void *xp = NULL;
-    if (j.simd && !transposed && j.n && j.R && j.C) {
+    j.w = (const float *)(uintptr_t)w;
+    j.ws = (size_t)ws;
+    if (j.simd && !transposed && !j.w && j.n && j.R && j.C) {
         if (posix_memalign(&xp, 64, j.n * padded64(j.C) * sizeof(float)) == 0)
             interleave_x(j.x, j.xs, j.idx, j.n, j.C, (float *)xp);
         else

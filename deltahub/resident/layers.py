@@ -591,10 +591,13 @@ class DeltaLinear(AdapterLayer):
             return self._forward_mixed(x, row_groups(self.batch_adapters, x.shape[0] if x.dim() >= 2 else 0,
                                                      self.batch_expand))
         name = self.active_adapter
-        y = base(x)
         adapter = mods.get(name) if name is not None else None
         if adapter is None:
-            return y
+            return base(x)
+        fused = self._native_fused(x, base, adapter)
+        if fused is not None:
+            return fused
+        y = base(x)
         if self._native_into(y, x, ((adapter, None),)):
             return y
         return y + self._delta(name, x).to(y.dtype)  # type: ignore[arg-type]
@@ -617,6 +620,32 @@ class DeltaLinear(AdapterLayer):
             d = self._delta(name, x.index_select(0, idx))
             y = y.index_add(0, idx, d.to(y.dtype))
         return y
+
+    def _native_fused(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
+        """``x @ (W + Δ̂)ᵀ + b`` for one codebook adapter in one native pass over the base weight and the resident
+        delta (the rebuilt weight ``fp32(W + Δ̂)`` formed in registers, as the rebuilt model holds it), for a plain
+        float32 ``nn.Linear`` (no hooks) and decode-sized batches; None where it does not apply."""
+        flags = self.call_info.native
+        if flags is None:
+            flags = _cpu.call_flags()
+        if not flags or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        w, b = base.weight, base.bias
+        if (x.dtype is not torch.float32 or w.dtype is not torch.float32 or not x.is_cpu or not w.is_cpu
+                or not w.is_contiguous() or (b is not None and (b.dtype is not torch.float32 or not b.is_cpu))
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
+            return None
+        args = adapter.__dict__.get("_native_args", False)
+        if args is False:
+            args = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
+        if args is None or args[0] != 0 or w.shape[1] != x.shape[-1]:
+            return None
+        x2 = x.reshape(-1, w.shape[1])
+        if x2.shape[0] > _cpu.MAX_NATIVE_ROWS:
+            return None
+        y = b.expand(x2.shape[0], -1).clone() if b is not None else x2.new_zeros((x2.shape[0], w.shape[0]))
+        _cpu.addmm_(y, x2.contiguous(), args, None, False, *flags, weight=w)
+        return y.view(*x.shape[:-1], w.shape[0])
 
     def _native_into(self, y: torch.Tensor, x: torch.Tensor, groups: Sequence[tuple[nn.Module, torch.Tensor | None]]) -> bool:
         """Add each ``(adapter, batch rows)`` group's delta into ``y`` in place with the native CPU kernels, reading
