@@ -226,3 +226,71 @@ def test_threaded_products_equal_one_thread(simd_mode: str) -> None:
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     _check(outs[1][0], x, dense, False)
     _check(outs[1][1], x, dbd, False)
+
+
+def _check_rebuilt(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Within the float32 rounding of the rebuilt layer's product: weight fp32(W + Δ̂), as the rebuilt model holds it."""
+    w1 = (w + dense).double()  # the float32 sum, then exact in float64
+    x64 = x.double()
+    want = x64 @ w1.T + (bias.double() if bias is not None else 0)
+    mag = x64.abs() @ w1.abs().T + (bias.double().abs() if bias is not None else 0)
+    bound = 4 * (w.shape[1] + 2) * EPS * mag + 1e-30
+    assert torch.all((got.double() - want).abs() <= bound), float(((got.double() - want).abs() - bound).max())
+
+
+@needs_native
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_fused_base_weight_product_is_the_rebuilt_layers(simd_mode: str, rows: int, cols: int) -> None:
+    """``y += x @ (W + Δ̂)ᵀ`` in one pass (codebook adapter + base weight): the rebuilt weight's product, for
+    every tail shape, on 1..9 batch rows (one register block and a second one), a row subset included."""
+    a, dense = _codebook(rows, cols, 0.3, rows * 131 + cols)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols))
+    b = torch.randn(rows)
+    for n in (1, 4, 9):
+        x = torch.randn(n, cols)
+        y = b.expand(n, -1).clone()
+        _cpu.addmm_(y, x, a.native_args(), None, False, _cpu.simd(), torch.get_num_threads(), weight=w)
+        _check_rebuilt(y, x, w, dense, b)
+    x = torch.randn(5, cols)
+    y = torch.zeros(5, rows)
+    _cpu.addmm_(y, x, a.native_args(), torch.tensor([3, 0]), False, _cpu.simd(), 1, weight=w)
+    _check_rebuilt(y[[3, 0]], x[[3, 0]], w, dense, None)
+    assert not y[[1, 2, 4]].any()
+
+
+@needs_native
+def test_fused_product_refuses_what_does_not_fit() -> None:
+    a, _ = _codebook(8, 24, 0.5, 1)
+    b, _ = _bitdelta(8, 24, "row", 0, 2)
+    x, y = torch.randn(2, 24), torch.zeros(2, 8)
+    for weight, adapter, transposed in ((torch.randn(8, 23), a, False), (torch.randn(8, 24).double(), a, False),
+                                        (torch.randn(24, 8).T, a, False), (torch.randn(8, 24), b, False)):
+        with pytest.raises(ValueError):
+            _cpu.addmm_(y, x, adapter.native_args(), None, transposed, True, 1, weight=weight)
+    with pytest.raises(ValueError):  # the C side checks again: no base weight with the transposed layout
+        _cpu._NATIVE.cb_matmul(y.data_ptr(), 8, 2, 0, 2, x.data_ptr(), 24, 2, *a.native_args()[1], True, True, 1,
+                               torch.randn(8, 24).data_ptr(), 24, 8)
+    assert not y.any()
+
+
+@needs_native
+def test_delta_linear_one_adapter_runs_the_rebuilt_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One codebook adapter for every row: the layer's output is the rebuilt Linear's (``W + Δ̂``, bias) within
+    rounding; a hook on the base layer is honoured (the fused pass is skipped and the hook runs)."""
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+    layer, deltas = _layer(2)
+    x = torch.randn(3, 2, 48)
+    layer.set_adapter("dq")
+    base = layer.base_layer
+    with torch.no_grad():
+        got = layer(x)
+    _check_rebuilt(got.reshape(-1, 40), x.reshape(-1, 48), base.weight.detach(), deltas["dq"], base.bias.detach())
+    calls = []
+    handle = base.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        with torch.no_grad():
+            again = layer(x)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    _check((again - base(x)).detach().reshape(-1, 40), x.reshape(-1, 48), deltas["dq"], False)
