@@ -7,7 +7,9 @@ base compressed the same way (``--delta`` may be given twice or more). Reports, 
 * memory of the base + N attached deltas (N = 1, 4, 16; deltas reused under other names)
   against the goal ``base * (1 + N/14)``;
 * greedy decode tokens/s (``--batch`` rows, ``--new-tokens``) for the base, one attached delta
-  applied to every row, and a 4-tenant mixed batch (rows of both fine-tunes and the base).
+  applied to every row, and a 4-tenant mixed batch (rows of both fine-tunes and the base): the decode
+  steps alone (``generate(new_tokens) - generate(1)``: the same prefill cancels) and whole ``generate``
+  calls including the prefill.
 
     python benchmarks/bench_resident_finetunes.py --delta DIR_A --delta DIR_B [--base DIR] [--reps 3]
 """
@@ -89,6 +91,10 @@ def main() -> None:
         with torch.no_grad():
             want = ref(input_ids=ids[i:i + 1]).logits[0]
         print(f"row {i} ({n}): max |mixed - alone| = {(mixed[i] - want).abs().max().item():.2e}  (|logits| max {want.abs().max().item():.1f})")
+        if n == "__base__":  # alone vs in a batch differ by the GEMM's batch-size dependent rounding: same batch here
+            with torch.no_grad():
+                same = ref(input_ids=ids).logits[i]
+            print(f"    vs the base model on the same {args.batch}-row batch: max |diff| = {(mixed[i] - same).abs().max().item():.2e}")
         del ref
 
     # decode speed
@@ -107,7 +113,19 @@ def main() -> None:
         t0 = time.perf_counter()
         unmerge_adapter(model)
         t_unmerge = time.perf_counter() - t0
-    print(f"decode tok/s (batch {args.batch}, {args.new_tokens} new, best of {args.reps}): base {toks / t_base:.1f}, "
+    # decode steps alone: generate(new_tokens) - generate(1) is new_tokens - 1 steps after the same prefill
+    one = {**gen, "max_new_tokens": 1, "min_new_tokens": 1}
+    steps = args.batch * (args.new_tokens - 1)
+    with torch.no_grad():
+        set_adapter(model, None)
+        d_base = t_base - best(lambda: model.generate(input_ids=ids, **one), args.reps)
+        set_adapter(model, names[0])
+        d_one = t_one - best(lambda: model.generate(input_ids=ids, **one), args.reps)
+        d_mix = t_mix - best(lambda: generate(model, input_ids=ids, adapter_names=rows, **one), args.reps)
+        set_adapter(model, None)
+    print(f"decode steps only (generate({args.new_tokens}) - generate(1)), tok/s: base {steps / d_base:.1f}, "
+          f"1 delta {steps / d_one:.1f} ({d_base / d_one:.0%}), mixed {steps / d_mix:.1f} ({d_base / d_mix:.0%})")
+    print(f"generate incl. prefill, tok/s (batch {args.batch}, {args.new_tokens} new, best of {args.reps}): base {toks / t_base:.1f}, "
           f"1 delta {toks / t_one:.1f} ({t_base / t_one:.0%}), 1 delta merged {toks / t_merged:.1f} ({t_base / t_merged:.0%}; "
           f"merge {t_merge:.2f} s, unmerge {t_unmerge:.2f} s), mixed {rows} {toks / t_mix:.1f} ({t_base / t_mix:.0%})")
 

@@ -4,9 +4,12 @@
 ``y[rows] += x[rows] @ Δ̂ᵀ`` from a codebook adapter's bitmap + 4-bit codes or a BitDelta adapter's
 sign bits, without decoding ``Δ̂`` to a dense matrix: per 16 weights one code expansion and one
 FMA per batch row (AVX-512 where the CPU has it, portable loops elsewhere), output rows split over
-torch's own OpenMP threads (``torch.get_num_threads()``). The torch paths of
-:mod:`.layers` compute the same products (up to the summation order's float rounding); this module
-is used when :func:`applies` (float32 on CPU, no autograd) and the native module was built.
+torch's own OpenMP threads (``torch.get_num_threads()``). For one codebook adapter on a plain float32
+``nn.Linear`` the layer's whole product ``x @ (W + Δ̂)ᵀ`` runs in one pass over the base weight and the
+resident form (``addmm_(..., weight=W)``): the rebuilt weight ``fp32(W + Δ̂)`` is formed in registers,
+so one attached delta decodes at about the base's speed. The torch paths of :mod:`.layers` compute the
+same products (up to the summation order's float rounding); this module is used when :func:`applies`
+(float32 on CPU, no autograd) and the native module was built.
 
 ``DELTAHUB_NATIVE=0`` turns the native kernels off (the torch paths run); ``DELTAHUB_NATIVE_SIMD=0``
 keeps them but on the portable loops (tests compare both).
