@@ -198,8 +198,11 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
     if fused is None:
         fused = x.is_cuda and fused_sgmv_applies(x, adapters)
     if fused:
+        segs_dev = segments.to(device=x.device, dtype=torch.int32)
+        if _all_codebook(adapters):
+            return codebook_sgmv(x, segs_dev, adapters)
         signs, scales, group = stack_bitdelta(adapters)  # type: ignore[arg-type]
-        return binary_sgmv(x, segments.to(device=x.device, dtype=torch.int32), signs, scales, group)
+        return binary_sgmv(x, segs_dev, signs, scales, group)
     out = x.new_zeros((x.shape[0], rows))
     for s, e, a in segs:
         if e > s:
@@ -209,11 +212,18 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
 
 def fused_sgmv_applies(x: torch.Tensor, adapters: Sequence[Any]) -> bool:
     """Whether a mixed batch over ``adapters`` can run as one fused launch: x on CUDA (or Triton's CPU
-    interpreter, ``TRITON_INTERPRET=1``, for tests), Triton installed, every adapter BitDelta of one shape
-    and one scale group width."""
+    interpreter, ``TRITON_INTERPRET=1``, for tests), Triton installed, and every adapter BitDelta of one shape
+    and one scale group width, or every adapter a codebook form (DeltaDQ, top-k ternary) of one shape."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return _all_bitdelta(adapters) and triton_available() and len(_scale_widths(adapters)) == 1
+    if not triton_available():
+        return False
+    return (_all_bitdelta(adapters) and len(_scale_widths(adapters)) == 1) or _all_codebook(adapters)
+
+
+def _all_codebook(adapters: Sequence[Any]) -> bool:
+    shapes = {tuple(a.shape) for a in adapters}
+    return bool(adapters) and len(shapes) == 1 and all(hasattr(a, "row_ptr") and hasattr(a, "codes") for a in adapters)
 
 
 def _scale_widths(adapters: Sequence[Any]) -> set[int]:
@@ -266,6 +276,33 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
     return y.to(x.dtype)
 
 
+def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[Any], *, block_m: int = 16,
+                  block_n: int = 32, block_k: int = 64) -> torch.Tensor:
+    """The fused Triton kernel for codebook adapters (``_CodebookAdapter``: non-zero bitmap, 4-bit codes in
+    row-major non-zero order, ``row_ptr``, 16-entry float32 codebook): ``y[r] = x[r] @ Δ̂_aᵀ`` per segment
+    ``(start, end, a)``. Each ``[BLOCK_N, BLOCK_K]`` tile of ``Δ̂_a`` is decoded in registers (the bitmap's
+    running count gives each non-zero's code index) and never written to memory; the adapters' buffers are
+    read in place (their addresses in one table, as Triton's grouped GEMM does), not stacked. Accumulated in
+    float32 (IEEE, no TF32), returned in ``x``'s dtype; rows in no segment are 0."""
+    n, cols = x.shape
+    rows = adapters[0].shape[0] if adapters else 0
+    for a in adapters:
+        if tuple(a.shape) != (rows, cols) or tuple(a.nz.shape) != (rows, (cols + 7) // 8) or a.codebook.numel() != 16 \
+                or a.row_ptr.numel() != rows + 1 or a.nz.device != x.device:
+            raise ValueError(f"codebook adapter {list(a.shape)} on {a.nz.device} does not fit x {list(x.shape)} on {x.device}")
+    x = x.contiguous()
+    y = torch.zeros((n, rows), dtype=torch.float32, device=x.device)
+    if segments.shape[0] and rows and cols:
+        import triton
+
+        addrs = torch.tensor([[a.nz.data_ptr(), a.codes.data_ptr(), a.row_ptr.data_ptr(), a.codebook.data_ptr()]
+                              for a in adapters], dtype=torch.int64, device=x.device)
+        grid = (segments.shape[0], triton.cdiv(rows, block_n))
+        _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y.to(x.dtype)
+
+
 _KERNELS: dict[str, Any] = {}
 
 
@@ -305,6 +342,64 @@ def _sgmv_kernel() -> Any:
                 s = tl.load(scale_base + offs_n[:, None] * NGROUPS + offs_k[None, :] // GROUP, mask=wk_ok, other=0.0)
                 w = tl.where(bit == 1, s, -s)  # [BLOCK_N, BLOCK_K] of the delta, never in memory
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    _KERNELS[mode] = kernel
+    return kernel
+
+
+def _codebook_kernel() -> Any:
+    """The codebook SGMV ``@triton.jit`` kernel, defined on first use (one per ``TRITON_INTERPRET`` value)."""
+    mode = "codebook:" + os.environ.get("TRITON_INTERPRET", "")
+    if mode in _KERNELS:
+        return _KERNELS[mode]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, addr_ptr, y_ptr, seg_ptr, N, K, NBYTES,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One (segment, block of BLOCK_N output rows of the delta): per [BLOCK_N, BLOCK_K] tile, the bitmap's bits,
+        # each non-zero's code index (row start + set bits before it: a running count plus an in-tile cumsum),
+        # its nibble and codebook value, all in registers; then a dot with the segment's rows.
+        seg = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.load(seg_ptr + seg * 3)
+        end = tl.load(seg_ptr + seg * 3 + 1)
+        a = tl.load(seg_ptr + seg * 3 + 2).to(tl.int64)
+        nz_base = tl.load(addr_ptr + a * 4).to(tl.pointer_type(tl.uint8))
+        codes_base = tl.load(addr_ptr + a * 4 + 1).to(tl.pointer_type(tl.uint8))
+        rp_base = tl.load(addr_ptr + a * 4 + 2).to(tl.pointer_type(tl.int64))
+        book_base = tl.load(addr_ptr + a * 4 + 3).to(tl.pointer_type(tl.float32))
+        n_ok = offs_n < N
+        row_start = tl.load(rp_base + offs_n, mask=n_ok, other=0)
+        # counts by exact float dots with 0/1 matrices (builtins only: the standard library's cumsum / sum are
+        # jit helpers that Triton's interpreter cannot call when Triton was imported before TRITON_INTERPRET=1)
+        lane = tl.arange(0, BLOCK_K)
+        upto = tl.where(lane[:, None] <= lane[None, :], 1.0, 0.0)  # [BLOCK_K, BLOCK_K]: inclusive prefix sums
+        ones = tl.full((BLOCK_K, BLOCK_K), 1.0, tl.float32)  # every column: the row total
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < end
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            seen = row_start[:, None] + tl.full((BLOCK_N, BLOCK_K), 0, tl.int64)  # set bits before this tile
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wk_ok = n_ok[:, None] & k_ok[None, :]
+                byte = tl.load(nz_base + offs_n[:, None] * NBYTES + offs_k[None, :] // 8, mask=wk_ok, other=0)
+                bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
+                bit = tl.where(wk_ok, bit, 0)
+                bitf = bit.to(tl.float32)
+                before = tl.dot(bitf, upto, input_precision="ieee") - bitf  # set bits left of each column, exact
+                k = seen + before.to(tl.int64)  # code index of each non-zero
+                present = bit == 1
+                cbyte = tl.load(codes_base + (k >> 1), mask=present, other=0)
+                nib = (cbyte.to(tl.int32) >> ((k & 1) * 4).to(tl.int32)) & 15
+                w = tl.load(book_base + nib, mask=present, other=0.0)  # [BLOCK_N, BLOCK_K] of the delta
+                acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+                seen += tl.dot(bitf, ones, input_precision="ieee").to(tl.int64)
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     _KERNELS[mode] = kernel

@@ -598,6 +598,11 @@ class DeltaLinear(AdapterLayer):
         if fused is not None:
             return fused
         y = base(x)
+        if x.is_cuda and not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [adapter]):
+            x2 = x.reshape(-1, self.in_features)  # one segment: the fused kernel decodes tiles in registers
+            seg = torch.tensor([[0, x2.shape[0], 0]], dtype=torch.int32)
+            d = kernels.delta_matmul_segments(x2, seg, [adapter], fused=True)
+            return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
         if self._native_into(y, x, ((adapter, None),)):
             return y
         return y + self._delta(name, x).to(y.dtype)  # type: ignore[arg-type]
