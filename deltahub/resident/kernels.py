@@ -306,12 +306,22 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
 _KERNELS: dict[str, Any] = {}
 
 
-def _sgmv_kernel() -> Any:
-    """The ``@triton.jit`` kernel, defined on first use (importing Triton costs ~0.3 s; its
+def _jit_kernel(name: str, define: Any) -> Any:
+    """A ``@triton.jit`` kernel, defined by ``define()`` on first use (importing Triton costs ~0.3 s; its
     interpreter is chosen at definition time from ``TRITON_INTERPRET``, hence one per value)."""
-    mode = os.environ.get("TRITON_INTERPRET", "")
-    if mode in _KERNELS:
-        return _KERNELS[mode]
+    key = f"{name}:{os.environ.get('TRITON_INTERPRET', '')}"
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = define()
+    return kernel
+
+
+def _sgmv_kernel() -> Any:
+    """The BitDelta SGMV kernel (:func:`binary_sgmv`)."""
+    return _jit_kernel("binary", _define_sgmv_kernel)
+
+
+def _define_sgmv_kernel() -> Any:
     import triton
     import triton.language as tl
 
@@ -344,15 +354,15 @@ def _sgmv_kernel() -> Any:
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
-    _KERNELS[mode] = kernel
     return kernel
 
 
 def _codebook_kernel() -> Any:
-    """The codebook SGMV ``@triton.jit`` kernel, defined on first use (one per ``TRITON_INTERPRET`` value)."""
-    mode = "codebook:" + os.environ.get("TRITON_INTERPRET", "")
-    if mode in _KERNELS:
-        return _KERNELS[mode]
+    """The codebook SGMV kernel (:func:`codebook_sgmv`)."""
+    return _jit_kernel("codebook", _define_codebook_kernel)
+
+
+def _define_codebook_kernel() -> Any:
     import triton
     import triton.language as tl
 
@@ -402,5 +412,4 @@ def _codebook_kernel() -> Any:
                 seen += tl.dot(bitf, ones, input_precision="ieee").to(tl.int64)
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
-    _KERNELS[mode] = kernel
     return kernel
