@@ -294,3 +294,33 @@ def test_delta_linear_one_adapter_runs_the_rebuilt_layer(monkeypatch: pytest.Mon
         handle.remove()
     assert calls == [1]
     _check((again - base(x)).detach().reshape(-1, 40), x.reshape(-1, 48), deltas["dq"], False)
+
+
+@needs_native
+@pytest.mark.parametrize("transposed", [False, True])
+def test_many_products_in_one_call_equal_one_call_each(simd_mode: str, transposed: bool) -> None:
+    """A mixed batch's adapters of one layer in one native call (one thread team): every row group's result is
+    bit-identical to its own call, the other rows untouched."""
+    a, _ = _codebook(300, 200, 0.3, 21)
+    b, _ = _bitdelta(300, 200, "row", 0, 22)
+    c, _ = _codebook(300, 200, 0.1, 23)
+    xin = 300 if transposed else 200
+    x = torch.randn(7, xin)
+    groups = [(a, torch.tensor([0, 4])), (b, torch.tensor([2])), (c, torch.tensor([5, 1, 6]))]
+    one = torch.randn(7, 500 - xin)
+    many = one.clone()
+    for adapter, rows in groups:
+        _cpu.addmm_(one, x, adapter.native_args(), rows, transposed, _cpu.simd(), 2)
+    _cpu.addmm_many_(many, x, [(ad.native_args(), rows) for ad, rows in groups], transposed, _cpu.simd(), 2)
+    assert torch.equal(one, many)
+    d, _ = _codebook(100, 200, 0.3, 24)
+    xs, ya, yd = torch.randn(7, 200), torch.zeros(7, 300), torch.zeros(7, 100)
+    jobs = [(0, (xs.data_ptr(), 200, 7, 0, 7, yy.data_ptr(), yy.shape[1], 7, *ad.native_args()[1], False, True, 2))
+            for ad, yy in ((a, ya), (d, yd))]
+    with pytest.raises(ValueError, match="different output sizes"):  # threads would share output rows unevenly
+        _cpu._NATIVE.matmul_many(jobs, 2)
+    assert not ya.any() and not yd.any()
+    with pytest.raises(ValueError):
+        _cpu._NATIVE.matmul_many([(7, ())], 1)
+    with pytest.raises(ValueError):
+        _cpu._NATIVE.matmul_many([], 1)

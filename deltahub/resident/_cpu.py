@@ -136,6 +136,30 @@ def addmm_(y: torch.Tensor, x: torch.Tensor, native_args: NativeArgs, rows: torc
     return y
 
 
+def addmm_many_(y: torch.Tensor, x: torch.Tensor, plans: list[tuple[NativeArgs, torch.Tensor | None]], transposed: bool,
+                use_simd: bool, threads: int) -> torch.Tensor:
+    """:func:`addmm_` for several ``(adapter native args, rows)`` products of one layer into the same ``y`` (a mixed
+    batch's row groups) in one native call: one OpenMP team for all of them instead of one per adapter. The
+    caller checked :func:`applies`. Returns ``y``."""
+    assert _NATIVE is not None
+    if x.dim() != 2 or y.dim() != 2 or not x.is_contiguous() or not y.is_contiguous():
+        raise ValueError("resident kernel: x and y must be contiguous 2-d tensors")
+    jobs, keep = [], []
+    for (kind, args), rows in plans:
+        R, C = args[-2], args[-1]
+        if x.shape[-1] != (R if transposed else C) or y.shape[-1] != (C if transposed else R):
+            raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
+        ptr, n, kept = _rows_arg(y, x, rows)
+        keep.append(kept)
+        if n and R and C:
+            jobs.append((kind, (x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0], *args,
+                                transposed, use_simd, threads)))
+    if jobs:
+        _NATIVE.matmul_many(jobs, threads)
+    del keep
+    return y
+
+
 def try_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
                transposed: bool = False) -> bool:
     """:func:`addmm_` for one adapter when the native path applies (built, float32 on CPU, no autograd, cache mode

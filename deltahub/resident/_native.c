@@ -610,57 +610,192 @@ static int parse_batch(Batch *bt, unsigned long long x, Py_ssize_t xs, Py_ssize_
 
 /* cb_matmul(x, xs, xrows, idx, n, y, ys, yrows, nz, codes, ncodes_bytes, row_ptr, codebook16, R, C, transposed,
  * simd, threads[, w, ws, wrows]); with the base weight w ([R, C] float32, row stride ws; not transposed):
- * y[rows] += x[rows] @ (W + delta)^T, the rebuilt layer's product in one pass. */
-static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
+ * y[rows] += x[rows] @ (W + delta)^T, the rebuilt layer's product in one pass. Parsed and checked into j. */
+static int parse_cb(PyObject *args, Job *j, int *threads) {
     unsigned long long x, idx, y, nz, codes, rp, cbk;
     Py_ssize_t xs, xrows, n, ys, yrows, ncb, R, C;
-    int transposed, simd, threads;
+    int transposed, simd;
     unsigned long long w = 0;
     Py_ssize_t ws = 0, wrows = 0;
     if (!PyArg_ParseTuple(args, "KnnKnKnnKKnKKnnppi|Knn", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &nz, &codes, &ncb,
-                          &rp, &cbk, &R, &C, &transposed, &simd, &threads, &w, &ws, &wrows))
-        return NULL;
+                          &rp, &cbk, &R, &C, &transposed, &simd, threads, &w, &ws, &wrows))
+        return -1;
     if (R < 0 || C < 0 || !nz || !rp || !cbk) {
         PyErr_SetString(PyExc_ValueError, "cb_matmul: bad delta");
-        return NULL;
+        return -1;
     }
     if (w && (transposed || wrows != R || ws < C)) {
         PyErr_SetString(PyExc_ValueError, "cb_matmul: the base weight does not fit the delta");
-        return NULL;
+        return -1;
     }
     const int64_t *rowp = (const int64_t *)(uintptr_t)rp;
     if (R && (rowp[0] != 0 || rowp[R] < 0 || (rowp[R] + 1) / 2 > ncb || (rowp[R] && !codes))) {
         PyErr_SetString(PyExc_ValueError, "cb_matmul: code buffer does not fit the non-zero count");
-        return NULL;
+        return -1;
     }
     Batch b;
     if (parse_batch(&b, x, xs, xrows, idx, n, y, ys, yrows, (size_t)(transposed ? R : C), (size_t)(transposed ? C : R)) < 0)
-        return NULL;
-    Job j = {0};
-    j.kind = 0;
-    j.simd = simd && simd_ok();
-    j.transposed = transposed;
-    j.x = b.x; j.idx = b.idx; j.y = b.y; j.n = b.n; j.xs = b.xs; j.ys = b.ys;
-    j.R = (size_t)R; j.C = (size_t)C; j.ncb = (size_t)ncb;
-    j.bits = (const uint8_t *)(uintptr_t)nz; j.codes = (const uint8_t *)(uintptr_t)codes; j.rp = rowp;
-    j.vals = (const float *)(uintptr_t)cbk;
-    int rc = 0;
-    Py_BEGIN_ALLOW_THREADS
-    void *xp = NULL;
-    j.w = (const float *)(uintptr_t)w;
-    j.ws = (size_t)ws;
-    if (j.simd && !transposed && !j.w && j.n && j.R && j.C) {
-        if (posix_memalign(&xp, 64, j.n * padded64(j.C) * sizeof(float)) == 0)
-            interleave_x(j.x, j.xs, j.idx, j.n, j.C, (float *)xp);
-        else
-            xp = NULL, rc = -1;
+        return -1;
+    memset(j, 0, sizeof(*j));
+    j->kind = 0;
+    j->simd = simd && simd_ok();
+    j->transposed = transposed;
+    j->x = b.x; j->idx = b.idx; j->y = b.y; j->n = b.n; j->xs = b.xs; j->ys = b.ys;
+    j->R = (size_t)R; j->C = (size_t)C; j->ncb = (size_t)ncb;
+    j->bits = (const uint8_t *)(uintptr_t)nz; j->codes = (const uint8_t *)(uintptr_t)codes; j->rp = rowp;
+    j->vals = (const float *)(uintptr_t)cbk;
+    j->w = (const float *)(uintptr_t)w;
+    j->ws = (size_t)ws;
+    return 0;
+}
+
+/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd, threads);
+ * gran: 0 tensor, 1 row, 2 column groups of gcols. Parsed and checked into j. */
+static int parse_bd(PyObject *args, Job *j, int *threads) {
+    unsigned long long x, idx, y, sign, scale;
+    Py_ssize_t xs, xrows, n, ys, yrows, nscale, gcols, R, C;
+    int gran, transposed, simd;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale, &nscale,
+                          &gran, &gcols, &R, &C, &transposed, &simd, threads))
+        return -1;
+    if (gran == 0 || gran == 1) gcols = C > 0 ? C : 1;
+    Py_ssize_t ng = C > 0 ? (C + gcols - 1) / gcols : 0;
+    Py_ssize_t need = gran == 0 ? 1 : gran == 1 ? R : R * ng;
+    if (R < 0 || C < 0 || gran < 0 || gran > 2 || gcols < 1 || !sign || !scale || nscale < need) {
+        PyErr_SetString(PyExc_ValueError, "bd_matmul: bad delta");
+        return -1;
     }
-    j.xp = (const float *)xp;
-    if (rc == 0) rc = job_run(&j, threads);
-    free(xp);
+    Batch b;
+    if (parse_batch(&b, x, xs, xrows, idx, n, y, ys, yrows, (size_t)(transposed ? R : C), (size_t)(transposed ? C : R)) < 0)
+        return -1;
+    memset(j, 0, sizeof(*j));
+    j->kind = 1;
+    j->simd = simd && simd_ok() && (!transposed || gran != 2); /* the transposed group-scale layout: portable loop */
+    j->transposed = transposed;
+    j->gran = gran;
+    j->gcols = (size_t)gcols;
+    j->x = b.x; j->idx = b.idx; j->y = b.y; j->n = b.n; j->xs = b.xs; j->ys = b.ys;
+    j->R = (size_t)R; j->C = (size_t)C;
+    j->bits = (const uint8_t *)(uintptr_t)sign;
+    j->vals = (const float *)(uintptr_t)scale;
+    return 0;
+}
+
+typedef struct {
+    Job *jobs;
+    size_t n;
+} Many;
+
+/* Every non-transposed job's output rows split the same way over the team (they have one R: each output
+ * element belongs to one thread). */
+static void many_body(void *p) {
+    Many *m = (Many *)p;
+    size_t t = (size_t)omp_thread_num(), T = (size_t)omp_num_threads();
+    for (size_t i = 0; i < m->n; i++)
+        if (!m->jobs[i].transposed) job_rows(&m->jobs[i], m->jobs[i].R * t / T, m->jobs[i].R * (t + 1) / T);
+}
+
+/* Run parsed jobs (no GIL needed): x interleaved where cb_fwd wants it, one OpenMP team for all of them, the
+ * transposed ones on this thread after it. 0, or -1 when out of memory. */
+static int run_jobs(Job *js, size_t nj, int threads) {
+    int rc = 0;
+    double work = 0;
+    for (size_t i = 0; i < nj; i++) {
+        Job *j = &js[i];
+        j->failed = 0;
+        j->xp = NULL;
+        if (j->kind == 0 && j->simd && !j->transposed && !j->w && j->n && j->R && j->C) {
+            void *xp = NULL;
+            if (posix_memalign(&xp, 64, j->n * padded64(j->C) * sizeof(float)) != 0) { rc = -1; break; }
+            interleave_x(j->x, j->xs, j->idx, j->n, j->C, (float *)xp);
+            j->xp = (const float *)xp;
+        }
+        if (!j->transposed) work += (double)j->R * (double)j->C * (double)j->n;
+    }
+    if (rc == 0) {
+        if (nj == 1) {
+            rc = job_run(&js[0], threads);
+        } else {
+            Many m = {js, nj};
+            if (threads > 1 && gomp_parallel && work >= PARALLEL_MIN)
+                gomp_parallel(many_body, &m, (unsigned)threads, 0);
+            else
+                for (size_t i = 0; i < nj; i++)
+                    if (!js[i].transposed) job_rows(&js[i], 0, js[i].R);
+            for (size_t i = 0; i < nj; i++)
+                if (js[i].transposed) job_rows(&js[i], 0, js[i].R);
+            for (size_t i = 0; i < nj; i++)
+                if (js[i].failed) rc = -1;
+        }
+    }
+    for (size_t i = 0; i < nj; i++) free((void *)js[i].xp);
+    return rc;
+}
+
+static PyObject *run_parsed(Job *js, size_t nj, int threads) {
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_jobs(js, nj, threads);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_cb_matmul(PyObject *self, PyObject *args) {
+    Job j;
+    int threads;
+    if (parse_cb(args, &j, &threads) < 0) return NULL;
+    return run_parsed(&j, 1, threads);
+}
+
+static PyObject *py_bd_matmul(PyObject *self, PyObject *args) {
+    Job j;
+    int threads;
+    if (parse_bd(args, &j, &threads) < 0) return NULL;
+    return run_parsed(&j, 1, threads);
+}
+
+#define MANY_MAX 64
+
+/* matmul_many(jobs, threads): jobs a sequence of (kind, args), kind 0 = cb_matmul's args, 1 = bd_matmul's; run in
+ * one OpenMP team (a mixed batch's adapters of one layer: one team start, one call). Every non-transposed job
+ * must have the same R. */
+static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &seq, &threads)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "matmul_many: jobs must be a sequence");
+    if (!fast) return NULL;
+    Py_ssize_t nj = PySequence_Fast_GET_SIZE(fast);
+    Job js[MANY_MAX];
+    if (nj < 1 || nj > MANY_MAX) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "matmul_many: 1 to 64 jobs");
+        return NULL;
+    }
+    size_t R = 0;
+    int have_r = 0;
+    for (Py_ssize_t i = 0; i < nj; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        int kind, unused;
+        PyObject *jargs;
+        if (!PyArg_ParseTuple(item, "iO!", &kind, &PyTuple_Type, &jargs)
+            || (kind == 0 ? parse_cb(jargs, &js[i], &unused) : kind == 1 ? parse_bd(jargs, &js[i], &unused) : -2) < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "matmul_many: kind must be 0 or 1");
+            Py_DECREF(fast);
+            return NULL;
+        }
+        if (!js[i].transposed) {
+            if (have_r && js[i].R != R) {
+                Py_DECREF(fast);
+                PyErr_SetString(PyExc_ValueError, "matmul_many: jobs of different output sizes");
+                return NULL;
+            }
+            R = js[i].R, have_r = 1;
+        }
+    }
+    Py_DECREF(fast);
+    return run_parsed(js, (size_t)nj, threads);
 }
 
 /* cb_decode(nz, codes, ncodes_bytes, row_ptr, codebook16, R, C, r0, r1, out): rows r0:r1 as float32 [r1-r0, C]. */
@@ -688,43 +823,6 @@ static PyObject *py_cb_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd, threads);
- * gran: 0 tensor, 1 row, 2 column groups of gcols. */
-static PyObject *py_bd_matmul(PyObject *self, PyObject *args) {
-    unsigned long long x, idx, y, sign, scale;
-    Py_ssize_t xs, xrows, n, ys, yrows, nscale, gcols, R, C;
-    int gran, transposed, simd, threads;
-    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale, &nscale,
-                          &gran, &gcols, &R, &C, &transposed, &simd, &threads))
-        return NULL;
-    if (gran == 0 || gran == 1) gcols = C > 0 ? C : 1;
-    Py_ssize_t ng = C > 0 ? (C + gcols - 1) / gcols : 0;
-    Py_ssize_t need = gran == 0 ? 1 : gran == 1 ? R : R * ng;
-    if (R < 0 || C < 0 || gran < 0 || gran > 2 || gcols < 1 || !sign || !scale || nscale < need) {
-        PyErr_SetString(PyExc_ValueError, "bd_matmul: bad delta");
-        return NULL;
-    }
-    Batch b;
-    if (parse_batch(&b, x, xs, xrows, idx, n, y, ys, yrows, (size_t)(transposed ? R : C), (size_t)(transposed ? C : R)) < 0)
-        return NULL;
-    Job j = {0};
-    j.kind = 1;
-    j.simd = simd && simd_ok() && (!transposed || gran != 2); /* the transposed group-scale layout: portable loop */
-    j.transposed = transposed;
-    j.gran = gran;
-    j.gcols = (size_t)gcols;
-    j.x = b.x; j.idx = b.idx; j.y = b.y; j.n = b.n; j.xs = b.xs; j.ys = b.ys;
-    j.R = (size_t)R; j.C = (size_t)C;
-    j.bits = (const uint8_t *)(uintptr_t)sign;
-    j.vals = (const float *)(uintptr_t)scale;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = job_run(&j, threads);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_simd(PyObject *self, PyObject *args) { return PyBool_FromLong(simd_ok()); }
 
 static PyObject *py_threaded(PyObject *self, PyObject *args) { return PyBool_FromLong(gomp_parallel != NULL); }
@@ -733,6 +831,7 @@ static PyMethodDef methods[] = {
     {"cb_matmul", py_cb_matmul, METH_VARARGS, "y[rows] += x[rows] @ delta^T from the codebook form."},
     {"cb_decode", py_cb_decode, METH_VARARGS, "Rows of the codebook form as dense float32."},
     {"bd_matmul", py_bd_matmul, METH_VARARGS, "y[rows] += x[rows] @ delta^T from BitDelta signs and scales."},
+    {"matmul_many", py_matmul_many, METH_VARARGS, "Several cb_matmul / bd_matmul jobs in one OpenMP team."},
     {"simd", py_simd, METH_NOARGS, "Whether the AVX-512 paths run on this CPU."},
     {"threaded", py_threaded, METH_NOARGS, "Whether products can run on torch's OpenMP team."},
     {NULL, NULL, 0, NULL},
