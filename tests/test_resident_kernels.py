@@ -267,6 +267,7 @@ def test_delta_linear_mixed_codebook_batch_uses_fused_sgmv(monkeypatch: pytest.M
     real = kernels.codebook_sgmv
     monkeypatch.setattr(kernels, "codebook_sgmv", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DELTAHUB_NATIVE", "0")  # on the CPU the native kernels come first; here: the GPU's path
     with torch.no_grad():
         fused = layer(x)
         base = layer.base_layer(x)

@@ -324,3 +324,37 @@ def test_many_products_in_one_call_equal_one_call_each(simd_mode: str, transpose
         _cpu._NATIVE.matmul_many([(7, ())], 1)
     with pytest.raises(ValueError):
         _cpu._NATIVE.matmul_many([], 1)
+
+
+@needs_native
+def test_mixed_plan_is_reused_and_follows_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-selection native plan of a mixed batch is built once and reused while the selection stands; another
+    selection, another token count or an adapter replaced under the same name give a new one, with right rows."""
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+    layer, deltas = _layer(3)
+    base = layer.base_layer
+
+    def run(names: list[str | None], x: torch.Tensor) -> torch.Tensor:
+        layer.batch_adapters = names
+        with torch.no_grad():
+            out, ref = layer(x), base(x)  # the base on the same batch (a GEMM's rounding depends on its size)
+            for i, n in enumerate(names):
+                if n is None:
+                    assert torch.equal(out[i], ref[i])
+                else:
+                    _check((out[i] - ref[i]).reshape(-1, 40), x[i].reshape(-1, 48), deltas[n], False)
+        return out
+
+    x = torch.randn(3, 1, 48)
+    first = run(["dq", "bd", None], x)
+    plan = layer.__dict__["_mixed_plan"]
+    assert torch.equal(run(["dq", "bd", None], x), first) and layer.__dict__["_mixed_plan"] is plan
+    run(["bd", "dq", "dq"], x)
+    assert layer.__dict__["_mixed_plan"] is not plan
+    run(["bd", "dq", "dq"], torch.randn(3, 2, 48))  # two tokens per row
+    run(["dq", None, "bd"], x)
+    bd = layer.adapters["bd"]
+    layer.delete_adapter("dq")
+    layer.add_adapter_module("dq", bd)  # the name now holds the BitDelta delta
+    deltas["dq"] = deltas["bd"]
+    run(["dq", None, "bd"], x)

@@ -160,6 +160,14 @@ def addmm_many_(y: torch.Tensor, x: torch.Tensor, plans: list[tuple[NativeArgs, 
     return y
 
 
+def run_many(jobs: list[tuple[int, tuple[Any, ...]]], threads: int) -> None:
+    """The native ``matmul_many`` on prepared jobs ``(kind, cb_matmul / bd_matmul arguments)``: for callers that
+    checked the tensors once and keep the arguments (the C side checks every row index and buffer size again)."""
+    assert _NATIVE is not None
+    if jobs:
+        _NATIVE.matmul_many(jobs, threads)
+
+
 def try_addmm_(y: torch.Tensor, x: torch.Tensor, adapter: Any, rows: torch.Tensor | None = None,
                transposed: bool = False) -> bool:
     """:func:`addmm_` for one adapter when the native path applies (built, float32 on CPU, no autograd, cache mode

@@ -502,6 +502,7 @@ class AdapterLayer(RoutedModule):
 
     def delete_adapter(self, name: str) -> None:
         """Drop one adapter's delta from this layer."""
+        self.__dict__.pop("_mixed_plan", None)
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -613,6 +614,8 @@ class DeltaLinear(AdapterLayer):
             return self._mixed_with_biases(x, sel)
         mods = self._modules["adapters"]._modules  # type: ignore[union-attr]
         y = self.base_layer(x)
+        if x.is_cpu and self._native_mixed(y, x, sel, mods):
+            return y
         groups = [(name, idx) for name, idx in sel if name is not None and name in mods]
         if not groups:
             return y
@@ -625,6 +628,58 @@ class DeltaLinear(AdapterLayer):
             d = self._delta(name, x.index_select(0, idx))
             y = y.index_add(0, idx, d.to(y.dtype))
         return y
+
+    def _native_mixed(self, y: torch.Tensor, x: torch.Tensor, sel: tuple[tuple[str | None, torch.Tensor], ...],
+                      mods: dict[str, Any]) -> bool:
+        """A mixed batch's deltas added into ``y`` by one native call, from a plan kept per selection (``sel`` is
+        :func:`row_groups`' cached tuple, the same object at every decode step): each adapter's kernel arguments
+        and token rows, checked once; per call only the buffers' addresses change. False where the native path
+        does not apply (then the general path runs)."""
+        flags = self.call_info.native
+        if flags is None:
+            flags = _cpu.call_flags()
+        if (not flags or x.dtype is not torch.float32 or y.dtype is not torch.float32 or not y.is_cpu
+                or not y.is_contiguous() or x.dim() < 2 or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
+            return False
+        w = self._modules["base_layer"].weight  # type: ignore[union-attr]
+        nin, nout = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        if x.shape[-1] != nin or y.shape[-1] != nout or not x.shape[0]:
+            return False
+        x2 = x.reshape(-1, nin)
+        tokens = x2.shape[0] // x.shape[0]
+        entry = self.__dict__.get("_mixed_plan")
+        if (entry is None or entry[0] is not sel or entry[1] != tokens
+                or any(ad.__dict__.get("_native_args") is not args for ad, args in entry[3])):
+            entry = self.__dict__["_mixed_plan"] = (sel, tokens, *self._make_mixed_plan(sel, mods, tokens))
+        plan = entry[2]
+        if plan is None:
+            return False
+        if plan:
+            x2 = x2.contiguous()
+            xp, yp, n = x2.data_ptr(), y.data_ptr(), x2.shape[0]
+            t = self.fan_in_fan_out
+            simd, threads = flags
+            _cpu.run_many([(kind, (xp, nin, n, rp, k, yp, nout, n, *args, t, simd, threads)) for kind, rp, k, args, _ in plan],
+                          threads)
+        return True
+
+    def _make_mixed_plan(self, sel: tuple[tuple[str | None, torch.Tensor], ...], mods: dict[str, Any],
+                         tokens: int) -> tuple[list[tuple[int, int, int, tuple[Any, ...], torch.Tensor]] | None, list[Any]]:
+        """``([(kind, rows address, row count, kernel args, rows), ...] or None, [(adapter, its native args), ...])``."""
+        plan: list[tuple[int, int, int, tuple[Any, ...], torch.Tensor]] = []
+        used: list[Any] = []
+        for name, idx in sel:
+            adapter = mods.get(name) if name is not None else None
+            if adapter is None:
+                continue
+            native = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
+            used.append((adapter, native))
+            rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
+            rows = rows.to(device="cpu", dtype=torch.int64).contiguous()
+            if native is None or rows.numel() > _cpu.MAX_NATIVE_ROWS:
+                return None, used
+            plan.append((native[0], rows.data_ptr(), rows.numel(), native[1], rows))
+        return plan, used
 
     def _native_fused(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
         """``x @ (W + Δ̂)ᵀ + b`` for one codebook adapter in one native pass over the base weight and the resident
