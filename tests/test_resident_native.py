@@ -195,14 +195,18 @@ def test_delta_linear_native_matches_the_torch_path(monkeypatch: pytest.MonkeyPa
 
 
 @needs_native
-def test_prefill_sized_batches_use_the_chunked_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above MAX_NATIVE_ROWS token rows per adapter the dense decode + GEMM path runs; same product."""
+@pytest.mark.parametrize("name", ["dq", "bd"])
+def test_prefill_sized_batches_run_the_rebuilt_weight(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Above MAX_NATIVE_ROWS token rows one adapter's layer forms ``W + Δ̂`` a chunk of output rows at a time
+    and runs one GEMM per chunk: the rebuilt layer's product within rounding (chunks of 16 rows: 3 chunks here)."""
     layer, deltas = _layer(1)
+    layer.chunk_rows = 16
     x = torch.randn(2, _cpu.MAX_NATIVE_ROWS + 1, 48)
-    layer.set_adapter("bd")
+    layer.set_adapter(name)
+    base = layer.base_layer
     with torch.no_grad():
-        got = layer(x) - layer.base_layer(x)
-    _check(got.reshape(-1, 40), x.reshape(-1, 48), deltas["bd"], False)
+        got = layer(x)
+    _check_rebuilt(got.reshape(-1, 40), x.reshape(-1, 48), base.weight.detach(), deltas[name], base.bias.detach())
 
 
 @needs_native

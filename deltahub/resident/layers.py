@@ -596,6 +596,8 @@ class DeltaLinear(AdapterLayer):
         if adapter is None:
             return base(x)
         fused = self._native_fused(x, base, adapter)
+        if fused is None:
+            fused = self._rebuilt_product(x, base, adapter)
         if fused is not None:
             return fused
         y = base(x)
@@ -680,6 +682,35 @@ class DeltaLinear(AdapterLayer):
                 return None, used
             plan.append((native[0], rows.data_ptr(), rows.numel(), native[1], rows))
         return plan, used
+
+    def _rebuilt_product(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
+        """``F.linear(x, dtype(float32(W) + Δ̂), b)`` with the rebuilt weight formed ``chunk_rows`` output rows at a
+        time, for prefill-sized batches on the CPU (more than :data:`._cpu.MAX_NATIVE_ROWS` token rows) of a plain
+        ``nn.Linear`` with a codebook or BitDelta adapter: one GEMM per chunk instead of the base GEMM plus a
+        second GEMM over the decoded delta, and the rebuilt model's own weight rounding. None where it does not
+        apply (autograd, hooks, another device, a decode-sized batch)."""
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or not x.is_cpu:
+            return None
+        w, b = base.weight, base.bias
+        if (x.dtype != w.dtype or not w.is_cpu or x.shape[-1] != w.shape[1] or x.numel() // max(w.shape[1], 1) <= _cpu.MAX_NATIVE_ROWS
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
+            return None
+        if isinstance(adapter, _CodebookAdapter):
+            decode = adapter.row_range
+        elif isinstance(adapter, _BitDeltaAdapter):
+            def decode(r0: int, r1: int) -> torch.Tensor:
+                return adapter.rows(torch.arange(r0, r1, device=adapter.sign.device))
+        else:
+            return None
+        rows = w.shape[0]
+        x2 = x.reshape(-1, w.shape[1])
+        parts = []
+        for r0 in range(0, rows, self.chunk_rows):
+            r1 = min(r0 + self.chunk_rows, rows)
+            wc = (w[r0:r1].to(torch.float32) + decode(r0, r1)).to(w.dtype)
+            parts.append(nn.functional.linear(x2, wc, None if b is None else b[r0:r1]))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return y.reshape(*x.shape[:-1], rows)
 
     def _native_fused(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
         """``x @ (W + Δ̂)ᵀ + b`` for one codebook adapter in one native pass over the base weight and the resident
