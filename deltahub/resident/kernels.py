@@ -18,6 +18,7 @@ Pure functions over tensors (no modules), used by :mod:`deltahub.resident.layers
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -176,7 +177,7 @@ def sort_by_adapter(names: Sequence[str | None]) -> tuple[torch.Tensor, torch.Te
     return (torch.tensor(order, dtype=torch.int64), torch.tensor(segs, dtype=torch.int32).reshape(-1, 3), keys)
 
 
-def _check_segments(segments: torch.Tensor, n: int, num_adapters: int) -> list[tuple[int, int, int]]:
+def check_segments(segments: torch.Tensor, n: int, num_adapters: int) -> list[tuple[int, int, int]]:
     """The segment table as tuples, refused unless every segment lies in ``[0, n]`` and names an adapter."""
     if segments.dim() != 2 or segments.shape[1] != 3:
         raise ValueError(f"segments must be [S, 3] (start, end, adapter), got {list(segments.shape)}")
@@ -188,13 +189,14 @@ def _check_segments(segments: torch.Tensor, n: int, num_adapters: int) -> list[t
 
 
 def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[DeltaMatmul], *,
-                          fused: bool | None = None) -> torch.Tensor:
+                          fused: bool | None = None, checked: bool = False) -> torch.Tensor:
     """``y[r] = x[r] @ Δ̂_aᵀ`` for every row ``r`` of every segment ``(start, end, a)``; rows in no
     segment get 0. One fused Triton launch when ``x`` is on CUDA and :func:`fused_sgmv_applies`
     (``fused=True``: whenever the caller checked that, e.g. under Triton's interpreter); otherwise one
-    ``adapter.delta_matmul`` per segment."""
+    ``adapter.delta_matmul`` per segment. ``checked``: the caller already passed ``segments`` through
+    :func:`check_segments` (for the fused launch: no copy of the table back to the host)."""
     rows = adapters[0].shape[0] if adapters else 0
-    segs = _check_segments(segments, x.shape[0], len(adapters))
+    segs = [] if checked else check_segments(segments, x.shape[0], len(adapters))
     if fused is None:
         fused = x.is_cuda and fused_sgmv_applies(x, adapters)
     if fused:
@@ -203,6 +205,8 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
             return codebook_sgmv(x, segs_dev, adapters)
         signs, scales, group = stack_bitdelta(adapters)  # type: ignore[arg-type]
         return binary_sgmv(x, segs_dev, signs, scales, group)
+    if checked:
+        segs = check_segments(segments, x.shape[0], len(adapters))
     out = x.new_zeros((x.shape[0], rows))
     for s, e, a in segs:
         if e > s:
@@ -251,6 +255,7 @@ def stack_bitdelta(adapters: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor,
     return torch.stack([a.sign for a in adapters]), torch.stack(scales).contiguous(), width
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether Triton is installed (optional: the fused kernel needs it and CUDA, or its interpreter)."""
     return importlib.util.find_spec("triton") is not None
@@ -287,16 +292,19 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
     n, cols = x.shape
     rows = adapters[0].shape[0] if adapters else 0
     for a in adapters:
-        if tuple(a.shape) != (rows, cols) or tuple(a.nz.shape) != (rows, (cols + 7) // 8) or a.codebook.numel() != 16 \
-                or a.row_ptr.numel() != rows + 1 or a.nz.device != x.device:
+        if a.shape != (rows, cols) or a.nz.device != x.device:
             raise ValueError(f"codebook adapter {list(a.shape)} on {a.nz.device} does not fit x {list(x.shape)} on {x.device}")
     x = x.contiguous()
     y = torch.zeros((n, rows), dtype=torch.float32, device=x.device)
     if segments.shape[0] and rows and cols:
         import triton
 
-        addrs = torch.tensor([[a.nz.data_ptr(), a.codes.data_ptr(), a.row_ptr.data_ptr(), a.codebook.data_ptr()]
-                              for a in adapters], dtype=torch.int64, device=x.device)
+        ptrs = tuple(a.buffer_addresses() for a in adapters)
+        addrs = _ADDRESS_TABLES.get((x.device, ptrs))
+        if addrs is None:  # keyed by the addresses themselves: always the right table; kept to skip a host copy
+            if len(_ADDRESS_TABLES) >= 1024:
+                _ADDRESS_TABLES.clear()
+            addrs = _ADDRESS_TABLES[(x.device, ptrs)] = torch.tensor(ptrs, dtype=torch.int64, device=x.device)
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
         _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -304,6 +312,8 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
 
 
 _KERNELS: dict[str, Any] = {}
+#: Device copies of codebook adapters' buffer addresses (codebook_sgmv), by device and the addresses.
+_ADDRESS_TABLES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 def _jit_kernel(name: str, define: Any) -> Any:

@@ -64,6 +64,7 @@ class _DeviceOnly(nn.Module):
                 device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
                 self._buffers[key] = buf.to(device)
         self.__dict__.pop("_native_args", None)  # pointers into the old buffers
+        self.__dict__.pop("_buffer_addresses", None)
         return self
 
     def native_args(self) -> tuple[int, tuple[Any, ...]] | None:
@@ -347,6 +348,20 @@ class _CodebookAdapter(_DeviceOnly):
             return None
         return _cpu.codebook_args(self.nz, self.codes, self.row_ptr, self.codebook, self.shape)
 
+    def buffer_addresses(self) -> tuple[int, int, int, int]:
+        """``(nz, codes, row_ptr, codebook)`` addresses for the fused GPU kernel (:func:`.kernels.codebook_sgmv`),
+        with the buffers' sizes checked once; cached until the buffers move."""
+        got = self.__dict__.get("_buffer_addresses")
+        if got is None:
+            rows, cols = self.shape
+            if (tuple(self.nz.shape) != (rows, (cols + 7) // 8) or self.codebook.numel() != CODEBOOK_MAX
+                    or self.row_ptr.numel() != rows + 1 or not all(t.is_contiguous() for t in self.stored().values())
+                    or len({t.device for t in self.stored().values()}) != 1):
+                raise ValueError(f"codebook adapter buffers do not fit its delta {[rows, cols]}")
+            got = self.__dict__["_buffer_addresses"] = (self.nz.data_ptr(), self.codes.data_ptr(), self.row_ptr.data_ptr(),
+                                                        self.codebook.data_ptr())
+        return got
+
     def native_addmm_(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
                       transposed: bool = False) -> bool:
         """``y[rows] += x[rows] @ Δ̂ᵀ`` in place by the native CPU kernel (:mod:`._cpu`), from the bitmap and codes;
@@ -503,6 +518,7 @@ class AdapterLayer(RoutedModule):
     def delete_adapter(self, name: str) -> None:
         """Drop one adapter's delta from this layer."""
         self.__dict__.pop("_mixed_plan", None)
+        self.__dict__.pop("_sgmv_plans", None)
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -781,20 +797,31 @@ class DeltaLinear(AdapterLayer):
 
     def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """Every row group's delta in one fused launch (Punica-style SGMV over adapter segments): the tokens of
-        each group's batch rows are gathered into consecutive segments, and the result scattered back."""
+        each group's batch rows are gathered into consecutive segments, and the result scattered back. The
+        gather order and the segment table are built, checked and put on the device once per selection (kept on
+        this layer), so a decode step launches its kernels without a host round trip."""
         x2 = x.reshape(x.shape[0], -1, self.in_features)
         tokens = x2.shape[1]
-        order, segs, start = [], [], 0
-        for k, (_, idx) in enumerate(groups):
-            rows = (idx.to(x.device).reshape(-1, 1) * tokens + torch.arange(tokens, device=x.device)).reshape(-1)
-            order.append(rows)
-            segs.append((start, start + rows.numel(), k))
-            start += rows.numel()
-        perm = torch.cat(order)
+        key = (tuple((name, id(idx)) for name, idx in groups), tokens, x.shape[0], x.device)
+        plans = self.__dict__.setdefault("_sgmv_plans", {})
+        plan = plans.get(key)
+        if plan is None:
+            order, segs, start = [], [], 0
+            for k, (_, idx) in enumerate(groups):
+                rows = (idx.cpu().reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
+                order.append(rows)
+                segs.append((start, start + rows.numel(), k))
+                start += rows.numel()
+            segments = torch.tensor(segs, dtype=torch.int32)
+            kernels.check_segments(segments, x2.shape[0] * tokens, len(groups))
+            if len(plans) >= 64:
+                plans.clear()
+            plan = plans[key] = (torch.cat(order).to(x.device), segments.to(x.device), [idx for _, idx in groups])
+        perm, segments, _ = plan
         flat = x2.reshape(-1, self.in_features)
-        segments = torch.tensor(segs, dtype=torch.int32, device=x.device)
-        part = kernels.delta_matmul_segments(flat.index_select(0, perm), segments, [self.adapters[n] for n, _ in groups],
-                                             fused=True)
+        mods = self._modules["adapters"]._modules  # type: ignore[union-attr]
+        part = kernels.delta_matmul_segments(flat.index_select(0, perm), segments, [mods[n] for n, _ in groups],
+                                             fused=True, checked=True)
         out = flat.new_zeros((flat.shape[0], self.out_features)).index_copy_(0, perm, part.to(flat.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
