@@ -81,6 +81,14 @@ def main() -> None:
         ratio = float(((got - want).abs() / (cols * 2.0**-23 * mag + 1e-30)).max())
         ok = ratio <= 1.0 and bool((got[20] == 0).all())
         checks.append({"kernel": "codebook_sgmv", "shape": [rows, cols], "max_err_over_bound": ratio, "ok": ok})
+        if dev.type == "cuda":  # 16-bit x: tensor-core products of x and the delta rounded to bf16, fp32 sums
+            xb = x.to(torch.bfloat16)
+            got = kernels.codebook_sgmv(xb, segs, [a for a, _ in made]).double()
+            for s, e, a in segs.tolist():
+                want[s:e] = xb[s:e].double() @ made[a][1].double().T
+            ratio = float(((got - want).abs() / ((2.0**-8 + cols * 2.0**-23) * mag + 1e-30)).max())
+            checks.append({"kernel": "codebook_sgmv bf16", "shape": [rows, cols], "max_err_over_bound": ratio,
+                           "ok": ratio <= 1.0})
         signs = [pack_bits(torch.rand(rows, cols, device=dev, generator=gen) > 0.5) for _ in range(3)]
         bds = [_BitDeltaAdapter(s, torch.rand(rows, device=dev, generator=gen), {"granularity": "row"}, (rows, cols),
                                 "float32") for s in signs]
@@ -94,7 +102,7 @@ def main() -> None:
         checks.append({"kernel": "binary_sgmv", "shape": [rows, cols], "max_err_over_bound": ratio,
                        "ok": ratio <= 1.0 and bool((got[20] == 0).all())})
         del made, bds, signs
-        print(checks[-2], checks[-1], flush=True)
+        print(*checks[-3 if dev.type == "cuda" else -2:], flush=True)
     out["correctness"] = checks
 
     def timed(fn, reps: int = 50) -> float:  # type: ignore[no-untyped-def]
@@ -121,16 +129,20 @@ def main() -> None:
     for rows, cols in shapes:
         w = torch.randn(rows, cols, device=dev, generator=gen).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
         ads = [codebook(rows, cols, 1e-3)[0] for _ in range(args.tenants)]
+        bsg, bsc, bw = kernels.stack_bitdelta([_BitDeltaAdapter(
+            pack_bits(torch.rand(rows, cols, device=dev, generator=gen) > 0.5), torch.rand(rows, device=dev, generator=gen) * 1e-3,
+            {"granularity": "row"}, (rows, cols), "float32") for _ in range(args.tenants)])
         for per in (1, 4):
             n = args.tenants * per
             x = torch.randn(n, cols, device=dev, generator=gen).to(w.dtype)
             segs = torch.tensor([[t * per, (t + 1) * per, t] for t in range(args.tenants)], dtype=torch.int32, device=dev)
             t_base = timed(lambda: nn.functional.linear(x, w))
             t_mix = timed(lambda: nn.functional.linear(x, w) + kernels.codebook_sgmv(x, segs, ads).to(w.dtype))
-            layer_rows.append({"shape": [rows, cols], "rows_per_tenant": per, "base_us": t_base, "base_plus_delta_us": t_mix,
-                               "ratio": t_base / t_mix})
+            t_bd = timed(lambda: nn.functional.linear(x, w) + kernels.binary_sgmv(x, segs, bsg, bsc, bw).to(w.dtype))
+            layer_rows.append({"shape": [rows, cols], "rows_per_tenant": per, "base_us": t_base, "base_plus_codebook_us": t_mix,
+                               "codebook_ratio": t_base / t_mix, "base_plus_bitdelta_us": t_bd, "bitdelta_ratio": t_base / t_bd})
             print(layer_rows[-1], flush=True)
-        del ads
+        del ads, bsg, bsc
     out["layer"] = layer_rows
 
     # 3. a model

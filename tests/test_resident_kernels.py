@@ -279,3 +279,35 @@ def test_delta_linear_mixed_codebook_batch_uses_fused_sgmv(monkeypatch: pytest.M
     bound = cols * 2.0**-23 * (x.double().abs() @ (dense["a0"].abs() + dense["a1"].abs()).T) + 2.0**-23 * exact.abs() + 1e-30
     assert torch.all((fused.double() - exact).abs() <= bound)
     assert torch.equal(fused[1], base[1])
+
+
+def test_codebook_sgmv_scan_counting_in_a_fresh_interpreter() -> None:
+    """The compiled kernel's counting (``tl.cumsum`` / ``tl.sum`` per tile, as on a GPU) under Triton's interpreter,
+    in a fresh process where Triton is imported after ``TRITON_INTERPRET=1`` (its standard library then runs)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from deltahub.resident import kernels\n"
+        "from deltahub.resident.layers import _CodebookAdapter\n"
+        "assert kernels._SCAN_IN_INTERPRETER\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "made = []\n"
+        "for i in range(2):\n"
+        "    book = torch.sort(torch.randn(16, generator=g))[0]\n"
+        "    d = book[torch.randint(0, 16, (37, 150), generator=g)] * (torch.rand(37, 150, generator=g) < 0.3)\n"
+        "    made.append((_CodebookAdapter('deltadq', d, {}, 'float32', book), d.double()))\n"
+        "x = torch.randn(5, 150, generator=g)\n"
+        "segs = torch.tensor([[0, 2, 1], [2, 5, 0]], dtype=torch.int32)\n"
+        "got = kernels.codebook_sgmv(x, segs, [a for a, _ in made], block_k=64).double()\n"
+        "want = torch.cat([x[:2].double() @ made[1][1].T, x[2:].double() @ made[0][1].T])\n"
+        "mag = torch.cat([x[:2].double().abs() @ made[1][1].abs().T, x[2:].double().abs() @ made[0][1].abs().T])\n"
+        "assert torch.all((got - want).abs() <= 150 * 2.0**-23 * mag + 1e-30), float((got - want).abs().max())\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DELTAHUB_TRITON_SCAN": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

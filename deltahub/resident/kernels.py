@@ -265,7 +265,8 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
                 *, block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """The fused Triton kernel (needs Triton; CUDA tensors, or any under ``TRITON_INTERPRET=1``):
     ``y[r] = x[r] @ (scales[a] ⊙ ±1(signs[a]))ᵀ`` per segment ``(start, end, a)``, accumulated in
-    float32 (IEEE, no TF32) and returned in ``x``'s dtype; rows in no segment are 0."""
+    float32 (float32 ``x``: IEEE products, no TF32; bf16 / fp16 ``x``: tensor-core products of ``x`` and the delta
+    rounded to its dtype, as a 16-bit model's matmuls are) and returned in ``x``'s dtype; rows in no segment are 0."""
     n, cols = x.shape
     num_a, rows, nbytes = signs.shape
     if nbytes != (cols + 7) // 8 or tuple(scales.shape[:2]) != (num_a, rows) or block_k % 8:
@@ -277,7 +278,8 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
 
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
         _sgmv_kernel()[grid](x, signs.contiguous(), scales.contiguous(), y, segments.contiguous(), rows, cols, nbytes,
-                             scales.shape[2], group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                             scales.shape[2], group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             LOW=x.dtype in (torch.bfloat16, torch.float16))
     return y.to(x.dtype)
 
 
@@ -288,7 +290,7 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
     ``(start, end, a)``. Each ``[BLOCK_N, BLOCK_K]`` tile of ``Δ̂_a`` is decoded in registers (the bitmap's
     running count gives each non-zero's code index) and never written to memory; the adapters' buffers are
     read in place (their addresses in one table, as Triton's grouped GEMM does), not stacked. Accumulated in
-    float32 (IEEE, no TF32), returned in ``x``'s dtype; rows in no segment are 0."""
+    float32 (products as in :func:`binary_sgmv`), returned in ``x``'s dtype; rows in no segment are 0."""
     n, cols = x.shape
     rows = adapters[0].shape[0] if adapters else 0
     for a in adapters:
@@ -307,11 +309,16 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
             addrs = _ADDRESS_TABLES[(x.device, ptrs)] = torch.tensor(ptrs, dtype=torch.int64, device=x.device)
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
         _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                 USE_SCAN=os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER,
+                                 LOW=x.dtype in (torch.bfloat16, torch.float16))
     return y.to(x.dtype)
 
 
 _KERNELS: dict[str, Any] = {}
+#: Test hook: the compiled kernels' scan counting under the interpreter too (only where Triton was imported after
+#: ``TRITON_INTERPRET=1`` was set, so that its standard library is interpretable: a fresh process).
+_SCAN_IN_INTERPRETER = os.environ.get("DELTAHUB_TRITON_SCAN") == "1"
 #: Device copies of codebook adapters' buffer addresses (codebook_sgmv), by device and the addresses.
 _ADDRESS_TABLES: dict[tuple[Any, ...], torch.Tensor] = {}
 
@@ -337,7 +344,7 @@ def _define_sgmv_kernel() -> Any:
 
     @triton.jit
     def kernel(x_ptr, sign_ptr, scale_ptr, y_ptr, seg_ptr, N, K, NBYTES, NGROUPS, GROUP,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOW: tl.constexpr):
         # One (segment, block of BLOCK_N output columns): the adapter's sign bits for a
         # [BLOCK_N, BLOCK_K] tile are unpacked in registers, scaled, and dotted with the rows.
         seg = tl.program_id(0)
@@ -361,7 +368,10 @@ def _define_sgmv_kernel() -> Any:
                 bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
                 s = tl.load(scale_base + offs_n[:, None] * NGROUPS + offs_k[None, :] // GROUP, mask=wk_ok, other=0.0)
                 w = tl.where(bit == 1, s, -s)  # [BLOCK_N, BLOCK_K] of the delta, never in memory
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+                if LOW:  # 16-bit x: tensor-core dot, fp32 sums
+                    acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+                else:
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     return kernel
@@ -378,7 +388,8 @@ def _define_codebook_kernel() -> Any:
 
     @triton.jit
     def kernel(x_ptr, addr_ptr, y_ptr, seg_ptr, N, K, NBYTES,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SCAN: tl.constexpr,
+               LOW: tl.constexpr):
         # One (segment, block of BLOCK_N output rows of the delta): per [BLOCK_N, BLOCK_K] tile, the bitmap's bits,
         # each non-zero's code index (row start + set bits before it: a running count plus an in-tile cumsum),
         # its nibble and codebook value, all in registers; then a dot with the segment's rows.
@@ -393,8 +404,9 @@ def _define_codebook_kernel() -> Any:
         book_base = tl.load(addr_ptr + a * 4 + 3).to(tl.pointer_type(tl.float32))
         n_ok = offs_n < N
         row_start = tl.load(rp_base + offs_n, mask=n_ok, other=0)
-        # counts by exact float dots with 0/1 matrices (builtins only: the standard library's cumsum / sum are
-        # jit helpers that Triton's interpreter cannot call when Triton was imported before TRITON_INTERPRET=1)
+        # USE_SCAN (compiled): counts by a row scan; else (Triton's interpreter) by exact float dots with 0/1
+        # matrices (builtins only: the standard library's cumsum / sum are jit helpers that the interpreter cannot
+        # call when Triton was imported before TRITON_INTERPRET=1). LOW: 16-bit x, tensor-core dots with fp32 sums.
         lane = tl.arange(0, BLOCK_K)
         upto = tl.where(lane[:, None] <= lane[None, :], 1.0, 0.0)  # [BLOCK_K, BLOCK_K]: inclusive prefix sums
         ones = tl.full((BLOCK_K, BLOCK_K), 1.0, tl.float32)  # every column: the row total
@@ -411,15 +423,23 @@ def _define_codebook_kernel() -> Any:
                 byte = tl.load(nz_base + offs_n[:, None] * NBYTES + offs_k[None, :] // 8, mask=wk_ok, other=0)
                 bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
                 bit = tl.where(wk_ok, bit, 0)
-                bitf = bit.to(tl.float32)
-                before = tl.dot(bitf, upto, input_precision="ieee") - bitf  # set bits left of each column, exact
-                k = seen + before.to(tl.int64)  # code index of each non-zero
+                if USE_SCAN:
+                    before = (tl.cumsum(bit, axis=1) - bit).to(tl.int64)  # set bits left of each column
+                    tile_total = tl.sum(bit, axis=1).to(tl.int64)[:, None]
+                else:
+                    bitf = bit.to(tl.float32)
+                    before = (tl.dot(bitf, upto, input_precision="ieee") - bitf).to(tl.int64)  # exact small counts
+                    tile_total = tl.dot(bitf, ones, input_precision="ieee").to(tl.int64)
+                k = seen + before  # code index of each non-zero
                 present = bit == 1
                 cbyte = tl.load(codes_base + (k >> 1), mask=present, other=0)
                 nib = (cbyte.to(tl.int32) >> ((k & 1) * 4).to(tl.int32)) & 15
                 w = tl.load(book_base + nib, mask=present, other=0.0)  # [BLOCK_N, BLOCK_K] of the delta
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
-                seen += tl.dot(bitf, ones, input_precision="ieee").to(tl.int64)
+                if LOW:
+                    acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+                else:
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+                seen += tile_total
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     return kernel
