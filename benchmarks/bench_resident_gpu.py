@@ -123,6 +123,33 @@ def main() -> None:
             times.append(a.elapsed_time(b) * 1e3)
         return statistics.median(times)
 
+    # 1b. block sizes of the codebook kernel (16 tenants x 1 row, 4096 x 4096): the best one serves below
+    best_cfg = {}
+    if not args.smoke:
+        rows = cols = 4096
+        ads = [codebook(rows, cols, 1e-3)[0] for _ in range(args.tenants)]
+        x = torch.randn(args.tenants, cols, device=dev, generator=gen).to(torch.bfloat16)
+        segs = torch.tensor([[t, t + 1, t] for t in range(args.tenants)], dtype=torch.int32, device=dev)
+        sweep = []
+        for bn in (16, 32, 64, 128):
+            for bk in (32, 64, 128):
+                for nw in (2, 4, 8):
+                    cfg = {"block_n": bn, "block_k": bk, "num_warps": nw}
+                    try:
+                        us = timed(lambda: kernels.codebook_sgmv(x, segs, ads, **cfg), reps=10)
+                    except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (registers, shared memory)
+                        print(f"{cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    sweep.append((us, cfg))
+        sweep.sort(key=lambda t: t[0])
+        print("codebook_sgmv block sweep (us):", [(round(u, 1), c) for u, c in sweep[:6]], flush=True)
+        out["sweep"] = [{"us": u, **c} for u, c in sweep]
+        best_cfg = sweep[0][1]
+        del ads
+        real = kernels.codebook_sgmv
+        kernels.codebook_sgmv = lambda x, segs, ads, **kw: real(x, segs, ads, **{**best_cfg, **kw})  # type: ignore[assignment]
+    out["codebook_blocks"] = best_cfg
+
     # 2. one layer
     layer_rows = []
     shapes = [(64, 96)] if args.smoke else [(4096, 4096), (11008, 4096), (4096, 11008)]

@@ -284,7 +284,7 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
 
 
 def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[Any], *, block_m: int = 16,
-                  block_n: int = 32, block_k: int = 64) -> torch.Tensor:
+                  block_n: int = 32, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
     """The fused Triton kernel for codebook adapters (``_CodebookAdapter``: non-zero bitmap, 4-bit codes in
     row-major non-zero order, ``row_ptr``, 16-entry float32 codebook): ``y[r] = x[r] @ Δ̂_aᵀ`` per segment
     ``(start, end, a)``. Each ``[BLOCK_N, BLOCK_K]`` tile of ``Δ̂_a`` is decoded in registers (the bitmap's
@@ -311,7 +311,7 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
         _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                  USE_SCAN=os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER,
-                                 LOW=x.dtype in (torch.bfloat16, torch.float16))
+                                 LOW=x.dtype in (torch.bfloat16, torch.float16), num_warps=num_warps)
     return y.to(x.dtype)
 
 
@@ -403,7 +403,7 @@ def _define_codebook_kernel() -> Any:
         rp_base = tl.load(addr_ptr + a * 4 + 2).to(tl.pointer_type(tl.int64))
         book_base = tl.load(addr_ptr + a * 4 + 3).to(tl.pointer_type(tl.float32))
         n_ok = offs_n < N
-        row_start = tl.load(rp_base + offs_n, mask=n_ok, other=0)
+        row_start = tl.load(rp_base + offs_n, mask=n_ok, other=0).to(tl.int32)  # < 2**31 (checked at the host)
         # USE_SCAN (compiled): counts by a row scan; else (Triton's interpreter) by exact float dots with 0/1
         # matrices (builtins only: the standard library's cumsum / sum are jit helpers that the interpreter cannot
         # call when Triton was imported before TRITON_INTERPRET=1). LOW: 16-bit x, tensor-core dots with fp32 sums.
@@ -414,7 +414,7 @@ def _define_codebook_kernel() -> Any:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < end
             acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            seen = row_start[:, None] + tl.full((BLOCK_N, BLOCK_K), 0, tl.int64)  # set bits before this tile
+            seen = row_start[:, None] + tl.full((BLOCK_N, BLOCK_K), 0, tl.int32)  # set bits before this tile
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < K
@@ -424,16 +424,16 @@ def _define_codebook_kernel() -> Any:
                 bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
                 bit = tl.where(wk_ok, bit, 0)
                 if USE_SCAN:
-                    before = (tl.cumsum(bit, axis=1) - bit).to(tl.int64)  # set bits left of each column
-                    tile_total = tl.sum(bit, axis=1).to(tl.int64)[:, None]
+                    before = tl.cumsum(bit, axis=1) - bit  # set bits left of each column
+                    tile_total = tl.sum(bit, axis=1)[:, None]
                 else:
                     bitf = bit.to(tl.float32)
-                    before = (tl.dot(bitf, upto, input_precision="ieee") - bitf).to(tl.int64)  # exact small counts
-                    tile_total = tl.dot(bitf, ones, input_precision="ieee").to(tl.int64)
+                    before = (tl.dot(bitf, upto, input_precision="ieee") - bitf).to(tl.int32)  # exact small counts
+                    tile_total = tl.dot(bitf, ones, input_precision="ieee").to(tl.int32)
                 k = seen + before  # code index of each non-zero
                 present = bit == 1
                 cbyte = tl.load(codes_base + (k >> 1), mask=present, other=0)
-                nib = (cbyte.to(tl.int32) >> ((k & 1) * 4).to(tl.int32)) & 15
+                nib = (cbyte.to(tl.int32) >> ((k & 1) * 4)) & 15
                 w = tl.load(book_base + nib, mask=present, other=0.0)  # [BLOCK_N, BLOCK_K] of the delta
                 if LOW:
                     acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))

@@ -356,8 +356,8 @@ class _CodebookAdapter(_DeviceOnly):
             rows, cols = self.shape
             if (tuple(self.nz.shape) != (rows, (cols + 7) // 8) or self.codebook.numel() != CODEBOOK_MAX
                     or self.row_ptr.numel() != rows + 1 or not all(t.is_contiguous() for t in self.stored().values())
-                    or len({t.device for t in self.stored().values()}) != 1):
-                raise ValueError(f"codebook adapter buffers do not fit its delta {[rows, cols]}")
+                    or len({t.device for t in self.stored().values()}) != 1 or int(self.row_ptr[-1]) >= 2**31):
+                raise ValueError(f"codebook adapter buffers do not fit its delta {[rows, cols]} (or over 2**31 non-zeros)")
             got = self.__dict__["_buffer_addresses"] = (self.nz.data_ptr(), self.codes.data_ptr(), self.row_ptr.data_ptr(),
                                                         self.codebook.data_ptr())
         return got
