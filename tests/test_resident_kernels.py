@@ -282,8 +282,9 @@ def test_delta_linear_mixed_codebook_batch_uses_fused_sgmv(monkeypatch: pytest.M
 
 
 def test_codebook_sgmv_scan_counting_in_a_fresh_interpreter() -> None:
-    """The compiled kernel's counting (``tl.cumsum`` / ``tl.sum`` per tile, as on a GPU) under Triton's interpreter,
-    in a fresh process where Triton is imported after ``TRITON_INTERPRET=1`` (its standard library then runs)."""
+    """The compiled kernels' paths (``tl.cumsum`` / ``tl.sum`` counting per tile, register sums for decode-sized
+    segments, as on a GPU) under Triton's interpreter, in a fresh process where Triton is imported after
+    ``TRITON_INTERPRET=1`` (its standard library then runs): codebook and BitDelta kernels."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -305,6 +306,17 @@ def test_codebook_sgmv_scan_counting_in_a_fresh_interpreter() -> None:
         "got = kernels.codebook_sgmv(x, segs, [a for a, _ in made], block_k=64).double()\n"
         "want = torch.cat([x[:2].double() @ made[1][1].T, x[2:].double() @ made[0][1].T])\n"
         "mag = torch.cat([x[:2].double().abs() @ made[1][1].abs().T, x[2:].double().abs() @ made[0][1].abs().T])\n"
+        "assert torch.all((got - want).abs() <= 150 * 2.0**-23 * mag + 1e-30), float((got - want).abs().max())\n"
+        "assert kernels._decode_sized(5, segs)  # the register-sum path, as decode steps run on a GPU\n"
+        "from deltahub.codecs._bits import pack_bits\n"
+        "from deltahub.resident.layers import _BitDeltaAdapter\n"
+        "bds = [_BitDeltaAdapter(pack_bits(torch.rand(37, 150, generator=g) > 0.5), torch.rand(37, generator=g),\n"
+        "                        {'granularity': 'row'}, (37, 150), 'float32') for _ in range(2)]\n"
+        "sg, sc, width = kernels.stack_bitdelta(bds)\n"
+        "got = kernels.binary_sgmv(x, segs, sg, sc, width, block_k=64).double()\n"
+        "ds = [b.dense().double() for b in bds]\n"
+        "want = torch.cat([x[:2].double() @ ds[1].T, x[2:].double() @ ds[0].T])\n"
+        "mag = torch.cat([x[:2].double().abs() @ ds[1].abs().T, x[2:].double().abs() @ ds[0].abs().T])\n"
         "assert torch.all((got - want).abs() <= 150 * 2.0**-23 * mag + 1e-30), float((got - want).abs().max())\n"
         "print('ok')\n"
     )

@@ -262,7 +262,7 @@ def triton_available() -> bool:
 
 
 def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, group: int,
-                *, block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                *, block_m: int | None = None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """The fused Triton kernel (needs Triton; CUDA tensors, or any under ``TRITON_INTERPRET=1``):
     ``y[r] = x[r] @ (scales[a] ⊙ ±1(signs[a]))ᵀ`` per segment ``(start, end, a)``, accumulated in
     float32 (float32 ``x``: IEEE products, no TF32; bf16 / fp16 ``x``: tensor-core products of ``x`` and the delta
@@ -277,13 +277,14 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
         import triton
 
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
+        gemv = (os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER) and _decode_sized(n, segments)
         _sgmv_kernel()[grid](x, signs.contiguous(), scales.contiguous(), y, segments.contiguous(), rows, cols, nbytes,
-                             scales.shape[2], group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             LOW=x.dtype in (torch.bfloat16, torch.float16))
+                             scales.shape[2], group, BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n,
+                             BLOCK_K=block_k, LOW=x.dtype in (torch.bfloat16, torch.float16), GEMV=gemv)
     return y.to(x.dtype)
 
 
-def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[Any], *, block_m: int = 16,
+def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[Any], *, block_m: int | None = None,
                   block_n: int = 32, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
     """The fused Triton kernel for codebook adapters (``_CodebookAdapter``: non-zero bitmap, 4-bit codes in
     row-major non-zero order, ``row_ptr``, 16-entry float32 codebook): ``y[r] = x[r] @ Δ̂_aᵀ`` per segment
@@ -308,11 +309,20 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
                 _ADDRESS_TABLES.clear()
             addrs = _ADDRESS_TABLES[(x.device, ptrs)] = torch.tensor(ptrs, dtype=torch.int64, device=x.device)
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
+        compiled = os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER
+        gemv = compiled and _decode_sized(n, segments)
         _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                 USE_SCAN=os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER,
-                                 LOW=x.dtype in (torch.bfloat16, torch.float16), num_warps=num_warps)
+                                 BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n, BLOCK_K=block_k,
+                                 USE_SCAN=compiled, LOW=x.dtype in (torch.bfloat16, torch.float16), GEMV=gemv,
+                                 num_warps=num_warps)
     return y.to(x.dtype)
+
+
+def _decode_sized(n: int, segments: torch.Tensor) -> bool:
+    """Whether the segments average at most 4 rows (decode steps): the kernels then sum fp32 products in registers
+    instead of ``tl.dot``, whose 16-row minimum tile and operand layout shuffles (shared-memory bank conflicts,
+    seen with Nsight Compute on an H200) dominate at so few rows."""
+    return n <= 4 * max(int(segments.shape[0]), 1)
 
 
 _KERNELS: dict[str, Any] = {}
@@ -344,7 +354,8 @@ def _define_sgmv_kernel() -> Any:
 
     @triton.jit
     def kernel(x_ptr, sign_ptr, scale_ptr, y_ptr, seg_ptr, N, K, NBYTES, NGROUPS, GROUP,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOW: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOW: tl.constexpr,
+               GEMV: tl.constexpr):
         # One (segment, block of BLOCK_N output columns): the adapter's sign bits for a
         # [BLOCK_N, BLOCK_K] tile are unpacked in registers, scaled, and dotted with the rows.
         seg = tl.program_id(0)
@@ -368,7 +379,9 @@ def _define_sgmv_kernel() -> Any:
                 bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
                 s = tl.load(scale_base + offs_n[:, None] * NGROUPS + offs_k[None, :] // GROUP, mask=wk_ok, other=0.0)
                 w = tl.where(bit == 1, s, -s)  # [BLOCK_N, BLOCK_K] of the delta, never in memory
-                if LOW:  # 16-bit x: tensor-core dot, fp32 sums
+                if GEMV:  # decode-sized segments: fp32 products summed in registers (no operand shuffles)
+                    acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                elif LOW:  # 16-bit x: tensor-core dot, fp32 sums
                     acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
                 else:
                     acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
@@ -389,7 +402,7 @@ def _define_codebook_kernel() -> Any:
     @triton.jit
     def kernel(x_ptr, addr_ptr, y_ptr, seg_ptr, N, K, NBYTES,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SCAN: tl.constexpr,
-               LOW: tl.constexpr):
+               LOW: tl.constexpr, GEMV: tl.constexpr):
         # One (segment, block of BLOCK_N output rows of the delta): per [BLOCK_N, BLOCK_K] tile, the bitmap's bits,
         # each non-zero's code index (row start + set bits before it: a running count plus an in-tile cumsum),
         # its nibble and codebook value, all in registers; then a dot with the segment's rows.
@@ -435,7 +448,9 @@ def _define_codebook_kernel() -> Any:
                 cbyte = tl.load(codes_base + (k >> 1), mask=present, other=0)
                 nib = (cbyte.to(tl.int32) >> ((k & 1) * 4)) & 15
                 w = tl.load(book_base + nib, mask=present, other=0.0)  # [BLOCK_N, BLOCK_K] of the delta
-                if LOW:
+                if GEMV:  # decode-sized segments: fp32 products summed in registers (no operand shuffles)
+                    acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                elif LOW:
                     acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
                 else:
                     acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
