@@ -666,8 +666,13 @@ class DeltaLinear(AdapterLayer):
         x2 = x.reshape(-1, nin)
         tokens = x2.shape[0] // x.shape[0]
         entry = self.__dict__.get("_mixed_plan")
-        if (entry is None or entry[0] is not sel or entry[1] != tokens
-                or any(ad.__dict__.get("_native_args") is not args for ad, args in entry[3])):
+        stale = entry is None or entry[0] is not sel or entry[1] != tokens
+        if not stale:
+            for adapter, args in entry[3]:  # an adapter moved (its buffers' addresses changed); replaced: delete_adapter
+                if adapter.__dict__.get("_native_args") is not args:
+                    stale = True
+                    break
+        if stale:
             entry = self.__dict__["_mixed_plan"] = (sel, tokens, *self._make_mixed_plan(sel, mods, tokens))
         plan = entry[2]
         if plan is None:
