@@ -362,3 +362,20 @@ def test_mixed_plan_is_reused_and_follows_changes(monkeypatch: pytest.MonkeyPatc
     layer.add_adapter_module("dq", bd)  # the name now holds the BitDelta delta
     deltas["dq"] = deltas["bd"]
     run(["dq", None, "bd"], x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_in_one_chunk_is_the_rebuilt_layer_bit_for_bit(dtype: torch.dtype) -> None:
+    """A prefill-sized batch through one adapter, in one chunk of rows: exactly ``F.linear(x, dtype(fp32(W) + Δ̂), b)``,
+    the rebuilt model's layer (float32 and a bf16-served base alike)."""
+    layer, deltas = _layer(4)
+    layer.to(dtype)
+    base = layer.base_layer
+    x = torch.randn(2, _cpu.MAX_NATIVE_ROWS + 3, 48).to(dtype)
+    for name in ("dq", "bd"):
+        layer.set_adapter(name)
+        with torch.no_grad():
+            got = layer(x)
+            rebuilt = (base.weight.float() + deltas[name]).to(dtype)
+            want = torch.nn.functional.linear(x, rebuilt, base.bias)
+        assert got.dtype == dtype and torch.equal(got, want), name
