@@ -140,6 +140,8 @@ def test_triton_sgmv_matches_torch_under_interpreter(monkeypatch: pytest.MonkeyP
     x = torch.randn(21, cols)
     segs = torch.tensor([[0, 3, 2], [3, 4, 0], [4, 20, 1]], dtype=torch.int32)  # row 20: no segment
     got = kernels.binary_sgmv(x, segs, signs, scales, width, block_m=16, block_n=16, block_k=32)
+    in_place = kernels.bitdelta_sgmv(x, segs, adapters, block_m=16, block_n=16, block_k=32)  # no stacked copy
+    assert torch.equal(in_place, got)
     torch_path = kernels.delta_matmul_segments(x, segs, adapters)  # the fallback (x is on the CPU)
     exact = torch.zeros(21, rows, dtype=torch.float64)
     for s, e, a in segs.tolist():
@@ -163,8 +165,8 @@ def test_delta_linear_mixed_batch_uses_fused_sgmv(monkeypatch: pytest.MonkeyPatc
     layer.batch_adapters = ["a2", None, "a0", "a2", "a1"]
     torch_path = layer(x)
     calls: list[int] = []
-    real = kernels.binary_sgmv
-    monkeypatch.setattr(kernels, "binary_sgmv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.bitdelta_sgmv
+    monkeypatch.setattr(kernels, "bitdelta_sgmv", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fused = layer(x)
     assert calls == [1]

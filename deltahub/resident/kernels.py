@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from ..codecs._bits import unpack_pm1
-from ..codecs.bitdelta import expand_scales
+from ..codecs.bitdelta import expand_scales, scale_shape
 from ..errors import DeltaHubError
 
 
@@ -203,8 +203,7 @@ def delta_matmul_segments(x: torch.Tensor, segments: torch.Tensor, adapters: Seq
         segs_dev = segments.to(device=x.device, dtype=torch.int32)
         if _all_codebook(adapters):
             return codebook_sgmv(x, segs_dev, adapters)
-        signs, scales, group = stack_bitdelta(adapters)  # type: ignore[arg-type]
-        return binary_sgmv(x, segs_dev, signs, scales, group)
+        return bitdelta_sgmv(x, segs_dev, adapters)
     if checked:
         segs = check_segments(segments, x.shape[0], len(adapters))
     out = x.new_zeros((x.shape[0], rows))
@@ -271,16 +270,52 @@ def binary_sgmv(x: torch.Tensor, segments: torch.Tensor, signs: torch.Tensor, sc
     num_a, rows, nbytes = signs.shape
     if nbytes != (cols + 7) // 8 or tuple(scales.shape[:2]) != (num_a, rows) or block_k % 8:
         raise ValueError(f"signs {list(signs.shape)} / scales {list(scales.shape)} do not fit x {list(x.shape)}")
+    signs, scales = signs.contiguous(), scales.to(torch.float32).contiguous()
+    ngroups = scales.shape[2]
+    table = [(signs[a].data_ptr(), scales[a].data_ptr(), ngroups, 1) for a in range(num_a)]
+    return _launch_bitdelta(x, segments, table, rows, group, block_m, block_n, block_k)
+
+
+def bitdelta_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[Any], *, block_m: int | None = None,
+                  block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """:func:`binary_sgmv` for BitDelta adapters of one shape and scale group width, read in place (an address
+    table of their signs and scales with each one's scale strides: tensor, row or column-group scales), no
+    stacked copy per call."""
+    n, cols = x.shape
+    rows = adapters[0].shape[0] if adapters else 0
+    widths = _scale_widths(adapters) if adapters else {cols}
+    if len(widths) != 1:
+        raise ValueError(f"adapters mix scale group widths {sorted(widths)}; the fused kernel needs one")
+    table = []
+    for a in adapters:
+        if tuple(a.shape) != (rows, cols) or a.sign.device != x.device or a.scale.device != x.device \
+                or tuple(a.sign.shape) != (rows, (cols + 7) // 8) or not a.sign.is_contiguous() or not a.scale.is_contiguous():
+            raise ValueError(f"BitDelta adapter {list(a.shape)} on {a.sign.device} does not fit x {list(x.shape)} on {x.device}")
+        ngroups = scale_shape(rows, cols, a.granularity, a.group_size)
+        s_row, s_group = {"tensor": (0, 0), "row": (1, 0)}.get(a.granularity, (ngroups[-1], 1))
+        table.append((a.sign.data_ptr(), a.scale.data_ptr(), s_row, s_group))
+    return _launch_bitdelta(x, segments, table, rows, max(widths.pop(), 1), block_m, block_n, block_k)
+
+
+def _launch_bitdelta(x: torch.Tensor, segments: torch.Tensor, table: list[tuple[int, int, int, int]], rows: int,
+                     group: int, block_m: int | None, block_n: int, block_k: int) -> torch.Tensor:
+    n, cols = x.shape
     x = x.contiguous()
     y = torch.zeros((n, rows), dtype=torch.float32, device=x.device)
-    if segments.shape[0] and rows:
+    if segments.shape[0] and rows and cols:
         import triton
 
+        key = (x.device, tuple(table))
+        addrs = _ADDRESS_TABLES.get(key)
+        if addrs is None:  # keyed by the addresses and strides themselves: always the right table
+            if len(_ADDRESS_TABLES) >= 1024:
+                _ADDRESS_TABLES.clear()
+            addrs = _ADDRESS_TABLES[key] = torch.tensor(table, dtype=torch.int64, device=x.device)
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
         gemv = (os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER) and _decode_sized(n, segments)
-        _sgmv_kernel()[grid](x, signs.contiguous(), scales.contiguous(), y, segments.contiguous(), rows, cols, nbytes,
-                             scales.shape[2], group, BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n,
-                             BLOCK_K=block_k, LOW=x.dtype in (torch.bfloat16, torch.float16), GEMV=gemv)
+        _sgmv_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8, group,
+                             BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n, BLOCK_K=block_k,
+                             LOW=x.dtype in (torch.bfloat16, torch.float16), GEMV=gemv)
     return y.to(x.dtype)
 
 
@@ -353,18 +388,21 @@ def _define_sgmv_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, sign_ptr, scale_ptr, y_ptr, seg_ptr, N, K, NBYTES, NGROUPS, GROUP,
+    def kernel(x_ptr, addr_ptr, y_ptr, seg_ptr, N, K, NBYTES, GROUP,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOW: tl.constexpr,
                GEMV: tl.constexpr):
         # One (segment, block of BLOCK_N output columns): the adapter's sign bits for a
-        # [BLOCK_N, BLOCK_K] tile are unpacked in registers, scaled, and dotted with the rows.
+        # [BLOCK_N, BLOCK_K] tile are unpacked in registers, scaled, and dotted with the rows. The adapter's
+        # buffers come from the address table: (signs, scales, scale stride per row, per column group).
         seg = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         start = tl.load(seg_ptr + seg * 3)
         end = tl.load(seg_ptr + seg * 3 + 1)
         a = tl.load(seg_ptr + seg * 3 + 2).to(tl.int64)
-        sign_base = sign_ptr + a * N * NBYTES
-        scale_base = scale_ptr + a * N * NGROUPS
+        sign_base = tl.load(addr_ptr + a * 4).to(tl.pointer_type(tl.uint8))
+        scale_base = tl.load(addr_ptr + a * 4 + 1).to(tl.pointer_type(tl.float32))
+        s_row = tl.load(addr_ptr + a * 4 + 2)
+        s_group = tl.load(addr_ptr + a * 4 + 3)
         n_ok = offs_n < N
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -377,7 +415,7 @@ def _define_sgmv_kernel() -> Any:
                 wk_ok = n_ok[:, None] & k_ok[None, :]
                 byte = tl.load(sign_base + offs_n[:, None] * NBYTES + offs_k[None, :] // 8, mask=wk_ok, other=0)
                 bit = (byte.to(tl.int32) >> (offs_k[None, :] % 8)) & 1
-                s = tl.load(scale_base + offs_n[:, None] * NGROUPS + offs_k[None, :] // GROUP, mask=wk_ok, other=0.0)
+                s = tl.load(scale_base + offs_n[:, None] * s_row + (offs_k[None, :] // GROUP) * s_group, mask=wk_ok, other=0.0)
                 w = tl.where(bit == 1, s, -s)  # [BLOCK_N, BLOCK_K] of the delta, never in memory
                 if GEMV:  # decode-sized segments: fp32 products summed in registers (no operand shuffles)
                     acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
