@@ -263,12 +263,28 @@ def test_fused_base_weight_product_is_the_rebuilt_layers(simd_mode: str, rows: i
 
 
 @needs_native
+@pytest.mark.parametrize("gran,gs", [("tensor", 0), ("row", 0), ("group", 7)])
+@pytest.mark.parametrize("rows,cols", [(3, 15), (9, 63), (6, 65), (11, 130), (33, 200)])
+def test_fused_bitdelta_product_is_the_rebuilt_layers(simd_mode: str, gran: str, gs: int, rows: int, cols: int) -> None:
+    """``y += x @ (W + Δ̂)ᵀ`` for a BitDelta adapter (AVX-512 for tensor / row scales, the portable loop for group
+    scales): the rebuilt weight's product within rounding, 1..9 batch rows."""
+    b, dense = _bitdelta(rows, cols, gran, gs, rows * 7 + cols)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols + 1))
+    for n in (1, 4, 9):
+        x = torch.randn(n, cols)
+        y = torch.zeros(n, rows)
+        _cpu.addmm_(y, x, b.native_args(), None, False, _cpu.simd(), torch.get_num_threads(), weight=w)
+        _check_rebuilt(y, x, w, dense, None)
+
+
+@needs_native
 def test_fused_product_refuses_what_does_not_fit() -> None:
     a, _ = _codebook(8, 24, 0.5, 1)
     b, _ = _bitdelta(8, 24, "row", 0, 2)
     x, y = torch.randn(2, 24), torch.zeros(2, 8)
     for weight, adapter, transposed in ((torch.randn(8, 23), a, False), (torch.randn(8, 24).double(), a, False),
-                                        (torch.randn(24, 8).T, a, False), (torch.randn(8, 24), b, False)):
+                                        (torch.randn(24, 8).T, a, False), (torch.randn(8, 23), b, False),
+                                        (torch.randn(24, 8), b, True)):
         with pytest.raises(ValueError):
             _cpu.addmm_(y, x, adapter.native_args(), None, transposed, True, 1, weight=weight)
     with pytest.raises(ValueError):  # the C side checks again: no base weight with the transposed layout

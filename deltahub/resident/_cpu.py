@@ -114,9 +114,10 @@ def bitdelta_args(sign: torch.Tensor, scale: torch.Tensor, granularity: str, gro
 def addmm_(y: torch.Tensor, x: torch.Tensor, native_args: NativeArgs, rows: torch.Tensor | None, transposed: bool,
            use_simd: bool, threads: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``y[rows] += x[rows] @ Δ̂ᵀ`` (``transposed``: ``@ Δ̂``, a delta stored ``[in, out]``) from an adapter's
-    :meth:`native_args`; ``rows`` None: every row. With the base ``weight`` (a codebook adapter, float32 ``[out, in]``
-    contiguous, not transposed): ``y[rows] += x[rows] @ (W + Δ̂)ᵀ``, the rebuilt layer's product in one pass over
-    ``W`` and the resident delta. The caller checked :func:`applies`. Returns ``y``."""
+    :meth:`native_args`; ``rows`` None: every row. With the base ``weight`` (float32 ``[out, in]`` contiguous, not
+    transposed): ``y[rows] += x[rows] @ (W + Δ̂)ᵀ``, the rebuilt layer's product in one pass over ``W`` and the
+    resident delta (codebook, or BitDelta with tensor / row scales on the AVX-512 path). The caller checked
+    :func:`applies`. Returns ``y``."""
     assert _NATIVE is not None
     kind, args = native_args
     R, C = args[-2], args[-1]
@@ -124,7 +125,7 @@ def addmm_(y: torch.Tensor, x: torch.Tensor, native_args: NativeArgs, rows: torc
         raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
     extra: tuple[int, ...] = ()
     if weight is not None:
-        if (kind != 0 or transposed or weight.dtype != torch.float32 or weight.device.type != "cpu"
+        if (transposed or weight.dtype != torch.float32 or weight.device.type != "cpu"
                 or tuple(weight.shape) != (R, C) or not weight.is_contiguous()):
             raise ValueError(f"resident kernel: base weight {weight.dtype} {list(weight.shape)} does not fit the delta {[R, C]}")
         extra = (weight.data_ptr(), C, R)

@@ -85,9 +85,9 @@ static inline float bd_scale(const float *sc, int gran, size_t r, size_t c, size
     return gran == 0 ? sc[0] : gran == 1 ? sc[r] : sc[r * ngroups + c / gcols];
 }
 
-static void bd_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *sign,
-                           const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C, float *y, size_t ys,
-                           int transposed) {
+static void bd_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t n, const float *W, size_t ws,
+                           const uint8_t *sign, const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C,
+                           float *y, size_t ys, int transposed) {
     size_t nb = (C + 7) / 8, ng = (C + gcols - 1) / gcols;
     for (size_t i = 0; i < n; i++) {
         size_t row = idx ? (size_t)idx[i] : i;
@@ -95,7 +95,15 @@ static void bd_rows_scalar(const float *x, size_t xs, const int64_t *idx, size_t
         float *yr = y + row * ys;
         for (size_t r = R0; r < R; r++) {
             const uint8_t *m = sign + r * nb;
-            if (!transposed) {
+            if (W) { /* the rebuilt weight fp32(W + (bit ? s : -s)) */
+                const float *wr = W + r * ws;
+                float acc = 0.0f;
+                for (size_t c = 0; c < C; c++) {
+                    float s = bd_scale(sc, gran, r, c, ng, gcols);
+                    acc += (wr[c] + (((m[c >> 3] >> (c & 7)) & 1) ? s : -s)) * xr[c];
+                }
+                yr[r] += acc;
+            } else if (!transposed) {
                 float acc = 0.0f;
                 for (size_t c = 0; c < C; c++) {
                     float s = bd_scale(sc, gran, r, c, ng, gcols);
@@ -348,6 +356,42 @@ AVX512 FORCE void bd_fwd(const int NB, const Rows *rw, const uint8_t *sign, cons
     }
 }
 
+/* BitDelta with the base weight, stored [out, in], tensor or row scales: y[b][r] += sum_c x[b][c] * (W[r, c] +-s),
+ * the rebuilt weight fp32(W + (bit ? s : -s)) formed in registers (one pass over W and the signs). */
+AVX512 FORCE void bdw_fwd(const int NB, const Rows *rw, const float *W, size_t ws, const uint8_t *sign, const float *sc,
+                          int gran, size_t R0, size_t R, size_t C) {
+    const int ACC = NB <= 4 ? 4 : 2;
+    size_t nb = (C + 7) / 8;
+    for (size_t r = R0; r < R; r++) {
+        const uint8_t *mrow = sign + r * nb;
+        const float *wr = W + r * ws;
+        __m512 pos = _mm512_set1_ps(gran == 0 ? sc[0] : sc[r]);
+        __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), pos);
+        __m512 acc[MAXB][4];
+        for (int b = 0; b < NB; b++)
+            for (int j = 0; j < 4; j++) acc[b][j] = _mm512_setzero_ps();
+        size_t c = 0;
+        for (; c + 64 <= C; c += 64) {
+            uint64_t m64 = bits64(mrow, nb, c);
+            for (int j = 0; j < 4; j++) {
+                __m512 v = _mm512_add_ps(_mm512_loadu_ps(wr + c + 16 * j),
+                                         _mm512_mask_blend_ps((__mmask16)(m64 >> (16 * j)), neg, pos));
+                for (int b = 0; b < NB; b++)
+                    acc[b][j % ACC] = _mm512_fmadd_ps(v, _mm512_loadu_ps(rw->xr[b] + c + 16 * j), acc[b][j % ACC]);
+            }
+        }
+        for (; c < C; c += 16) {
+            __mmask16 t = tail16(C - c);
+            __m512 v = _mm512_maskz_add_ps(t, _mm512_maskz_loadu_ps(t, wr + c),
+                                           _mm512_mask_blend_ps((__mmask16)bits16(mrow, nb, c), neg, pos));
+            for (int b = 0; b < NB; b++) acc[b][0] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(t, rw->xr[b] + c), acc[b][0]);
+        }
+        for (int b = 0; b < NB; b++)
+            rw->yr[b][r] += _mm512_reduce_add_ps(
+                _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3])));
+    }
+}
+
 /* BitDelta stored [in, out] (Conv1D), tensor or row scales: y[b][c] += x[b][r] * (bit ? s : -s). */
 AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, const float *sc, int gran, size_t R0, size_t R,
                          size_t C) {
@@ -370,6 +414,10 @@ AVX512 FORCE void bd_bwd(const int NB, const Rows *rw, const uint8_t *sign, cons
 }
 
 #define INSTANCES(NB)                                                                                              \
+    AVX512 static void bdw_fwd_##NB(const Rows *rw, const float *W, size_t ws, const uint8_t *sign, const float *sc,   \
+                                    int gran, size_t R0, size_t R, size_t C) {                                     \
+        bdw_fwd(NB, rw, W, ws, sign, sc, gran, R0, R, C);                                                          \
+    }                                                                                                              \
     AVX512 static void cbw_fwd_##NB(const Rows *rw, const float *W, size_t ws, const uint8_t *nz, const uint8_t *codes,\
                                     const uint8_t *cend, const int64_t *rp, __m512 cb, size_t R0, size_t R, size_t C) {  \
         cbw_fwd(NB, rw, W, ws, nz, codes, cend, rp, cb, R0, R, C);                                                     \
@@ -406,6 +454,8 @@ static const cb_fn CB_FWD[MAXB] = {cb_fwd_1, cb_fwd_2, cb_fwd_3, cb_fwd_4, cb_fw
 typedef void (*cbw_fn)(const Rows *, const float *, size_t, const uint8_t *, const uint8_t *, const uint8_t *,
                        const int64_t *, __m512, size_t, size_t, size_t);
 static const cbw_fn CBW_FWD[MAXB] = {cbw_fwd_1, cbw_fwd_2, cbw_fwd_3, cbw_fwd_4, cbw_fwd_5, cbw_fwd_6, cbw_fwd_7, cbw_fwd_8};
+typedef void (*bdw_fn)(const Rows *, const float *, size_t, const uint8_t *, const float *, int, size_t, size_t, size_t);
+static const bdw_fn BDW_FWD[MAXB] = {bdw_fwd_1, bdw_fwd_2, bdw_fwd_3, bdw_fwd_4, bdw_fwd_5, bdw_fwd_6, bdw_fwd_7, bdw_fwd_8};
 static const cb_fn CB_BWD[MAXB] = {cb_bwd_1, cb_bwd_2, cb_bwd_3, cb_bwd_4, cb_bwd_5, cb_bwd_6, cb_bwd_7, cb_bwd_8};
 static const bdf_fn BD_FWD[MAXB] = {bd_fwd_1, bd_fwd_2, bd_fwd_3, bd_fwd_4, bd_fwd_5, bd_fwd_6, bd_fwd_7, bd_fwd_8};
 static const bdb_fn BD_BWD[MAXB] = {bd_bwd_1, bd_bwd_2, bd_bwd_3, bd_bwd_4, bd_bwd_5, bd_bwd_6, bd_bwd_7, bd_bwd_8};
@@ -459,13 +509,17 @@ AVX512 static void cb_decode_avx512(const uint8_t *nz, const uint8_t *codes, siz
     }
 }
 
-AVX512 static void bd_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const uint8_t *sign,
-                                  const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C, float *y, size_t ys,
-                                  float *gsum, int transposed) {
+AVX512 static void bd_rows_avx512(const float *x, size_t xs, const int64_t *idx, size_t n, const float *W, size_t ws,
+                                  const uint8_t *sign, const float *sc, int gran, size_t gcols, size_t R0, size_t R, size_t C,
+                                  float *y, size_t ys, float *gsum, int transposed) {
     size_t ng = (C + gcols - 1) / gcols;
     Rows rw;
     for (size_t i0 = 0; i0 < n; i0 += MAXB) {
         size_t bn = next_rows(&rw, x, xs, idx, n, y, ys, i0);
+        if (W) { /* tensor / row scales (the caller keeps group scales on the portable loop) */
+            BDW_FWD[bn - 1](&rw, W, ws, sign, sc, gran, R0, R, C);
+            continue;
+        }
         if (transposed) {
             BD_BWD[bn - 1](&rw, sign, sc, gran, R0, R, C);
             continue;
@@ -540,7 +594,7 @@ static void job_rows(Job *j, size_t r0, size_t r1) {
         size_t ng = (j->C + j->gcols - 1) / j->gcols;
         float *gsum = (float *)malloc((size_t)MAXB * (ng ? ng : 1) * sizeof(float));
         if (!gsum) { j->failed = 1; return; }
-        bd_rows_avx512(j->x, j->xs, j->idx, j->n, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys, gsum,
+        bd_rows_avx512(j->x, j->xs, j->idx, j->n, j->w, j->ws, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys, gsum,
                        j->transposed);
         free(gsum);
         return;
@@ -550,7 +604,7 @@ static void job_rows(Job *j, size_t r0, size_t r1) {
         cb_rows_scalar(j->x, j->xs, j->idx, j->n, j->w, j->ws, j->bits, j->codes, j->rp, j->vals, r0, r1, j->C, j->y, j->ys,
                        j->transposed);
     else
-        bd_rows_scalar(j->x, j->xs, j->idx, j->n, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys,
+        bd_rows_scalar(j->x, j->xs, j->idx, j->n, j->w, j->ws, j->bits, j->vals, j->gran, j->gcols, r0, r1, j->C, j->y, j->ys,
                        j->transposed);
 }
 
@@ -649,15 +703,22 @@ static int parse_cb(PyObject *args, Job *j, int *threads) {
     return 0;
 }
 
-/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd, threads);
- * gran: 0 tensor, 1 row, 2 column groups of gcols. Parsed and checked into j. */
+/* bd_matmul(x, xs, xrows, idx, n, y, ys, yrows, sign, scale, nscale, gran, gcols, R, C, transposed, simd, threads
+ * [, w, ws, wrows]); gran: 0 tensor, 1 row, 2 column groups of gcols; with the base weight w (not transposed):
+ * y[rows] += x[rows] @ (W + delta)^T. Parsed and checked into j. */
 static int parse_bd(PyObject *args, Job *j, int *threads) {
     unsigned long long x, idx, y, sign, scale;
     Py_ssize_t xs, xrows, n, ys, yrows, nscale, gcols, R, C;
     int gran, transposed, simd;
-    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnppi", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale, &nscale,
-                          &gran, &gcols, &R, &C, &transposed, &simd, threads))
+    unsigned long long w = 0;
+    Py_ssize_t ws = 0, wrows = 0;
+    if (!PyArg_ParseTuple(args, "KnnKnKnnKKninnnppi|Knn", &x, &xs, &xrows, &idx, &n, &y, &ys, &yrows, &sign, &scale,
+                          &nscale, &gran, &gcols, &R, &C, &transposed, &simd, threads, &w, &ws, &wrows))
         return -1;
+    if (w && (transposed || wrows != R || ws < C)) {
+        PyErr_SetString(PyExc_ValueError, "bd_matmul: the base weight does not fit the delta");
+        return -1;
+    }
     if (gran == 0 || gran == 1) gcols = C > 0 ? C : 1;
     Py_ssize_t ng = C > 0 ? (C + gcols - 1) / gcols : 0;
     Py_ssize_t need = gran == 0 ? 1 : gran == 1 ? R : R * ng;
@@ -670,7 +731,8 @@ static int parse_bd(PyObject *args, Job *j, int *threads) {
         return -1;
     memset(j, 0, sizeof(*j));
     j->kind = 1;
-    j->simd = simd && simd_ok() && (!transposed || gran != 2); /* the transposed group-scale layout: portable loop */
+    /* the transposed group-scale layout and the fused group-scale product: portable loop */
+    j->simd = simd && simd_ok() && ((!transposed && !w) || gran != 2);
     j->transposed = transposed;
     j->gran = gran;
     j->gcols = (size_t)gcols;
@@ -678,6 +740,8 @@ static int parse_bd(PyObject *args, Job *j, int *threads) {
     j->R = (size_t)R; j->C = (size_t)C;
     j->bits = (const uint8_t *)(uintptr_t)sign;
     j->vals = (const float *)(uintptr_t)scale;
+    j->w = (const float *)(uintptr_t)w;
+    j->ws = (size_t)ws;
     return 0;
 }
 

@@ -734,7 +734,7 @@ class DeltaLinear(AdapterLayer):
         return y.reshape(*x.shape[:-1], rows)
 
     def _native_fused(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
-        """``x @ (W + Δ̂)ᵀ + b`` for one codebook adapter in one native pass over the base weight and the resident
+        """``x @ (W + Δ̂)ᵀ + b`` for one codebook or BitDelta adapter in one native pass over the base weight and the resident
         delta (the rebuilt weight ``fp32(W + Δ̂)`` formed in registers, as the rebuilt model holds it), for a plain
         float32 ``nn.Linear`` (no hooks) and decode-sized batches; None where it does not apply."""
         flags = self.call_info.native
@@ -750,7 +750,8 @@ class DeltaLinear(AdapterLayer):
         args = adapter.__dict__.get("_native_args", False)
         if args is False:
             args = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
-        if args is None or args[0] != 0 or w.shape[1] != x.shape[-1]:
+        # codebook adapters; BitDelta with tensor / row scales (group scales: the two-pass path)
+        if args is None or w.shape[1] != x.shape[-1] or (args[0] == 1 and args[1][3] == 2):
             return None
         x2 = x.reshape(-1, w.shape[1])
         if x2.shape[0] > _cpu.MAX_NATIVE_ROWS:
