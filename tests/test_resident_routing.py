@@ -101,6 +101,7 @@ def test_mixed_batch_of_full_finetunes_matches_rebuilds(ft_pair: dict[str, Any])
     want = {n: _logits(Delta(p).to_model(base_dir), ids) for n, p in deltas.items()}
     base_logits = _logits(_base(base_dir), ids)
     model = load_resident(base_dir, {"a": deltas["a"], "b": deltas["b"]})
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training  # a frozen, serving base
     emb = model.get_input_embeddings()
     assert isinstance(emb, DeltaEmbedding) and isinstance(model.lm_head, DeltaLinear)
     assert model.lm_head.adapters["a"] is emb.adapters["a"]  # tied head: one compressed copy

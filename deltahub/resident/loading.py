@@ -370,7 +370,8 @@ def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | D
     each base tensor's sha256 is then hashed once for all of them. ``dtype`` (or its older alias, the
     positional ``torch_dtype``) ``None`` keeps the checkpoint's dtype; another one (``torch.bfloat16`` to serve in 16 bits) works too: tensors the model then
     holds in another dtype are checked on the checkpoint's bytes, and exact tensors stored as XOR against
-    the base are rebuilt from them. The first delta becomes the active adapter.
+    the base are rebuilt from them. The first delta becomes the active adapter. The model is in eval mode with
+    its base weights frozen (``requires_grad=False``, as under PEFT): it serves inference.
     """
     from transformers import AutoModelForCausalLM
 
@@ -395,6 +396,9 @@ def load_resident(base_path: str | Path | None, deltas: dict[str, str | Path | D
         kwargs["dtype"] = torch_dtype if torch_dtype is not None else "auto"
         model = AutoModelForCausalLM.from_pretrained(str(base.local_dir), **kwargs)
         model.eval()
+        # frozen like a PEFT base: calls without torch.no_grad() then record no graph over the base weights, and
+        # the native kernels (which skip autograd) still run
+        model.requires_grad_(False)
         resident_state(model).base_dir = str(base.local_dir)
         with explain_base_mismatch(first.manifest, base):
             for name, (d, _) in opened.items():
