@@ -50,12 +50,15 @@ def test_harness_flags_hang_memory_untyped_and_bad_message(corpus: list[fz.Targe
     t = corpus[0]
     f = fz.Fuzzer(corpus, tmp_path, timeout=0.5, slack_bytes=32 * 1024**2)
 
-    def run_with(fake):  # type: ignore[no-untyped-def]
+    # the other checks must not hit the short hang timeout on a loaded machine (touching 96 MB can take > 0.5 s)
+    patient = fz.Fuzzer(corpus, tmp_path, timeout=20, slack_bytes=32 * 1024**2)
+
+    def run_with(fake, fuzzer=patient):  # type: ignore[no-untyped-def]
         monkeypatch.setattr(fz, "rebuild", fake)
-        return f.run(0, _noop(t), random.Random(1))  # rng 1: no CLI sample
+        return fuzzer.run(0, _noop(t), random.Random(1))  # rng 1: no CLI sample
 
     start = time.perf_counter()
-    assert run_with(lambda d, b: time.sleep(5)).api == "hang"
+    assert run_with(lambda d, b: time.sleep(5), f).api == "hang"
     assert time.perf_counter() - start < 3
 
     kept: list = []
