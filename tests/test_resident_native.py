@@ -331,7 +331,8 @@ def test_many_products_in_one_call_equal_one_call_each(simd_mode: str, transpose
     many = one.clone()
     for adapter, rows in groups:
         _cpu.addmm_(one, x, adapter.native_args(), rows, transposed, _cpu.simd(), 2)
-    _cpu.addmm_many_(many, x, [(ad.native_args(), rows) for ad, rows in groups], transposed, _cpu.simd(), 2)
+    _cpu.run_many([_cpu.job(ad.native_args(), x.data_ptr(), xin, 7, rows.data_ptr(), rows.numel(), many.data_ptr(),
+                            500 - xin, 7, transposed, _cpu.simd(), 2) for ad, rows in groups], 2)
     assert torch.equal(one, many)
     d, _ = _codebook(100, 200, 0.3, 24)
     xs, ya, yd = torch.randn(7, 200), torch.zeros(7, 300), torch.zeros(7, 100)

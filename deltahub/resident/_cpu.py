@@ -131,40 +131,25 @@ def addmm_(y: torch.Tensor, x: torch.Tensor, native_args: NativeArgs, rows: torc
         extra = (weight.data_ptr(), C, R)
     ptr, n, keep = _rows_arg(y, x, rows)
     if n and R and C:
-        fn = _NATIVE.cb_matmul if kind == 0 else _NATIVE.bd_matmul
-        fn(x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0], *args, transposed,
-           use_simd, threads, *extra)
+        _, call = job(native_args, x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0],
+                      transposed, use_simd, threads)
+        (_NATIVE.cb_matmul if kind == 0 else _NATIVE.bd_matmul)(*call, *extra)
     del keep
     return y
 
 
-def addmm_many_(y: torch.Tensor, x: torch.Tensor, plans: list[tuple[NativeArgs, torch.Tensor | None]], transposed: bool,
-                use_simd: bool, threads: int) -> torch.Tensor:
-    """:func:`addmm_` for several ``(adapter native args, rows)`` products of one layer into the same ``y`` (a mixed
-    batch's row groups) in one native call: one OpenMP team for all of them instead of one per adapter. The
-    caller checked :func:`applies`. Returns ``y``."""
-    assert _NATIVE is not None
-    if x.dim() != 2 or y.dim() != 2 or not x.is_contiguous() or not y.is_contiguous():
-        raise ValueError("resident kernel: x and y must be contiguous 2-d tensors")
-    jobs, keep = [], []
-    for (kind, args), rows in plans:
-        R, C = args[-2], args[-1]
-        if x.shape[-1] != (R if transposed else C) or y.shape[-1] != (C if transposed else R):
-            raise ValueError(f"resident kernel: x {list(x.shape)} / y {list(y.shape)} do not fit the delta {[R, C]}")
-        ptr, n, kept = _rows_arg(y, x, rows)
-        keep.append(kept)
-        if n and R and C:
-            jobs.append((kind, (x.data_ptr(), x.shape[1], x.shape[0], ptr, n, y.data_ptr(), y.shape[1], y.shape[0], *args,
-                                transposed, use_simd, threads)))
-    if jobs:
-        _NATIVE.matmul_many(jobs, threads)
-    del keep
-    return y
+def job(native_args: NativeArgs, x_ptr: int, x_cols: int, x_rows: int, rows_ptr: int, n: int, y_ptr: int, y_cols: int,
+        y_rows: int, transposed: bool, use_simd: bool, threads: int) -> tuple[int, tuple[Any, ...]]:
+    """``(kind, arguments)`` of one ``cb_matmul`` / ``bd_matmul`` call (for :func:`run_many`): ``x`` / ``y`` as
+    address, columns, rows; ``rows_ptr`` / ``n`` the int64 batch-row indices (0: rows ``0..n-1``)."""
+    kind, args = native_args
+    return kind, (x_ptr, x_cols, x_rows, rows_ptr, n, y_ptr, y_cols, y_rows, *args, transposed, use_simd, threads)
 
 
 def run_many(jobs: list[tuple[int, tuple[Any, ...]]], threads: int) -> None:
-    """The native ``matmul_many`` on prepared jobs ``(kind, cb_matmul / bd_matmul arguments)``: for callers that
-    checked the tensors once and keep the arguments (the C side checks every row index and buffer size again)."""
+    """Several products of one layer (:func:`job`; a mixed batch's adapters) in one native call, one OpenMP team:
+    for callers that checked the tensors once and keep the arguments (the C side checks every row index and
+    buffer size again, and that the jobs' output sizes agree)."""
     assert _NATIVE is not None
     if jobs:
         _NATIVE.matmul_many(jobs, threads)

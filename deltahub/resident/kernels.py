@@ -305,14 +305,9 @@ def _launch_bitdelta(x: torch.Tensor, segments: torch.Tensor, table: list[tuple[
     if segments.shape[0] and rows and cols:
         import triton
 
-        key = (x.device, tuple(table))
-        addrs = _ADDRESS_TABLES.get(key)
-        if addrs is None:  # keyed by the addresses and strides themselves: always the right table
-            if len(_ADDRESS_TABLES) >= 1024:
-                _ADDRESS_TABLES.clear()
-            addrs = _ADDRESS_TABLES[key] = torch.tensor(table, dtype=torch.int64, device=x.device)
+        addrs = _address_table(x.device, tuple(table))
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
-        gemv = (os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER) and _decode_sized(n, segments)
+        gemv = _compiled() and _decode_sized(n, segments)
         _sgmv_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8, group,
                              BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n, BLOCK_K=block_k,
                              LOW=x.dtype in (torch.bfloat16, torch.float16), GEMV=gemv)
@@ -337,14 +332,9 @@ def codebook_sgmv(x: torch.Tensor, segments: torch.Tensor, adapters: Sequence[An
     if segments.shape[0] and rows and cols:
         import triton
 
-        ptrs = tuple(a.buffer_addresses() for a in adapters)
-        addrs = _ADDRESS_TABLES.get((x.device, ptrs))
-        if addrs is None:  # keyed by the addresses themselves: always the right table; kept to skip a host copy
-            if len(_ADDRESS_TABLES) >= 1024:
-                _ADDRESS_TABLES.clear()
-            addrs = _ADDRESS_TABLES[(x.device, ptrs)] = torch.tensor(ptrs, dtype=torch.int64, device=x.device)
+        addrs = _address_table(x.device, tuple(a.buffer_addresses() for a in adapters))
         grid = (segments.shape[0], triton.cdiv(rows, block_n))
-        compiled = os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER
+        compiled = _compiled()
         gemv = compiled and _decode_sized(n, segments)
         _codebook_kernel()[grid](x, addrs, y, segments.contiguous(), rows, cols, (cols + 7) // 8,
                                  BLOCK_M=block_m or (4 if gemv else 16), BLOCK_N=block_n, BLOCK_K=block_k,
@@ -364,8 +354,25 @@ _KERNELS: dict[str, Any] = {}
 #: Test hook: the compiled kernels' scan counting under the interpreter too (only where Triton was imported after
 #: ``TRITON_INTERPRET=1`` was set, so that its standard library is interpretable: a fresh process).
 _SCAN_IN_INTERPRETER = os.environ.get("DELTAHUB_TRITON_SCAN") == "1"
-#: Device copies of codebook adapters' buffer addresses (codebook_sgmv), by device and the addresses.
+#: Device copies of adapters' buffer-address tables (codebook_sgmv, bitdelta_sgmv), by device and the table.
 _ADDRESS_TABLES: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _address_table(device: torch.device, table: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """``table`` (one row of addresses / strides per adapter) as an int64 tensor on ``device``, kept: keyed by its
+    own values, so a kept table is always the right one, and a decode step makes no host copy."""
+    addrs = _ADDRESS_TABLES.get((device, table))
+    if addrs is None:
+        if len(_ADDRESS_TABLES) >= 1024:
+            _ADDRESS_TABLES.clear()
+        addrs = _ADDRESS_TABLES[(device, table)] = torch.tensor(table, dtype=torch.int64, device=device)
+    return addrs
+
+
+def _compiled() -> bool:
+    """Whether the kernels run compiled (not under Triton's interpreter; or the test hook asks for the compiled
+    kernels' code paths there)."""
+    return os.environ.get("TRITON_INTERPRET") != "1" or _SCAN_IN_INTERPRETER
 
 
 def _jit_kernel(name: str, define: Any) -> Any:

@@ -4,7 +4,7 @@ a delta in its stored (compressed) form, applied in the forward pass."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,6 +77,22 @@ class _DeviceOnly(nn.Module):
 
     def _make_native_args(self) -> tuple[int, tuple[Any, ...]] | None:
         return None
+
+
+def _native_args_of(adapter: nn.Module) -> tuple[int, tuple[Any, ...]] | None:
+    """An adapter's native kernel arguments (cached on it), or None for modules without a native form."""
+    return adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
+
+
+def token_rows(idx: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The flattened token rows of batch rows ``idx`` in a ``[batch, tokens, ...]`` input."""
+    return idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens, device=idx.device)).reshape(-1)
+
+
+def _plain_linear(base: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (no subclass, no hooks): its forward is ``F.linear(x, W, b)``, so a fused product may
+    stand in for it."""
+    return type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
 
 
 def _matmul_t_by_rows(shape: tuple[int, int], x: torch.Tensor, chunk_rows: int,
@@ -622,7 +638,7 @@ class DeltaLinear(AdapterLayer):
             seg = torch.tensor([[0, x2.shape[0], 0]], dtype=torch.int32)
             d = kernels.delta_matmul_segments(x2, seg, [adapter], fused=True)
             return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
-        if self._native_into(y, x, ((adapter, None),)):
+        if self._native_add(y, x, adapter):
             return y
         return y + self._delta(name, x).to(y.dtype)  # type: ignore[arg-type]
 
@@ -639,9 +655,7 @@ class DeltaLinear(AdapterLayer):
             return y
         if not self.fan_in_fan_out and kernels.fused_sgmv_applies(x, [mods[n] for n, _ in groups]):
             return y + self._delta_sgmv(x, groups).to(y.dtype)
-        if self._native_into(y, x, [(mods[n], idx) for n, idx in groups]):
-            return y
-        for name, idx in groups:
+        for name, idx in groups:  # (the native kernels, where they apply, ran in _native_mixed)
             idx = idx.to(x.device)
             d = self._delta(name, x.index_select(0, idx))
             y = y.index_add(0, idx, d.to(y.dtype))
@@ -653,9 +667,7 @@ class DeltaLinear(AdapterLayer):
         :func:`row_groups`' cached tuple, the same object at every decode step): each adapter's kernel arguments
         and token rows, checked once; per call only the buffers' addresses change. False where the native path
         does not apply (then the general path runs)."""
-        flags = self.call_info.native
-        if flags is None:
-            flags = _cpu.call_flags()
+        flags = self._native_flags()
         if (not flags or x.dtype is not torch.float32 or y.dtype is not torch.float32 or not y.is_cpu
                 or not y.is_contiguous() or x.dim() < 2 or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
             return False
@@ -682,26 +694,25 @@ class DeltaLinear(AdapterLayer):
             xp, yp, n = x2.data_ptr(), y.data_ptr(), x2.shape[0]
             t = self.fan_in_fan_out
             simd, threads = flags
-            _cpu.run_many([(kind, (xp, nin, n, rp, k, yp, nout, n, *args, t, simd, threads)) for kind, rp, k, args, _ in plan],
+            _cpu.run_many([_cpu.job(args, xp, nin, n, rp, k, yp, nout, n, t, simd, threads) for args, rp, k, _ in plan],
                           threads)
         return True
 
     def _make_mixed_plan(self, sel: tuple[tuple[str | None, torch.Tensor], ...], mods: dict[str, Any],
-                         tokens: int) -> tuple[list[tuple[int, int, int, tuple[Any, ...], torch.Tensor]] | None, list[Any]]:
-        """``([(kind, rows address, row count, kernel args, rows), ...] or None, [(adapter, its native args), ...])``."""
-        plan: list[tuple[int, int, int, tuple[Any, ...], torch.Tensor]] = []
+                         tokens: int) -> tuple[list[tuple[_cpu.NativeArgs, int, int, torch.Tensor]] | None, list[Any]]:
+        """``([(native args, rows address, row count, rows), ...] or None, [(adapter, its native args), ...])``."""
+        plan: list[tuple[_cpu.NativeArgs, int, int, torch.Tensor]] = []
         used: list[Any] = []
         for name, idx in sel:
             adapter = mods.get(name) if name is not None else None
             if adapter is None:
                 continue
-            native = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
+            native = _native_args_of(adapter)
             used.append((adapter, native))
-            rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
-            rows = rows.to(device="cpu", dtype=torch.int64).contiguous()
+            rows = token_rows(idx, tokens).to(device="cpu", dtype=torch.int64).contiguous()
             if native is None or rows.numel() > _cpu.MAX_NATIVE_ROWS:
                 return None, used
-            plan.append((native[0], rows.data_ptr(), rows.numel(), native[1], rows))
+            plan.append((native, rows.data_ptr(), rows.numel(), rows))
         return plan, used
 
     def _rebuilt_product(self, x: torch.Tensor, base: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
@@ -710,7 +721,7 @@ class DeltaLinear(AdapterLayer):
         ``nn.Linear`` with a codebook or BitDelta adapter: one GEMM per chunk instead of the base GEMM plus a
         second GEMM over the decoded delta, and the rebuilt model's own weight rounding. None where it does not
         apply (autograd, hooks, another device, a decode-sized batch)."""
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or not x.is_cpu:
+        if not _plain_linear(base) or not x.is_cpu:
             return None
         w, b = base.weight, base.bias
         if (x.dtype != w.dtype or not w.is_cpu or x.shape[-1] != w.shape[1] or x.numel() // max(w.shape[1], 1) <= _cpu.MAX_NATIVE_ROWS
@@ -737,19 +748,15 @@ class DeltaLinear(AdapterLayer):
         """``x @ (W + Δ̂)ᵀ + b`` for one codebook or BitDelta adapter in one native pass over the base weight and the resident
         delta (the rebuilt weight ``fp32(W + Δ̂)`` formed in registers, as the rebuilt model holds it), for a plain
         float32 ``nn.Linear`` (no hooks) and decode-sized batches; None where it does not apply."""
-        flags = self.call_info.native
-        if flags is None:
-            flags = _cpu.call_flags()
-        if not flags or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        flags = self._native_flags()
+        if not flags or not _plain_linear(base):
             return None
         w, b = base.weight, base.bias
         if (x.dtype is not torch.float32 or w.dtype is not torch.float32 or not x.is_cpu or not w.is_cpu
                 or not w.is_contiguous() or (b is not None and (b.dtype is not torch.float32 or not b.is_cpu))
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
             return None
-        args = adapter.__dict__.get("_native_args", False)
-        if args is False:
-            args = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
+        args = _native_args_of(adapter)
         # codebook adapters; BitDelta with tensor / row scales (group scales: the two-pass path)
         if args is None or w.shape[1] != x.shape[-1] or (args[0] == 1 and args[1][3] == 2):
             return None
@@ -760,45 +767,26 @@ class DeltaLinear(AdapterLayer):
         _cpu.addmm_(y, x2.contiguous(), args, None, False, *flags, weight=w)
         return y.view(*x.shape[:-1], w.shape[0])
 
-    def _native_into(self, y: torch.Tensor, x: torch.Tensor, groups: Sequence[tuple[nn.Module, torch.Tensor | None]]) -> bool:
-        """Add each ``(adapter, batch rows)`` group's delta into ``y`` in place with the native CPU kernels, reading
-        the resident form directly (decode-sized batches: at most :data:`._cpu.MAX_NATIVE_ROWS` token rows per
-        adapter). False, with ``y`` untouched, where they do not apply (the torch path runs instead)."""
+    def _native_flags(self) -> _cpu.Flags:
+        """The native kernels' flags of the running model call (read once per call), else read now."""
         flags = self.call_info.native
-        if flags is None:
-            flags = _cpu.call_flags()
+        return _cpu.call_flags() if flags is None else flags
+
+    def _native_add(self, y: torch.Tensor, x: torch.Tensor, adapter: nn.Module) -> bool:
+        """Add one adapter's delta for every row into ``y`` in place with the native CPU kernels, reading the
+        resident form directly (decode-sized batches: at most :data:`._cpu.MAX_NATIVE_ROWS` token rows). False,
+        with ``y`` untouched, where they do not apply (the torch path runs instead)."""
+        flags = self._native_flags()
         if (not flags or x.dtype is not torch.float32 or y.dtype is not torch.float32 or not x.is_cpu or not y.is_cpu
                 or not y.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))):
             return False
-        plans: list[tuple[_cpu.NativeArgs, torch.Tensor | None]] = []
-        x2: torch.Tensor | None = None
-        tokens = 1
-        for adapter, idx in groups:
-            args = adapter.__dict__.get("_native_args", False)
-            if args is False:
-                args = adapter.native_args() if isinstance(adapter, _DeviceOnly) else None
-            if args is None:
-                return False
-            if x2 is None:
-                rows_, cols_ = args[1][-2], args[1][-1]
-                x2 = x.reshape(-1, rows_ if self.fan_in_fan_out else cols_)
-                tokens = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1
-            if idx is None:
-                rows, n = None, x2.shape[0]
-            else:
-                rows = idx if tokens == 1 else (idx.reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
-                n = rows.numel()
-            if n > _cpu.MAX_NATIVE_ROWS:
-                return False
-            plans.append((args, rows))
-        if x2 is None:
+        args = _native_args_of(adapter)
+        if args is None:
             return False
-        x2 = x2.contiguous()
-        y2 = y.view(x2.shape[0], -1)
-        if len(plans) == 1:
-            _cpu.addmm_(y2, x2, plans[0][0], plans[0][1], self.fan_in_fan_out, *flags)
-        else:  # a mixed batch: every adapter's rows in one native call (one thread team)
-            _cpu.addmm_many_(y2, x2, plans, self.fan_in_fan_out, *flags)
+        x2 = x.reshape(-1, args[1][-2] if self.fan_in_fan_out else args[1][-1])
+        if x2.shape[0] > _cpu.MAX_NATIVE_ROWS:
+            return False
+        _cpu.addmm_(y.view(x2.shape[0], -1), x2.contiguous(), args, None, self.fan_in_fan_out, *flags)
         return True
 
     def _delta_sgmv(self, x: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -814,7 +802,7 @@ class DeltaLinear(AdapterLayer):
         if plan is None:
             order, segs, start = [], [], 0
             for k, (_, idx) in enumerate(groups):
-                rows = (idx.cpu().reshape(-1, 1) * tokens + torch.arange(tokens)).reshape(-1)
+                rows = token_rows(idx.cpu(), tokens)
                 order.append(rows)
                 segs.append((start, start + rows.numel(), k))
                 start += rows.numel()
