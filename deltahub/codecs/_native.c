@@ -16,6 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the native decode kernels read little-endian words (the numpy paths serve big-endian machines)"
+#endif
+
 #define HI_SALT 0x85EBCA6Bu
 
 static inline uint32_t h32(uint32_t x) {
@@ -29,7 +33,7 @@ static inline uint32_t h32(uint32_t x) {
 static inline uint32_t key_hi(uint32_t k2, uint32_t hi) { return h32(k2 ^ h32(hi ^ HI_SALT)); }
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define CLONES
 #endif
@@ -153,7 +157,7 @@ static void select_group(const uint32_t *u, uint8_t *flags, size_t g, size_t kee
  * a sorted list of the `small` smallest (or largest) by min/max exchanges, and flags u <= the
  * keep-th smallest. A lane whose threshold value is tied (count != keep) is redone by the scalar
  * select_group, so the result is exactly that of the scalar rule. */
-#define LANES 8
+#define LANES 16
 #define LIST_MAX 16
 typedef uint32_t v8u __attribute__((vector_size(4 * LANES)));
 typedef int32_t v8i __attribute__((vector_size(4 * LANES)));
@@ -218,6 +222,59 @@ static size_t lane_select(uint8_t *flags, uint32_t k1, uint32_t kh, uint64_t fir
     return redo;
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+
+/* Kept-value expansion, 8 elements per step: for the 8 flags of a step (bit k = element k kept),
+ * EXPAND_PERM[m] moves the next popcount(m) kept values into the kept lanes (vpermps under AVX2)
+ * and EXPAND_LANES[m] zeroes the others. */
+static int32_t EXPAND_PERM[256][8];
+static int32_t EXPAND_LANES[256][8];
+
+static void init_expand(void) {
+    for (int m = 0; m < 256; m++) {
+        int c = 0;
+        for (int k = 0; k < 8; k++) {
+            int on = (m >> k) & 1;
+            EXPAND_PERM[m][k] = on ? c : 0;
+            EXPAND_LANES[m][k] = on ? -1 : 0;
+            c += on;
+        }
+    }
+}
+
+/* d[j] (+)= flags[j] ? vals[next kept] : 0.0f for j < n; vals holds the kept values in order and 8
+ * readable floats past the last one used (the scratch is padded). `acc` adds (d + 0.0f for dropped
+ * elements: the bits of adding the decoded delta), else overwrites. */
+CLONES
+static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *vals, int acc) {
+    size_t j = 0, v = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int32_t v8s __attribute__((vector_size(32)));
+    for (; j + 8 <= n; j += 8) {
+        uint64_t w;
+        memcpy(&w, flags + j, 8);  /* 8 bytes of 0/1: the multiply gathers byte k into bit 56 + k */
+        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        v8f x, y;
+        v8s p, lanes;
+        memcpy(&x, vals + v, sizeof x);
+        memcpy(&p, EXPAND_PERM[m], sizeof p);
+        memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
+        x = (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
+        if (acc) {
+            memcpy(&y, d + j, sizeof y);
+            x = y + x;
+        }
+        memcpy(d + j, &x, sizeof x);
+        v += (size_t)__builtin_popcount(m);
+    }
+#endif
+    for (; j < n; j++) {
+        float x = flags[j] ? vals[v] : 0.0f;
+        d[j] = acc ? d[j] + x : x;
+        v += flags[j];
+    }
+}
+
 /* Elements per pass of walk_groups: scratch of 5 bytes each stays in cache and below malloc's
  * mmap threshold (fresh pages per call cost more than the work on a VM). */
 #define CHUNK 16384
@@ -230,14 +287,18 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
     if (chunk > length) chunk = length;
     uint8_t *flags = (uint8_t *)malloc(chunk ? chunk : 1);
     uint32_t *u = (uint32_t *)malloc((chunk ? chunk : 1) * sizeof(uint32_t));
+    float *vals = (w->mode == MODE_SCATTER_VALUES || w->mode == MODE_SCATTER_CODES)
+                  ? (float *)calloc((chunk ? chunk : 1) + 8, sizeof(float)) : NULL;
     sel_t s = {0};
     unsigned hb = 1;
     while (hb < 16 && ((size_t)1 << hb) < g / 2) hb++;
     s.hbits = hb;
     s.hist = (uint32_t *)malloc(((size_t)1 << hb) * sizeof(uint32_t));
     s.cand = (uint64_t *)malloc(g * sizeof(uint64_t));
-    if (!flags || !u || !s.hist || !s.cand) { free(flags); free(u); free(s.hist); free(s.cand); return -1; }
-    int64_t v = 0, last = (int64_t)(length / g * keep) - 1;
+    if (!flags || !u || !s.hist || !s.cand || (!vals && (w->mode == MODE_SCATTER_VALUES || w->mode == MODE_SCATTER_CODES))) {
+        free(flags); free(u); free(s.hist); free(s.cand); free(vals); return -1;
+    }
+    int64_t v = 0;
     size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
     int lane_ok = keep < g && g <= 64 && small <= LIST_MAX;
     for (size_t c0 = 0; c0 < length; c0 += chunk) {
@@ -275,42 +336,16 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
         case MODE_POS:
             for (size_t j = 0; j < n; j++) if (flags[j]) w->pos[v++] = (int64_t)(start + c0 + j);
             break;
-        case MODE_SCATTER_VALUES: {
-            float *d = w->dense + c0;
-            if (w->acc) {
-                for (size_t j = 0; j < n; j++) {
-                    int64_t f = flags[j];
-                    float x = w->values[v < last ? v : last];
-                    d[j] = d[j] + (f ? x : 0.0f);
-                    v += f;
-                }
-            } else {
-                for (size_t j = 0; j < n; j++) {
-                    int64_t f = flags[j];
-                    float x = w->values[v < last ? v : last];
-                    d[j] = f ? x : 0.0f;
-                    v += f;
-                }
-            }
-            break;
-        }
+        case MODE_SCATTER_VALUES:
         case MODE_SCATTER_CODES: {
-            float *d = w->dense + c0;
-            if (w->acc) {  /* d + 0.0f for dropped elements too: the same bits as adding the decoded delta */
-                for (size_t j = 0; j < n; j++) {
-                    int64_t f = flags[j];
-                    float x = w->table[w->codes[v < last ? v : last]];
-                    d[j] = d[j] + (f ? x : 0.0f);
-                    v += f;
-                }
-            } else {
-                for (size_t j = 0; j < n; j++) {
-                    int64_t f = flags[j];
-                    float x = w->table[w->codes[v < last ? v : last]];
-                    d[j] = f ? x : 0.0f;
-                    v += f;
-                }
-            }
+            /* the chunk holds whole groups, so exactly n / g * keep kept values (the walk's selection
+             * keeps `keep` per group; the caller checked that the stream holds length / g * keep) */
+            size_t nk = n / g * keep;
+            if (w->mode == MODE_SCATTER_VALUES) memcpy(vals, w->values + v, nk * sizeof(float));
+            else for (size_t k = 0; k < nk; k++) vals[k] = w->table[w->codes[v + k]];
+            memset(vals + nk, 0, 8 * sizeof(float));
+            expand_kept(w->dense + c0, flags, n, vals, w->acc);
+            v += (int64_t)nk;
             break;
         }
         default: {
@@ -320,7 +355,7 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
         }
         }
     }
-    free(flags); free(u); free(s.hist); free(s.cand);
+    free(flags); free(u); free(s.hist); free(s.cand); free(vals);
     return v;
 }
 
@@ -475,6 +510,26 @@ static inline unsigned read_code(const uint8_t *s, size_t nbytes, uint64_t i, un
 
 static inline size_t packed_nbytes(uint64_t n, unsigned bits) { return (size_t)((n * bits + 7) / 8); }
 
+/* counts[p] = members of part p among the n pbits-bit part ids of s (nbytes checked by the caller). */
+CLONES
+static void count_parts(uint64_t *counts, const uint8_t *s, size_t nbytes, uint64_t n, unsigned pbits) {
+    if (pbits == 1) {
+        uint64_t ones = 0;
+        size_t full = (size_t)(n / 64), i8 = 0;
+        for (size_t k = 0; k < full; k++) {
+            uint64_t w;
+            memcpy(&w, s + 8 * k, 8);
+            ones += (uint64_t)__builtin_popcountll(w);
+        }
+        for (i8 = full * 8; i8 < (size_t)(n / 8); i8++) ones += (uint64_t)__builtin_popcount(s[i8]);
+        for (uint64_t i = (uint64_t)(n / 8) * 8; i < n; i++) ones += read_code(s, nbytes, i, 1);
+        counts[1] = ones;
+        counts[0] = n - ones;
+        return;
+    }
+    for (uint64_t i = 0; i < n; i++) counts[read_code(s, nbytes, i, pbits)]++;
+}
+
 /* part_counts(part_packed, n, pbits) -> list of 2^pbits member counts. */
 static PyObject *py_part_counts(PyObject *self, PyObject *args) {
     Py_buffer part = {0};
@@ -488,16 +543,7 @@ static PyObject *py_part_counts(PyObject *self, PyObject *args) {
     }
     const uint8_t *s = (const uint8_t *)part.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (pbits == 1) {
-        uint64_t ones = 0;
-        size_t full = (size_t)n / 8;
-        for (size_t k = 0; k < full; k++) ones += (uint64_t)__builtin_popcount(s[k]);
-        for (uint64_t i = (uint64_t)full * 8; i < (uint64_t)n; i++) ones += read_code(s, part.len, i, 1);
-        counts[1] = ones;
-        counts[0] = (uint64_t)n - ones;
-    } else {
-        for (uint64_t i = 0; i < (uint64_t)n; i++) counts[read_code(s, part.len, i, pbits)]++;
-    }
+    count_parts(counts, s, (size_t)part.len, (uint64_t)n, pbits);
     Py_END_ALLOW_THREADS
     ret = PyList_New(1 << pbits);
     if (!ret) goto done;
@@ -505,6 +551,47 @@ static PyObject *py_part_counts(PyObject *self, PyObject *args) {
 done:
     PyBuffer_Release(&part);
     return ret;
+}
+
+/* 8 bytes of s from byte `at` (zeros past nbytes): a window for reading up to 57 bits from any bit. */
+static inline uint64_t load64(const uint8_t *s, size_t nbytes, size_t at) {
+    uint64_t w = 0;
+    if (at + 8 <= nbytes) memcpy(&w, s + at, 8);
+    else if (at < nbytes) memcpy(&w, s + at, nbytes - at);
+    return w;  /* little-endian (checked at the top): byte 0 is the low byte */
+}
+
+/* merge_parts for two parts (pbits 1), 8 codes per step: the step's 8 part bits choose, position by
+ * position, the next low code of part 0 or part 1 from a 64-bit window of each low stream. */
+CLONES
+static void merge_two_parts(uint8_t *o, uint64_t n, const uint8_t *s, const uint8_t *const *ls, const size_t *llen,
+                            unsigned lbits) {
+    uint64_t k[2] = {0, 0};  /* codes of each part used so far */
+    uint64_t full = n / 8;
+    unsigned lmask = (1u << lbits) - 1;
+    for (uint64_t b = 0; b < full; b++) {
+        unsigned m = s[b];
+        uint64_t w[2];
+        for (int p = 0; p < 2; p++) {
+            uint64_t bit = k[p] * lbits;
+            w[p] = load64(ls[p], llen[p], (size_t)(bit >> 3)) >> (bit & 7);
+        }
+        uint64_t out = 0;
+        for (int t = 0; t < 8; t++) {
+            unsigned p = (m >> t) & 1u;
+            uint64_t c = w[p] & lmask;
+            w[p] >>= lbits;
+            out |= (uint64_t)((p << lbits) | c) << (8 * t);
+        }
+        memcpy(o + 8 * b, &out, 8);
+        unsigned ones = (unsigned)__builtin_popcount(m);
+        k[1] += ones;
+        k[0] += 8 - ones;
+    }
+    for (uint64_t i = full * 8; i < n; i++) {
+        unsigned p = (s[i >> 3] >> (i & 7)) & 1u;
+        o[i] = (uint8_t)((p << lbits) | read_code(ls[p], llen[p], k[p]++, lbits));
+    }
 }
 
 /* merge_parts(out_u8, part_packed, pbits, lows (sequence of packed buffers), lbits): code i =
@@ -536,7 +623,7 @@ static PyObject *py_merge_parts(PyObject *self, PyObject *args) {
     }
     const uint8_t *s = (const uint8_t *)part.buf;
     uint8_t *o = (uint8_t *)out.buf;
-    for (uint64_t i = 0; i < n; i++) counts[read_code(s, part.len, i, pbits)]++;
+    count_parts(counts, s, (size_t)part.len, n, pbits);
     for (Py_ssize_t j = 0; j < nl; j++) {
         if (llen[j] != packed_nbytes(counts[j], lbits)) {
             PyErr_Format(PyExc_ValueError, "merge_parts: low stream %zd has %zu bytes, its %llu codes need %zu",
@@ -545,12 +632,8 @@ static PyObject *py_merge_parts(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    if (pbits == 1 && lbits == 1) {
-        for (uint64_t i = 0; i < n; i++) {
-            unsigned p = (s[i >> 3] >> (i & 7)) & 1u;
-            uint64_t k = next[p]++;
-            o[i] = (uint8_t)((p << 1) | ((ls[p][k >> 3] >> (k & 7)) & 1u));
-        }
+    if (pbits == 1) {
+        merge_two_parts(o, n, s, ls, llen, lbits);
     } else {
         for (uint64_t i = 0; i < n; i++) {
             unsigned p = read_code(s, part.len, i, pbits);
@@ -576,8 +659,6 @@ static void init_pm1(void) {
     for (int v = 0; v < 256; v++)
         for (int k = 0; k < 8; k++) PM1[v][k] = ((v >> k) & 1) ? 1.0f : -1.0f;
 }
-
-typedef float v8f __attribute__((vector_size(32)));
 
 /* sign_add for scale groups that are whole bytes (gcols % 8 == 0, or one group per row): 8 columns
  * per step, +-1 from the table times the scale (exact), then one add per element. */
@@ -663,5 +744,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "deltahub'
 
 PyMODINIT_FUNC PyInit__native(void) {
     init_pm1();
+    init_expand();
     return PyModule_Create(&module);
 }
