@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from .format.spec import MANIFEST_NAME, dtype_from_name
 DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
 #: Rebuilt bytes the pipeline may hold ahead of the writer (at least the largest tensor).
 PIPELINE_BYTES = 256 * 2**20
+#: Base tensors up to this size are read into a per-worker buffer that is reused (no fresh pages per tensor).
+SCRATCH_BYTES = 128 * 2**20
 
 
 # Extension points for the Hub layer (dependency inversion): ``deltahub.hub`` depends on this module
@@ -258,26 +261,29 @@ class Delta:
                 cache.save()  # digests are facts about the file whatever the outcome; saved only if it did not change
 
     def _rebuild_one(self, base: Checkpoint, name: str, cache: CheckpointDigests | None,
-                     dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
+                     dtype: torch.dtype | None, scratch: Callable[[int], torch.Tensor | None] | None = None,
+                     ) -> tuple[torch.Tensor, str | None]:
         """One pipeline step (a worker thread): read, verify against the recorded digests, decode, cast.
 
         An alias entry (format 1.3) checks its own base tensor's digest (it is part of the fingerprint) and is
         rebuilt as its target is, from the target's stored tensors and base tensor: the same bytes. (Decoding
-        twice keeps the pipeline's memory bound; the stored bytes are read twice, not stored twice.)"""
+        twice keeps the pipeline's memory bound; the stored bytes are read twice, not stored twice.)
+        ``scratch(nbytes)``: a reusable buffer to read the base tensor into (the result may then be a view of
+        it, valid until the caller's next call), or None for a fresh one."""
         entry = self.manifest.tensors[name]
         if entry.alias_of is not None:
             digest = None
             if cache is not None and entry.base_sha256 is not None:
                 digest = base_digest(base, name, cache)
                 check_base_digest(self.manifest, name, digest, path=base.path)
-            out, _ = self._rebuild_one(base, entry.alias_of, cache, dtype)
+            out, _ = self._rebuild_one(base, entry.alias_of, cache, dtype, scratch)
             return out, digest
         stored = self.files.stored(entry.stored)
         base_t, digest = None, None
         if self._needs_base(entry) and cache is None:
             base_t = base.read(name)
         elif self._needs_base(entry):
-            base_t, digest = read_with_digest(base, name, cache)
+            base_t, digest = read_with_digest(base, name, cache, scratch(base.info(name).nbytes) if scratch else None)
         elif cache is not None and entry.base_sha256 is not None:
             digest = base_digest(base, name, cache)
         if cache is not None and entry.base_sha256 is not None:
@@ -355,8 +361,20 @@ class Delta:
         cache = CheckpointDigests(base.files) if check_base else None
         digests: dict[str, str] = {}
 
+        local = threading.local()
+
+        def scratch(nbytes: int) -> torch.Tensor | None:
+            """This worker's read buffer (reused: the tensor is written before the worker's next one, and
+            pages already touched are not faulted in again), for tensors up to SCRATCH_BYTES."""
+            if nbytes > SCRATCH_BYTES:
+                return None
+            buf = getattr(local, "buf", None)
+            if buf is None or buf.numel() < nbytes:
+                buf = local.buf = torch.empty(nbytes, dtype=torch.uint8)
+            return buf
+
         def produce(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
-            t, digest = self._rebuild_one(base, spec[0], cache, dtype)
+            t, digest = self._rebuild_one(base, spec[0], cache, dtype, scratch)
             if digest is not None:
                 digests[spec[0]] = digest
             return t
@@ -365,7 +383,7 @@ class Delta:
         try:
             for i, shard in enumerate(shards, start=1):
                 fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers, max_bytes=PIPELINE_BYTES,
+                write_safetensors_parallel(out / fname, shard, produce, {"format": "pt"}, workers=workers,
                                            on_written=on_written)
                 weight_map.update(dict.fromkeys((s[0] for s in shard), fname))
             if check_base:

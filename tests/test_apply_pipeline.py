@@ -330,3 +330,47 @@ def test_pipelined_small_items_run_past_a_slow_large_one() -> None:
     seen: list[int] = []
     list(io_mod.pipelined(range(6), lambda i: seen.append(i) or i, workers=2))
     assert sorted(seen) == list(range(6))
+
+
+def test_parallel_writer_never_stalls_behind_a_slow_head(tmp_path: Path) -> None:
+    """A finished write holds no memory, so every small tensor is written while a slow large one at the head
+    is still being produced (no window of pending items), and the file is still the serial writer's."""
+    import threading
+    import time
+
+    tensors = {"big": torch.randn(4000)} | {f"s{i:02d}": torch.full((3,), float(i)) for i in range(40)}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    done_before_head: list[str] = []
+    head_done = threading.Event()
+
+    def produce(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+        if spec[0] == "big":
+            time.sleep(0.5)
+            head_done.set()
+        elif not head_done.is_set():
+            done_before_head.append(spec[0])
+        return tensors[spec[0]]
+
+    io_mod.write_safetensors_parallel(tmp_path / "par.safetensors", specs, produce, {"format": "pt"}, workers=2)
+    io_mod.write_safetensors(tmp_path / "serial.safetensors", specs, tensors.values(), {"format": "pt"})
+    assert (tmp_path / "par.safetensors").read_bytes() == (tmp_path / "serial.safetensors").read_bytes()
+    assert len(done_before_head) == 40
+
+
+def test_read_bytes_into_a_reused_buffer(tmp_path: Path) -> None:
+    """``read_bytes(name, out)`` reads into the caller's scratch (a view of it, same bytes as a fresh read); a
+    scratch too small or of another dtype is ignored; reads from several threads at once get their own bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(1000 + i, generator=g) for i in range(16)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with io_mod.SafetensorsFile(tmp_path / "m.safetensors") as f:
+        scratch = torch.empty(8000, dtype=torch.uint8)
+        got = f.read_bytes("t3", scratch)
+        assert got.data_ptr() == scratch.data_ptr() and torch.equal(got, f.read_bytes("t3"))
+        assert f.read_bytes("t3", torch.empty(10, dtype=torch.uint8)).numel() == 1003 * 4
+        assert f.read_bytes("t3", torch.empty(8000, dtype=torch.int16)).data_ptr() != scratch.data_ptr()
+        with ThreadPoolExecutor(4) as pool:
+            res = list(pool.map(lambda n: f.read(n), list(tensors) * 8))
+        assert all(torch.equal(r, tensors[n]) for r, n in zip(res, list(tensors) * 8))

@@ -208,3 +208,41 @@ def test_selection_with_ties_at_the_threshold(g: int, keep: int) -> None:
         assert np.array_equal(got.reshape(groups, g), want), lanes
         if lanes:
             assert redone > 0  # the tie path ran
+
+
+@needs_native
+@pytest.mark.parametrize("itemsize", [2, 3, 4, 8])
+def test_unshuffle_matches_numpy(itemsize: int) -> None:
+    """Byte planes back into elements, written or XORed into a buffer (raw's decode), aligned or not."""
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    rng = np.random.default_rng(itemsize)
+    n = 1003
+    elems = rng.integers(0, 256, (n, itemsize), dtype=np.uint8)
+    planes = np.ascontiguousarray(elems.T).reshape(-1)
+    out = np.zeros(n * itemsize, dtype=np.uint8)
+    _native.unshuffle(out, planes, itemsize, False)
+    assert np.array_equal(out, elems.reshape(-1))
+    dst = rng.integers(0, 256, n * itemsize + 1, dtype=np.uint8)
+    for view in (dst[:-1], dst[1:]):  # aligned and misaligned buffers take different loops
+        want = view ^ elems.reshape(-1)
+        _native.unshuffle(view, planes, itemsize, True)
+        assert np.array_equal(view, want)
+    with pytest.raises(ValueError):
+        _native.unshuffle(out[:-1], planes, itemsize, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_raw_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, shuffle: bool, decode_impl: str) -> None:
+    """raw xor's in-place rebuild (planes XORed into the base buffer) gives reconstruct's bits, native or not."""
+    codec = get_codec("raw")
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(67, 45, generator=g) * 100).to(dtype)
+    ft = (base.to(torch.float32) + torch.randn(67, 45, generator=g)).to(dtype)
+    params = codec.validate_params({"mode": "xor", "shuffle": shuffle})
+    enc = codec.encode(EncodeInput("w", ft, base), params)
+    want = codec.reconstruct(enc.tensors, enc.params, base, tuple(ft.shape), dtype)
+    assert torch.equal(want.view(-1).view(torch.uint8), ft.view(-1).view(torch.uint8))
+    got = codec.reconstruct_(enc.tensors, enc.params, base.clone(), tuple(ft.shape), dtype)
+    assert torch.equal(got.view(-1).view(torch.uint8), ft.view(-1).view(torch.uint8))

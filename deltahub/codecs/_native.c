@@ -729,10 +729,57 @@ done:
     return ret;
 }
 
+/* unshuffle(dst, planes, itemsize, xor): element i's byte k is planes[k * n + i] (byte planes, as
+ * raw's shuffle writes them); written into dst, or XORed into it (raw's xor mode, straight into the
+ * base tensor's bytes). One pass, no transposed copy. */
+CLONES
+static void unshuffle4(uint32_t *d, const uint8_t *p, size_t n, int x) {
+    const uint8_t *p0 = p, *p1 = p + n, *p2 = p + 2 * n, *p3 = p + 3 * n;
+    if (x) for (size_t i = 0; i < n; i++) d[i] ^= (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+    else for (size_t i = 0; i < n; i++) d[i] = (uint32_t)p0[i] | (uint32_t)p1[i] << 8 | (uint32_t)p2[i] << 16 | (uint32_t)p3[i] << 24;
+}
+
+CLONES
+static void unshuffle2(uint16_t *d, const uint8_t *p, size_t n, int x) {
+    const uint8_t *p0 = p, *p1 = p + n;
+    if (x) for (size_t i = 0; i < n; i++) d[i] ^= (uint16_t)(p0[i] | p1[i] << 8);
+    else for (size_t i = 0; i < n; i++) d[i] = (uint16_t)(p0[i] | p1[i] << 8);
+}
+
+static PyObject *py_unshuffle(PyObject *self, PyObject *args) {
+    Py_buffer dst = {0}, planes = {0};
+    Py_ssize_t itemsize;
+    int x = 0;
+    if (!PyArg_ParseTuple(args, "w*y*n|p", &dst, &planes, &itemsize, &x)) return NULL;
+    PyObject *ret = NULL;
+    if (itemsize < 1 || itemsize > 16 || dst.len != planes.len || dst.len % itemsize) {
+        PyErr_SetString(PyExc_ValueError, "unshuffle: buffers do not fit the item size"); goto done;
+    }
+    size_t n = (size_t)(dst.len / itemsize), isz = (size_t)itemsize;
+    uint8_t *d = (uint8_t *)dst.buf;
+    const uint8_t *p = (const uint8_t *)planes.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (isz == 4 && ((uintptr_t)d & 3) == 0) unshuffle4((uint32_t *)d, p, n, x);
+    else if (isz == 2 && ((uintptr_t)d & 1) == 0) unshuffle2((uint16_t *)d, p, n, x);
+    else for (size_t k = 0; k < isz; k++) {
+        const uint8_t *pk = p + k * n;
+        if (x) for (size_t i = 0; i < n; i++) d[i * isz + k] ^= pk[i];
+        else for (size_t i = 0; i < n; i++) d[i * isz + k] = pk[i];
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&planes);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
     {"positions", py_positions, METH_VARARGS, "Kept row-major indices of whole groups of a block."},
+    {"unshuffle", py_unshuffle, METH_VARARGS, "raw: byte planes into elements, written or XORed into a buffer."},
     {"sign_add", py_sign_add, METH_VARARGS, "BitDelta: add +-scale by the packed sign bits, in place."},
     {"select_flags", py_select_flags, METH_VARARGS, "Test hook: the group selection on given u values."},
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},

@@ -82,6 +82,8 @@ class SafetensorsFile:
         if not self.path.is_file():
             raise MissingFileError("safetensors file not found", path=self.path)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._readers = 0
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -150,19 +152,45 @@ class SafetensorsFile:
         """Tensor names in file order (by offset), which is the fastest order to read them."""
         return sorted(self.tensors, key=lambda n: self.tensors[n].start)
 
-    def read_bytes(self, name: str) -> torch.Tensor:
-        """The tensor's raw little-endian bytes as a 1-D uint8 tensor (a fresh copy, no mmap)."""
+    def read_bytes(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's raw little-endian bytes as a 1-D uint8 tensor (a copy, no mmap): a fresh one, or the
+        first ``nbytes`` of ``out`` (a contiguous uint8 scratch the caller reuses, so no fresh pages per read).
+
+        Threads read in parallel (``pread``: no shared file position, no lock)."""
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if out is None or out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < info.nbytes:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            buf = out.view(-1)[:info.nbytes]
         if info.nbytes:
-            with self._lock:
-                if self._fh is None:
-                    self._fh = open(self.path, "rb")
-                self._fh.seek(info.start)
-                got = self._fh.readinto(memoryview(buf.numpy()))
+            got = self._read_into(memoryview(buf.numpy()), info.start)
             if got != info.nbytes:
                 raise CorruptFileError(f"tensor {name!r}: read {got} of {info.nbytes} bytes (file truncated?)", path=self.path)
         return buf
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``; the bytes read (fewer only at the end of the file)."""
+        with self._lock:
+            if self._fh is None:
+                self._fh = open(self.path, "rb")
+            fh = self._fh
+            if not hasattr(os, "preadv"):  # no pread (Windows): one reader at a time
+                fh.seek(offset)
+                return fh.readinto(view) or 0
+            self._readers += 1  # close() waits for them: the descriptor is never closed under a pread
+        got = 0
+        try:
+            while got < len(view):
+                n = os.preadv(fh.fileno(), [view[got:]], offset + got)
+                if n <= 0:
+                    break
+                got += n
+        finally:
+            with self._lock:
+                self._readers -= 1
+                if not self._readers:
+                    self._idle.notify_all()
+        return got
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor, with its dtype and shape."""
@@ -171,6 +199,7 @@ class SafetensorsFile:
 
     def close(self) -> None:
         with self._lock:
+            self._idle.wait_for(lambda: not self._readers)
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
@@ -260,13 +289,12 @@ def write_safetensors_parallel(
     metadata: dict[str, str] | None = None,
     *,
     workers: int | None = None,
-    max_bytes: int = 0,
     on_written: Callable[[tuple[str, torch.dtype, tuple[int, ...]]], None] | None = None,
 ) -> int:
     """:func:`write_safetensors` with ``produce(spec)`` run on ``workers`` threads, each tensor written
     at its planned offset (``pwrite``) as soon as it is ready: decoding and writing overlap, no
-    tensor waits for the one before it. The tensors started but not yet reported written total
-    at most ``max_bytes`` (or the largest tensor), so memory stays bounded however many workers.
+    tensor waits for the one before it. A worker drops its tensor once written, so memory is bounded
+    by the ``workers`` tensors being produced.
 
     The bytes are those :func:`write_safetensors` writes. The first failure in spec order is raised
     after every started worker has finished (none writes after this returns). ``on_written`` is
@@ -290,9 +318,10 @@ def write_safetensors_parallel(
             if b.numel():
                 _pwrite_all(fd, memoryview(b.numpy()), offsets[i])
 
-        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
-        with contextlib.closing(pipelined(range(len(specs)), job, workers=workers, cost=sizes.__getitem__,
-                                          max_cost=max([max_bytes, *sizes]))) as done:
+        # A finished job has written its tensor and holds nothing: only running jobs (one per worker) hold
+        # memory, so any number may finish ahead of the in-order progress reports (a large tensor at the
+        # head no longer stalls the other workers once a window fills).
+        with contextlib.closing(pipelined(range(len(specs)), job, workers=workers, ahead=len(specs))) as done:
             for i, _ in done:
                 if on_written is not None:
                     on_written(specs[i])
@@ -413,8 +442,8 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return self._index[name].read(name)
 
-    def read_bytes(self, name: str) -> torch.Tensor:
-        return self._index[name].read_bytes(name)
+    def read_bytes(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._index[name].read_bytes(name, out)
 
     def config(self) -> dict[str, Any] | None:
         """The directory's ``config.json`` as a dict, or None when there is none."""
@@ -869,10 +898,12 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R]]:
         yield cur, fut.result()
 
 
-def read_with_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None) -> tuple[torch.Tensor, str]:
+def read_with_digest(ckpt: Checkpoint, name: str, cache: CheckpointDigests | None = None,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """A tensor from a checkpoint and the sha256 of its bytes, in one read (the hash skipped when
-    ``cache`` knows it: :mod:`.digest_cache`)."""
-    raw = ckpt.read_bytes(name)
+    ``cache`` knows it: :mod:`.digest_cache`); ``out``: a scratch buffer to read into (see
+    :meth:`SafetensorsFile.read_bytes`)."""
+    raw = ckpt.read_bytes(name, out)
     info = ckpt.info(name)
     return bytes_to_tensor(raw, info.dtype, info.shape), digest_or_compute(cache, name, lambda: _bytes_sha256(raw))
 
@@ -908,7 +939,7 @@ AHEAD = 8
 
 
 def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int | None = None,
-              cost: Callable[[T], int] | None = None, max_cost: int = 0) -> Iterator[tuple[T, R]]:
+              cost: Callable[[T], int] | None = None, max_cost: int = 0, ahead: int | None = None) -> Iterator[tuple[T, R]]:
     """Yield ``(item, fn(item))`` in order while ``fn`` runs on ``workers`` threads ahead of the consumer.
 
     Read, hash, decode (all GIL-free in torch / hashlib / zstd) then overlap each other and the
@@ -916,11 +947,13 @@ def pipelined(items: Iterable[T], fn: Callable[[T], R], *, workers: int | None =
     summed ``cost`` (bytes) stays within ``max_cost`` (one item is always allowed) and up to
     ``AHEAD * workers`` items may be in flight: a large tensor at the head of the queue then no longer
     idles the other workers (small ones run past it), while memory stays bounded by the bytes.
+    ``ahead`` overrides that count (for ``fn`` whose results hold no memory, e.g. a job that writes its
+    tensor and returns None: any number may then finish ahead of the consumer).
     An exception in ``fn`` surfaces when its item's turn comes.
     """
     todo = list(items)
     workers = workers or default_workers()
-    limit = workers if cost is None else AHEAD * workers
+    limit = ahead if ahead is not None else workers if cost is None else AHEAD * workers
     cost = cost or (lambda _: 0)
     pending: collections.deque[tuple[T, int, Future[R]]] = collections.deque()
     inflight, i = 0, 0
