@@ -61,6 +61,7 @@ from .format.spec import (
 from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
 from .ties import TieFinder
 from .utils.logging import get_logger
+from .utils.gc_pause import paused_gc
 
 logger = get_logger(__name__)
 
@@ -71,6 +72,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_TARGET_RATIO = 20.0
 
 
+@paused_gc()
 def compress(
     base: str | Path,
     finetuned: str | Path,
@@ -890,7 +892,7 @@ def totals(entries: dict[str, TensorEntry], ft_ckpt: Checkpoint | None = None) -
     params = stored = ft_bytes = 0
     for e in entries.values():
         n = math.prod(e.shape)
-        size = n * torch.empty((), dtype=getattr(torch, e.dtype)).element_size()
+        size = n * getattr(torch, e.dtype).itemsize
         params += n
         stored += e.stored_bytes
         ft_bytes += size

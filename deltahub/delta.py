@@ -24,6 +24,7 @@ from .format.io import (Checkpoint, atomic_directory, base_digest, check_output,
 from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
+from .utils.gc_pause import paused_gc
 
 #: Output model shards are cut above this size, like transformers' ``max_shard_size``.
 DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
@@ -311,6 +312,7 @@ class Delta:
         if cache is not None:
             cache.check_unchanged(base.path)
 
+    @paused_gc()
     def apply(
         self,
         base: str | Path,
@@ -594,9 +596,10 @@ def _with_dtype(config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, 
 
 
 def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
-    return math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
+    return math.prod(spec[2]) * spec[1].itemsize
 
 
+@paused_gc()
 def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:
     """Rebuild the fine-tune from ``base`` + ``delta`` into ``output_dir`` (see :meth:`Delta.apply`)."""
     check_output(output_dir, inputs={"delta": delta, "base": base}, protect=kwargs.get("protect", ()),
@@ -608,6 +611,7 @@ def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **k
         d.close()
 
 
+@paused_gc()
 def load_model(delta: str | Path, base: str | Path, **kwargs: Any) -> Any:
     """The rebuilt fine-tune as a ``transformers`` model (see :meth:`Delta.to_model`)."""
     d = Delta(delta)

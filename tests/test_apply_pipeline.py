@@ -374,3 +374,36 @@ def test_read_bytes_into_a_reused_buffer(tmp_path: Path) -> None:
         with ThreadPoolExecutor(4) as pool:
             res = list(pool.map(lambda n: f.read(n), list(tensors) * 8))
         assert all(torch.equal(r, tensors[n]) for r, n in zip(res, list(tensors) * 8))
+
+
+def test_paused_gc_nests_and_restores() -> None:
+    """The collector is off inside (nested, from several threads) and back as it was after, even on error."""
+    import gc
+    import threading
+
+    from deltahub.utils.gc_pause import paused_gc
+
+    assert gc.isenabled()
+    inner_ok = threading.Event()
+
+    def other() -> None:
+        with paused_gc():
+            inner_ok.set()
+
+    with paused_gc():
+        assert not gc.isenabled()
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert inner_ok.is_set() and not gc.isenabled()  # the other thread's exit did not re-enable it
+        with pytest.raises(ValueError), paused_gc():
+            raise ValueError
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a collector the caller had disabled stays disabled
+    finally:
+        gc.enable()

@@ -106,7 +106,7 @@ class Raw(Codec):
         param_choice(self.name, params, "mode", ("xor", "full"))
         level = param_int(self.name, params, "zstd_level", 0, 22)
         param_choice(self.name, params, "shuffle", (True, False))
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if level == 0:
             expect_stored(self.name, stored, {"data": (torch.uint8, (nbytes,))})
         else:
@@ -138,8 +138,8 @@ class Raw(Codec):
         n = 1
         for s in shape:
             n *= s
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        buf = self._payload(stored, params, nbytes, torch.empty((), dtype=dtype).element_size())
+        nbytes = n * dtype.itemsize
+        buf = self._payload(stored, params, nbytes, dtype.itemsize)
         if params["mode"] == "full":
             return bytes_to_tensor(buf, dtype, tuple(shape))
         if base is None:

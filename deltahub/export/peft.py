@@ -376,7 +376,7 @@ def _export(d: Delta, base: Checkpoint, output_dir: Path, *, rank: int | None, e
     keys, config_names, tied = _saved_sources(d, skeleton, modules_to_save)
     saved = {k: _rebuilt(d, base, src, check_base)[0].to(dtype).contiguous() for k, src in keys.items()}
     not_carried = _not_carried(d, base, {t.tensor for t in targets} | set(keys.values()), check_base)
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     budget = None
     if max_bytes is not None:
         fixed = _config_bytes_bound(d, skeleton, targets, config_names, tied) + 128 \

@@ -143,7 +143,7 @@ class SafetensorsFile:
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int and x >= 0 for x in offsets):
             raise CorruptFileError(f"tensor {name[:200]!r}: data_offsets {str(offsets)[:80]} are not two non-negative integers", path=self.path)
         begin, end = offsets
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if end - begin != math.prod(shape) * itemsize:
             raise CorruptFileError(f"tensor {name[:200]!r}: byte range {begin}..{end} does not fit shape {list(shape)} of {spec['dtype']}", path=self.path)
         return TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin, self.path)
@@ -244,7 +244,7 @@ def plan_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metad
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for name, dtype, shape in specs:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": DTYPE_TO_STR[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -303,7 +303,7 @@ def write_safetensors_parallel(
     head, total = plan_header(specs, metadata)
     offsets = [len(head)]
     for s in specs:
-        offsets.append(offsets[-1] + math.prod(s[2]) * torch.empty((), dtype=s[1]).element_size())
+        offsets.append(offsets[-1] + math.prod(s[2]) * s[1].itemsize)
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -351,7 +351,7 @@ def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes
     shards: list[list[Any]] = [[]]
     size = 0
     for s in specs:
-        n = math.prod(s[2]) * torch.empty((), dtype=s[1]).element_size()
+        n = math.prod(s[2]) * s[1].itemsize
         if shard_is_full(size, bool(shards[-1]), n, max_bytes):
             shards.append([])
             size = 0

@@ -21,6 +21,7 @@ from ._download import (
     resolve_base,
 )
 from ._ids import SHA_RE, is_hub_spec, parse_model_spec
+from ..utils.gc_pause import paused_gc
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +130,7 @@ def pull_model(repo_id: str, output_dir: str | os.PathLike[str], *, revision: st
     return PullResult(output_dir, delta_dir, sha, base)
 
 
+@paused_gc()
 def pull(repo_id: str, output_dir: str | os.PathLike[str], *, revision: str | None = None, base_revision: str | None = None,
          base_model: str | os.PathLike[str] | None = None, token: str | bool | None = None, cache_dir: str | Path | None = None,
          endpoint: str | None = None, overwrite: bool = False, check_base: bool = True, progress: bool | None = None,
