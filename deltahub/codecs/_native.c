@@ -83,6 +83,7 @@ typedef struct {
     int mode;
     int64_t *pos;          /* MODE_POS: out positions */
     float *dense;          /* scatter: the block written; gather: the block read */
+    uint16_t *dense16;     /* scatter into a bf16 block instead (acc only) */
     const float *values;   /* MODE_SCATTER_VALUES */
     const uint8_t *codes;  /* MODE_SCATTER_CODES */
     const float *table;    /* MODE_SCATTER_CODES: 256 entries */
@@ -275,6 +276,73 @@ static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *v
     }
 }
 
+/* bfloat16 targets (the rebuild of a bf16 model: bf16(float32(base) + delta), format_spec.md section 4):
+ * widen by a 16-bit shift (exact), add in float32, narrow by round-to-nearest-even; a NaN sum becomes
+ * 0xFFFF, as torch's CPU conversion writes it (so these bits equal the torch path's). */
+typedef uint32_t v8w __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &w, 4);
+    return f;
+}
+
+static inline uint16_t f32_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFu;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+static inline v8f v_bf16_f32(v8h h) {
+    v8w w = __builtin_convertvector(h, v8w) << 16;
+    v8f f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
+static inline v8h v_f32_bf16(v8f f) {
+    v8w u;
+    memcpy(&u, &f, sizeof u);
+    v8w nan = (v8w)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    v8w r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = (r & ~nan) | (nan & 0xFFFFu);
+    return __builtin_convertvector(r, v8h);
+}
+#endif
+
+/* expand_kept's add for a bf16 target: d[j] = bf16(float32(d[j]) + (kept ? next value : 0.0f)). */
+CLONES
+static void expand_kept_bf16(uint16_t *d, const uint8_t *flags, size_t n, const float *vals) {
+    size_t j = 0, v = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int32_t v8s __attribute__((vector_size(32)));
+    for (; j + 8 <= n; j += 8) {
+        uint64_t w;
+        memcpy(&w, flags + j, 8);
+        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        v8f x;
+        v8s p, lanes;
+        v8h h;
+        memcpy(&x, vals + v, sizeof x);
+        memcpy(&p, EXPAND_PERM[m], sizeof p);
+        memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
+        x = (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
+        memcpy(&h, d + j, sizeof h);
+        h = v_f32_bf16(v_bf16_f32(h) + x);
+        memcpy(d + j, &h, sizeof h);
+        v += (size_t)__builtin_popcount(m);
+    }
+#endif
+    for (; j < n; j++) {
+        d[j] = f32_bf16(bf16_f32(d[j]) + (flags[j] ? vals[v] : 0.0f));
+        v += flags[j];
+    }
+}
+
 /* Elements per pass of walk_groups: scratch of 5 bytes each stays in cache and below malloc's
  * mmap threshold (fresh pages per call cost more than the work on a VM). */
 #define CHUNK 16384
@@ -344,7 +412,8 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
             if (w->mode == MODE_SCATTER_VALUES) memcpy(vals, w->values + v, nk * sizeof(float));
             else for (size_t k = 0; k < nk; k++) vals[k] = w->table[w->codes[v + k]];
             memset(vals + nk, 0, 8 * sizeof(float));
-            expand_kept(w->dense + c0, flags, n, vals, w->acc);
+            if (w->dense16) expand_kept_bf16(w->dense16 + c0, flags, n, vals);
+            else expand_kept(w->dense + c0, flags, n, vals, w->acc);
             v += (int64_t)nk;
             break;
         }
@@ -379,14 +448,16 @@ static PyObject *py_scatter(PyObject *self, PyObject *args) {
     Py_buffer dense = {0}, src = {0};
     PyObject *table_obj, *ret = NULL;
     Py_buffer table = {0};
-    int acc = 0;
-    if (!PyArg_ParseTuple(args, "IIKnnw*y*O|p", &k1, &k2, &start, &g, &keep, &dense, &src, &table_obj, &acc)) return NULL;
+    int acc = 0, bf16 = 0;
+    if (!PyArg_ParseTuple(args, "IIKnnw*y*O|pp", &k1, &k2, &start, &g, &keep, &dense, &src, &table_obj, &acc, &bf16)) return NULL;
     walk_t w = {0};
     w.acc = acc;
-    Py_ssize_t length = dense.len / (Py_ssize_t)sizeof(float);
+    if (bf16 && !acc) { PyErr_SetString(PyExc_ValueError, "a bf16 block is only added to"); goto done; }
+    Py_ssize_t length = dense.len / (bf16 ? 2 : (Py_ssize_t)sizeof(float));
     if (check_groups(start, length, g, keep)) goto done;
     Py_ssize_t nkept = length / g * keep;
-    w.dense = (float *)dense.buf;
+    if (bf16) w.dense16 = (uint16_t *)dense.buf;
+    else w.dense = (float *)dense.buf;
     if (table_obj == Py_None) {
         w.mode = MODE_SCATTER_VALUES;
         if (src.len < nkept * (Py_ssize_t)sizeof(float)) { PyErr_SetString(PyExc_ValueError, "too few values"); goto done; }
@@ -684,6 +755,35 @@ static void sign_add_rows8(size_t rows, size_t cols, float *d, const uint8_t *b,
     }
 }
 
+/* sign_add into a bf16 block: d = bf16(float32(d) + (bit ? s : -s)), 8 columns per step where the scale
+ * groups are whole bytes. */
+CLONES
+static void sign_add_bf16(size_t rows, size_t cols, uint16_t *d, const uint8_t *b, const float *sc, size_t stride, size_t gcols) {
+    size_t pc = (cols + 7) / 8, full = (gcols % 8 == 0 || gcols >= cols) ? cols / 8 : 0;
+    for (size_t r = 0; r < rows; r++) {
+        uint16_t *dr = d + r * cols;
+        const uint8_t *br = b + r * pc;
+        const float *sr = sc + r * stride;
+#if defined(__GNUC__) && !defined(__clang__)
+        for (size_t k = 0; k < full; k++) {
+            float s = sr[(k * 8) / gcols];
+            v8f t;
+            v8h h;
+            memcpy(&t, PM1[br[k]], sizeof t);
+            memcpy(&h, dr + k * 8, sizeof h);
+            h = v_f32_bf16(v_bf16_f32(h) + t * s);
+            memcpy(dr + k * 8, &h, sizeof h);
+        }
+#else
+        full = 0;
+#endif
+        for (size_t c = full * 8; c < cols; c++) {
+            float s = sr[c / gcols];
+            dr[c] = f32_bf16(bf16_f32(dr[c]) + (((br[c >> 3] >> (c & 7)) & 1) ? s : -s));
+        }
+    }
+}
+
 /* sign_add(dense_f32 [rows, cols] (added to in place), packed [rows, ceil(cols/8)], scales_f32, scale_stride,
  * group_cols): dense[r, c] += bit(r, c) ? s : -s with s = scales[r * scale_stride + c / group_cols]
  * (BitDelta; +-1 * s is exact, so this is the bits of float32(base) + delta). */
@@ -691,9 +791,10 @@ static PyObject *py_sign_add(PyObject *self, PyObject *args) {
     Py_buffer dense = {0}, packed = {0}, scales = {0};
     Py_ssize_t rows, cols, stride, gcols;
     PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "w*y*y*nnnn", &dense, &packed, &scales, &rows, &cols, &stride, &gcols)) return NULL;
+    int bf16 = 0;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnn|p", &dense, &packed, &scales, &rows, &cols, &stride, &gcols, &bf16)) return NULL;
     Py_ssize_t pc = (cols + 7) / 8;
-    if (rows < 0 || cols < 0 || stride < 0 || gcols < 1 || dense.len != rows * cols * (Py_ssize_t)sizeof(float)
+    if (rows < 0 || cols < 0 || stride < 0 || gcols < 1 || dense.len != rows * cols * (bf16 ? 2 : (Py_ssize_t)sizeof(float))
         || packed.len != rows * pc) {
         PyErr_SetString(PyExc_ValueError, "sign_add: buffers do not fit the shape"); goto done;
     }
@@ -705,7 +806,8 @@ static PyObject *py_sign_add(PyObject *self, PyObject *args) {
     const uint8_t *b = (const uint8_t *)packed.buf;
     const float *sc = (const float *)scales.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (gcols % 8 == 0 || gcols >= cols) sign_add_rows8((size_t)rows, (size_t)cols, d, b, sc, (size_t)stride, (size_t)gcols);
+    if (bf16) sign_add_bf16((size_t)rows, (size_t)cols, (uint16_t *)dense.buf, b, sc, (size_t)stride, (size_t)gcols);
+    else if (gcols % 8 == 0 || gcols >= cols) sign_add_rows8((size_t)rows, (size_t)cols, d, b, sc, (size_t)stride, (size_t)gcols);
     else for (Py_ssize_t r = 0; r < rows; r++) {
         float *dr = d + r * cols;
         const uint8_t *br = b + r * pc;

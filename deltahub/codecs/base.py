@@ -82,6 +82,9 @@ class Codec(ABC):
     needs_base: ClassVar[bool] = True
     #: Default params, merged under the user's params before validation.
     default_params: ClassVar[dict[str, Any]] = {}
+    #: Base dtypes :meth:`reconstruct_` rebuilds into in place (a codec whose :meth:`add_delta_` fuses the
+    #: rounding for bfloat16 adds it: a bf16 model then rebuilds without float32 copies).
+    inplace_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     #: Named settings selectable with the ``preset`` param (``--preset``); empty when the codec has none.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: True when the codec's error is a property of the whole matrix (low rank), so it cannot be measured
@@ -132,10 +135,12 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """:meth:`reconstruct`, allowed to overwrite ``base`` (a buffer the caller owns and drops afterwards).
 
-        Codecs using the generic rule add their delta into a float32 base in place
+        Codecs using the generic rule add their delta into a float32 base in place (or a base of another of
+        :attr:`inplace_dtypes` when the output has its dtype: one rounding either way)
         (:meth:`add_delta_`), so rebuilding allocates no second tensor; same bits as :meth:`reconstruct`
         (float32 addition is commutative)."""
-        if (type(self).reconstruct is not Codec.reconstruct or base is None or base.dtype != torch.float32
+        if (type(self).reconstruct is not Codec.reconstruct or base is None or base.dtype not in self.inplace_dtypes
+                or (base.dtype != torch.float32 and base.dtype != dtype)
                 or not base.is_contiguous() or base.numel() != math.prod(shape)):
             return self.reconstruct(stored, params, base, shape, dtype)
         out = base.reshape(shape)
@@ -144,8 +149,12 @@ class Codec(ABC):
 
     def add_delta_(self, target: torch.Tensor, stored: dict[str, torch.Tensor], params: dict[str, Any],
                    shape: tuple[int, ...]) -> None:
-        """``target += decode_delta(...)`` for a contiguous float32 ``target`` of ``shape`` (codecs may fuse it)."""
-        target.add_(self.decode_delta(stored, params, shape))
+        """``target = dtype(float32(target) + decode_delta(...))`` in place for a contiguous ``target`` of ``shape``
+        (float32, or another of :attr:`inplace_dtypes`, rounded once as :meth:`reconstruct` rounds); codecs may fuse it."""
+        if target.dtype == torch.float32:
+            target.add_(self.decode_delta(stored, params, shape))
+        else:
+            target.copy_((target.to(torch.float32) + self.decode_delta(stored, params, shape)).to(target.dtype))
 
     def svd_rank(self, params: Mapping[str, Any]) -> int:
         """Singular triplets :meth:`encode` takes from the delta's SVD (validated params; 0: no SVD), so a

@@ -151,9 +151,12 @@ class BitDelta(Codec):
 
     def reconstruct_(self, stored: dict[str, torch.Tensor], params: dict[str, Any], base: torch.Tensor | None,
                      shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`reconstruct` into the caller's float32 ``base`` buffer by the native kernel (same bits)."""
+        """:meth:`reconstruct` into the caller's ``base`` buffer by the native kernel (same bits): float32, or
+        bfloat16 when the output is bfloat16 (the sum rounded once, in place)."""
         nat = native()
-        if nat is None or base is None or base.dtype != torch.float32 or not base.is_contiguous() or base.numel() != math.prod(shape):
+        bf16 = base is not None and base.dtype == torch.bfloat16 and dtype == torch.bfloat16
+        if (nat is None or base is None or not (base.dtype == torch.float32 or bf16) or not base.is_contiguous()
+                or base.numel() != math.prod(shape)):
             return self.reconstruct(stored, params, base, shape, dtype)
         rows, cols = matrix_view_shape(shape)
         sign, scale = stored["sign"], stored["scale"]
@@ -165,12 +168,13 @@ class BitDelta(Codec):
         scale = scale.to(torch.float32).contiguous()
         stride = 0 if granularity == "tensor" else (1 if granularity == "row" else scale.shape[1])
         gcols = max(cols, 1) if granularity != "group" else min(g, max(cols, 1))
-        flat, sign_np, scale_np = base.view(rows, cols).numpy(), sign.contiguous().numpy(), scale.reshape(-1).numpy()
+        flat = (base.view(torch.int16) if bf16 else base).view(rows, cols).numpy()  # bf16 as its bits
+        sign_np, scale_np = sign.contiguous().numpy(), scale.reshape(-1).numpy()
         step = max(1, SIGN_BLOCK // max(cols, 1))
 
         def block(r0: int, m: int) -> None:
             nat.sign_add(flat[r0:r0 + m], sign_np[r0:r0 + m], scale_np[r0 * stride:] if stride else scale_np, m, cols,
-                         stride, gcols)
+                         stride, gcols, bf16)
 
         map_blocks(block, [(r, min(step, rows - r)) for r in range(0, rows, step)])
         return base.reshape(shape).to(dtype)

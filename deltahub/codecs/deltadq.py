@@ -196,11 +196,12 @@ def scatter_kept(numel: int, values: torch.Tensor, seed: int, stream: int, g: in
     :func:`gather_kept`), block by block; peak scratch is a few bytes per element of one block.
 
     With ``table`` (float32, at most 256 entries), ``values`` are uint8 codes and the kept elements get
-    ``table[code]``. With ``out`` (flat contiguous float32 of ``numel``), the decoded delta is added to it
-    in place (``out + 0`` at dropped elements: the bits of ``out + delta``) and ``out`` is returned.
+    ``table[code]``. With ``out`` (flat contiguous float32 or bfloat16 of ``numel``), the decoded delta is added
+    to it in place (``out + 0`` at dropped elements: the bits of ``dtype(float32(out) + delta)``) and ``out`` is
+    returned.
     """
     nat = native()
-    if nat is not None and (out is None or (out.dtype == torch.float32 and out.is_contiguous())):
+    if nat is not None and (out is None or (out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous())):
         if table is not None:
             padded = torch.zeros(256, dtype=torch.float32)
             padded[:table.numel()] = table
@@ -219,6 +220,8 @@ def scatter_kept(numel: int, values: torch.Tensor, seed: int, stream: int, g: in
     map_blocks(block, block_ranges(numel, g))
     if out is None:
         return delta
+    if out.dtype != torch.float32:  # dtype(float32(out) + delta): one rounding, as reconstruct does
+        return out.copy_((out.to(torch.float32) + delta).to(out.dtype))
     return out.add_(delta)
 
 
@@ -228,12 +231,13 @@ def _scatter_native(nat: Any, numel: int, src: np.ndarray, table: np.ndarray | N
     acc = out is not None
     if out is None:
         out = torch.empty(numel, dtype=torch.float32)
-    dst = out.numpy()
+    bf16 = out.dtype == torch.bfloat16
+    dst = out.view(torch.int16).numpy() if bf16 else out.numpy()  # bf16 as its bits (numpy has no bfloat16)
     k1, k2 = stream_keys(seed, stream)
 
     def block(a: int, m: int) -> None:
         v0 = a // g * keep
-        nat.scatter(k1, k2, a, g, keep, dst[a:a + m], src[v0:v0 + m // g * keep], table, acc)
+        nat.scatter(k1, k2, a, g, keep, dst[a:a + m], src[v0:v0 + m // g * keep], table, acc, bf16)
 
     map_blocks(block, block_ranges(numel, g))
     return out
@@ -267,6 +271,7 @@ class DeltaDQ(Codec):
         "preset": "16x", "p": None, "bits": None, "parts": None, "quantizer": None, "qgroup": None,
         "group_size": "auto", "seed": 0, "stream": None, "entropy": "zstd",
     }
+    inplace_dtypes = (torch.float32, torch.bfloat16)
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         m = super().validate_params(params)
@@ -396,8 +401,8 @@ class DeltaDQ(Codec):
 
     def add_delta_(self, target: torch.Tensor, stored: dict[str, torch.Tensor], params: dict[str, Any],
                    shape: tuple[int, ...]) -> None:
-        """Adds the delta straight into ``target`` (native kernels: one pass, no delta tensor)."""
-        if target.dtype != torch.float32 or not target.is_contiguous():
+        """Adds the delta straight into ``target`` (float32 or bfloat16; native kernels: one pass, no delta tensor)."""
+        if target.dtype not in self.inplace_dtypes or not target.is_contiguous():
             return super().add_delta_(target, stored, params, shape)
         self._decode(stored, params, shape, target.view(-1))
 
