@@ -249,52 +249,61 @@ def test_raw_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, shuffle: bo
     assert torch.equal(got.view(-1).view(torch.uint8), ft.view(-1).view(torch.uint8))
 
 
-def _bf16_base(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """A bf16 base with the awkward values: -0.0 (turns +0.0 at dropped elements), NaN, inf, the largest finite
-    (a positive delta rounds it to inf), and halfway cases for round-to-nearest-even."""
+def _half_base(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A 16-bit base with the awkward values: -0.0 (turns +0.0 at dropped elements), inf, the largest finite (a
+    positive delta rounds it to inf), subnormals (float16), and many round-to-nearest-even halfway cases;
+    NaN for bf16 (torch writes every NaN as 0xFFFF; float16 NaN payloads differ between torch's own paths)."""
     g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+    base = (torch.randn(shape, generator=g) * 0.05).to(dtype)
     flat = base.view(-1)
     flat[:4] = -0.0
-    flat[5] = float("nan")
+    if dtype == torch.bfloat16:
+        flat[5] = float("nan")
+    else:
+        flat[5] = 3e-6  # a float16 subnormal
+        flat[8:12] = torch.tensor([6e-8, -5e-7, 1e-5, -2e-5])
     flat[6] = float("inf")
-    flat[7] = torch.finfo(torch.bfloat16).max
+    flat[7] = torch.finfo(dtype).max
     return base
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quantizer", ["kmeans", "uniform"])
 @pytest.mark.parametrize("shape,g", [((64, 96), 8), ((7, 576), 576), ((33, 40), 4), ((300, 12), 3), ((3, 13), 13)])
-def test_deltadq_bf16_inplace_rebuild_matches_reconstruct(quantizer: str, shape: tuple[int, int], g: int, decode_impl: str) -> None:
-    """A bf16 model rebuilds in place, bf16(float32(base) + delta) rounded once: the bits of reconstruct (torch's
-    conversion), native (vector and tail loops) or numpy."""
-    base = _bf16_base(shape, g)
+def test_deltadq_half_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, quantizer: str, shape: tuple[int, int], g: int,
+                                                          decode_impl: str) -> None:
+    """A 16-bit model rebuilds in place, dtype(float32(base) + delta) rounded once: the bits of reconstruct
+    (torch's conversion), native (vector and tail loops) or numpy."""
+    base = _half_base(shape, g, dtype)
     delta = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1e-2
-    delta.view(-1)[7] = 1e38  # the largest finite bf16 + a large kept delta overflows to inf
+    delta.view(-1)[7] = 1e38  # the largest finite value + a large kept delta overflows to inf
     codec = get_codec("deltadq")
     params = codec.validate_params({"p": 0.5, "bits": 3, "parts": 2, "quantizer": quantizer, "group_size": g})
-    enc = codec.encode(EncodeInput(name="w", finetuned=(base.float() + delta).to(torch.bfloat16), base=base, _delta=delta), params)
-    want = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.bfloat16)
+    enc = codec.encode(EncodeInput(name="w", finetuned=(base.float() + delta).to(dtype), base=base, _delta=delta), params)
+    want = codec.reconstruct(enc.tensors, enc.params, base, shape, dtype)
     owned = base.clone()
-    got = codec.reconstruct_(enc.tensors, enc.params, owned, shape, torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and got.data_ptr() == owned.data_ptr()  # in place, no float32 copy
+    got = codec.reconstruct_(enc.tensors, enc.params, owned, shape, dtype)
+    assert got.dtype == dtype and got.data_ptr() == owned.data_ptr()  # in place, no float32 copy
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    ref = (base.float() + codec.decode_delta(enc.tensors, enc.params, shape)).to(torch.bfloat16)
+    ref = (base.float() + codec.decode_delta(enc.tensors, enc.params, shape)).to(dtype)
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("granularity,group_size", [("tensor", 0), ("row", 0), ("group", 8), ("group", 5)])
 @pytest.mark.parametrize("shape", [(37, 21), (3, 1), (300, 64)])
-def test_bitdelta_bf16_inplace_rebuild_matches_reconstruct(granularity: str, group_size: int, shape: tuple[int, ...]) -> None:
-    base = _bf16_base(shape, 2) if math.prod(shape) > 8 else torch.randn(shape).to(torch.bfloat16)
+def test_bitdelta_half_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, granularity: str, group_size: int,
+                                                           shape: tuple[int, ...]) -> None:
+    base = _half_base(shape, 2, dtype) if math.prod(shape) > 12 else torch.randn(shape).to(dtype)
     delta = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 1e-2
     codec = get_codec("bitdelta")
     raw = {"granularity": granularity} | ({"group_size": group_size} if group_size else {})
     params = codec.validate_params(raw)
-    enc = codec.encode(EncodeInput(name="w", finetuned=(base.float() + delta).to(torch.bfloat16), base=base, _delta=delta), params)
-    want = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.bfloat16)
+    enc = codec.encode(EncodeInput(name="w", finetuned=(base.float() + delta).to(dtype), base=base, _delta=delta), params)
+    want = codec.reconstruct(enc.tensors, enc.params, base, shape, dtype)
     owned = base.clone()
-    got = codec.reconstruct_(enc.tensors, enc.params, owned, shape, torch.bfloat16)
+    got = codec.reconstruct_(enc.tensors, enc.params, owned, shape, dtype)
     assert got.data_ptr() == owned.data_ptr() and torch.equal(got.view(torch.int16), want.view(torch.int16))
     as_fp32 = codec.reconstruct_(enc.tensors, enc.params, base.clone(), shape, torch.float32)  # other output dtype: not in place
     want32 = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.float32)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+import torch
+
 try:
     from . import _native as _NATIVE  # type: ignore[attr-defined]
 except ImportError:  # no compiler at install time: the numpy paths
@@ -36,3 +38,8 @@ def native() -> ModuleType | None:
 def native_available() -> bool:
     """Whether the native kernels were built (whatever ``DELTAHUB_NATIVE`` says)."""
     return _NATIVE is not None
+
+
+#: Output dtypes the native kernels add a delta into in place, and the code they take for each
+#: (0: float32; 1: bfloat16, 2: float16, rounded once to nearest even: format_spec.md section 4).
+HALF_KINDS: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

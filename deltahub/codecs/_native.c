@@ -32,6 +32,14 @@ static inline uint32_t h32(uint32_t x) {
 
 static inline uint32_t key_hi(uint32_t k2, uint32_t hi) { return h32(k2 ^ h32(hi ^ HI_SALT)); }
 
+/* Vector helpers called from target_clones functions must be inlined into each clone: a call would pass
+ * 32-byte vectors in registers from an AVX clone to a function compiled for the baseline ABI (in memory). */
+#if defined(__GNUC__)
+#define ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
@@ -83,7 +91,8 @@ typedef struct {
     int mode;
     int64_t *pos;          /* MODE_POS: out positions */
     float *dense;          /* scatter: the block written; gather: the block read */
-    uint16_t *dense16;     /* scatter into a bf16 block instead (acc only) */
+    uint16_t *dense16;     /* scatter into a 16-bit block instead (acc only), of kind half */
+    int half;
     const float *values;   /* MODE_SCATTER_VALUES */
     const uint8_t *codes;  /* MODE_SCATTER_CODES */
     const float *table;    /* MODE_SCATTER_CODES: 256 entries */
@@ -163,7 +172,7 @@ static void select_group(const uint32_t *u, uint8_t *flags, size_t g, size_t kee
 typedef uint32_t v8u __attribute__((vector_size(4 * LANES)));
 typedef int32_t v8i __attribute__((vector_size(4 * LANES)));
 
-static inline v8u vh32(v8u x) {
+ALWAYS_INLINE static inline v8u vh32(v8u x) {
     x ^= x >> 17; x *= 0xED5AD4BBu;
     x ^= x >> 11; x *= 0xAC4C1B51u;
     x ^= x >> 15; x *= 0x31848BABu;
@@ -171,8 +180,8 @@ static inline v8u vh32(v8u x) {
     return x;
 }
 
-static inline v8u vmin(v8u a, v8u b) { v8u m = (v8u)(a < b); return (a & m) | (b & ~m); }
-static inline v8u vmax(v8u a, v8u b) { v8u m = (v8u)(a < b); return (b & m) | (a & ~m); }
+ALWAYS_INLINE static inline v8u vmin(v8u a, v8u b) { v8u m = (v8u)(a < b); return (a & m) | (b & ~m); }
+ALWAYS_INLINE static inline v8u vmax(v8u a, v8u b) { v8u m = (v8u)(a < b); return (b & m) | (a & ~m); }
 
 /* Flags of `ngroups` (a multiple of LANES) whole groups starting at element `first` (flags[0] is
  * element `first`); the block must not cross a multiple of 2^32 (one key for all). Returns the
@@ -276,6 +285,8 @@ static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *v
     }
 }
 
+enum { HALF_NONE = 0, HALF_BF16 = 1, HALF_F16 = 2 };
+
 /* bfloat16 targets (the rebuild of a bf16 model: bf16(float32(base) + delta), format_spec.md section 4):
  * widen by a 16-bit shift (exact), add in float32, narrow by round-to-nearest-even; a NaN sum becomes
  * 0xFFFF, as torch's CPU conversion writes it (so these bits equal the torch path's). */
@@ -297,14 +308,14 @@ static inline uint16_t f32_bf16(float f) {
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
-static inline v8f v_bf16_f32(v8h h) {
+ALWAYS_INLINE static inline v8f v_bf16_f32(v8h h) {
     v8w w = __builtin_convertvector(h, v8w) << 16;
     v8f f;
     memcpy(&f, &w, sizeof f);
     return f;
 }
 
-static inline v8h v_f32_bf16(v8f f) {
+ALWAYS_INLINE static inline v8h v_f32_bf16(v8f f) {
     v8w u;
     memcpy(&u, &f, sizeof u);
     v8w nan = (v8w)((u & 0x7FFFFFFFu) > 0x7F800000u);
@@ -314,9 +325,98 @@ static inline v8h v_f32_bf16(v8f f) {
 }
 #endif
 
-/* expand_kept's add for a bf16 target: d[j] = bf16(float32(d[j]) + (kept ? next value : 0.0f)). */
+/* float16 targets: exact widening and round-to-nearest-even narrowing, branch-free (the FP16 library's
+ * algorithm, which torch's scalar conversions use; the hardware conversion gives the same bits for every
+ * non-NaN value). */
+static inline float f16_f32(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    uint32_t nb = (two_w >> 4) + (0xE0u << 23), db = (two_w >> 17) | (126u << 23);
+    float nf, df;
+    memcpy(&nf, &nb, 4);
+    memcpy(&df, &db, 4);
+    nf *= 0x1.0p-112f;
+    df -= 0.5f;
+    uint32_t r;
+    if (two_w < (1u << 27)) memcpy(&r, &df, 4);
+    else memcpy(&r, &nf, 4);
+    r |= sign;
+    float f;
+    memcpy(&f, &r, 4);
+    return f;
+}
+
+static inline uint16_t f32_f16(float f) {
+    uint32_t w, aw, shl1, eb, bb, bits;
+    memcpy(&w, &f, 4);
+    aw = w & 0x7FFFFFFFu;
+    float absf, bf;
+    memcpy(&absf, &aw, 4);
+    float base = (absf * 0x1.0p+112f) * 0x1.0p-110f;
+    shl1 = w + w;
+    eb = shl1 & 0xFF000000u;
+    if (eb < 0x71000000u) eb = 0x71000000u;
+    bb = (eb >> 1) + 0x07800000u;
+    memcpy(&bf, &bb, 4);
+    base = bf + base;
+    memcpy(&bits, &base, 4);
+    uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    return (uint16_t)(((w & 0x80000000u) >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+ALWAYS_INLINE static inline v8f v_f16_f32(v8h h) {
+    v8w w = __builtin_convertvector(h, v8w) << 16;
+    v8w sign = w & 0x80000000u, two_w = w + w;
+    v8w nb = (two_w >> 4) + (0xE0u << 23), db = (two_w >> 17) | (126u << 23);
+    v8f nf, df;
+    memcpy(&nf, &nb, sizeof nf);
+    memcpy(&df, &db, sizeof df);
+    nf = nf * 0x1.0p-112f;
+    df = df - 0.5f;
+    v8w nfb, dfb;
+    memcpy(&nfb, &nf, sizeof nfb);
+    memcpy(&dfb, &df, sizeof dfb);
+    v8w den = (v8w)(two_w < (1u << 27));
+    v8w r = sign | (dfb & den) | (nfb & ~den);
+    v8f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+ALWAYS_INLINE static inline v8h v_f32_f16(v8f f) {
+    v8w w;
+    memcpy(&w, &f, sizeof w);
+    v8w aw = w & 0x7FFFFFFFu;
+    v8f absf, bf;
+    memcpy(&absf, &aw, sizeof absf);
+    v8f base = (absf * 0x1.0p+112f) * 0x1.0p-110f;
+    v8w shl1 = w + w, eb = shl1 & 0xFF000000u;
+    v8w lt = (v8w)(eb < 0x71000000u);
+    eb = (eb & ~lt) | (lt & 0x71000000u);
+    v8w bb = (eb >> 1) + 0x07800000u;
+    memcpy(&bf, &bb, sizeof bf);
+    base = bf + base;
+    v8w bits;
+    memcpy(&bits, &base, sizeof bits);
+    v8w nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    v8w nan = (v8w)(shl1 > 0xFF000000u);
+    v8w r = ((w & 0x80000000u) >> 16) | (nan & 0x7E00u) | (nonsign & ~nan);
+    return __builtin_convertvector(r, v8h);
+}
+
+/* dtype(float32(h) + x) for a 16-bit kind: HALF_BF16 or HALF_F16. */
+ALWAYS_INLINE static inline v8h v_add16(v8h h, v8f x, int kind) {
+    return kind == HALF_BF16 ? v_f32_bf16(v_bf16_f32(h) + x) : v_f32_f16(v_f16_f32(h) + x);
+}
+#endif
+
+static inline uint16_t add16(uint16_t h, float x, int kind) {
+    return kind == HALF_BF16 ? f32_bf16(bf16_f32(h) + x) : f32_f16(f16_f32(h) + x);
+}
+
+/* expand_kept's add for a 16-bit target: d[j] = dtype(float32(d[j]) + (kept ? next value : 0.0f)). */
 CLONES
-static void expand_kept_bf16(uint16_t *d, const uint8_t *flags, size_t n, const float *vals) {
+static void expand_kept_16(uint16_t *d, const uint8_t *flags, size_t n, const float *vals, int kind) {
     size_t j = 0, v = 0;
 #if defined(__GNUC__) && !defined(__clang__)
     typedef int32_t v8s __attribute__((vector_size(32)));
@@ -332,13 +432,13 @@ static void expand_kept_bf16(uint16_t *d, const uint8_t *flags, size_t n, const 
         memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
         x = (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
         memcpy(&h, d + j, sizeof h);
-        h = v_f32_bf16(v_bf16_f32(h) + x);
+        h = v_add16(h, x, kind);
         memcpy(d + j, &h, sizeof h);
         v += (size_t)__builtin_popcount(m);
     }
 #endif
     for (; j < n; j++) {
-        d[j] = f32_bf16(bf16_f32(d[j]) + (flags[j] ? vals[v] : 0.0f));
+        d[j] = add16(d[j], flags[j] ? vals[v] : 0.0f, kind);
         v += flags[j];
     }
 }
@@ -412,7 +512,7 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
             if (w->mode == MODE_SCATTER_VALUES) memcpy(vals, w->values + v, nk * sizeof(float));
             else for (size_t k = 0; k < nk; k++) vals[k] = w->table[w->codes[v + k]];
             memset(vals + nk, 0, 8 * sizeof(float));
-            if (w->dense16) expand_kept_bf16(w->dense16 + c0, flags, n, vals);
+            if (w->dense16) expand_kept_16(w->dense16 + c0, flags, n, vals, w->half);
             else expand_kept(w->dense + c0, flags, n, vals, w->acc);
             v += (int64_t)nk;
             break;
@@ -448,15 +548,18 @@ static PyObject *py_scatter(PyObject *self, PyObject *args) {
     Py_buffer dense = {0}, src = {0};
     PyObject *table_obj, *ret = NULL;
     Py_buffer table = {0};
-    int acc = 0, bf16 = 0;
-    if (!PyArg_ParseTuple(args, "IIKnnw*y*O|pp", &k1, &k2, &start, &g, &keep, &dense, &src, &table_obj, &acc, &bf16)) return NULL;
+    int acc = 0, half = HALF_NONE;
+    if (!PyArg_ParseTuple(args, "IIKnnw*y*O|pi", &k1, &k2, &start, &g, &keep, &dense, &src, &table_obj, &acc, &half)) return NULL;
     walk_t w = {0};
     w.acc = acc;
-    if (bf16 && !acc) { PyErr_SetString(PyExc_ValueError, "a bf16 block is only added to"); goto done; }
-    Py_ssize_t length = dense.len / (bf16 ? 2 : (Py_ssize_t)sizeof(float));
+    w.half = half;
+    if (half < HALF_NONE || half > HALF_F16 || (half && !acc)) {
+        PyErr_SetString(PyExc_ValueError, "half must be 0 (float32), 1 (bf16) or 2 (f16); a 16-bit block is only added to"); goto done;
+    }
+    Py_ssize_t length = dense.len / (half ? 2 : (Py_ssize_t)sizeof(float));
     if (check_groups(start, length, g, keep)) goto done;
     Py_ssize_t nkept = length / g * keep;
-    if (bf16) w.dense16 = (uint16_t *)dense.buf;
+    if (half) w.dense16 = (uint16_t *)dense.buf;
     else w.dense = (float *)dense.buf;
     if (table_obj == Py_None) {
         w.mode = MODE_SCATTER_VALUES;
@@ -755,10 +858,11 @@ static void sign_add_rows8(size_t rows, size_t cols, float *d, const uint8_t *b,
     }
 }
 
-/* sign_add into a bf16 block: d = bf16(float32(d) + (bit ? s : -s)), 8 columns per step where the scale
+/* sign_add into a 16-bit block: d = dtype(float32(d) + (bit ? s : -s)), 8 columns per step where the scale
  * groups are whole bytes. */
 CLONES
-static void sign_add_bf16(size_t rows, size_t cols, uint16_t *d, const uint8_t *b, const float *sc, size_t stride, size_t gcols) {
+static void sign_add_16(size_t rows, size_t cols, uint16_t *d, const uint8_t *b, const float *sc, size_t stride, size_t gcols,
+                        int kind) {
     size_t pc = (cols + 7) / 8, full = (gcols % 8 == 0 || gcols >= cols) ? cols / 8 : 0;
     for (size_t r = 0; r < rows; r++) {
         uint16_t *dr = d + r * cols;
@@ -771,7 +875,7 @@ static void sign_add_bf16(size_t rows, size_t cols, uint16_t *d, const uint8_t *
             v8h h;
             memcpy(&t, PM1[br[k]], sizeof t);
             memcpy(&h, dr + k * 8, sizeof h);
-            h = v_f32_bf16(v_bf16_f32(h) + t * s);
+            h = v_add16(h, t * s, kind);
             memcpy(dr + k * 8, &h, sizeof h);
         }
 #else
@@ -779,7 +883,7 @@ static void sign_add_bf16(size_t rows, size_t cols, uint16_t *d, const uint8_t *
 #endif
         for (size_t c = full * 8; c < cols; c++) {
             float s = sr[c / gcols];
-            dr[c] = f32_bf16(bf16_f32(dr[c]) + (((br[c >> 3] >> (c & 7)) & 1) ? s : -s));
+            dr[c] = add16(dr[c], ((br[c >> 3] >> (c & 7)) & 1) ? s : -s, kind);
         }
     }
 }
@@ -791,10 +895,11 @@ static PyObject *py_sign_add(PyObject *self, PyObject *args) {
     Py_buffer dense = {0}, packed = {0}, scales = {0};
     Py_ssize_t rows, cols, stride, gcols;
     PyObject *ret = NULL;
-    int bf16 = 0;
-    if (!PyArg_ParseTuple(args, "w*y*y*nnnn|p", &dense, &packed, &scales, &rows, &cols, &stride, &gcols, &bf16)) return NULL;
+    int half = HALF_NONE;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnn|i", &dense, &packed, &scales, &rows, &cols, &stride, &gcols, &half)) return NULL;
     Py_ssize_t pc = (cols + 7) / 8;
-    if (rows < 0 || cols < 0 || stride < 0 || gcols < 1 || dense.len != rows * cols * (bf16 ? 2 : (Py_ssize_t)sizeof(float))
+    if (half < HALF_NONE || half > HALF_F16 || rows < 0 || cols < 0 || stride < 0 || gcols < 1
+        || dense.len != rows * cols * (half ? 2 : (Py_ssize_t)sizeof(float))
         || packed.len != rows * pc) {
         PyErr_SetString(PyExc_ValueError, "sign_add: buffers do not fit the shape"); goto done;
     }
@@ -806,7 +911,7 @@ static PyObject *py_sign_add(PyObject *self, PyObject *args) {
     const uint8_t *b = (const uint8_t *)packed.buf;
     const float *sc = (const float *)scales.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (bf16) sign_add_bf16((size_t)rows, (size_t)cols, (uint16_t *)dense.buf, b, sc, (size_t)stride, (size_t)gcols);
+    if (half) sign_add_16((size_t)rows, (size_t)cols, (uint16_t *)dense.buf, b, sc, (size_t)stride, (size_t)gcols, half);
     else if (gcols % 8 == 0 || gcols >= cols) sign_add_rows8((size_t)rows, (size_t)cols, d, b, sc, (size_t)stride, (size_t)gcols);
     else for (Py_ssize_t r = 0; r < rows; r++) {
         float *dr = d + r * cols;

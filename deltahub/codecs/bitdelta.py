@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import register_codec
-from ._accel import native
+from ._accel import HALF_KINDS, native
 from ._bits import pack_bits, packed_cols, unpack_pm1, unpack_signs
 from ._rng import map_blocks
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
@@ -152,11 +152,10 @@ class BitDelta(Codec):
     def reconstruct_(self, stored: dict[str, torch.Tensor], params: dict[str, Any], base: torch.Tensor | None,
                      shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """:meth:`reconstruct` into the caller's ``base`` buffer by the native kernel (same bits): float32, or
-        bfloat16 when the output is bfloat16 (the sum rounded once, in place)."""
+        bfloat16 / float16 when the output has the base's dtype (the sum rounded once, in place)."""
         nat = native()
-        bf16 = base is not None and base.dtype == torch.bfloat16 and dtype == torch.bfloat16
-        if (nat is None or base is None or not (base.dtype == torch.float32 or bf16) or not base.is_contiguous()
-                or base.numel() != math.prod(shape)):
+        half = HALF_KINDS.get(base.dtype) if base is not None and (base.dtype == dtype or base.dtype == torch.float32) else None
+        if nat is None or base is None or half is None or not base.is_contiguous() or base.numel() != math.prod(shape):
             return self.reconstruct(stored, params, base, shape, dtype)
         rows, cols = matrix_view_shape(shape)
         sign, scale = stored["sign"], stored["scale"]
@@ -168,13 +167,13 @@ class BitDelta(Codec):
         scale = scale.to(torch.float32).contiguous()
         stride = 0 if granularity == "tensor" else (1 if granularity == "row" else scale.shape[1])
         gcols = max(cols, 1) if granularity != "group" else min(g, max(cols, 1))
-        flat = (base.view(torch.int16) if bf16 else base).view(rows, cols).numpy()  # bf16 as its bits
+        flat = (base.view(torch.int16) if half else base).view(rows, cols).numpy()  # 16-bit floats as their bits
         sign_np, scale_np = sign.contiguous().numpy(), scale.reshape(-1).numpy()
         step = max(1, SIGN_BLOCK // max(cols, 1))
 
         def block(r0: int, m: int) -> None:
             nat.sign_add(flat[r0:r0 + m], sign_np[r0:r0 + m], scale_np[r0 * stride:] if stride else scale_np, m, cols,
-                         stride, gcols, bf16)
+                         stride, gcols, half)
 
         map_blocks(block, [(r, min(step, rows - r)) for r in range(0, rows, step)])
         return base.reshape(shape).to(dtype)

@@ -28,7 +28,7 @@ import torch
 from . import register_codec
 from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_packed, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
-from ._accel import native
+from ._accel import HALF_KINDS, native
 from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
@@ -196,12 +196,12 @@ def scatter_kept(numel: int, values: torch.Tensor, seed: int, stream: int, g: in
     :func:`gather_kept`), block by block; peak scratch is a few bytes per element of one block.
 
     With ``table`` (float32, at most 256 entries), ``values`` are uint8 codes and the kept elements get
-    ``table[code]``. With ``out`` (flat contiguous float32 or bfloat16 of ``numel``), the decoded delta is added
+    ``table[code]``. With ``out`` (flat contiguous float32, bfloat16 or float16 of ``numel``), the decoded delta is added
     to it in place (``out + 0`` at dropped elements: the bits of ``dtype(float32(out) + delta)``) and ``out`` is
     returned.
     """
     nat = native()
-    if nat is not None and (out is None or (out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous())):
+    if nat is not None and (out is None or (out.dtype in HALF_KINDS and out.is_contiguous())):
         if table is not None:
             padded = torch.zeros(256, dtype=torch.float32)
             padded[:table.numel()] = table
@@ -231,13 +231,13 @@ def _scatter_native(nat: Any, numel: int, src: np.ndarray, table: np.ndarray | N
     acc = out is not None
     if out is None:
         out = torch.empty(numel, dtype=torch.float32)
-    bf16 = out.dtype == torch.bfloat16
-    dst = out.view(torch.int16).numpy() if bf16 else out.numpy()  # bf16 as its bits (numpy has no bfloat16)
+    half = HALF_KINDS[out.dtype]
+    dst = out.view(torch.int16).numpy() if half else out.numpy()  # 16-bit floats as their bits
     k1, k2 = stream_keys(seed, stream)
 
     def block(a: int, m: int) -> None:
         v0 = a // g * keep
-        nat.scatter(k1, k2, a, g, keep, dst[a:a + m], src[v0:v0 + m // g * keep], table, acc, bf16)
+        nat.scatter(k1, k2, a, g, keep, dst[a:a + m], src[v0:v0 + m // g * keep], table, acc, half)
 
     map_blocks(block, block_ranges(numel, g))
     return out
@@ -271,7 +271,7 @@ class DeltaDQ(Codec):
         "preset": "16x", "p": None, "bits": None, "parts": None, "quantizer": None, "qgroup": None,
         "group_size": "auto", "seed": 0, "stream": None, "entropy": "zstd",
     }
-    inplace_dtypes = (torch.float32, torch.bfloat16)
+    inplace_dtypes = tuple(HALF_KINDS)
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         m = super().validate_params(params)
@@ -401,7 +401,7 @@ class DeltaDQ(Codec):
 
     def add_delta_(self, target: torch.Tensor, stored: dict[str, torch.Tensor], params: dict[str, Any],
                    shape: tuple[int, ...]) -> None:
-        """Adds the delta straight into ``target`` (float32 or bfloat16; native kernels: one pass, no delta tensor)."""
+        """Adds the delta straight into ``target`` (float32, bfloat16 or float16; native kernels: one pass, no delta tensor)."""
         if target.dtype not in self.inplace_dtypes or not target.is_contiguous():
             return super().add_delta_(target, stored, params, shape)
         self._decode(stored, params, shape, target.view(-1))
