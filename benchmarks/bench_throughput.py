@@ -6,7 +6,7 @@ Measures, on SmolLM2-135M + its 60-step fine-tune (``deltahub demo``'s pair, fp3
 * the CLI's start-up (``import deltahub.cli``) and ``import deltahub.delta``, in fresh processes;
 * ``apply_delta`` from Python after imports, in a fresh process per run (wall, peak RSS), for the
   default BitDelta delta and every DeltaDQ preset, with the digest cache cold and warm;
-* the same for the pair cast to bfloat16 (default policy, DeltaDQ 16x) against its own ``cp``;
+* the same for the pair cast to bfloat16 and to float16 (default policy, DeltaDQ 16x) against their own ``cp``;
 * the serial cost of each stage of apply (read the base, sha256 it, read + verify the stored
   tensors, decode, cast, write) and of compress (read, sha256, encode, write), one thread each,
   so the pipeline's wall time can be read against their sum.
@@ -256,39 +256,42 @@ def ensure_deltas(base: Path, ft: Path, work: Path, presets: list[str]) -> dict[
     return out
 
 
-def bf16_pair(base: Path, ft: Path, work: Path) -> tuple[Path, Path]:
-    """The pair cast to bfloat16 (how most checkpoints ship), made once into ``work``."""
+def half_pair(base: Path, ft: Path, work: Path, dtype: str) -> tuple[Path, Path]:
+    """The pair cast to ``dtype`` (bfloat16 / float16: how most checkpoints ship), made once into ``work``."""
     import torch
     from safetensors.torch import load_file, save_file
 
     out = []
     for src in (base, ft):
-        dst = work / f"bf16-{src.name}"
+        dst = work / f"{dtype}-{src.name}"
         if not (dst / "config.json").exists():
             dst.mkdir(parents=True, exist_ok=True)
             for f in src.iterdir():
                 if f.suffix == ".safetensors":
-                    save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
+                    save_file({k: v.to(getattr(torch, dtype)) for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
                 elif f.is_file() and not f.name.startswith("."):
                     shutil.copy(f, dst / f.name)
             cfg = json.loads((dst / "config.json").read_text())
-            (dst / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+            (dst / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}))
         out.append(dst)
     return out[0], out[1]
 
 
-def bf16_runs(base: Path, ft: Path, work: Path, repeats: int) -> dict[str, Any]:
-    """cp and apply of the bf16 pair: the default policy and DeltaDQ 16x."""
+def half_runs(base: Path, ft: Path, work: Path, repeats: int) -> dict[str, Any]:
+    """cp and apply of the pair in bfloat16 and in float16: the default policy and DeltaDQ 16x."""
     from deltahub.compression import compress
 
-    b16, f16 = bf16_pair(base, ft, work)
-    res: dict[str, Any] = {"cp_s": time_cp(f16 / "model.safetensors", work, max(repeats, 3)),
-                           "ft_mb": (f16 / "model.safetensors").stat().st_size / 1e6, "apply": {}}
-    for label, kw in ((DEFAULT, {}), ("deltadq 16x", {"codec": "deltadq", "preset": "16x"})):
-        d = work / f"bf16-d-{label.split()[-1].strip('()')}"
-        if not d.exists():
-            compress(b16, f16, d, progress=False, **kw)
-        res["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests")
+    res: dict[str, Any] = {}
+    for dtype in ("bfloat16", "float16"):
+        b16, f16 = half_pair(base, ft, work, dtype)
+        r: dict[str, Any] = {"cp_s": time_cp(f16 / "model.safetensors", work, max(repeats, 3)),
+                             "ft_mb": (f16 / "model.safetensors").stat().st_size / 1e6, "apply": {}}
+        for label, kw in ((DEFAULT, {}), ("deltadq 16x", {"codec": "deltadq", "preset": "16x"})):
+            d = work / f"{dtype}-d-{label.split()[-1].strip('()')}"
+            if not d.exists():
+                compress(b16, f16, d, progress=False, **kw)
+            r["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests")
+        res[dtype] = r
     return res
 
 
@@ -320,12 +323,14 @@ def _md(results: dict[str, Any]) -> str:
               "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. Cold: the digest cache "
               "empty, so the base is hashed; warm: the next runs, which hash nothing. Numpy paths: the same warm "
               "runs with `DELTAHUB_NATIVE=0` (no native decode kernels, as on an install without a C compiler).", ""]
-    b16 = results.get("bf16")
-    if b16:
-        lines += [f"## apply of the same pair in bfloat16 (how most checkpoints ship; `cp` {b16['cp_s']:.2f} s for {b16['ft_mb']:.0f} MB)", "",
-                  markdown_table(["delta", "wall, warm (s)", "warm / cp", "CPU warm (s)"],
-                                 [[k, f"{r['warm_s']:.2f}", f"{r['warm_s'] / b16['cp_s']:.1f}x", f"{r['warm_cpu_s']:.2f}"]
-                                  for k, r in b16["apply"].items()]), ""]
+    halves = results.get("half", {})
+    if halves:
+        lines += ["## apply of the same pair in 16-bit dtypes (how most checkpoints ship)", "",
+                  markdown_table(["dtype", "delta", "wall, warm (s)", "`cp` (s)", "warm / cp", "CPU warm (s)"],
+                                 [[dt, k, f"{r['warm_s']:.2f}", f"{h['cp_s']:.2f}", f"{r['warm_s'] / h['cp_s']:.1f}x", f"{r['warm_cpu_s']:.2f}"]
+                                  for dt, h in halves.items() for k, r in h["apply"].items()]),
+                  "", f"The fine-tune is {next(iter(halves.values()))['ft_mb']:.0f} MB in 16 bits: half the bytes of the float32 "
+                  "pair, the same number of weights to decode.", ""]
     for title, key in (("apply, serial stages (one thread, default delta)", "apply_stages"), ("compress, serial stages (one thread, default policy)", "compress_stages")):
         st = results.get(key)
         if st:
@@ -351,7 +356,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deltahub-bench-throughput")
     ap.add_argument("--out", type=Path, default=HERE / "throughput.md")
     ap.add_argument("--no-stages", action="store_true", help="skip the serial stage breakdown")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 copy of the pair")
+    ap.add_argument("--no-half", action="store_true", help="skip the bfloat16 / float16 copies of the pair")
     a = ap.parse_args()
     os.environ["DELTAHUB_DIGEST_CACHE"] = "off"  # the in-process stage runs hash for real
 
@@ -373,8 +378,8 @@ def main() -> None:
         print(label, res["apply"][label], res["apply_numpy"][label]["warm_s"], flush=True)
     res["apply"]["default policy, --dtype bfloat16"] = apply_runs(deltas[DEFAULT], base, a.work, a.repeats, a.work / "digests",
                                                                   dtype="bfloat16")
-    if not a.no_bf16:
-        res["bf16"] = bf16_runs(base, ft, a.work, a.repeats)
+    if not a.no_half:
+        res["half"] = half_runs(base, ft, a.work, a.repeats)
     if not a.no_stages:
         res["apply_stages"] = apply_stages(deltas[DEFAULT], base, a.work)
         res["compress_stages"] = compress_stages(base, ft, a.work / "x")
