@@ -62,6 +62,11 @@ def _unshuffle(planes: torch.Tensor | np.ndarray, itemsize: int) -> torch.Tensor
     return torch.from_numpy(out.reshape(-1))
 
 
+def _frame(stored: dict[str, torch.Tensor], nbytes: int) -> bytes:
+    """The ``zstd`` payload decompressed; its frame must declare exactly ``nbytes`` (checked before decompressing)."""
+    return decompress_frame(memoryview(stored["zstd"].contiguous().numpy()), what="raw: zstd payload", size=nbytes)
+
+
 @register_codec
 class Raw(Codec):
     """Exact storage; ``mode='auto'`` picks ``xor`` when the base tensor matches in shape and dtype."""
@@ -116,7 +121,7 @@ class Raw(Codec):
 
     def _payload(self, stored: dict[str, torch.Tensor], params: dict[str, Any], nbytes: int, itemsize: int) -> torch.Tensor:
         if "zstd" in stored:
-            raw = decompress_frame(memoryview(stored["zstd"].contiguous().numpy()), what="raw: zstd payload", size=nbytes)
+            raw = _frame(stored, nbytes)
             if params.get("shuffle") and len(raw) == nbytes and nbytes:
                 buf = _unshuffle(np.frombuffer(raw, dtype=np.uint8), itemsize)  # the copy makes it writable
             else:
@@ -162,10 +167,7 @@ class Raw(Codec):
                 or base is None or base.dtype != dtype or not base.is_contiguous() or base.numel() != math.prod(shape)
                 or base.element_size() == 1 or base.numel() == 0):
             return self.reconstruct(stored, params, base, shape, dtype)
-        nbytes = base.numel() * base.element_size()
-        raw = decompress_frame(memoryview(stored["zstd"].contiguous().numpy()), what="raw: zstd payload", size=nbytes)
-        if len(raw) != nbytes:
-            raise CodecError(f"raw: payload has {len(raw)} bytes, the tensor needs {nbytes}")
+        raw = _frame(stored, base.numel() * base.element_size())
         nat.unshuffle(base.view(-1).view(torch.uint8).numpy(), raw, base.element_size(), True)
         return base.reshape(shape)
 
