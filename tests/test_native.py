@@ -113,6 +113,12 @@ def test_native_kernels_refuse_buffers_that_do_not_fit() -> None:
         _native.scatter(k1, k2, 4, 8, 2, dense, np.zeros(16, dtype=np.float32), None)  # start inside a group
     with pytest.raises(ValueError):
         _native.scatter(k1, k2, 0, 8, 9, dense, np.zeros(90, dtype=np.float32), None)  # keep > g
+    with pytest.raises(ValueError):  # an unknown 16-bit kind, and a 16-bit block that is overwritten rather than added to
+        _native.scatter(k1, k2, 0, 8, 2, dense, np.zeros(16, dtype=np.float32), None, True, 3)
+    with pytest.raises(ValueError):
+        _native.scatter(k1, k2, 0, 8, 2, dense.view(np.int16), np.zeros(32, dtype=np.float32), None, False, 1)
+    with pytest.raises(ValueError):  # a bf16 block of 64 elements needs 128 bytes, not 256
+        _native.sign_add(dense, np.zeros((64, 1), np.uint8), np.ones(1, np.float32), 64, 1, 0, 1, 1)
     with pytest.raises(ValueError):
         _native.gather(k1, k2, 0, 8, 2, dense, np.zeros(15, dtype=np.float32))
     with pytest.raises(ValueError):
