@@ -672,7 +672,7 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     measured on a row sample of large matrices and scaled to the whole tensor."""
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
-    d2_full = float(inp.delta.pow(2).sum(dtype=torch.float64))
+    d2_full = inp.delta_sumsq()
     full, full_shape = inp, shape
     cands = [(cname, cparams, *job.codecs.get(cname, cparams)) for cname, cparams in job.candidates_for(inp.name, shape)]
     rest = [x for x in cands if not x[2].whole_matrix]

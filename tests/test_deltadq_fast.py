@@ -65,7 +65,7 @@ def ref_kmeans(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     fit = values if n <= _quant.KMEANS_FIT_MAX else values[:: (n + _quant.KMEANS_FIT_MAX - 1) // _quant.KMEANS_FIT_MAX]
     srt = fit.sort().values
     csum = torch.cat([torch.zeros(1, dtype=torch.float64), srt.to(torch.float64).cumsum(0)])
-    cb = _quant._companded_init(srt, k)
+    cb = torch.from_numpy(_quant._companded_init(srt.numpy(), k))
     for _ in range(_quant.KMEANS_ITERS):
         cuts = torch.searchsorted(srt, (cb[:-1] + cb[1:]) / 2, right=True)
         cuts = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([srt.numel()])])

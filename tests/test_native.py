@@ -1,4 +1,4 @@
-"""The native decode kernels (deltahub/codecs/_native.c) against the numpy paths, bit for bit, and
+"""The native decode and encode kernels (deltahub/codecs/_native.c) against the numpy paths, bit for bit, and
 the in-place rebuild (``Codec.reconstruct_``) against ``reconstruct``."""
 
 from __future__ import annotations
@@ -314,3 +314,97 @@ def test_bitdelta_half_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, g
     as_fp32 = codec.reconstruct_(enc.tensors, enc.params, base.clone(), shape, torch.float32)  # other output dtype: not in place
     want32 = codec.reconstruct(enc.tensors, enc.params, base, shape, torch.float32)
     assert as_fp32.dtype == torch.float32 and torch.equal(as_fp32.view(torch.int32), want32.view(torch.int32))
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(64, 96), (7, 576), (33, 40), (300, 12), (3, 13)])
+@pytest.mark.parametrize("setting", [{"p": 0.5, "bits": 4, "parts": 2}, {"preset": "16x"}, {"preset": "128x"},
+                                     {"p": 0.5, "bits": 3, "parts": 4}, {"p": 0.9, "bits": 8, "parts": 1},
+                                     {"p": 0.9, "bits": 2, "parts": 4}, {"p": 0.25, "bits": 5, "parts": 1, "entropy": "none"},
+                                     {"p": 0.5, "bits": 1, "parts": 2}, {"p": 0.75, "bits": 7, "parts": 128}])
+def test_deltadq_encode_matches_numpy(shape: tuple[int, int], setting: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native encoder (Lloyd steps, codes, packed streams) stores the bytes of the numpy/torch encoder; its
+    float64 error sums agree to rounding."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=gen)
+    delta = torch.randn(shape, generator=gen) * 1e-3 * (1 + 3 * torch.rand(shape, generator=gen))
+    codec = get_codec("deltadq")
+    params = codec.validate_params(dict(setting))
+    a, b = _both(monkeypatch, lambda: codec.encode(EncodeInput(name="w", finetuned=base + delta, base=base), params))
+    assert a.params == b.params and a.tensors.keys() == b.tensors.keys()
+    for role in a.tensors:
+        assert torch.equal(a.tensors[role], b.tensors[role]), role
+    d2 = b.stats["delta_l2"] ** 2
+    assert a.stats["delta_l2"] == pytest.approx(b.stats["delta_l2"], rel=1e-12)
+    assert a.stats["error_l2"] == pytest.approx(b.stats["error_l2"], rel=1e-9)
+    assert a.stats["error_dot"] == pytest.approx(b.stats["error_dot"], rel=1e-9, abs=1e-12 * d2)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 33, 1000])
+def test_pack_codes_and_kmeans_match_numpy(bits: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.codecs._quant import kmeans_codebook
+
+    codes = torch.from_numpy(np.random.default_rng(n * bits).integers(0, 256, n).astype(np.uint8))  # high bits ignored
+    a, b = _both(monkeypatch, lambda: pack_codes(codes, bits))
+    assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b) and a.numel() == packed_nbytes(n, bits)
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3  # heavy tails: many Lloyd steps
+    (cb_a, codes_a), (cb_b, codes_b) = _both(monkeypatch, lambda: kmeans_codebook(values, min(bits, 6)))
+    assert torch.equal(cb_a, cb_b) and torch.equal(codes_a, codes_b)
+
+
+@needs_native
+def test_spread_sums_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.codecs.deltadq import auto_candidates, spread_sums
+
+    for shape in [(64, 96), (7, 576), (33, 40), (5, 7), (300, 12), (3, 1), (2, 4096)]:
+        d = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+        sizes = auto_candidates(shape[1], 0.5)
+        (t1a, ta), (t1b, tb) = _both(monkeypatch, lambda: spread_sums(d, sizes))
+        assert t1a == pytest.approx(t1b, rel=1e-12) and ta.keys() == tb.keys()
+        assert all(ta[g] == pytest.approx(tb[g], rel=1e-9, abs=1e-12 * t1b) for g in sizes)
+
+
+@needs_native
+def test_encoder_error_sums_do_not_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta element near float32's largest value: its square is summed in float64 (finite), on both paths."""
+    base = torch.zeros(8, 64)
+    delta = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 1e-3
+    delta[2, 5] = 3e38
+    codec = get_codec("deltadq")
+    params = codec.validate_params({"p": 0.5, "bits": 4, "parts": 2, "group_size": 8})
+    for enc in _both(monkeypatch, lambda: codec.encode(EncodeInput(name="w", finetuned=base + delta, base=base), params)):
+        assert math.isfinite(enc.stats["delta_l2"]) and enc.stats["delta_l2"] == pytest.approx(3e38, rel=1e-6)
+        assert math.isfinite(enc.stats["error_l2"])
+
+
+@needs_native
+def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
+    from deltahub.codecs._accel import native
+
+    nat = native()
+    f = np.zeros(8, dtype=np.float32)
+    with pytest.raises(ValueError):
+        nat.split_pack(np.zeros(4, np.uint8), 2, 8)  # more parts than 2-bit codes have
+    with pytest.raises(ValueError):
+        nat.split_pack(np.zeros(4, np.uint8), 3, 3)  # parts not a power of two
+    with pytest.raises(ValueError):
+        nat.split_pack(np.zeros(4, np.uint8), 9, 1)
+    with pytest.raises(ValueError):
+        nat.quantize(f, None, np.zeros(4, np.float32), np.zeros(7, np.uint8))  # codes buffer of the wrong size
+    with pytest.raises(ValueError):
+        nat.quantize(f, np.zeros(7, np.float32), np.zeros(4, np.float32), np.zeros(8, np.uint8))
+    with pytest.raises(ValueError):
+        nat.quantize(f, None, np.zeros(257, np.float32), np.zeros(8, np.uint8))
+    with pytest.raises(ValueError):
+        nat.lloyd(f, np.zeros(0, np.float32), 10)
+    with pytest.raises(ValueError):
+        nat.spread_sums(f, 2, 5, [1])  # 2 x 5 is not 8 elements
+    with pytest.raises(ValueError):
+        nat.spread_sums(f, 2, 4, [4, 2])  # not ascending
+    with pytest.raises(ValueError):
+        nat.spread_sums(f, 1, 8, [3])  # neither a power of two nor the row

@@ -1,10 +1,12 @@
-/* Native kernels for the hot per-element loops of decoding (optional; pure numpy/torch fallbacks in
+/* Native kernels for the hot per-element loops of decoding and encoding (optional; pure numpy/torch fallbacks in
  * _rng.py / deltadq.py / _quant.py compute the same bits, and tests compare the two).
  *
  * - the counter-based generator and exact-count group selection of format_spec.md ("Seeded masks",
  *   "Group-wise dropout"): u_i = H(lo ^ K(hi)) ^ k1, per group the `keep` smallest keys (u_i, j);
  * - group scatter / gather between a dense block and its kept values, and the kept positions;
- * - merging the part-id stream with the per-part low-bit streams of separate quantization.
+ * - merging the part-id stream with the per-part low-bit streams of separate quantization;
+ * - encoding: 1-D Lloyd iterations, nearest-centroid codes with their error sums, and the packed
+ *   part-id / low-bit streams (DeltaDQ's encoder).
  *
  * Every function takes plain buffers, checks their sizes against the arguments before touching
  * them (a stranger's delta chooses the numbers) and releases the GIL while it loops, so the
@@ -982,6 +984,319 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------------------------------------------------ encoding
+ * Encoder kernels (DeltaDQ's k-means and code streams). Their results are bit-identical to the
+ * numpy/torch paths of _quant.py / deltadq.py for codes, codebooks and packed bytes; the float64
+ * error sums are the same sums in another order (last-bit differences only). */
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Number of elements of sorted s[0..n) that are <= v (numpy searchsorted side="right"). */
+static inline size_t upper_bound_f(const float *s, size_t n, float v) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s[mid] <= v) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
+ * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
+ * float64 means rounded to float32, sorted). */
+static PyObject *py_lloyd(PyObject *self, PyObject *args) {
+    Py_buffer srt = {0}, cb = {0};
+    Py_ssize_t iters;
+    if (!PyArg_ParseTuple(args, "y*w*n", &srt, &cb, &iters)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
+    double *csum = NULL;
+    if (k < 1 || k > 256 || srt.len % sizeof(float) || cb.len % sizeof(float) || iters < 0) {
+        PyErr_SetString(PyExc_ValueError, "lloyd: bad sizes"); goto done;
+    }
+    csum = (double *)malloc((n + 1) * sizeof(double));
+    if (!csum) { PyErr_NoMemory(); goto done; }
+    const float *s = (const float *)srt.buf;
+    float *c = (float *)cb.buf;
+    Py_ssize_t it = 0;
+    Py_BEGIN_ALLOW_THREADS
+    csum[0] = 0.0;
+    for (size_t i = 0; i < n; i++) csum[i + 1] = csum[i] + (double)s[i];
+    size_t cuts[257];
+    float nw[256];
+    for (; it < iters; it++) {
+        cuts[0] = 0;
+        cuts[k] = n;
+        for (size_t j = 0; j + 1 < k; j++) cuts[j + 1] = upper_bound_f(s, n, (c[j] + c[j + 1]) / 2.0f);
+        for (size_t j = 0; j < k; j++) {
+            size_t cnt = cuts[j + 1] - cuts[j];
+            nw[j] = cnt ? (float)((csum[cuts[j + 1]] - csum[cuts[j]]) / (double)cnt) : c[j];
+        }
+        qsort(nw, k, sizeof(float), cmp_float);
+        if (!memcmp(nw, c, k * sizeof(float))) break;
+        memcpy(c, nw, k * sizeof(float));
+    }
+    Py_END_ALLOW_THREADS
+    ret = PyLong_FromSsize_t(it);
+done:
+    free(csum);
+    PyBuffer_Release(&srt);
+    PyBuffer_Release(&cb);
+    return ret;
+}
+
+/* quantize(values_f32, kept_f32 or None, codebook_f32 (sorted, 1..256), codes_u8 (written))
+ *   -> (sum kept^2, sum err^2, sum err*kept), err = codebook[code] - kept, all in float64 ((0, 0, 0)
+ *   without kept). code = the number of codebook midpoints strictly below the value, as
+ *   assign_codebook (torch.bucketize) gives it. */
+CLONES
+static void assign_codes(uint8_t *codes, const float *v, size_t n, const float *mids, size_t nm) {
+    if (nm <= 15) {
+        for (size_t i = 0; i < n; i++) {
+            unsigned c = 0;
+            float x = v[i];
+            for (size_t j = 0; j < nm; j++) c += x > mids[j];
+            codes[i] = (uint8_t)c;
+        }
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t lo = 0, hi = nm;
+        float x = v[i];
+        while (lo < hi) {  /* first midpoint >= x */
+            size_t mid = lo + (hi - lo) / 2;
+            if (mids[mid] < x) lo = mid + 1;
+            else hi = mid;
+        }
+        codes[i] = (uint8_t)lo;
+    }
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    Py_buffer vals = {0}, cb = {0}, codes = {0}, kept = {0};
+    PyObject *kept_obj, *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*Oy*w*", &vals, &kept_obj, &cb, &codes)) return NULL;
+    size_t n = (size_t)vals.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
+    if (kept_obj != Py_None && PyObject_GetBuffer(kept_obj, &kept, PyBUF_SIMPLE)) goto done;
+    if (vals.len % sizeof(float) || k < 1 || k > 256 || (size_t)codes.len != n
+            || (kept.obj && (size_t)kept.len != n * sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "quantize: buffers do not fit"); goto done;
+    }
+    float mids[255];
+    const float *c = (const float *)cb.buf;
+    for (size_t j = 0; j + 1 < k; j++) mids[j] = (c[j] + c[j + 1]) / 2.0f;
+    const float *v = (const float *)vals.buf, *kp = kept.obj ? (const float *)kept.buf : NULL;
+    uint8_t *o = (uint8_t *)codes.buf;
+    double k2 = 0.0, q2 = 0.0, qd = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    assign_codes(o, v, n, mids, k - 1);
+    if (kp) {
+        double a[4] = {0}, b[4] = {0}, d[4] = {0};
+        size_t i = 0;
+        for (; i + 4 <= n; i += 4)
+            for (int t = 0; t < 4; t++) {
+                double x = kp[i + t], e = (double)c[o[i + t]] - x;
+                a[t] += x * x; b[t] += e * e; d[t] += e * x;
+            }
+        for (; i < n; i++) {
+            double x = kp[i], e = (double)c[o[i]] - x;
+            a[0] += x * x; b[0] += e * e; d[0] += e * x;
+        }
+        k2 = (a[0] + a[1]) + (a[2] + a[3]); q2 = (b[0] + b[1]) + (b[2] + b[3]); qd = (d[0] + d[1]) + (d[2] + d[3]);
+    }
+    Py_END_ALLOW_THREADS
+    ret = Py_BuildValue("(ddd)", k2, q2, qd);
+done:
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&codes);
+    if (kept.obj) PyBuffer_Release(&kept);
+    return ret;
+}
+
+/* sumsq(f32) -> float64 sum of squares, squared in float64 (inf or nan when any element is: a finite
+ * float32 squared cannot overflow a double). */
+CLONES
+static double sumsq_f(const float *x, size_t n) {
+    double a[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int t = 0; t < 8; t++) a[t] += (double)x[i + t] * (double)x[i + t];
+    for (; i < n; i++) a[0] += (double)x[i] * (double)x[i];
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+static PyObject *py_sumsq(PyObject *self, PyObject *args) {
+    Py_buffer x = {0};
+    if (!PyArg_ParseTuple(args, "y*", &x)) return NULL;
+    PyObject *ret = NULL;
+    if (x.len % sizeof(float)) { PyErr_SetString(PyExc_ValueError, "sumsq: not float32"); goto done; }
+    double s;
+    Py_BEGIN_ALLOW_THREADS
+    s = sumsq_f((const float *)x.buf, (size_t)x.len / sizeof(float));
+    Py_END_ALLOW_THREADS
+    ret = PyFloat_FromDouble(s);
+done:
+    PyBuffer_Release(&x);
+    return ret;
+}
+
+/* A little-endian bit writer: values LSB first, 32 bits stored at a time (never past the stream's
+ * exact length: a word is stored only when all its bits belong to the stream). */
+typedef struct { uint8_t *p; size_t pos; uint64_t acc; unsigned n; } bitw_t;
+
+static inline void bw_put(bitw_t *w, unsigned v, unsigned b) {
+    w->acc |= (uint64_t)v << w->n;
+    w->n += b;
+    if (w->n >= 32) {
+        uint32_t word = (uint32_t)w->acc;
+        memcpy(w->p + w->pos, &word, 4);
+        w->pos += 4;
+        w->acc >>= 32;
+        w->n -= 32;
+    }
+}
+
+static inline void bw_flush(bitw_t *w) {
+    while (w->n > 0) {
+        w->p[w->pos++] = (uint8_t)w->acc;
+        w->acc >>= 8;
+        w->n = w->n > 8 ? w->n - 8 : 0;
+    }
+}
+
+/* split_pack(codes_u8, bits, parts) -> (part stream or None, [low stream of each part] or None): separate
+ * quantization's streams packed as pack_codes packs them (part = code >> lbits, low = code & (2^lbits-1);
+ * the lows of part j in order form stream j). Streams are bytearrays of exactly ceil(count * b / 8) bytes. */
+static PyObject *py_split_pack(PyObject *self, PyObject *args) {
+    Py_buffer codes = {0};
+    unsigned int bits, parts;
+    if (!PyArg_ParseTuple(args, "y*II", &codes, &bits, &parts)) return NULL;
+    PyObject *ret = NULL, *part_obj = NULL, *lows = NULL;
+    unsigned pbits = 0;
+    while ((1u << pbits) < parts) pbits++;
+    if (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) {
+        PyErr_SetString(PyExc_ValueError, "split_pack: bad bits / parts"); goto done;
+    }
+    unsigned lbits = bits - pbits, lmask = (1u << lbits) - 1, pmask = (1u << pbits) - 1;
+    size_t n = (size_t)codes.len;
+    const uint8_t *c = (const uint8_t *)codes.buf;
+    uint64_t counts[256] = {0};
+    if (pbits) {
+        for (size_t i = 0; i < n; i++) counts[(c[i] >> lbits) & pmask]++;
+    } else counts[0] = n;
+    bitw_t pw = {0}, lw[256];
+    memset(lw, 0, sizeof lw);
+    if (pbits) {
+        part_obj = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(n, pbits));
+        if (!part_obj) goto done;
+        pw.p = (uint8_t *)PyByteArray_AS_STRING(part_obj);
+    } else { Py_INCREF(Py_None); part_obj = Py_None; }
+    if (lbits) {
+        lows = PyList_New(parts);
+        if (!lows) goto done;
+        for (unsigned j = 0; j < parts; j++) {
+            PyObject *b = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(counts[j], lbits));
+            if (!b) goto done;
+            PyList_SET_ITEM(lows, j, b);
+            lw[j].p = (uint8_t *)PyByteArray_AS_STRING(b);
+        }
+    } else { Py_INCREF(Py_None); lows = Py_None; }
+    Py_BEGIN_ALLOW_THREADS
+    if (pbits && lbits) {
+        for (size_t i = 0; i < n; i++) {
+            unsigned p = (c[i] >> lbits) & pmask;
+            bw_put(&pw, p, pbits);
+            bw_put(&lw[p], c[i] & lmask, lbits);
+        }
+    } else if (pbits) {
+        for (size_t i = 0; i < n; i++) bw_put(&pw, (c[i] >> lbits) & pmask, pbits);
+    } else if (lbits == 8) {
+        memcpy(lw[0].p, c, n);
+    } else {
+        for (size_t i = 0; i < n; i++) bw_put(&lw[0], c[i] & lmask, lbits);
+    }
+    if (pbits) bw_flush(&pw);
+    if (lbits) for (unsigned j = 0; j < parts; j++) bw_flush(&lw[j]);
+    Py_END_ALLOW_THREADS
+    ret = PyTuple_Pack(2, part_obj, lows);
+done:
+    Py_XDECREF(part_obj);
+    Py_XDECREF(lows);
+    PyBuffer_Release(&codes);
+    return ret;
+}
+
+/* spread_sums(delta_f32, rows, cols, sizes) -> (sum D^2, [sum over groups of (group sum)^2 for each size]):
+ * DeltaDQ's group-size sums (deltadq.spread_sums), in float64. sizes are ascending powers of two dividing
+ * cols, or cols itself; group sums of each power of two come from the previous one's by adding neighbours. */
+static PyObject *py_spread_sums(PyObject *self, PyObject *args) {
+    Py_buffer d = {0};
+    Py_ssize_t rows, cols;
+    PyObject *sizes_obj, *ret = NULL, *seq = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnO", &d, &rows, &cols, &sizes_obj)) return NULL;
+    double *buf = NULL, t2[64] = {0}, t1 = 0.0;
+    Py_ssize_t sz[64], ns = 0;
+    seq = PySequence_Fast(sizes_obj, "sizes must be a sequence");
+    if (!seq) goto done;
+    ns = PySequence_Fast_GET_SIZE(seq);
+    if (rows < 0 || cols < 1 || d.len != rows * cols * (Py_ssize_t)sizeof(float) || ns > 64) {
+        PyErr_SetString(PyExc_ValueError, "spread_sums: bad sizes"); goto done;
+    }
+    for (Py_ssize_t j = 0; j < ns; j++) {
+        sz[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, j));
+        if (sz[j] == -1 && PyErr_Occurred()) goto done;
+        int pow2 = sz[j] >= 1 && !(sz[j] & (sz[j] - 1));
+        if ((!pow2 && sz[j] != cols) || cols % sz[j] || (j && sz[j] <= sz[j - 1])) {
+            PyErr_SetString(PyExc_ValueError, "spread_sums: sizes must ascend, divide the row and be powers of two or the row");
+            goto done;
+        }
+    }
+    buf = (double *)malloc((size_t)cols * sizeof(double));
+    if (!buf) { PyErr_NoMemory(); goto done; }
+    const float *x = (const float *)d.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * (size_t)cols;
+        double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        Py_ssize_t i = 0;
+        for (; i + 4 <= cols; i += 4) {
+            double v0 = row[i], v1 = row[i + 1], v2 = row[i + 2], v3 = row[i + 3];
+            buf[i] = v0; buf[i + 1] = v1; buf[i + 2] = v2; buf[i + 3] = v3;
+            a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;
+        }
+        for (; i < cols; i++) { double v = row[i]; buf[i] = v; a0 += v * v; }
+        t1 += (a0 + a1) + (a2 + a3);
+        Py_ssize_t size = 1, len = cols;
+        for (Py_ssize_t j = 0; j < ns; j++) {
+            Py_ssize_t g = sz[j];
+            while (size < g && g % (2 * size) == 0) {
+                len /= 2;
+                for (Py_ssize_t k = 0; k < len; k++) buf[k] = buf[2 * k] + buf[2 * k + 1];
+                size *= 2;
+            }
+            double acc = 0.0;
+            if (size == g) for (Py_ssize_t k = 0; k < len; k++) acc += buf[k] * buf[k];
+            else { for (Py_ssize_t k = 0; k < len; k++) acc += buf[k]; acc *= acc; }  /* g = cols: the row sum */
+            t2[j] += acc;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *lst = PyList_New(ns);
+    if (!lst) goto done;
+    for (Py_ssize_t j = 0; j < ns; j++) PyList_SET_ITEM(lst, j, PyFloat_FromDouble(t2[j]));
+    ret = Py_BuildValue("(dN)", t1, lst);
+done:
+    free(buf);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&d);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
@@ -991,10 +1306,15 @@ static PyMethodDef methods[] = {
     {"select_flags", py_select_flags, METH_VARARGS, "Test hook: the group selection on given u values."},
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},
     {"merge_parts", py_merge_parts, METH_VARARGS, "Codes from a part-id stream and per-part low-bit streams."},
+    {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
+    {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
+    {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
+    {"spread_sums", py_spread_sums, METH_VARARGS, "DeltaDQ group-size sums for several group sizes."},
+    {"split_pack", py_split_pack, METH_VARARGS, "Separate quantization: packed part-id and per-part low-bit streams."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "deltahub's native decode kernels.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "deltahub's native decode and encode kernels.", -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
     init_pm1();

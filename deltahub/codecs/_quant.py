@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._accel import native
 from ._zstd import compress, decompress_frame
 from ..errors import CodecError
 
@@ -62,6 +63,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
     if bits == 8:
         return codes.to(torch.uint8)
+    nat = native()
+    if nat is not None and codes.dtype == torch.uint8:
+        _, (low,) = nat.split_pack(codes.contiguous().numpy(), bits, 1)
+        return torch.frombuffer(low, dtype=torch.uint8)
     out = torch.empty((n + 7) // 8 * bits, dtype=torch.uint8)
     shifts = _shifts(bits)
     for a in range(0, n, CODE_CHUNK):  # CODE_CHUNK is a multiple of 8: chunks fill whole words
@@ -192,22 +197,32 @@ def quantize_uniform(values: torch.Tensor, bits: int, qgroup: int) -> UniformQua
 
 
 def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, uint8 codes)``.
+    """1-D Lloyd k-means with ``2^bits`` centroids: ``(sorted float32 codebook, uint8 codes)``."""
+    cb = kmeans_fit(values, bits, iters)
+    return cb, assign_codebook(values, cb)
+
+
+def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """The sorted float32 codebook of ``2^bits`` centroids that 1-D Lloyd iterations reach from a companded start.
 
     In 1-D every cluster is a contiguous run of the sorted values, so after one sort each Lloyd
     iteration is ``2^bits`` binary searches and prefix-sum differences (no pass over the data);
-    the iterations run on numpy arrays of ``2^bits`` elements, whose per-call cost is small.
+    the native kernel runs exactly these steps, the numpy loop below is its fallback.
     """
     values = values.reshape(-1).to(torch.float32)
     n, k = values.numel(), 1 << bits
     if n == 0:
-        return torch.zeros(k), torch.zeros(0, dtype=torch.uint8)
+        return torch.zeros(k)
     fit = values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
     srt = np.sort(fit.numpy())  # numpy's SIMD sort; equal values are interchangeable
+    cb = _companded_init(srt, k)
+    nat = native()
+    if nat is not None:
+        nat.lloyd(srt, cb, iters)
+        return torch.from_numpy(cb)
     csum = np.empty(srt.size + 1, dtype=np.float64)
     csum[0], csum[1:] = 0.0, srt
     np.add.accumulate(csum, out=csum)  # sequential float64 prefix sums, csum[i] = sum of the i smallest
-    cb = _companded_init(torch.from_numpy(srt), k).numpy()
     cuts = np.zeros(k + 1, dtype=np.int64)
     cuts[-1] = srt.size
     two = np.float32(2)
@@ -219,23 +234,25 @@ def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) 
         if (new == cb).all():
             break
         cb = new
-    cb_t = torch.from_numpy(cb)
-    return cb_t, assign_codebook(values, cb_t)
+    return torch.from_numpy(cb)
 
 
-def _companded_init(values: torch.Tensor, k: int, bins: int = 4096) -> torch.Tensor:
-    """Initial centroids at the quantiles of ``density^(1/3)``, the high-resolution optimum of
-    MSE quantization (Panter-Dite), so Lloyd converges in few iterations even for heavy tails."""
-    lo, hi = values.min(), values.max()
-    if not bool(hi > lo):
-        return torch.full((k,), float(lo))
-    hist = torch.histc(values, bins=bins, min=float(lo), max=float(hi)).to(torch.float64)
-    cdf = hist.pow(1.0 / 3.0).cumsum(0)
-    cdf = cdf / cdf[-1]
-    targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k
-    idx = torch.searchsorted(cdf, targets).clamp_(0, bins - 1)
+def _companded_init(srt: np.ndarray, k: int, bins: int = 4096) -> np.ndarray:
+    """Initial centroids (float32) at the quantiles of ``density^(1/3)``, the high-resolution optimum of
+    MSE quantization (Panter-Dite), so Lloyd converges in few iterations even for heavy tails.
+
+    ``srt`` is sorted: the density is a histogram of ``bins`` equal bins, counted by binary search.
+    """
+    lo, hi = float(srt[0]), float(srt[-1])
+    if not hi > lo:
+        return np.full(k, lo, dtype=np.float32)
     width = (hi - lo) / bins
-    return (lo + (idx.to(torch.float32) + 0.5) * width).to(torch.float32)
+    cuts = np.searchsorted(srt, lo + width * np.arange(1, bins), side="left")
+    hist = np.diff(cuts, prepend=0, append=srt.size).astype(np.float64)
+    cdf = np.cumsum(np.cbrt(hist))
+    cdf /= cdf[-1]
+    idx = np.clip(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), 0, bins - 1)
+    return (lo + (idx + 0.5) * width).astype(np.float32)
 
 
 def assign_codebook(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -245,6 +262,11 @@ def assign_codebook(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     up to 15 midpoints that count is summed one comparison at a time, which is several times faster.
     """
     values = values.reshape(-1)
+    nat = native()
+    if nat is not None and values.dtype == torch.float32 and codebook.dtype == torch.float32:
+        codes = np.empty(values.numel(), dtype=np.uint8)
+        nat.quantize(values.contiguous().numpy(), None, codebook.contiguous().numpy(), codes)
+        return torch.from_numpy(codes)
     mids = (codebook[:-1] + codebook[1:]) / 2
     if mids.numel() > 15:
         return torch.bucketize(values, mids).to(torch.uint8)
@@ -266,7 +288,11 @@ def store_stream(codes: torch.Tensor, bits: int, *, entropy: bool = True) -> tor
     A reader tells the two apart by length alone: the raw stream of ``n`` codes has exactly
     ``ceil(n * bits / 8)`` bytes, a zstd stream is shorter.
     """
-    packed = pack_codes(codes, bits)
+    return stored_bytes(pack_codes(codes, bits), entropy=entropy)
+
+
+def stored_bytes(packed: torch.Tensor, *, entropy: bool = True) -> torch.Tensor:
+    """A packed code stream as stored: its zstd frame when ``entropy`` and strictly smaller, else itself."""
     if entropy and packed.numel() > 0:
         blob = compress(packed.numpy().tobytes(), STREAM_ZSTD_LEVEL)
         if blob.numel() < packed.numel():

@@ -16,7 +16,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._accel import native
 from ..errors import CodecError, InvalidCodecParamsError
+
+
+#: Elements squared in float64 at a time by :meth:`EncodeInput.delta_sumsq` without the native kernels.
+SUMSQ_BLOCK = 1 << 20
 
 
 @dataclass
@@ -31,6 +36,9 @@ class EncodeInput:
     _delta: torch.Tensor | None = field(default=None, repr=False)
     #: Top singular triplets ``(U, S, Vh)`` of the 2-D delta, shared by the low-rank codecs (codecs/_svd.py).
     _svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    #: Per-input results a codec reuses across settings of the same tensor (allocation measures several),
+    #: keyed by the codec: e.g. DeltaDQ's group-size sums and ``||D||^2``.
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -40,6 +48,22 @@ class EncodeInput:
         if self._delta is None:
             self._delta = self.finetuned.to(torch.float32) - self.base.to(torch.float32)
         return self._delta
+
+    def delta_sumsq(self) -> float:
+        """``||delta||^2`` in float64, computed once (NaN or Inf when any element is: a finite float32 squared
+        cannot overflow a double)."""
+        d2 = self._memo.get("delta_sumsq")
+        if d2 is None:
+            delta = self.delta
+            nat = native()
+            if nat is not None and delta.dtype == torch.float32 and delta.is_contiguous() and delta.device.type == "cpu":
+                d2 = nat.sumsq(delta.numpy())
+            else:  # squared in float64, a block at a time
+                flat = delta.reshape(-1)
+                d2 = math.fsum(float(torch.dot(b, b)) for b in (flat[i:i + SUMSQ_BLOCK].to(torch.float64)
+                                                                 for i in range(0, flat.numel(), SUMSQ_BLOCK)))
+            self._memo["delta_sumsq"] = d2
+        return d2
 
 
 @dataclass

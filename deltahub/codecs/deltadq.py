@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from . import register_codec
-from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, load_packed, load_stream,
-                     merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream)
+from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, kmeans_fit, load_packed, load_stream,
+                     merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream, stored_bytes)
 from ._accel import HALF_KINDS, native
 from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
@@ -130,26 +130,13 @@ def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
 SPREAD_BLOCK = 1 << 20
 
 
-def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int]) -> dict[int, float]:
+def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
+                   sums: tuple[float, dict[int, float]] | None = None) -> dict[int, float]:
     """:func:`group_size_errors` without calibration (``H = 1 1^T``): ``c(g) * (sum D^2 - sum_G (sum_G D)^2 / g)``.
 
-    Group sums of every power-of-two size come from the previous size's by adding neighbours, so all
-    candidates cost about two passes over the delta, in float64 blocks of :data:`SPREAD_BLOCK` elements.
+    ``sums`` (from :func:`spread_sums` over a superset of ``candidates``) saves the pass over the delta.
     """
-    rows, cols = delta2d.shape
-    term1, term2 = 0.0, dict.fromkeys(candidates, 0.0)
-    step = max(1, SPREAD_BLOCK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        s = delta2d[r0:r0 + step].to(torch.float64)
-        flat = s.view(-1)
-        term1 += float(torch.dot(flat, flat))
-        size = 1
-        for g in sorted(candidates):
-            while size < g and g % (2 * size) == 0:  # candidates are powers of two dividing cols, and cols
-                s = s[:, 0::2] + s[:, 1::2]
-                size *= 2
-            sg = (s if size == g else s.sum(1)).reshape(-1)  # g = cols, not a power of two: the row sums
-            term2[g] += float(torch.dot(sg, sg))
+    term1, term2 = sums if sums is not None else spread_sums(delta2d, candidates)
     out: dict[int, float] = {}
     for g in candidates:
         n = keep_count(p, g)
@@ -157,13 +144,55 @@ def _spread_errors(delta2d: torch.Tensor, p: float, candidates: list[int]) -> di
     return out
 
 
-def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor | None = None) -> int:
-    """The candidate group size with the smallest expected output error (ties: the larger group)."""
+def spread_sums(delta2d: torch.Tensor, sizes: list[int]) -> tuple[float, dict[int, float]]:
+    """``(sum D^2, {g: sum over groups of (sum_G D)^2})`` for group sizes that are powers of two dividing the
+    row, or the row itself; the same for every drop rate ``p``.
+
+    Group sums of every power-of-two size come from the previous size's by adding neighbours, so all
+    sizes cost about two passes over the delta, in float64 blocks of :data:`SPREAD_BLOCK` elements.
+    """
+    rows, cols = delta2d.shape
+    sizes = sorted(sizes)
+    nat = native()
+    if nat is not None and delta2d.dtype == torch.float32 and delta2d.is_contiguous() and len(sizes) <= 64:
+        term1, sums = nat.spread_sums(delta2d.numpy(), rows, cols, sizes)
+        return term1, dict(zip(sizes, sums))
+    term1, term2 = 0.0, dict.fromkeys(sizes, 0.0)
+    step = max(1, SPREAD_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        s = delta2d[r0:r0 + step].to(torch.float64)
+        flat = s.view(-1)
+        term1 += float(torch.dot(flat, flat))
+        size = 1
+        for g in sorted(sizes):
+            while size < g and g % (2 * size) == 0:  # sizes are powers of two dividing cols, and cols
+                s = s[:, 0::2] + s[:, 1::2]
+                size *= 2
+            sg = (s if size == g else s.sum(1)).reshape(-1)  # g = cols, not a power of two: the row sums
+            term2[g] += float(torch.dot(sg, sg))
+    return term1, term2
+
+
+def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor | None = None,
+                      memo: dict[str, Any] | None = None) -> int:
+    """The candidate group size with the smallest expected output error (ties: the larger group).
+
+    ``memo`` (an :class:`EncodeInput`'s) keeps the calibration-free sums for the other drop rates of the same delta.
+    """
     cols = delta2d.shape[1]
     cands = auto_candidates(cols, p)
     if not cands:
         raise InvalidCodecParamsError(f"codec 'deltadq': no group size keeps an element at p={p} for {cols} columns")
-    errs = group_size_errors(delta2d, p, cands, calibration)
+    if calibration is None and memo is not None:
+        sums = memo.get("deltadq.spread")
+        if sums is None:
+            sums = memo["deltadq.spread"] = spread_sums(delta2d, auto_candidates(cols, 0.5) or [cols])
+        if all(g in sums[1] for g in cands):
+            errs = _spread_errors(delta2d, p, cands, sums)
+        else:
+            errs = group_size_errors(delta2d, p, cands)
+    else:
+        errs = group_size_errors(delta2d, p, cands, calibration)
     best = min(errs.values())
     return max(g for g, e in errs.items() if e <= best * (1 + 1e-9))
 
@@ -243,16 +272,23 @@ def _scatter_native(nat: Any, numel: int, src: np.ndarray, table: np.ndarray | N
     return out
 
 
-def _closed_form_stats(delta: torch.Tensor, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
-    """``delta_l2``, ``error_l2`` and ``error_dot`` (``Σ e·Δ``) without decoding: dropped elements err by
-    minus their value, kept ones by ``decoded - delta`` (float64 sums; equal to measuring the decoded
-    tensor up to float rounding)."""
-    d2 = float(delta.pow(2).sum(dtype=torch.float64))
-    k2 = float(kept.pow(2).sum(dtype=torch.float64))
-    err = decoded - kept
-    q2 = float(err.pow(2).sum(dtype=torch.float64))
-    qd = float((err * kept).sum(dtype=torch.float64))
+def _closed_form_stats(d2: float, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
+    """``delta_l2``, ``error_l2`` and ``error_dot`` (``Σ e·Δ``) without decoding (``d2 = ||Δ||^2``): dropped
+    elements err by minus their value, kept ones by ``decoded - kept`` (in float64, as the native kernel; equal to
+    measuring the decoded tensor up to float rounding)."""
+    kept = kept.to(torch.float64)
+    err = decoded.to(torch.float64) - kept
+    return _stats_from_sums(d2, float(torch.dot(kept, kept)), float(torch.dot(err, err)), float(torch.dot(err, kept)))
+
+
+def _stats_from_sums(d2: float, k2: float, q2: float, qd: float) -> dict[str, float]:
+    """The closed-form stats from ``||Δ||^2``, ``Σ kept^2``, ``Σ e_kept^2`` and ``Σ e_kept·kept``."""
     return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(max(d2 - k2, 0.0) + q2), "error_dot": qd - (d2 - k2)}
+
+
+def _bytes_tensor(buf: bytearray) -> torch.Tensor:
+    """A native kernel's bytearray as a uint8 tensor (``torch.frombuffer`` refuses an empty one)."""
+    return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
 
 
 def _part_bits(bits: int, parts: int) -> tuple[int, int]:
@@ -315,43 +351,58 @@ class DeltaDQ(Codec):
 
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta
-        if not math.isfinite(float(delta.sum(dtype=torch.float64))):  # exact in float64: any NaN/Inf shows
+        nat = native() if delta.dtype == torch.float32 else None
+        d2 = inp.delta_sumsq()
+        if not math.isfinite(d2):
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; deltadq cannot code them")
         rows, cols = matrix_view_shape(delta.shape)
-        d2 = delta.reshape(rows, cols)
+        d2d = delta.reshape(rows, cols)
         p, bits, parts = float(params["p"]), params["bits"], params["parts"]
         g = params["group_size"]
         if g == "auto":
-            g = choose_group_size(d2, p, inp.calibration)
+            g = choose_group_size(d2d, p, inp.calibration, inp._memo)
             logger.debug("deltadq %s: group_size=auto chose %d", inp.name, g)
         elif cols % g:
             raise InvalidCodecParamsError(
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
         keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
-        kept = gather_kept(d2.reshape(-1), params["seed"], stream, g, keep)
+        kept = gather_kept(d2d.reshape(-1), params["seed"], stream, g, keep)
         values = kept * (g / keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
         tensors: dict[str, torch.Tensor] = {}
-        if params["quantizer"] == "kmeans":
-            codebook, codes = kmeans_codebook(values, bits)
+        entropy = params["entropy"] == "zstd"
+        if params["quantizer"] == "kmeans" and nat is not None:
+            # Native: codes, error sums and the packed streams in three passes over the kept values.
+            codebook = kmeans_fit(values, bits)
             tensors["codebook"] = codebook
-            decoded = codebook.index_select(0, codes.to(torch.int32))
+            codes = np.empty(kept.numel(), dtype=np.uint8)
+            k2, q2, qd = nat.quantize(values.numpy(), kept.numpy(), codebook.numpy(), codes)
+            stats = _stats_from_sums(d2, k2, q2, qd)
+            part, lows = nat.split_pack(codes, bits, parts)
+            if part is not None:
+                tensors["part"] = stored_bytes(_bytes_tensor(part), entropy=entropy)
+            for j, low in enumerate(lows or ()):
+                tensors[f"low{j}"] = stored_bytes(_bytes_tensor(low), entropy=entropy)
+            return Encoded(tensors, out, stats)
+        if params["quantizer"] == "kmeans":
+            codebook, codes_t = kmeans_codebook(values, bits)
+            tensors["codebook"] = codebook
+            decoded = codebook.index_select(0, codes_t.to(torch.int32))
         else:
             q = quantize_uniform(values, bits, params["qgroup"])
-            codes = q.codes
+            codes_t = q.codes
             tensors.update(norm=q.norm, qmin=q.mins, qstep=q.steps)
             out["qgroup"] = params["qgroup"]
-            decoded = dequantize_uniform(codes, q.mins, q.steps, q.norm, params["qgroup"])
-        stats = _closed_form_stats(delta, kept, decoded)
-        entropy = params["entropy"] == "zstd"
+            decoded = dequantize_uniform(codes_t, q.mins, q.steps, q.norm, params["qgroup"])
+        stats = _closed_form_stats(d2, kept, decoded)
         pbits, lbits = _part_bits(bits, parts)
-        part, low = split_parts(codes, bits, parts)
+        part_t, low = split_parts(codes_t, bits, parts)
         if pbits:
-            tensors["part"] = store_stream(part, pbits, entropy=entropy)
+            tensors["part"] = store_stream(part_t, pbits, entropy=entropy)
         if lbits:
-            part_np, low_np = part.numpy(), low.numpy()
+            part_np, low_np = part_t.numpy(), low.numpy()
             for j in range(parts):  # np.compress: the members of part j in order, far faster than a[mask]
                 low_j = torch.from_numpy(np.compress(part_np == j, low_np)) if parts > 1 else low
                 tensors[f"low{j}"] = store_stream(low_j, lbits, entropy=entropy)

@@ -43,7 +43,11 @@ class TensorEntry:
         return target if isinstance(target, str) else None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Copies of the containers (JSON values: plain data), not dataclasses.asdict's deep copy, which took
+        # most of the time of sizing candidate entries during compress's allocation.
+        d = {"codec": self.codec, "shape": list(self.shape), "dtype": self.dtype, "params": _copy_json(self.params),
+             "stored": dict(self.stored), "stored_bytes": self.stored_bytes, "base_sha256": self.base_sha256,
+             "stats": dict(self.stats), "digests": dict(self.digests)}
         if d["base_sha256"] is None:
             del d["base_sha256"]
         if not d["stats"]:
@@ -51,6 +55,15 @@ class TensorEntry:
         if not d["digests"]:
             del d["digests"]
         return d
+
+
+def _copy_json(v: Any) -> Any:
+    """A copy of plain JSON data (dicts and lists copied, scalars shared)."""
+    if isinstance(v, dict):
+        return {k: _copy_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_copy_json(x) for x in v]
+    return v
 
 
 @dataclass
