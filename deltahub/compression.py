@@ -714,6 +714,10 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
 #: k_proj passes (and is picked at 20x, lowrank-mp r8); a LoRA-like delta has ~1.
 LOWRANK_GATE_ENERGY = 0.7
 LOWRANK_GATE_RANK = 16
+#: The gate's sketch looks at this many evenly spaced rows of a taller matrix (its cost then no longer grows
+#: with the rows; the sampled rows' top-16 share estimates the whole matrix's, a little above it for a flat
+#: spectrum: 16 directions fit 16 / 512 of sampled noise).
+LOWRANK_GATE_ROWS = 512
 
 
 def _whole_matrix_candidates(inp: EncodeInput, cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]], *,
@@ -724,7 +728,11 @@ def _whole_matrix_candidates(inp: EncodeInput, cands: list[tuple[str, dict[str, 
         return []
     rows, cols = matrix_view_shape(inp.delta.shape)
     d2 = inp.delta.reshape(rows, cols)
-    energy = sketch_energy(d2, LOWRANK_GATE_RANK) if gate else 1.0
+    if gate and rows > 2 * LOWRANK_GATE_ROWS:  # evenly spaced rows: the same energy share in expectation
+        energy = sketch_energy(d2.index_select(0, torch.linspace(0, rows - 1, LOWRANK_GATE_ROWS).round().long()),
+                               LOWRANK_GATE_RANK)
+    else:
+        energy = sketch_energy(d2, LOWRANK_GATE_RANK) if gate else 1.0
     if energy < LOWRANK_GATE_ENERGY:
         logger.debug("allocation: %s skips low-rank candidates (top-%d energy ~%.2f)", inp.name, LOWRANK_GATE_RANK, energy)
         return []

@@ -247,7 +247,7 @@ def _companded_init(srt: np.ndarray, k: int, bins: int = 4096) -> np.ndarray:
     if not hi > lo:
         return np.full(k, lo, dtype=np.float32)
     width = (hi - lo) / bins
-    cuts = np.searchsorted(srt, lo + width * np.arange(1, bins), side="left")
+    cuts = np.searchsorted(srt, (lo + width * np.arange(1, bins)).astype(srt.dtype), side="left")  # no float64 copy of srt
     hist = np.diff(cuts, prepend=0, append=srt.size).astype(np.float64)
     cdf = np.cumsum(np.cbrt(hist))
     cdf /= cdf[-1]
