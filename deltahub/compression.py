@@ -42,6 +42,7 @@ from .format.io import (
     Checkpoint,
     atomic_directory,
     atomic_file,
+    bytes_to_tensor,
     base_digest,
     check_output,
     _one_torch_thread,
@@ -62,6 +63,7 @@ from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
 from .ties import TieFinder
 from .utils.logging import get_logger
 from .utils.gc_pause import paused_gc
+from .utils.scratch import BufferPool, ThreadScratch
 
 logger = get_logger(__name__)
 
@@ -413,24 +415,26 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     """
     entries: dict[str, TensorEntry] = {}
     names = list(ft_ckpt.keys())
-    load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
 
-    def encode(name: str, loaded: tuple[torch.Tensor, torch.Tensor | None, str | None]
+    def encode(name: str, loaded: tuple[torch.Tensor, torch.Tensor | None, str | None], scratch: ThreadScratch | None = None,
                ) -> tuple[TensorEntry, str | None, tuple[dict[str, torch.Tensor], str] | None]:
         ft_t, base_t, digest = loaded
         info = ft_ckpt.info(name)
         target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
         if target is not None:
             return alias_entry(name, info, target, digest), digest, None
-        entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest)
+        entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest, scratch)
         return entry, digest, (tensors, codec)
 
     if job.ties is None or job.ties.decided_all(names):
         # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
         # cores (one torch thread each); they are written and recorded below in storage order, so the
-        # delta's bytes are those of a serial run.
-        results = pipelined(names, lambda n: encode(n, load(n)))
+        # delta's bytes are those of a serial run. Each worker reads and subtracts into its own reused buffers.
+        scratch = ThreadScratch(SCRATCH_BYTES)
+        load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
+        results = pipelined(names, lambda n: encode(n, load(n), scratch))
     else:  # ties are decided here, in storage order: reads are prefetched, encoding is serial
+        load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
         results = ((n, encode(n, loaded)) for n, loaded in prefetch(names, load))
     for name, (entry, digest, stored) in results:
         if digest is not None:
@@ -445,16 +449,30 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     return entries
 
 
-def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str], cache: CheckpointDigests | None = None) -> Any:
+def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str], cache: CheckpointDigests | None = None,
+            scratch: ThreadScratch | None = None, pool: BufferPool | None = None,
+            held: dict[str, list[torch.Tensor]] | None = None) -> Any:
     """``name -> (fine-tuned tensor, base tensor or None, base digest or None)``, hashing each base tensor once
-    (never, when ``cache`` has its digest)."""
+    (never, when ``cache`` has its digest). With ``scratch`` the tensors are read into the calling thread's
+    buffers (valid until its next load); with ``pool`` into its buffers, listed in ``held[name]`` for the
+    caller to release."""
+    def buf(slot: str, ckpt: Checkpoint, name: str) -> torch.Tensor | None:
+        nbytes = ckpt.info(name).nbytes
+        if pool is not None and held is not None:
+            b = pool.acquire(nbytes)
+            held.setdefault(name, []).append(b)
+            return b
+        return scratch.get(slot, nbytes) if scratch is not None else None
+
     def load(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
-        ft_t = ft_ckpt.read(name)
+        info = ft_ckpt.info(name)
+        ft_t = bytes_to_tensor(ft_ckpt.read_bytes(name, buf("ft", ft_ckpt, name)), info.dtype, info.shape)
         if name not in base_ckpt:
             return ft_t, None, None
         if name in known:
-            return ft_t, base_ckpt.read(name), known[name]
-        return (ft_t, *read_with_digest(base_ckpt, name, cache))
+            binfo = base_ckpt.info(name)
+            return ft_t, bytes_to_tensor(base_ckpt.read_bytes(name, buf("base", base_ckpt, name)), binfo.dtype, binfo.shape), known[name]
+        return (ft_t, *read_with_digest(base_ckpt, name, cache, buf("base", base_ckpt, name)))
     return load
 
 
@@ -504,11 +522,17 @@ def _record(entry: TensorEntry, tensors: dict[str, torch.Tensor], codec: str, wr
 
 
 def _encode_entry(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
-                  digest: str | None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
-    """Encode one tensor: its manifest entry (digests not yet known), its stored tensors by stored name, the codec."""
+                  digest: str | None, scratch: ThreadScratch | None = None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
+    """Encode one tensor: its manifest entry (digests not yet known), its stored tensors by stored name, the codec.
+
+    With ``scratch``, the delta is computed in the thread's buffer, and stored tensors that would be views of
+    one of its buffers (``raw`` may store the fine-tune's bytes as they are) are copied out."""
     c, p, auto = _select_codec(job, name, info, ft_t, base_t)
-    inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
+    inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape),
+                      _delta_buffer=None if scratch is None else (lambda n: scratch.get("delta", n)))
     c, enc, auto_stats = _run_codec(job, inp, c, p, auto)
+    if scratch is not None:
+        enc.tensors = {r: t.clone() if scratch.owns(t) else t for r, t in enc.tensors.items()}
     stored = {role: f"{name}.{role}" for role in enc.tensors}
     entry = TensorEntry(codec=c.name, shape=list(info.shape), dtype=dtype_name(info.dtype), params=enc.params,
                         stored=stored, stored_bytes=enc.nbytes, base_sha256=digest)
@@ -569,11 +593,20 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     curves: list[Curve] = []
     fixed = 0
     uses: Counter[str] = Counter()  # tensor name -> names it is coded for beyond its own (tied: format 1.3 aliases)
-    pending: deque[tuple[int, Future[Curve]]] = deque()
+    pending: deque[tuple[str, Future[Curve]]] = deque()
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
+    # Tensors are read into reused buffers (no fresh pages per tensor), each released once its tensor is measured.
+    buffers, held = BufferPool(SCRATCH_BYTES, keep=4 * workers + 4), {}
+    load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, pool=buffers, held=held)
+
+    def done(name: str) -> None:
+        for b in held.pop(name, ()):
+            buffers.release(b)
+        advance(ft_ckpt.info(name).nbytes)
+
     with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure", initializer=_one_torch_thread) as pool:
-        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)):
+        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), load):
             info = ft_ckpt.info(name)
             if digest is not None:
                 base_digests[name] = digest
@@ -581,25 +614,26 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
             if target is not None:  # coded once, as its target: only the alias entry's manifest bytes
                 uses[target] += 1
                 fixed += _alias_overhead(name, info, target, digest)
-                advance(info.nbytes)
                 del ft_t, base_t
+                done(name)
                 continue
             c, p, auto = _select_codec(job, name, info, ft_t, base_t)
             inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
             if auto:  # measured in worker threads (torch and zstd release the GIL), at most `workers` tensors at once
-                pending.append((info.nbytes, pool.submit(_curve, job, inp, tuple(info.shape), info.dtype)))
+                pending.append((name, pool.submit(_curve, job, inp, tuple(info.shape), info.dtype)))
+                del ft_t, base_t, inp
             else:
                 enc = c.encode(inp, p)
                 fixed += enc.nbytes + _entry_overhead(name, c.name, enc, tuple(info.shape), info.dtype, "")
-                advance(info.nbytes)
-            del ft_t, base_t, inp
+                del ft_t, base_t, inp, enc
+                done(name)
             while len(pending) >= workers:
-                nbytes, fut = pending.popleft()
+                pname, fut = pending.popleft()
                 curves.append(fut.result())
-                advance(nbytes)
-        for nbytes, fut in pending:
+                done(pname)
+        for pname, fut in pending:
             curves.append(fut.result())
-            advance(nbytes)
+            done(pname)
     curves = [_tied_curve(c, 1 + uses[c.name]) for c in curves]
     fp16 = 2 * sum(math.prod(ft_ckpt.info(n).shape) for n in ft_ckpt.keys())
     directory = min(fp16 / job.target_ratio if job.target_ratio else math.inf,
@@ -645,6 +679,8 @@ def _alias_overhead(name: str, info: Any, target: str, digest: str | None) -> in
     return len(text) + 4 * text.count("\n")
 
 
+#: Largest buffer a compress worker keeps for reuse (per buffer: fine-tune, base, delta tensor).
+SCRATCH_BYTES = 256 * 2**20
 #: Candidates are measured on evenly spaced rows of a matrix, about this many elements (the chosen one is
 #: then encoded on the whole tensor): distortion and bytes scale with the row count.
 MEASURE_NUMEL = 1 << 16
@@ -724,15 +760,15 @@ def _whole_matrix_candidates(inp: EncodeInput, cands: list[tuple[str, dict[str, 
                              gate: bool) -> list[tuple[str, dict[str, Any], Any, dict[str, Any]]]:
     """The low-rank candidates worth measuring on ``inp`` (with ``gate``, none when its spectrum is flat), with
     the delta's SVD computed once, at their largest rank, and cached on ``inp`` for all of them."""
-    if not cands or inp.base is None or inp.delta.dim() < 2:
+    if not cands or inp.base is None or inp.finetuned.dim() < 2:
         return []
-    rows, cols = matrix_view_shape(inp.delta.shape)
-    d2 = inp.delta.reshape(rows, cols)
-    if gate and rows > 2 * LOWRANK_GATE_ROWS:  # evenly spaced rows: the same energy share in expectation
-        energy = sketch_energy(d2.index_select(0, torch.linspace(0, rows - 1, LOWRANK_GATE_ROWS).round().long()),
-                               LOWRANK_GATE_RANK)
+    rows, cols = matrix_view_shape(inp.finetuned.shape)
+    if gate and rows > 2 * LOWRANK_GATE_ROWS:  # evenly spaced rows (the same energy share in expectation): no full delta
+        idx = torch.linspace(0, rows - 1, LOWRANK_GATE_ROWS).round().long()
+        pick = lambda t: t.reshape(rows, cols).index_select(0, idx).to(torch.float32)  # noqa: E731
+        energy = sketch_energy(pick(inp.finetuned) - pick(inp.base), LOWRANK_GATE_RANK)
     else:
-        energy = sketch_energy(d2, LOWRANK_GATE_RANK) if gate else 1.0
+        energy = sketch_energy(inp.delta.reshape(rows, cols), LOWRANK_GATE_RANK) if gate else 1.0
     if energy < LOWRANK_GATE_ENERGY:
         logger.debug("allocation: %s skips low-rank candidates (top-%d energy ~%.2f)", inp.name, LOWRANK_GATE_RANK, energy)
         return []

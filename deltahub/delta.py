@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .format.manifest import Manifest, TensorEntry
 from .format.names import is_delta_weights_name, member
 from .format.spec import MANIFEST_NAME, dtype_from_name
 from .utils.gc_pause import paused_gc
+from .utils.scratch import ThreadScratch
 
 #: Output model shards are cut above this size, like transformers' ``max_shard_size``.
 DEFAULT_MODEL_SHARD_BYTES = 5 * 1000**3
@@ -363,17 +363,12 @@ class Delta:
         cache = CheckpointDigests(base.files) if check_base else None
         digests: dict[str, str] = {}
 
-        local = threading.local()
+        # This worker's read buffer (reused: the tensor is written before the worker's next one, and pages
+        # already touched are not faulted in again), for tensors up to SCRATCH_BYTES.
+        buffers = ThreadScratch(SCRATCH_BYTES)
 
         def scratch(nbytes: int) -> torch.Tensor | None:
-            """This worker's read buffer (reused: the tensor is written before the worker's next one, and
-            pages already touched are not faulted in again), for tensors up to SCRATCH_BYTES."""
-            if nbytes > SCRATCH_BYTES:
-                return None
-            buf = getattr(local, "buf", None)
-            if buf is None or buf.numel() < nbytes:
-                buf = local.buf = torch.empty(nbytes, dtype=torch.uint8)
-            return buf
+            return buffers.get("base", nbytes)
 
         def produce(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
             t, digest = self._rebuild_one(base, spec[0], cache, dtype, scratch)

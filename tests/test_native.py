@@ -395,11 +395,11 @@ def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
     with pytest.raises(ValueError):
         nat.split_pack(np.zeros(4, np.uint8), 9, 1)
     with pytest.raises(ValueError):
-        nat.quantize(f, None, np.zeros(4, np.float32), np.zeros(7, np.uint8))  # codes buffer of the wrong size
+        nat.quantize(f, 1.0, np.zeros(4, np.float32), np.zeros(7, np.uint8))  # codes buffer of the wrong size
     with pytest.raises(ValueError):
-        nat.quantize(f, np.zeros(7, np.float32), np.zeros(4, np.float32), np.zeros(8, np.uint8))
+        nat.quantize(f, 1.0, np.zeros(257, np.float32), np.zeros(8, np.uint8))
     with pytest.raises(ValueError):
-        nat.quantize(f, None, np.zeros(257, np.float32), np.zeros(8, np.uint8))
+        nat.quantize(np.zeros(9, np.uint8), 1.0, np.zeros(4, np.float32), np.zeros(2, np.uint8))  # not float32
     with pytest.raises(ValueError):
         nat.lloyd(f, np.zeros(0, np.float32), 10)
     with pytest.raises(ValueError):

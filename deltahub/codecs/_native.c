@@ -1049,57 +1049,58 @@ done:
     return ret;
 }
 
-/* quantize(values_f32, kept_f32 or None, codebook_f32 (sorted, 1..256), codes_u8 (written))
- *   -> (sum kept^2, sum err^2, sum err*kept), err = codebook[code] - kept, all in float64 ((0, 0, 0)
- *   without kept). code = the number of codebook midpoints strictly below the value, as
- *   assign_codebook (torch.bucketize) gives it. */
+/* quantize(kept_f32, scale, codebook_f32 (sorted, 1..256), codes_u8 (written), stats)
+ *   -> (sum kept^2, sum err^2, sum err*kept): the code of value v = float32(kept * scale) is the number of
+ *   codebook midpoints strictly below v, as assign_codebook (torch.bucketize) gives it; err = codebook[code]
+ *   - kept, the sums in float64 ((0, 0, 0) without stats). scale 1 codes the given values themselves. */
 CLONES
-static void assign_codes(uint8_t *codes, const float *v, size_t n, const float *mids, size_t nm) {
-    if (nm <= 15) {  /* one comparison pass per midpoint over a cached chunk (vectorised across values) */
-        enum { CH = 2048 };
-        for (size_t a = 0; a < n; a += CH) {
-            size_t m = n - a < CH ? n - a : CH;
-            const float *x = v + a;
-            uint8_t *o = codes + a;
+static void assign_codes(uint8_t *codes, const float *kept, float scale, size_t n, const float *mids, size_t nm) {
+    enum { CH = 2048 };
+    float v[CH];
+    for (size_t a = 0; a < n; a += CH) {
+        size_t m = n - a < CH ? n - a : CH;
+        uint8_t *o = codes + a;
+        for (size_t i = 0; i < m; i++) v[i] = kept[a + i] * scale;
+        if (nm <= 15) {  /* one comparison pass per midpoint over the chunk (vectorised across values) */
             memset(o, 0, m);
             for (size_t j = 0; j < nm; j++) {
                 float t = mids[j];
-                for (size_t i = 0; i < m; i++) o[i] += (uint8_t)(x[i] > t);
+                for (size_t i = 0; i < m; i++) o[i] += (uint8_t)(v[i] > t);
+            }
+        } else {
+            for (size_t i = 0; i < m; i++) {
+                size_t lo = 0, hi = nm;
+                float x = v[i];
+                while (lo < hi) {  /* first midpoint >= x */
+                    size_t mid = lo + (hi - lo) / 2;
+                    if (mids[mid] < x) lo = mid + 1;
+                    else hi = mid;
+                }
+                o[i] = (uint8_t)lo;
             }
         }
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        size_t lo = 0, hi = nm;
-        float x = v[i];
-        while (lo < hi) {  /* first midpoint >= x */
-            size_t mid = lo + (hi - lo) / 2;
-            if (mids[mid] < x) lo = mid + 1;
-            else hi = mid;
-        }
-        codes[i] = (uint8_t)lo;
     }
 }
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    Py_buffer vals = {0}, cb = {0}, codes = {0}, kept = {0};
-    PyObject *kept_obj, *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*Oy*w*", &vals, &kept_obj, &cb, &codes)) return NULL;
-    size_t n = (size_t)vals.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
-    if (kept_obj != Py_None && PyObject_GetBuffer(kept_obj, &kept, PyBUF_SIMPLE)) goto done;
-    if (vals.len % sizeof(float) || k < 1 || k > 256 || (size_t)codes.len != n
-            || (kept.obj && (size_t)kept.len != n * sizeof(float))) {
+    Py_buffer kept = {0}, cb = {0}, codes = {0};
+    float scale;
+    int stats = 0;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*fy*w*|p", &kept, &scale, &cb, &codes, &stats)) return NULL;
+    size_t n = (size_t)kept.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
+    if (kept.len % sizeof(float) || cb.len % sizeof(float) || k < 1 || k > 256 || (size_t)codes.len != n) {
         PyErr_SetString(PyExc_ValueError, "quantize: buffers do not fit"); goto done;
     }
     float mids[255];
     const float *c = (const float *)cb.buf;
     for (size_t j = 0; j + 1 < k; j++) mids[j] = (c[j] + c[j + 1]) / 2.0f;
-    const float *v = (const float *)vals.buf, *kp = kept.obj ? (const float *)kept.buf : NULL;
+    const float *kp = (const float *)kept.buf;
     uint8_t *o = (uint8_t *)codes.buf;
     double k2 = 0.0, q2 = 0.0, qd = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    assign_codes(o, v, n, mids, k - 1);
-    if (kp) {
+    assign_codes(o, kp, scale, n, mids, k - 1);
+    if (stats) {
         double a[4] = {0}, b[4] = {0}, d[4] = {0};
         size_t i = 0;
         for (; i + 4 <= n; i += 4)
@@ -1116,10 +1117,9 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     ret = Py_BuildValue("(ddd)", k2, q2, qd);
 done:
-    PyBuffer_Release(&vals);
+    PyBuffer_Release(&kept);
     PyBuffer_Release(&cb);
     PyBuffer_Release(&codes);
-    if (kept.obj) PyBuffer_Release(&kept);
     return ret;
 }
 
@@ -1302,6 +1302,53 @@ done:
     return ret;
 }
 
+/* diff_sumsq(ft, ft_kind, base, base_kind) -> sum over elements of (float32(ft) - float32(base))^2, squared
+ * and summed in float64 (kinds: 0 float32, 1 bfloat16, 2 float16): ||delta||^2 without the delta tensor. */
+static inline float load_kind(const void *p, size_t i, int kind) {
+    if (kind == HALF_BF16) return bf16_f32(((const uint16_t *)p)[i]);
+    if (kind == HALF_F16) return f16_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+CLONES
+static double diff_sumsq_f32(const float *a, const float *b, size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int t = 0; t < 8; t++) { double d = (double)(a[i + t] - b[i + t]); acc[t] += d * d; }
+    for (; i < n; i++) { double d = (double)(a[i] - b[i]); acc[0] += d * d; }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static PyObject *py_diff_sumsq(PyObject *self, PyObject *args) {
+    Py_buffer a = {0}, b = {0};
+    int ka, kb;
+    if (!PyArg_ParseTuple(args, "y*iy*i", &a, &ka, &b, &kb)) return NULL;
+    PyObject *ret = NULL;
+    size_t sa = ka ? 2 : 4, sb = kb ? 2 : 4;
+    if (ka < 0 || ka > 2 || kb < 0 || kb > 2 || a.len % sa || b.len % sb || a.len / sa != b.len / sb) {
+        PyErr_SetString(PyExc_ValueError, "diff_sumsq: buffers do not fit"); goto done;
+    }
+    size_t n = (size_t)a.len / sa;
+    double s = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    if (!ka && !kb) s = diff_sumsq_f32((const float *)a.buf, (const float *)b.buf, n);
+    else {
+        double acc[4] = {0};
+        for (size_t i = 0; i < n; i++) {
+            double d = (double)(load_kind(a.buf, i, ka) - load_kind(b.buf, i, kb));
+            acc[i & 3] += d * d;
+        }
+        s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+    Py_END_ALLOW_THREADS
+    ret = PyFloat_FromDouble(s);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
@@ -1314,6 +1361,7 @@ static PyMethodDef methods[] = {
     {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
+    {"diff_sumsq", py_diff_sumsq, METH_VARARGS, "float64 sum of squared differences of two float32/bf16/f16 buffers."},
     {"spread_sums", py_spread_sums, METH_VARARGS, "DeltaDQ group-size sums for several group sizes."},
     {"split_pack", py_split_pack, METH_VARARGS, "Separate quantization: packed part-id and per-part low-bit streams."},
     {NULL, NULL, 0, NULL},

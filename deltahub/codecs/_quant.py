@@ -202,6 +202,12 @@ def kmeans_codebook(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) 
     return cb, assign_codebook(values, cb)
 
 
+def fit_sample(values: torch.Tensor) -> torch.Tensor:
+    """The values Lloyd fits on: all of them, or an even-stride subsample of at most :data:`KMEANS_FIT_MAX`."""
+    n = values.numel()
+    return values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
+
+
 def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
     """The sorted float32 codebook of ``2^bits`` centroids that 1-D Lloyd iterations reach from a companded start.
 
@@ -210,11 +216,10 @@ def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> to
     the native kernel runs exactly these steps, the numpy loop below is its fallback.
     """
     values = values.reshape(-1).to(torch.float32)
-    n, k = values.numel(), 1 << bits
-    if n == 0:
+    k = 1 << bits
+    if values.numel() == 0:
         return torch.zeros(k)
-    fit = values if n <= KMEANS_FIT_MAX else values[:: (n + KMEANS_FIT_MAX - 1) // KMEANS_FIT_MAX]
-    srt = np.sort(fit.numpy())  # numpy's SIMD sort; equal values are interchangeable
+    srt = np.sort(fit_sample(values).numpy())  # numpy's SIMD sort; equal values are interchangeable
     cb = _companded_init(srt, k)
     nat = native()
     if nat is not None:
@@ -265,7 +270,7 @@ def assign_codebook(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     nat = native()
     if nat is not None and values.dtype == torch.float32 and codebook.dtype == torch.float32:
         codes = np.empty(values.numel(), dtype=np.uint8)
-        nat.quantize(values.contiguous().numpy(), None, codebook.contiguous().numpy(), codes)
+        nat.quantize(values.contiguous().numpy(), 1.0, codebook.contiguous().numpy(), codes)
         return torch.from_numpy(codes)
     mids = (codebook[:-1] + codebook[1:]) / 2
     if mids.numel() > 15:

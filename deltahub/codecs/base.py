@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ._accel import native
+from ._accel import HALF_KINDS, native
 from ..errors import CodecError, InvalidCodecParamsError
+
+
+def _fused_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the native kernels can read both tensors as flat buffers of the same length (CPU, contiguous, float kinds)."""
+    return (a.dtype in HALF_KINDS and b.dtype in HALF_KINDS and a.numel() == b.numel() and a.is_contiguous()
+            and b.is_contiguous() and a.device.type == "cpu" and b.device.type == "cpu")
+
+
+def _raw(t: torch.Tensor) -> Any:
+    """A float32 / 16-bit tensor's elements as a numpy array of its bits (16-bit kinds as int16)."""
+    return (t.view(torch.int16) if t.element_size() == 2 else t).reshape(-1).numpy()
 
 
 #: Elements squared in float64 at a time by :meth:`EncodeInput.delta_sumsq` without the native kernels.
@@ -39,6 +50,9 @@ class EncodeInput:
     #: Per-input results a codec reuses across settings of the same tensor (allocation measures several),
     #: keyed by the codec: e.g. DeltaDQ's group-size sums and ``||D||^2``.
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: ``nbytes -> uint8 buffer or None``: where :attr:`delta` may be computed (a worker's reused scratch, so no
+    #: fresh pages per tensor); the caller keeps codec outputs from aliasing it.
+    _delta_buffer: Callable[[int], torch.Tensor | None] | None = field(default=None, repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -46,16 +60,28 @@ class EncodeInput:
         if self.base is None:
             raise CodecError(f"tensor {self.name!r} has no base tensor, so it has no delta")
         if self._delta is None:
-            self._delta = self.finetuned.to(torch.float32) - self.base.to(torch.float32)
+            ft, base = self.finetuned, self.base
+            buf = None
+            if self._delta_buffer is not None and ft.shape == base.shape and ft.dtype in HALF_KINDS and base.dtype in HALF_KINDS:
+                buf = self._delta_buffer(ft.numel() * 4)
+            if buf is not None:  # the same bits: exact widening, one float32 subtraction
+                out = buf.view(-1)[:ft.numel() * 4].view(torch.float32).view(ft.shape)
+                self._delta = out.copy_(ft).sub_(base)
+            else:
+                self._delta = ft.to(torch.float32) - base.to(torch.float32)
         return self._delta
 
     def delta_sumsq(self) -> float:
         """``||delta||^2`` in float64, computed once (NaN or Inf when any element is: a finite float32 squared
         cannot overflow a double)."""
         d2 = self._memo.get("delta_sumsq")
+        nat = native()
+        if d2 is None and self._delta is None and nat is not None and self.base is not None and _fused_ok(self.finetuned, self.base):
+            # Without the delta tensor (compress measures every tensor; most never need theirs whole).
+            d2 = nat.diff_sumsq(_raw(self.finetuned), HALF_KINDS[self.finetuned.dtype], _raw(self.base), HALF_KINDS[self.base.dtype])
+            self._memo["delta_sumsq"] = d2
         if d2 is None:
             delta = self.delta
-            nat = native()
             if nat is not None and delta.dtype == torch.float32 and delta.is_contiguous() and delta.device.type == "cpu":
                 d2 = nat.sumsq(delta.numpy())
             else:  # squared in float64, a block at a time

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import register_codec
-from ._quant import (QUANTIZERS, dequantize_uniform, kmeans_codebook, kmeans_fit, load_packed, load_stream,
+from ._quant import (QUANTIZERS, dequantize_uniform, fit_sample, kmeans_codebook, kmeans_fit, load_packed, load_stream,
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream, stored_bytes)
 from ._accel import HALF_KINDS, native
 from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
@@ -368,17 +368,17 @@ class DeltaDQ(Codec):
         keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
         kept = gather_kept(d2d.reshape(-1), params["seed"], stream, g, keep)
-        values = kept * (g / keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
         tensors: dict[str, torch.Tensor] = {}
         entropy = params["entropy"] == "zstd"
         if params["quantizer"] == "kmeans" and nat is not None:
             # Native: codes, error sums and the packed streams in three passes over the kept values.
-            codebook = kmeans_fit(values, bits)
+            # The kept values rescaled, float32(kept * (g / keep)), only for the fit sample; the kernel rescales the rest.
+            codebook = kmeans_fit(fit_sample(kept) * (g / keep), bits)
             tensors["codebook"] = codebook
             codes = np.empty(kept.numel(), dtype=np.uint8)
-            k2, q2, qd = nat.quantize(values.numpy(), kept.numpy(), codebook.numpy(), codes)
+            k2, q2, qd = nat.quantize(kept.numpy(), g / keep, codebook.numpy(), codes, True)
             stats = _stats_from_sums(d2, k2, q2, qd)
             part, lows = nat.split_pack(codes, bits, parts)
             if part is not None:
@@ -386,6 +386,7 @@ class DeltaDQ(Codec):
             for j, low in enumerate(lows or ()):
                 tensors[f"low{j}"] = stored_bytes(_bytes_tensor(low), entropy=entropy)
             return Encoded(tensors, out, stats)
+        values = kept * (g / keep)
         if params["quantizer"] == "kmeans":
             codebook, codes_t = kmeans_codebook(values, bits)
             tensors["codebook"] = codebook

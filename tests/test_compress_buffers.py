@@ -1,0 +1,82 @@
+"""Reused buffers in compress (deltahub.utils.scratch): no output may be a view of a buffer that a later tensor
+overwrites, and a delta computed into a buffer has the bits of a fresh one."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltahub import apply_delta, compress
+from deltahub.codecs.base import EncodeInput
+from deltahub.utils.scratch import BufferPool, ThreadScratch
+
+
+def test_thread_scratch_reuses_per_thread_and_knows_its_views() -> None:
+    s = ThreadScratch(cap=1 << 20)
+    a = s.get("x", 1000)
+    assert s.get("x", 10).data_ptr() == a.data_ptr()  # reused while it fits
+    assert s.get("x", 5000).numel() >= 5000  # grown
+    assert s.get("x", (1 << 20) + 1) is None  # above the cap: the caller allocates
+    v = s.get("x", 64)[8:40].view(torch.float32)
+    assert s.owns(v) and not s.owns(v.clone()) and not s.owns(torch.empty(0))
+    other: list[torch.Tensor | None] = []
+    t = threading.Thread(target=lambda: other.append(s.get("x", 64)))
+    t.start()
+    t.join()
+    assert other[0] is not None and other[0].data_ptr() != s.get("x", 64).data_ptr()  # one set per thread
+    assert not s.owns(other[0])
+
+
+def test_buffer_pool_hands_out_the_smallest_fitting_buffer_and_keeps_a_few() -> None:
+    pool = BufferPool(cap=1 << 16, keep=2)
+    small, big = pool.acquire(100), pool.acquire(1000)
+    pool.release(big)
+    pool.release(small)
+    assert pool.acquire(50).data_ptr() == small.data_ptr()
+    assert pool.acquire(50).data_ptr() == big.data_ptr()  # the only free one that fits
+    assert pool.acquire(2000).numel() >= 2000  # none fits: a new one
+    for n in (10, 20, 30):
+        pool.release(pool.acquire(n) if n != 20 else torch.empty(n, dtype=torch.uint8))
+    assert len(pool._free) == 2  # at most `keep` free buffers
+    pool.release(torch.empty((1 << 16) + 1, dtype=torch.uint8))  # above the cap: not kept
+    assert all(b.numel() <= 1 << 16 for b in pool._free)
+
+
+@pytest.mark.parametrize("ft_dtype,base_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                                 (torch.float64, torch.float32)])
+def test_delta_computed_in_a_buffer_has_the_bits_of_a_fresh_one(ft_dtype: torch.dtype, base_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 19, generator=g).to(base_dtype)
+    ft = (base.double() + torch.randn(37, 19, generator=g, dtype=torch.float64) * 1e-2).to(ft_dtype)
+    want = ft.to(torch.float32) - base.to(torch.float32)
+    buf = torch.full((4 * 37 * 19 + 64,), 0xAB, dtype=torch.uint8)
+    got = EncodeInput("w", ft, base, _delta_buffer=lambda n: buf).delta
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (got.data_ptr() == buf.data_ptr()) == (ft_dtype != torch.float64)  # float64 is not computed in place
+    assert EncodeInput("w", ft, base).delta_sumsq() == pytest.approx(float(want.double().pow(2).sum()), rel=1e-12)
+
+
+def test_stored_tensors_never_alias_a_reused_read_buffer(tmp_path: Path) -> None:
+    """``raw`` without compression stores the fine-tune's bytes as they are (a view of the worker's read buffer):
+    many tensors of mixed sizes through two workers must still rebuild bit-exactly."""
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(17 + 5 * (i % 4), 33, generator=g) for i in range(24)}
+    ft = {k: v + torch.randn(v.shape, generator=g) * 1e-3 for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    # auto decides every tensor first, so the final pass runs on the workers with their reused buffers
+    m = compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "d", codec="auto",
+                 candidates=[("raw", {"mode": "full", "zstd_level": 0})], max_bytes=10**9, progress=False)
+    assert all(e.codec == "raw" and e.params["mode"] == "full" for e in m.tensors.values())
+    out = apply_delta(tmp_path / "d", tmp_path / "base.safetensors", tmp_path / "out", progress=False)
+    files = sorted(Path(out).glob("*.safetensors"))
+    rebuilt = {k: v for f in files for k, v in load_file(f).items()}
+    assert rebuilt.keys() == ft.keys()
+    for k in ft:
+        assert torch.equal(rebuilt[k].view(torch.int32), ft[k].view(torch.int32)), k
