@@ -49,6 +49,18 @@ def test_positions_match_numpy(g: int, keep: int, start_groups: int, monkeypatch
     assert len(a) == length // g * keep
 
 
+
+@needs_native
+@pytest.mark.parametrize("g,keep", [(1, 1), (2, 1), (3, 2), (4, 1), (4, 3), (8, 2), (16, 4), (17, 9), (64, 16), (64, 63),
+                                    (576, 144), (1536, 384), (5000, 4999)])
+def test_gather_matches_numpy(g: int, keep: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept values in order (the vectorised compaction, 8 elements per step, and its tail)."""
+    n = g * max(3, 40000 // g)
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(g))
+    a, b = _both(monkeypatch, lambda: gather_kept(flat, 5, 9, g, keep))
+    assert a.numel() == b.numel() == n // g * keep
+    assert torch.equal(a, b)
+
 @needs_native
 @pytest.mark.parametrize("quantizer", ["kmeans", "uniform"])
 @pytest.mark.parametrize("shape,g", [((64, 96), 8), ((7, 576), 576), ((33, 40), 4), ((5, 1536), 1536), ((300, 12), 3)])

@@ -240,11 +240,15 @@ typedef float v8f __attribute__((vector_size(32)));
  * EXPAND_PERM[m] moves the next popcount(m) kept values into the kept lanes (vpermps under AVX2)
  * and EXPAND_LANES[m] zeroes the others. */
 static int32_t EXPAND_PERM[256][8];
+/* COMPRESS_PERM[m][k] = index of the k-th set bit of m (0 past the last): gathers the kept lanes of 8. */
+static int32_t COMPRESS_PERM[256][8];
 static int32_t EXPAND_LANES[256][8];
 
 static void init_expand(void) {
     for (int m = 0; m < 256; m++) {
         int c = 0;
+        for (int k = 0; k < 8; k++) if ((m >> k) & 1) COMPRESS_PERM[m][c++] = k;
+        c = 0;
         for (int k = 0; k < 8; k++) {
             int on = (m >> k) & 1;
             EXPAND_PERM[m][k] = on ? c : 0;
@@ -285,6 +289,33 @@ static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *v
         d[j] = acc ? d[j] + x : x;
         v += flags[j];
     }
+}
+
+/* The inverse of expand_kept: o[0..count) = d[j] for the flagged j < n, in order; returns count. Writes up
+ * to 8 floats past it (o must have room: a padded scratch). Branch-free, 8 elements per step. */
+CLONES
+static size_t compress_kept(float *o, const uint8_t *flags, size_t n, const float *d) {
+    size_t j = 0, v = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int32_t v8s __attribute__((vector_size(32)));
+    for (; j + 8 <= n; j += 8) {
+        uint64_t w;
+        memcpy(&w, flags + j, 8);
+        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        v8f x;
+        v8s p;
+        memcpy(&x, d + j, sizeof x);
+        memcpy(&p, COMPRESS_PERM[m], sizeof p);
+        x = __builtin_shuffle(x, p);
+        memcpy(o + v, &x, sizeof x);
+        v += (size_t)__builtin_popcount(m);
+    }
+#endif
+    for (; j < n; j++) {
+        o[v] = d[j];
+        v += flags[j];
+    }
+    return v;
 }
 
 enum { HALF_NONE = 0, HALF_BF16 = 1, HALF_F16 = 2 };
@@ -457,7 +488,7 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
     if (chunk > length) chunk = length;
     uint8_t *flags = (uint8_t *)malloc(chunk ? chunk : 1);
     uint32_t *u = (uint32_t *)malloc((chunk ? chunk : 1) * sizeof(uint32_t));
-    float *vals = (w->mode == MODE_SCATTER_VALUES || w->mode == MODE_SCATTER_CODES)
+    float *vals = (w->mode == MODE_SCATTER_VALUES || w->mode == MODE_SCATTER_CODES || w->mode == MODE_GATHER)
                   ? (float *)calloc((chunk ? chunk : 1) + 8, sizeof(float)) : NULL;
     sel_t s = {0};
     unsigned hb = 1;
@@ -465,7 +496,7 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
     s.hbits = hb;
     s.hist = (uint32_t *)malloc(((size_t)1 << hb) * sizeof(uint32_t));
     s.cand = (uint64_t *)malloc(g * sizeof(uint64_t));
-    if (!flags || !u || !s.hist || !s.cand || (!vals && (w->mode == MODE_SCATTER_VALUES || w->mode == MODE_SCATTER_CODES))) {
+    if (!flags || !u || !s.hist || !s.cand || (!vals && w->mode != MODE_POS)) {
         free(flags); free(u); free(s.hist); free(s.cand); free(vals); return -1;
     }
     int64_t v = 0;
@@ -519,9 +550,11 @@ static int64_t walk_groups(const walk_t *w, uint32_t k1, uint32_t k2, uint64_t s
             v += (int64_t)nk;
             break;
         }
-        default: {
-            const float *d = w->dense + c0;
-            for (size_t j = 0; j < n; j++) if (flags[j]) w->kept[v++] = d[j];
+        default: {  /* gather: compact in the padded scratch, then copy the chunk's n / g * keep values */
+            size_t nk = compress_kept(vals, flags, n, w->dense + c0), want = n / g * keep;
+            if (nk > want) nk = want;  /* the selection keeps exactly `keep` per group; never past the buffer */
+            memcpy(w->kept + v, vals, nk * sizeof(float));
+            v += (int64_t)nk;
             break;
         }
         }

@@ -283,8 +283,10 @@ def assign_codebook(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tenso
     return codes
 
 
-#: zstd level of code streams (levels above ~12 gain <1% on these streams and cost 3x the time).
-STREAM_ZSTD_LEVEL = 12
+#: zstd level of code streams. Quantized codes are close to incompressible (k-means codes are near their
+#: maximum entropy): on the real pair's default delta, levels 1-9 all store 8.567 MB of the 8.854 MB packed
+#: streams and level 12 stores 8.569 MB, in 10 ms (level 3) against 86 ms (level 12) of one core.
+STREAM_ZSTD_LEVEL = 3
 
 
 def store_stream(codes: torch.Tensor, bits: int, *, entropy: bool = True) -> torch.Tensor:
