@@ -60,3 +60,27 @@ def test_unlimited_budget_takes_the_least_distortion_and_too_small_a_budget_is_a
         allocate(curves, 29)
     with pytest.raises(CodecError, match="no candidate"):
         allocate([Curve("empty", 1, [])], 100)
+
+
+def test_manifest_json_size_is_the_indented_dumps_size() -> None:
+    """Candidate entries are sized from the compact encoding plus indentation: the same count as json.dumps(indent=2)
+    nested two levels deeper, for any JSON shape (empty containers inline, escapes, floats)."""
+    import json
+    import random
+
+    from deltahub.compression import _manifest_json_size
+
+    rng = random.Random(0)
+
+    def value(depth: int = 0) -> object:
+        r = rng.random()
+        if depth < 4 and r < 0.3:
+            return {f'k{i}"\\é': value(depth + 1) for i in range(rng.randint(0, 4))}
+        if depth < 4 and r < 0.5:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return rng.choice([1, 2.5, "x", None, True, 1e-300, "a\nb", -3, 0.12345678901234567])
+
+    for _ in range(500):
+        obj = {"model.layers.0.w": value()}
+        text = json.dumps(obj, indent=2)
+        assert _manifest_json_size(obj) == len(text) + 4 * text.count("\n")

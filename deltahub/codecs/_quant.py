@@ -242,12 +242,15 @@ def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> to
     return torch.from_numpy(cb)
 
 
-def _companded_init(srt: np.ndarray, k: int, bins: int = 4096) -> np.ndarray:
+def _companded_init(srt: np.ndarray, k: int, bins: int | None = None) -> np.ndarray:
     """Initial centroids (float32) at the quantiles of ``density^(1/3)``, the high-resolution optimum of
     MSE quantization (Panter-Dite), so Lloyd converges in few iterations even for heavy tails.
 
-    ``srt`` is sorted: the density is a histogram of ``bins`` equal bins, counted by binary search.
+    ``srt`` is sorted: the density is a histogram of ``bins`` equal bins (default 4096, fewer for fewer than
+    65536 values: about 16 per bin), counted by binary search.
     """
+    if bins is None:
+        bins = min(4096, max(256, srt.size // 16))
     lo, hi = float(srt[0]), float(srt[-1])
     if not hi > lo:
         return np.full(k, lo, dtype=np.float32)

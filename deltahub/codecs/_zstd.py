@@ -9,6 +9,8 @@ the allocation before anything is decompressed.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import zstandard
 
@@ -21,8 +23,23 @@ def compress(data: bytes | memoryview, level: int) -> torch.Tensor:
     The checksum (the frame's last 4 bytes) is verified by the decompressor whenever the frame
     header's Content_Checksum_flag is set; frames without it (format 1.0) stay readable.
     """
-    blob = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True).compress(data)
+    blob = _compressor(level).compress(data)
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+_LOCAL = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level`` (a compressor is not shared between threads; making one per call
+    cost more than compressing a small code stream)."""
+    cache = getattr(_LOCAL, "compressors", None)
+    if cache is None:
+        cache = _LOCAL.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    return c
 
 
 def decompress_frame(blob: bytes | memoryview, *, what: str, size: int | None = None, max_size: int | None = None) -> bytes:
