@@ -420,3 +420,20 @@ def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
         nat.spread_sums(f, 2, 4, [4, 2])  # not ascending
     with pytest.raises(ValueError):
         nat.spread_sums(f, 1, 8, [3])  # neither a power of two nor the row
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (7, 8), (9, 17), (64, 576), (2, 1001)])
+def test_pack_signs_matches_pack_bits(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """BitDelta's sign bits: delta >= 0 (so -0.0 is 1 and NaN is 0), LSB first, rows padded with zero bits."""
+    from deltahub.codecs._accel import native
+    from deltahub.codecs._bits import pack_bits, pack_signs
+
+    d = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+    d.view(-1)[0] = -0.0
+    d.view(-1)[-1] = float("nan")
+    a, b = _both(monkeypatch, lambda: pack_signs(d))
+    assert torch.equal(a, b) and torch.equal(a, pack_bits(d >= 0))
+    monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+    with pytest.raises(ValueError):
+        native().pack_signs(d.numpy(), shape[0], shape[1] + 1, np.zeros(a.numel(), np.uint8))

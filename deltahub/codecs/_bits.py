@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._accel import native
+
 # Multiplying 8 little-endian 0/1 bytes (as one int64) by this moves byte i's bit to bit 56 + i,
 # with no carries between the terms; the top byte is then the packed byte.
 _GATHER = 0x0102040810204080
@@ -41,6 +43,18 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     words = u8.view(rows, nbytes * 8).view(torch.int64)  # [rows, nbytes], 8 flags per word
     packed = (words * _GATHER) >> 56
     return (packed & 0xFF).to(torch.uint8)
+
+
+def pack_signs(delta2d: torch.Tensor) -> torch.Tensor:
+    """``pack_bits(delta2d >= 0)`` (BitDelta's sign bits), by the native kernel in one pass when it is built."""
+    nat = native()
+    if nat is None or delta2d.dtype != torch.float32 or not delta2d.is_contiguous() or delta2d.device.type != "cpu":
+        return pack_bits(delta2d >= 0)
+    rows, cols = delta2d.shape
+    out = torch.empty(rows, packed_cols(cols), dtype=torch.uint8)
+    if out.numel():
+        nat.pack_signs(delta2d.numpy(), rows, cols, out.numpy())
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:

@@ -1382,6 +1382,46 @@ done:
     return ret;
 }
 
+/* pack_signs(delta_f32, rows, cols, out_u8): out[r, b] bit j = delta[r, 8b + j] >= 0 (format_spec.md "Packed
+ * bits": LSB first, rows padded with 0 bits), as pack_bits(delta >= 0) gives it (NaN: 0, -0.0: 1). */
+CLONES
+static void pack_sign_row(uint8_t *o, const float *x, size_t cols) {
+    size_t full = cols / 8;
+    for (size_t b = 0; b < full; b++) {
+        const float *y = x + 8 * b;
+        unsigned m = 0;
+        for (unsigned j = 0; j < 8; j++) m |= (unsigned)(y[j] >= 0.0f) << j;
+        o[b] = (uint8_t)m;
+    }
+    if (cols % 8) {
+        unsigned m = 0;
+        for (size_t j = 0; j < cols % 8; j++) m |= (unsigned)(x[8 * full + j] >= 0.0f) << j;
+        o[full] = (uint8_t)m;
+    }
+}
+
+static PyObject *py_pack_signs(PyObject *self, PyObject *args) {
+    Py_buffer d = {0}, out = {0};
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &d, &rows, &cols, &out)) return NULL;
+    PyObject *ret = NULL;
+    size_t pc = (size_t)(cols + 7) / 8;
+    if (rows < 0 || cols < 0 || (size_t)d.len != (size_t)rows * (size_t)cols * sizeof(float)
+            || (size_t)out.len != (size_t)rows * pc) {
+        PyErr_SetString(PyExc_ValueError, "pack_signs: buffers do not fit"); goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++)
+        pack_sign_row((uint8_t *)out.buf + (size_t)r * pc, (const float *)d.buf + (size_t)r * (size_t)cols, (size_t)cols);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
@@ -1394,6 +1434,7 @@ static PyMethodDef methods[] = {
     {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
+    {"pack_signs", py_pack_signs, METH_VARARGS, "BitDelta: the packed sign bits (delta >= 0) of a float32 matrix."},
     {"diff_sumsq", py_diff_sumsq, METH_VARARGS, "float64 sum of squared differences of two float32/bf16/f16 buffers."},
     {"spread_sums", py_spread_sums, METH_VARARGS, "DeltaDQ group-size sums for several group sizes."},
     {"split_pack", py_split_pack, METH_VARARGS, "Separate quantization: packed part-id and per-part low-bit streams."},

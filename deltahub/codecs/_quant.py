@@ -30,8 +30,9 @@ QUANTIZERS = ("uniform", "kmeans")
 #: Clipping factors the uniform encoder tries per group (encoder-only choice; decoders never need it).
 CLIP_ALPHAS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 KMEANS_ITERS = 100
-#: Lloyd fits on at most this many values (an even-stride subsample); codes are then assigned to all.
-KMEANS_FIT_MAX = 1 << 22
+#: Lloyd fits on at most this many values (an even-stride subsample; at most 256 centroids, so thousands of values
+#: per centroid; sorting the sample is most of a fit's time); codes are then assigned to all.
+KMEANS_FIT_MAX = 1 << 20
 
 
 def packed_nbytes(n: int, bits: int) -> int:

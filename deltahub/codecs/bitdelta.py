@@ -15,7 +15,7 @@ import torch
 
 from . import register_codec
 from ._accel import HALF_KINDS, native
-from ._bits import pack_bits, packed_cols, unpack_pm1, unpack_signs
+from ._bits import pack_signs, packed_cols, unpack_pm1, unpack_signs
 from ._rng import map_blocks
 from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_int)
@@ -106,7 +106,7 @@ class BitDelta(Codec):
         # A finite sum of |delta| means every element is finite: no separate NaN/Inf pass.
         if not bool(torch.isfinite(scale).all()):
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; BitDelta cannot code them")
-        sign = pack_bits(d2 >= 0)
+        sign = pack_signs(d2)
         # ||delta - s*sign||^2 = ||delta||^2 - n*s^2 per scale group (s = mean|delta| is L2-optimal).
         d_sq = float(torch.linalg.vector_norm(d2, 2)) ** 2
         s64 = scale.to(torch.float64)
