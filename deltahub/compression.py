@@ -46,6 +46,7 @@ from .format.io import (
     base_digest,
     check_output,
     _one_torch_thread,
+    one_torch_thread,
     fingerprint,
     pipelined,
     prefetch,
@@ -178,12 +179,14 @@ def compress(
         aux = _plan_aux_files(ft_ckpt.dir, None if keep_aux_files else base_ckpt.dir)
         base_digests: dict[str, str] = {}
         if job.policy.uses_auto():
-            job.decisions = _allocate(job, ft_ckpt, base_ckpt, aux, base_digests, progress)
+            with one_torch_thread():  # this thread coordinates; the workers compute
+                job.decisions = _allocate(job, ft_ckpt, base_ckpt, aux, base_digests, progress)
         total_bytes = sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys())
         with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs, protect=protect) as tmp, \
                 progress_bar("compress", total_bytes, enabled=progress) as advance:
             writer = DeltaShardWriter(tmp, max_shard_size)
-            entries = _encode_all(job, ft_ckpt, base_ckpt, writer, advance, base_digests)
+            with one_torch_thread():
+                entries = _encode_all(job, ft_ckpt, base_ckpt, writer, advance, base_digests)
             copied, base_files = _copy_aux_files(aux, tmp)
             files = writer.finish() + copied
             manifest = _build_manifest(

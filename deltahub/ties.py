@@ -32,9 +32,11 @@ MAX_CANDIDATES = 4
 
 def _sample_hash(t: torch.Tensor) -> bytes:
     """sha256 of an evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
-    raw = tensor_bytes(t)
-    step = max(1, raw.numel() // SAMPLE_BYTES)
-    return hashlib.sha256(memoryview(raw[::step].contiguous().numpy())).digest()
+    raw = tensor_bytes(t).numpy()
+    step = max(1, raw.size // SAMPLE_BYTES)
+    # numpy's strided copy: one thread (a torch copy of this size would start torch's intra-op threads from the
+    # calling thread, which costs more than the copy while compress's workers hold the cores)
+    return hashlib.sha256(raw[::step].tobytes()).digest()
 
 
 class TieFinder:

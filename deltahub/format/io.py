@@ -932,6 +932,19 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The calling thread's torch ops single-threaded for the block (restored after): a thread that coordinates
+    pipeline workers would otherwise start torch's intra-op threads for its own small ops (a tie check, a
+    comparison with the base), which then compete with the workers for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 #: Items in flight per worker when their bytes bound the window (:func:`pipelined`): measured on the real
 #: pair's default delta, apply took 1.70 s best-of-3 with 1 (head-of-line blocking behind the 113 MB
 #: embedding), 1.42 s with 4 and 1.40 s with 16 (benchmarks/throughput.md).
