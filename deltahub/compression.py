@@ -11,9 +11,8 @@ import json
 import math
 import os
 import shutil
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,7 @@ def compress(
     try:
         job.start(ft_ckpt, calib)
         job.ties = TieFinder(ft_ckpt, lambda a, b: job.policy.choose(a, len(ft_ckpt.info(a).shape))
-                             == job.policy.choose(b, len(ft_ckpt.info(b).shape)))
+                             == job.policy.choose(b, len(ft_ckpt.info(b).shape)), base=base_ckpt)
         job.base_cache = CheckpointDigests(base_ckpt.files)  # base digests of an unchanged file are not recomputed
         aux = _plan_aux_files(ft_ckpt.dir, None if keep_aux_files else base_ckpt.dir)
         base_digests: dict[str, str] = {}
@@ -596,47 +595,44 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     curves: list[Curve] = []
     fixed = 0
     uses: Counter[str] = Counter()  # tensor name -> names it is coded for beyond its own (tied: format 1.3 aliases)
-    pending: deque[tuple[str, Future[Curve]]] = deque()
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
-    # Tensors are read into reused buffers (no fresh pages per tensor), each released once its tensor is measured.
-    buffers, held = BufferPool(SCRATCH_BYTES, keep=4 * workers + 4), {}
+    # Workers read each tensor into reused buffers (no fresh pages per tensor), key it for the tie check and
+    # measure it; this thread only takes their results in storage order (ties are decided in that order).
+    buffers, held = BufferPool(SCRATCH_BYTES, keep=2 * workers + 2), {}
     load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, pool=buffers, held=held)
+    ties = job.ties
 
-    def done(name: str) -> None:
-        for b in held.pop(name, ()):
-            buffers.release(b)
-        advance(ft_ckpt.info(name).nbytes)
+    def measure(name: str) -> tuple[str | None, tuple[Any, ...] | None, Curve | int]:
+        """(base digest, tie key, curve or, for a tensor the policy codes by a rule or keeps exact, its bytes)."""
+        try:
+            ft_t, base_t, digest = load(name)
+            info = ft_ckpt.info(name)
+            key = ties.key(ft_t, base_t, digest) if ties is not None else None
+            c, p, auto = _select_codec(job, name, info, ft_t, base_t)
+            inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
+            if auto:
+                return digest, key, _curve(job, inp, tuple(info.shape), info.dtype)
+            enc = c.encode(inp, p)
+            return digest, key, enc.nbytes + _entry_overhead(name, c.name, enc, tuple(info.shape), info.dtype, "")
+        finally:
+            for b in held.pop(name, ()):
+                buffers.release(b)
 
-    with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-measure", initializer=_one_torch_thread) as pool:
-        for name, (ft_t, base_t, digest) in prefetch(ft_ckpt.keys(), load):
+    with progress_bar("measure", sum(ft_ckpt.info(n).nbytes for n in ft_ckpt.keys()), enabled=progress) as advance:
+        # results are a few numbers: workers may run well ahead of this loop
+        for name, (digest, key, result) in pipelined(ft_ckpt.keys(), measure, workers=workers, ahead=4 * workers):
             info = ft_ckpt.info(name)
             if digest is not None:
                 base_digests[name] = digest
-            target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
+            target = ties.decide(name, key) if ties is not None else None
             if target is not None:  # coded once, as its target: only the alias entry's manifest bytes
                 uses[target] += 1
                 fixed += _alias_overhead(name, info, target, digest)
-                del ft_t, base_t
-                done(name)
-                continue
-            c, p, auto = _select_codec(job, name, info, ft_t, base_t)
-            inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
-            if auto:  # measured in worker threads (torch and zstd release the GIL), at most `workers` tensors at once
-                pending.append((name, pool.submit(_curve, job, inp, tuple(info.shape), info.dtype)))
-                del ft_t, base_t, inp
+            elif isinstance(result, Curve):
+                curves.append(result)
             else:
-                enc = c.encode(inp, p)
-                fixed += enc.nbytes + _entry_overhead(name, c.name, enc, tuple(info.shape), info.dtype, "")
-                del ft_t, base_t, inp, enc
-                done(name)
-            while len(pending) >= workers:
-                pname, fut = pending.popleft()
-                curves.append(fut.result())
-                done(pname)
-        for pname, fut in pending:
-            curves.append(fut.result())
-            done(pname)
+                fixed += result
+            advance(info.nbytes)
     curves = [_tied_curve(c, 1 + uses[c.name]) for c in curves]
     fp16 = 2 * sum(math.prod(ft_ckpt.info(n).shape) for n in ft_ckpt.keys())
     directory = min(fp16 / job.target_ratio if job.target_ratio else math.inf,

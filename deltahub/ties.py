@@ -47,8 +47,9 @@ class TieFinder:
     over the tensors (compress's allocation, then its encoding) gets the same answers without any work.
     """
 
-    def __init__(self, ft: Checkpoint, same_coding: Callable[[str, str], bool] | None = None) -> None:
-        self._ft = ft
+    def __init__(self, ft: Checkpoint, same_coding: Callable[[str, str], bool] | None = None,
+                 base: Checkpoint | None = None) -> None:
+        self._ft, self._base = ft, base
         self._same_coding = same_coding or (lambda a, b: True)
         counts = Counter((ft.info(n).dtype, tuple(ft.info(n).shape)) for n in ft.keys())
         self._shared = {k for k, c in counts.items() if c > 1}
@@ -71,21 +72,42 @@ class TieFinder:
         bytes) is never an alias: nothing would be saved."""
         if name in self._decided:
             return self._decided[name]
-        found = self._find(name, ft_t, base_t, base_digest)
-        self._decided[name] = found
-        return found
+        return self.decide(name, self.key(ft_t, base_t, base_digest), ft_t, base_t)
 
-    def _find(self, name: str, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None) -> str | None:
+    def key(self, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None) -> tuple[Any, ...] | None:
+        """The tensor's key (None when no other tensor shares its dtype and shape): O(1), safe from any thread,
+        so workers can compute it while the tensor is in memory and :meth:`decide` runs later, in order."""
         shape = tuple(ft_t.shape)
         if (ft_t.dtype, shape) not in self._shared or ft_t.numel() == 0:
             return None
         base_key = None if base_t is None else (base_t.dtype, tuple(base_t.shape), base_digest)
-        firsts = self._firsts.setdefault((ft_t.dtype, shape, base_key, _sample_hash(ft_t)), [])
-        for cand in firsts:
-            if self._same_coding(cand, name) and same_bits(self._ft.read(cand), ft_t):
-                if base_t is not None and same_bits(base_t, ft_t):
-                    return None
-                return cand
-        if len(firsts) < MAX_CANDIDATES:
-            firsts.append(name)
-        return None
+        return (ft_t.dtype, shape, base_key, _sample_hash(ft_t))
+
+    def decide(self, name: str, key: tuple[Any, ...] | None, ft_t: torch.Tensor | None = None,
+               base_t: torch.Tensor | None = None) -> str | None:
+        """:meth:`target` from the tensor's :meth:`key`, called in storage order. Only a key seen before costs
+        work: the full comparison, with ``ft_t`` / ``base_t`` or, without them, the tensors read again."""
+        if name in self._decided:
+            return self._decided[name]
+        found = None
+        if key is not None:
+            firsts = self._firsts.setdefault(key, [])
+            for cand in firsts:
+                if not self._same_coding(cand, name):
+                    continue
+                ft = ft_t if ft_t is not None else self._ft.read(name)
+                if same_bits(self._ft.read(cand), ft):
+                    if key[2] is not None:  # equal to its base (unchanged, 0 bytes): not an alias
+                        base = base_t if base_t is not None else self._base_read(name)
+                        if base is not None and same_bits(base, ft):
+                            break
+                    found = cand
+                    break
+            else:
+                if len(firsts) < MAX_CANDIDATES:
+                    firsts.append(name)
+        self._decided[name] = found
+        return found
+
+    def _base_read(self, name: str) -> torch.Tensor | None:
+        return self._base.read(name) if self._base is not None and name in self._base else None

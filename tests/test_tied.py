@@ -57,6 +57,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def _no_ties(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compress as before format 1.3: every name coded on its own."""
     monkeypatch.setattr(TieFinder, "target", lambda self, *a, **k: None)
+    monkeypatch.setattr(TieFinder, "decide", lambda self, *a, **k: None)
 
 
 def _alias_and_target(d: Delta) -> tuple[str, str]:
