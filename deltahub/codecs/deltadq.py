@@ -184,9 +184,7 @@ def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor
     if not cands:
         raise InvalidCodecParamsError(f"codec 'deltadq': no group size keeps an element at p={p} for {cols} columns")
     if calibration is None and memo is not None:
-        sums = memo.get("deltadq.spread")
-        if sums is None:
-            sums = memo["deltadq.spread"] = spread_sums(delta2d, auto_candidates(cols, 0.5) or [cols])
+        sums = _memo_spread_sums(delta2d, memo)
         if all(g in sums[1] for g in cands):
             errs = _spread_errors(delta2d, p, cands, sums)
         else:
@@ -195,6 +193,17 @@ def choose_group_size(delta2d: torch.Tensor, p: float, calibration: torch.Tensor
         errs = group_size_errors(delta2d, p, cands, calibration)
     best = min(errs.values())
     return max(g for g, e in errs.items() if e <= best * (1 + 1e-9))
+
+
+def _memo_spread_sums(delta2d: torch.Tensor, memo: dict[str, Any]) -> tuple[float, dict[int, float]]:
+    """:func:`spread_sums` for every group size ``auto`` may try (any drop rate), computed once per tensor; their
+    ``sum D^2`` also serves as the tensor's ``||D||^2`` (one pass over the delta fewer)."""
+    sums = memo.get("deltadq.spread")
+    if sums is None:
+        cols = delta2d.shape[1]
+        sums = memo["deltadq.spread"] = spread_sums(delta2d, auto_candidates(cols, 0.5) or [cols])
+        memo.setdefault("delta_sumsq", sums[0])
+    return sums
 
 
 def gather_kept(flat: torch.Tensor, seed: int, stream: int, g: int, keep: int) -> torch.Tensor:
@@ -352,11 +361,13 @@ class DeltaDQ(Codec):
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta
         nat = native() if delta.dtype == torch.float32 else None
+        rows, cols = matrix_view_shape(delta.shape)
+        d2d = delta.reshape(rows, cols)
+        if params["group_size"] == "auto" and inp.calibration is None:
+            _memo_spread_sums(d2d, inp._memo)  # gives ||D||^2 too
         d2 = inp.delta_sumsq()
         if not math.isfinite(d2):
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; deltadq cannot code them")
-        rows, cols = matrix_view_shape(delta.shape)
-        d2d = delta.reshape(rows, cols)
         p, bits, parts = float(params["p"]), params["bits"], params["parts"]
         g = params["group_size"]
         if g == "auto":
