@@ -1422,6 +1422,38 @@ done:
     return ret;
 }
 
+/* diff(ft, ft_kind, base, base_kind, out_f32): out = float32(ft) - float32(base) in one pass (kinds: 0 float32,
+ * 1 bfloat16, 2 float16; the widening is exact, the subtraction one float32 rounding: torch's bits). */
+CLONES
+static void diff_f32(float *o, const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) o[i] = a[i] - b[i];
+}
+
+static PyObject *py_diff(PyObject *self, PyObject *args) {
+    Py_buffer a = {0}, b = {0}, o = {0};
+    int ka, kb;
+    if (!PyArg_ParseTuple(args, "y*iy*iw*", &a, &ka, &b, &kb, &o)) return NULL;
+    PyObject *ret = NULL;
+    size_t sa = ka ? 2 : 4, sb = kb ? 2 : 4;
+    if (ka < 0 || ka > 2 || kb < 0 || kb > 2 || a.len % sa || b.len % sb || a.len / sa != b.len / sb
+            || (size_t)o.len != (size_t)(a.len / sa) * sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "diff: buffers do not fit"); goto done;
+    }
+    size_t n = (size_t)a.len / sa;
+    float *out = (float *)o.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (!ka && !kb) diff_f32(out, (const float *)a.buf, (const float *)b.buf, n);
+    else for (size_t i = 0; i < n; i++) out[i] = load_kind(a.buf, i, ka) - load_kind(b.buf, i, kb);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
@@ -1435,6 +1467,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "BitDelta: the packed sign bits (delta >= 0) of a float32 matrix."},
+    {"diff", py_diff, METH_VARARGS, "float32(a) - float32(b) of float32/bf16/f16 buffers, into a float32 buffer."},
     {"diff_sumsq", py_diff_sumsq, METH_VARARGS, "float64 sum of squared differences of two float32/bf16/f16 buffers."},
     {"spread_sums", py_spread_sums, METH_VARARGS, "DeltaDQ group-size sums for several group sizes."},
     {"split_pack", py_split_pack, METH_VARARGS, "Separate quantization: packed part-id and per-part low-bit streams."},

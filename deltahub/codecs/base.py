@@ -61,11 +61,16 @@ class EncodeInput:
             raise CodecError(f"tensor {self.name!r} has no base tensor, so it has no delta")
         if self._delta is None:
             ft, base = self.finetuned, self.base
-            buf = None
-            if self._delta_buffer is not None and ft.shape == base.shape and ft.dtype in HALF_KINDS and base.dtype in HALF_KINDS:
-                buf = self._delta_buffer(ft.numel() * 4)
-            if buf is not None:  # the same bits: exact widening, one float32 subtraction
-                out = buf.view(-1)[:ft.numel() * 4].view(torch.float32).view(ft.shape)
+            fits = ft.shape == base.shape and ft.dtype in HALF_KINDS and base.dtype in HALF_KINDS
+            buf = self._delta_buffer(ft.numel() * 4) if self._delta_buffer is not None and fits else None
+            out = buf.view(-1)[:ft.numel() * 4].view(torch.float32).view(ft.shape) if buf is not None else None
+            nat = native()
+            if nat is not None and fits and _fused_ok(ft, base):  # one pass, no widened copies; torch's bits
+                out = torch.empty(ft.shape, dtype=torch.float32) if out is None else out
+                if out.numel():
+                    nat.diff(_raw(ft), HALF_KINDS[ft.dtype], _raw(base), HALF_KINDS[base.dtype], out.view(-1).numpy())
+                self._delta = out
+            elif out is not None:  # the same bits: exact widening, one float32 subtraction
                 self._delta = out.copy_(ft).sub_(base)
             else:
                 self._delta = ft.to(torch.float32) - base.to(torch.float32)
