@@ -434,7 +434,10 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
         # delta's bytes are those of a serial run. Each worker reads and subtracts into its own reused buffers.
         scratch = ThreadScratch(SCRATCH_BYTES)
         load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
-        results = pipelined(names, lambda n: encode(n, load(n), scratch))
+        # Results are the stored tensors (at most about the input's bytes, far less for lossy codecs): by their
+        # bytes, workers run ahead of a large tensor at the head of the queue instead of idling behind it.
+        results = pipelined(names, lambda n: encode(n, load(n), scratch), cost=lambda n: ft_ckpt.info(n).nbytes,
+                            max_cost=ENCODE_AHEAD_BYTES)
     else:  # ties are decided here, in storage order: reads are prefetched, encoding is serial
         load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
         results = ((n, encode(n, loaded)) for n, loaded in prefetch(names, load))
@@ -677,6 +680,8 @@ def _alias_overhead(name: str, info: Any, target: str, digest: str | None) -> in
     return _manifest_json_size({name: alias_entry(name, info, target, digest or "0" * 64).to_dict()})
 
 
+#: Input bytes of the tensors in flight in compress's final pass (bounds the encoded results held for the writer).
+ENCODE_AHEAD_BYTES = 512 * 2**20
 #: Largest buffer a compress worker keeps for reuse (per buffer: fine-tune, base, delta tensor).
 SCRATCH_BYTES = 256 * 2**20
 #: Candidates are measured on evenly spaced rows of a matrix, about this many elements (the chosen one is
