@@ -380,6 +380,9 @@ class _Job:
     decisions: dict[str, Point] = dataclasses.field(default_factory=dict)
     #: Which names are aliases of an earlier, identical tensor (format 1.3 tied weights), decided once.
     ties: TieFinder | None = None
+    #: Read / scratch buffers shared by the measure and the final pass (the final pass reuses the pages the
+    #: first one touched).
+    buffers: BufferPool = dataclasses.field(default_factory=lambda: BufferPool(SCRATCH_BYTES, keep=2 * MEASURE_THREADS + 2))
 
     def start(self, ft_ckpt: Checkpoint, calib: Mapping[str, torch.Tensor] | None) -> None:
         """Check the calibration against the fine-tune (headers only)."""
@@ -432,7 +435,7 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
         # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
         # cores (one torch thread each); they are written and recorded below in storage order, so the
         # delta's bytes are those of a serial run. Each worker reads and subtracts into its own reused buffers.
-        scratch = ThreadScratch(SCRATCH_BYTES)
+        scratch = ThreadScratch(SCRATCH_BYTES, job.buffers)
         load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
         # Results are the stored tensors (at most about the input's bytes, far less for lossy codecs): by their
         # bytes, workers run ahead of a large tensor at the head of the queue instead of idling behind it.
@@ -601,7 +604,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     workers = max(1, min(MEASURE_THREADS, os.cpu_count() or 1))
     # Workers read each tensor into reused buffers (no fresh pages per tensor), key it for the tie check and
     # measure it; this thread only takes their results in storage order (ties are decided in that order).
-    buffers, held = BufferPool(SCRATCH_BYTES, keep=2 * workers + 2), {}
+    buffers, held = job.buffers, {}
     load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, pool=buffers, held=held)
     ties = job.ties
 

@@ -22,18 +22,24 @@ class ThreadScratch:
     caller's step must not be views of it (:meth:`owns` tells).
     """
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, pool: BufferPool | None = None) -> None:
         self.cap = cap
         self._local = threading.local()
+        self._pool = pool
 
     def get(self, name: str, nbytes: int) -> torch.Tensor | None:
-        """This thread's buffer ``name`` of at least ``nbytes`` bytes (flat uint8), or None above the cap."""
+        """This thread's buffer ``name`` of at least ``nbytes`` bytes (flat uint8), or None above the cap. With a
+        ``pool``, new buffers come from it (pages an earlier pass touched) and outgrown ones go back to it."""
         if nbytes > self.cap:
             return None
         bufs = self._bufs()
         buf = bufs.get(name)
         if buf is None or buf.numel() < nbytes:
-            buf = bufs[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            if self._pool is not None:
+                self._pool.release(buf)
+                buf = bufs[name] = self._pool.acquire(max(nbytes, 1))
+            else:
+                buf = bufs[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf
 
     def owns(self, t: torch.Tensor) -> bool:
