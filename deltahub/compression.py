@@ -687,9 +687,14 @@ def _alias_overhead(name: str, info: Any, target: str, digest: str | None) -> in
 ENCODE_AHEAD_BYTES = 512 * 2**20
 #: Largest buffer a compress worker keeps for reuse (per buffer: fine-tune, base, delta tensor).
 SCRATCH_BYTES = 256 * 2**20
-#: Candidates are measured on evenly spaced rows of a matrix, about this many elements (the chosen one is
-#: then encoded on the whole tensor): distortion and bytes scale with the row count.
-MEASURE_NUMEL = 1 << 16
+#: Candidates are measured on evenly spaced rows of a matrix (the chosen one is then encoded on the whole tensor;
+#: distortion and bytes scale with the row count): at least this many elements, at least MEASURE_MIN_ROWS rows,
+#: and at least 1 / MEASURE_FRACTION of a large tensor's rows (its sample then costs little next to encoding
+#: it). Measured on the real pair (20x): 32768 elements gave KL 0.00297 against 0.00305 with 65536 (noise:
+#: 0.00309 with 16384), in 0.2 s less.
+MEASURE_NUMEL = 1 << 15
+MEASURE_MIN_ROWS = 16
+MEASURE_FRACTION = 64
 #: Tensors measured at once (threads) in the allocation pass.
 MEASURE_THREADS = 2
 #: Share of the allocated bytes kept free against the sampled byte estimates.
@@ -699,7 +704,7 @@ ALLOCATION_MARGIN = 0.02
 def _row_sample(inp: EncodeInput, shape: tuple[int, ...]) -> tuple[EncodeInput, tuple[int, ...], float]:
     """``(input, shape, scale)``: evenly spaced rows of a large matrix (``scale`` = rows / sampled rows), else the input."""
     rows, cols = matrix_view_shape(shape)
-    keep = max(1, MEASURE_NUMEL // max(cols, 1))
+    keep = max(1, MEASURE_NUMEL // max(cols, 1), MEASURE_MIN_ROWS, rows // MEASURE_FRACTION)
     if len(shape) < 2 or rows <= 2 * keep:
         return inp, shape, 1.0
     idx = torch.linspace(0, rows - 1, keep).round().long().unique()
@@ -741,7 +746,8 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
         except CodecError as exc:
             logger.debug("allocation: %s cannot use %s: %s", inp.name, label, exc)
             continue
-        nbytes = math.ceil(enc.nbytes * scale) + _entry_overhead(inp.name, c.name, enc, full_shape, dtype, label)
+        fixed = sum(t.numel() * t.element_size() for r, t in enc.tensors.items() if r in c.fixed_size_roles)
+        nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(inp.name, c.name, enc, full_shape, dtype, label)
         distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
         curve.points.append(Point(cname, p, nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))

@@ -4,6 +4,7 @@ and resized vocabularies through compress -> apply."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +255,27 @@ def test_presets_fit_their_ratio_at_576_columns() -> None:
     for name, preset in PRESETS.items():
         nbytes = max_nbytes(shape, {**preset, "group_size": None})
         assert 2 * 49152 * 576 / nbytes == pytest.approx(float(name.rstrip("x")), rel=0.01), name
+
+
+@pytest.mark.parametrize("shape", [(40, 33), (7, 1), (100, 256)])
+def test_one_bit_row_fast_path_is_the_row_quantizer_optimum(shape: tuple[int, int]) -> None:
+    """1-bit rows with a scale per row (every preset) take a closed form: the sign codes and mean |delta| that the
+    general quantizer's refits reach, and the error it would measure."""
+    from deltahub.codecs._quant import load_stream
+    from deltahub.codecs.rowsparse import decode_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(shape[0])
+    base = torch.randn(shape, generator=g)
+    delta = torch.randn(shape, generator=g) * 1e-2
+    delta[0] = 0.0  # a zero row: scale 0, codes 1
+    c = get_codec("rowsparse")
+    p = c.validate_params({"density": 1.0, "bits": 1})
+    enc = c.encode(EncodeInput("w", base + delta, base), p)
+    rows, cols = shape
+    d = (base + delta) - base
+    codes = load_stream(enc.tensors["codes"], rows * cols, 1).reshape(rows, cols)
+    ref_codes, ref_scale = quantize_rows(d, 1, "mse")
+    assert torch.equal(codes.to(torch.int64), ref_codes)
+    assert torch.allclose(enc.tensors["scale"], ref_scale, rtol=1e-6, atol=0)
+    err = float(((decode_rows(codes, enc.tensors["scale"], rows, cols, 1, None) - d) ** 2).sum(dtype=torch.float64))
+    assert enc.stats["error_l2"] == pytest.approx(math.sqrt(err), rel=1e-6)

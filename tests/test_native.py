@@ -437,3 +437,14 @@ def test_pack_signs_matches_pack_bits(shape: tuple[int, int], monkeypatch: pytes
     monkeypatch.setenv("DELTAHUB_NATIVE", "1")
     with pytest.raises(ValueError):
         native().pack_signs(d.numpy(), shape[0], shape[1] + 1, np.zeros(a.numel(), np.uint8))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 576), (5, 1001)])
+def test_row_sums_match_numpy(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.codecs.rowsparse import _row_sums
+
+    d = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 1e19  # squares beyond float32
+    (sq_a, ab_a), (sq_b, ab_b) = _both(monkeypatch, lambda: _row_sums(d))
+    assert torch.allclose(sq_a, sq_b, rtol=1e-12) and torch.allclose(ab_a, ab_b, rtol=1e-12)
+    assert torch.isfinite(sq_a).all()

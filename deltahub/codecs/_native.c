@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1454,6 +1455,41 @@ done:
     return ret;
 }
 
+/* row_sums(x_f32, rows, cols, sq_f64 (written), abs_f64 (written)): per row, the float64 sums of x^2 and |x|
+ * (squared in float64: inf or nan only where the row has one). */
+CLONES
+static void row_sums_1(const float *x, size_t cols, double *sq, double *ab) {
+    double a[4] = {0}, b[4] = {0};
+    size_t i = 0;
+    for (; i + 4 <= cols; i += 4)
+        for (int t = 0; t < 4; t++) { double v = x[i + t]; a[t] += v * v; b[t] += fabs(v); }
+    for (; i < cols; i++) { double v = x[i]; a[0] += v * v; b[0] += fabs(v); }
+    *sq = (a[0] + a[1]) + (a[2] + a[3]);
+    *ab = (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+static PyObject *py_row_sums(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, sq = {0}, ab = {0};
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "y*nnw*w*", &x, &rows, &cols, &sq, &ab)) return NULL;
+    PyObject *ret = NULL;
+    if (rows < 0 || cols < 0 || (size_t)x.len != (size_t)rows * (size_t)cols * sizeof(float)
+            || (size_t)sq.len != (size_t)rows * sizeof(double) || (size_t)ab.len != (size_t)rows * sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "row_sums: buffers do not fit"); goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++)
+        row_sums_1((const float *)x.buf + (size_t)r * (size_t)cols, (size_t)cols, (double *)sq.buf + r, (double *)ab.buf + r);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&sq);
+    PyBuffer_Release(&ab);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, "Write a block: its kept elements from values or coded values, the others 0."},
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
@@ -1467,6 +1503,7 @@ static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "BitDelta: the packed sign bits (delta >= 0) of a float32 matrix."},
+    {"row_sums", py_row_sums, METH_VARARGS, "Per row: float64 sums of squares and of absolute values."},
     {"diff", py_diff, METH_VARARGS, "float32(a) - float32(b) of float32/bf16/f16 buffers, into a float32 buffer."},
     {"diff_sumsq", py_diff_sumsq, METH_VARARGS, "float64 sum of squared differences of two float32/bf16/f16 buffers."},
     {"spread_sums", py_spread_sums, METH_VARARGS, "DeltaDQ group-size sums for several group sizes."},

@@ -145,6 +145,9 @@ class Codec(ABC):
     #: True when the codec's error is a property of the whole matrix (low rank), so it cannot be measured
     #: on a sample of rows: the allocation then measures it on the whole tensor.
     whole_matrix: ClassVar[bool] = False
+    #: Stored roles whose size does not grow with the rows coded (a codebook): compress's allocation, which
+    #: measures candidates on a row sample, scales the other roles' bytes to the whole tensor, not these.
+    fixed_size_roles: ClassVar[frozenset[str]] = frozenset()
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Merge defaults and check ranges; raise :class:`InvalidCodecParamsError` on bad input."""

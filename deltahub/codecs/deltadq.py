@@ -317,6 +317,7 @@ class DeltaDQ(Codec):
         "group_size": "auto", "seed": 0, "stream": None, "entropy": "zstd",
     }
     inplace_dtypes = tuple(HALF_KINDS)
+    fixed_size_roles = frozenset({"codebook", "norm"})
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         m = super().validate_params(params)

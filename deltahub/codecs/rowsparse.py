@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from . import register_codec
-from ._bits import packed_cols
+from ._accel import native
+from ._bits import pack_signs, packed_cols
 from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
-from ._quant import load_stream, packed_nbytes, store_stream
+from ._quant import load_stream, packed_nbytes, store_stream, stored_bytes
 from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
@@ -109,6 +110,18 @@ def _sq_error(x: torch.Tensor, s: torch.Tensor, bits: int, w: torch.Tensor) -> t
     return ((rec - x).square_().mul_(w)).sum(1)
 
 
+def _row_sums(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a float32 matrix: ``(sum x^2, sum |x|)`` in float64 (one native pass when built)."""
+    rows, cols = d2.shape
+    nat = native()
+    if nat is not None and d2.dtype == torch.float32 and d2.is_contiguous() and d2.device.type == "cpu":
+        sq, ab = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+        nat.row_sums(d2.numpy(), rows, cols, sq.numpy(), ab.numpy())
+        return sq, ab
+    return (torch.linalg.vector_norm(d2, dim=1, dtype=torch.float64) ** 2,
+            torch.linalg.vector_norm(d2, 1, dim=1, dtype=torch.float64))
+
+
 def decode_rows(codes: torch.Tensor, scale: torch.Tensor, k: int, cols: int, bits: int,
                 group_size: int | None) -> torch.Tensor:
     """Kept rows' float32 deltas ``[k, cols]``: ``scale[row, col // group_size] * level(code)``, one multiply."""
@@ -166,32 +179,54 @@ class RowSparse(Codec):
             raise CodecError(f"tensor {inp.name!r}: rowsparse needs a base of the same shape or a 2-D base with fewer "
                              f"rows and the same columns; fine-tune {list(ft.shape)}, base {list(base.shape)}")
         base_rows = base.shape[0] if resized else rows
-        d2 = (ft.reshape(rows, cols)[:base_rows].to(torch.float32) - base.reshape(base_rows, cols).to(torch.float32))
-        if not bool(torch.isfinite(d2).all()):
+        if resized:
+            d2 = (ft.reshape(rows, cols)[:base_rows].to(torch.float32) - base.reshape(base_rows, cols).to(torch.float32))
+        else:
+            d2 = inp.delta.reshape(rows, cols)
+        sq, l1_rows = _row_sums(d2)
+        if not bool(torch.isfinite(sq).all()):  # a float32 squared cannot overflow a double: only NaN / Inf do
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; rowsparse cannot code them")
         bits, g = params["bits"], params["group_size"]
         k = kept_rows(params["density"], base_rows)
-        norms = torch.linalg.vector_norm(d2, dim=1, dtype=torch.float64)
+        norms = sq.sqrt()
         keep = torch.zeros(base_rows, dtype=torch.bool)
         keep[torch.sort(-norms, stable=True).indices[:k]] = True
-        sel = d2[keep]
         groups = scale_cols(cols, g)
-        gsize = cols if g is None else min(g, cols)
-        pad = groups * gsize - cols
-        padded = torch.nn.functional.pad(sel, (0, pad)).reshape(k * groups, gsize)
-        valid = torch.nn.functional.pad(torch.ones(k, cols), (0, pad)).reshape(k * groups, gsize) if pad else None
-        codes, scale = quantize_rows(padded, bits, params["scale_fit"], valid)
-        codes = codes.reshape(k, groups * gsize)[:, :cols]
+        packed = None
+        if bits == 1 and g is None:
+            # 1 bit, a scale per row (every preset): the sign codes and the row's mean |delta| are the least-squares
+            # optimum quantize_rows converges to, computed in one pass each; the error in closed form. With whole
+            # bytes per row the code stream is the kept rows of the packed signs (no copy of the kept rows).
+            if cols % 8 == 0:
+                packed = pack_signs(d2)[keep].reshape(-1)
+            else:
+                codes = (d2[keep] >= 0).to(torch.uint8)
+            l1 = l1_rows[keep]
+            scale = (l1 / max(cols, 1)).to(torch.float32)
+            s64 = scale.to(torch.float64)
+            err = max(float((sq[keep] - 2 * s64 * l1 + cols * s64 * s64).sum()), 0.0)
+        else:
+            sel = d2[keep]
+            gsize = cols if g is None else min(g, cols)
+            pad = groups * gsize - cols
+            padded = torch.nn.functional.pad(sel, (0, pad)).reshape(k * groups, gsize)
+            valid = torch.nn.functional.pad(torch.ones(k, cols), (0, pad)).reshape(k * groups, gsize) if pad else None
+            codes, scale = quantize_rows(padded, bits, params["scale_fit"], valid)
+            codes = codes.reshape(k, groups * gsize)[:, :cols]
+            err = None
         encoding, mask = encode_mask(keep.reshape(1, base_rows), params["mask_encoding"])
-        tensors = {"mask": mask, "codes": store_stream(codes, bits, entropy=params["entropy"] == "zstd"),
+        entropy = params["entropy"] == "zstd"
+        stream = stored_bytes(packed, entropy=entropy) if packed is not None else store_stream(codes.contiguous(), bits, entropy=entropy)
+        tensors = {"mask": mask, "codes": stream,
                    "scale": scale.reshape(k) if g is None else scale.reshape(k, groups)}
         if resized:
             tensors["new_rows"] = ft.reshape(rows, cols)[base_rows:].contiguous().clone()
         out = {"density": params["density"], "bits": bits, "group_size": g, "mask_encoding": encoding,
                "entropy": params["entropy"], "base_rows": base_rows}
-        err = float(((decode_rows(codes, tensors["scale"], k, cols, bits, g) - sel) ** 2).sum(dtype=torch.float64))
-        d_sq = float((norms * norms).sum())
-        stats = {"delta_l2": math.sqrt(d_sq), "error_l2": math.sqrt(max(d_sq - float((norms[keep] ** 2).sum()) + err, 0.0))}
+        if err is None:
+            err = float(((decode_rows(codes, tensors["scale"], k, cols, bits, g) - sel) ** 2).sum(dtype=torch.float64))
+        d_sq = float(sq.sum())
+        stats = {"delta_l2": math.sqrt(d_sq), "error_l2": math.sqrt(max(d_sq - float(sq[keep].sum()) + err, 0.0))}
         return Encoded(tensors, out, stats)
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],
