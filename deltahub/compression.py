@@ -860,9 +860,10 @@ def _indentation(o: Any, depth: int) -> tuple[int, int]:
         return 0, 0
     extra, lines = n * (1 + 2 * (depth + 1)) + 1 + 2 * depth, n + 1
     for v in items:
-        e, k = _indentation(v, depth + 1)
-        extra += e
-        lines += k
+        if isinstance(v, (dict, list, tuple)) and v:  # scalars and empty containers add nothing
+            e, k = _indentation(v, depth + 1)
+            extra += e
+            lines += k
     return extra, lines
 
 
