@@ -44,6 +44,7 @@ from .format.io import (
     bytes_to_tensor,
     base_digest,
     check_output,
+    default_workers,
     _one_torch_thread,
     one_torch_thread,
     fingerprint,
@@ -435,6 +436,7 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
         # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
         # cores (one torch thread each); they are written and recorded below in storage order, so the
         # delta's bytes are those of a serial run. Each worker reads and subtracts into its own reused buffers.
+        job.buffers.trim(2 * default_workers())  # the fine-tune and base buffers of each worker; the rest is freed
         scratch = ThreadScratch(SCRATCH_BYTES, job.buffers)
         load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
         # Results are the stored tensors (at most about the input's bytes, far less for lossy codecs): by their

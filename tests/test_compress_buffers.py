@@ -80,3 +80,15 @@ def test_stored_tensors_never_alias_a_reused_read_buffer(tmp_path: Path) -> None
     assert rebuilt.keys() == ft.keys()
     for k in ft:
         assert torch.equal(rebuilt[k].view(torch.int32), ft[k].view(torch.int32)), k
+
+
+def test_thread_scratch_takes_buffers_from_a_pool_and_the_pool_trims() -> None:
+    pool = BufferPool(cap=1 << 20, keep=4)
+    warm = [pool.acquire(n) for n in (100, 200, 300, 400)]
+    for b in warm:
+        pool.release(b)
+    s = ThreadScratch(cap=1 << 20, pool=pool)
+    assert s.get("ft", 250).data_ptr() == warm[2].data_ptr()  # the smallest free one that fits
+    pool.trim(1)
+    assert [b.numel() for b in pool._free] == [400]  # the largest kept
+    assert s.get("ft", 500).numel() >= 500 and pool._free[0].numel() == 400  # outgrown: dropped, not pooled

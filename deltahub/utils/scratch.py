@@ -29,14 +29,13 @@ class ThreadScratch:
 
     def get(self, name: str, nbytes: int) -> torch.Tensor | None:
         """This thread's buffer ``name`` of at least ``nbytes`` bytes (flat uint8), or None above the cap. With a
-        ``pool``, new buffers come from it (pages an earlier pass touched) and outgrown ones go back to it."""
+        ``pool``, new buffers come from it (pages an earlier pass touched)."""
         if nbytes > self.cap:
             return None
         bufs = self._bufs()
         buf = bufs.get(name)
         if buf is None or buf.numel() < nbytes:
-            if self._pool is not None:
-                self._pool.release(buf)
+            if self._pool is not None:  # (an outgrown buffer is dropped, not kept in the pool)
                 buf = bufs[name] = self._pool.acquire(max(nbytes, 1))
             else:
                 buf = bufs[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
@@ -78,6 +77,13 @@ class BufferPool:
                 if fits:  # (by index: == on tensors compares elements)
                     return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def trim(self, keep: int) -> None:
+        """Keep at most ``keep`` free buffers from now on (the largest), dropping the others."""
+        with self._lock:
+            self.keep = keep
+            self._free.sort(key=lambda b: b.numel(), reverse=True)
+            del self._free[keep:]
 
     def release(self, buf: torch.Tensor | None) -> None:
         if buf is None or buf.numel() > self.cap:
