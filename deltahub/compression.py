@@ -49,7 +49,6 @@ from .format.io import (
     one_torch_thread,
     fingerprint,
     pipelined,
-    prefetch,
     read_with_digest,
 )
 from .format.manifest import BaseInfo, Manifest, TensorEntry
@@ -415,40 +414,44 @@ def _plan_job(codec: str | None, params: dict[str, Any] | None, policy: Policy |
 
 def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: DeltaShardWriter, advance: Any,
                 base_digests: dict[str, str]) -> dict[str, TensorEntry]:
-    """Encode every fine-tune tensor (reads prefetched) into ``writer``; returns the entries.
+    """Encode every fine-tune tensor into ``writer``; returns the entries.
 
+    Tensors are encoded on all cores (one torch thread each), each worker reading and subtracting into its own
+    reused buffers; they are written and recorded in storage order, so the delta's bytes are those of a serial
+    run. Ties the allocation pass did not decide (a named codec) are decided here, in that order, from the keys
+    the workers took: a tensor found to be an alias then drops its coding.
     ``base_digests`` gets the digest of every base tensor read (those already in it are not rehashed).
     """
     entries: dict[str, TensorEntry] = {}
     names = list(ft_ckpt.keys())
+    ties = job.ties
+    job.buffers.trim(2 * default_workers())  # the fine-tune and base buffers of each worker; the rest is freed
+    scratch = ThreadScratch(SCRATCH_BYTES, job.buffers)
+    load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
 
-    def encode(name: str, loaded: tuple[torch.Tensor, torch.Tensor | None, str | None], scratch: ThreadScratch | None = None,
-               ) -> tuple[TensorEntry, str | None, tuple[dict[str, torch.Tensor], str] | None]:
-        ft_t, base_t, digest = loaded
+    def encode(name: str) -> tuple[TensorEntry, str | None, tuple[Any, ...] | None, tuple[dict[str, torch.Tensor], str] | None]:
+        ft_t, base_t, digest = load(name)
         info = ft_ckpt.info(name)
-        target = job.ties.target(name, ft_t, base_t, digest) if job.ties is not None else None
-        if target is not None:
-            return alias_entry(name, info, target, digest), digest, None
+        key = None
+        if ties is not None:
+            if ties.is_decided(name):
+                target = ties.decide(name, None)  # decided by the allocation pass: a lookup
+                if target is not None:
+                    return alias_entry(name, info, target, digest), digest, None, None
+            else:
+                key = ties.key(ft_t, base_t, digest)
         entry, tensors, codec = _encode_entry(job, name, info, ft_t, base_t, digest, scratch)
-        return entry, digest, (tensors, codec)
+        return entry, digest, key, (tensors, codec)
 
-    if job.ties is None or job.ties.decided_all(names):
-        # Every choice is known (the allocation pass decided ties and settings): tensors are encoded on all
-        # cores (one torch thread each); they are written and recorded below in storage order, so the
-        # delta's bytes are those of a serial run. Each worker reads and subtracts into its own reused buffers.
-        job.buffers.trim(2 * default_workers())  # the fine-tune and base buffers of each worker; the rest is freed
-        scratch = ThreadScratch(SCRATCH_BYTES, job.buffers)
-        load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
-        # Results are the stored tensors (at most about the input's bytes, far less for lossy codecs): by their
-        # bytes, workers run ahead of a large tensor at the head of the queue instead of idling behind it.
-        results = pipelined(names, lambda n: encode(n, load(n), scratch), cost=lambda n: ft_ckpt.info(n).nbytes,
-                            max_cost=ENCODE_AHEAD_BYTES)
-    else:  # ties are decided here, in storage order: reads are prefetched, encoding is serial
-        load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache)
-        results = ((n, encode(n, loaded)) for n, loaded in prefetch(names, load))
-    for name, (entry, digest, stored) in results:
+    # Results are the stored tensors (at most about the input's bytes, far less for lossy codecs): by their
+    # bytes, workers run ahead of a large tensor at the head of the queue instead of idling behind it.
+    for name, (entry, digest, key, stored) in pipelined(names, encode, cost=lambda n: ft_ckpt.info(n).nbytes,
+                                                         max_cost=ENCODE_AHEAD_BYTES):
         if digest is not None:
             base_digests[name] = digest
+        target = ties.decide(name, key) if ties is not None else None
+        if target is not None and stored is not None:  # decided just now: an alias of an earlier tensor
+            entry, stored = alias_entry(name, ft_ckpt.info(name), target, digest), None
         if stored is None:
             logger.info("tied: %s is byte-identical to %s (and so are their base tensors): coded once",
                         name, entry.params["target"])

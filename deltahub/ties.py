@@ -56,10 +56,10 @@ class TieFinder:
         self._firsts: dict[tuple[Any, ...], list[str]] = {}
         self._decided: dict[str, str | None] = {}
 
-    def decided_all(self, names: list[str]) -> bool:
-        """Whether every one of ``names`` was decided already (later calls of :meth:`target` are then lookups,
-        safe from any thread and in any order)."""
-        return all(n in self._decided for n in names)
+    def is_decided(self, name: str) -> bool:
+        """Whether ``name`` was decided already (:meth:`decide` / :meth:`target` are then lookups, safe from any
+        thread and in any order)."""
+        return name in self._decided
 
     @property
     def aliases(self) -> dict[str, str]:
