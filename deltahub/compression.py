@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from .format.io import (
     fingerprint,
     pipelined,
     read_with_digest,
+    tensor_bytes,
 )
 from .format.manifest import BaseInfo, Manifest, TensorEntry
 from .format.spec import (
@@ -616,15 +617,19 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
     def measure(name: str) -> tuple[str | None, tuple[Any, ...] | None, Curve | int]:
         """(base digest, tie key, curve or, for a tensor the policy codes by a rule or keeps exact, its bytes)."""
         try:
-            ft_t, base_t, digest = load(name)
             info = ft_ckpt.info(name)
-            key = ties.key(ft_t, base_t, digest) if ties is not None else None
+            shape = tuple(info.shape)
+            sampled = _measure_sampled(job, ft_ckpt, base_ckpt, name, base_digests)
+            if sampled is not None:
+                return sampled
+            ft_t, base_t, digest = load(name)
+            key = ties.key(ft_t, base_t, digest, _key_sample(ft_t, shape)) if ties is not None else None
             c, p, auto = _select_codec(job, name, info, ft_t, base_t)
             inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape))
             if auto:
-                return digest, key, _curve(job, inp, tuple(info.shape), info.dtype)
+                return digest, key, _curve(job, inp, shape, info.dtype)
             enc = c.encode(inp, p)
-            return digest, key, enc.nbytes + _entry_overhead(name, c.name, enc, tuple(info.shape), info.dtype, "")
+            return digest, key, enc.nbytes + _entry_overhead(name, c.name, enc, shape, info.dtype, "")
         finally:
             for b in held.pop(name, ()):
                 buffers.release(b)
@@ -690,6 +695,8 @@ def _alias_overhead(name: str, info: Any, target: str, digest: str | None) -> in
 
 #: Input bytes of the tensors in flight in compress's final pass (bounds the encoded results held for the writer).
 ENCODE_AHEAD_BYTES = 512 * 2**20
+#: The measure pass reads only a tall tensor's sampled rows when they are at most 1 / this of its rows.
+SAMPLED_READ_MAX = 3
 #: Largest buffer a compress worker keeps for reuse (per buffer: fine-tune, base, delta tensor).
 SCRATCH_BYTES = 256 * 2**20
 #: Candidates are measured on evenly spaced rows of a matrix (the chosen one is then encoded on the whole tensor;
@@ -706,34 +713,109 @@ MEASURE_THREADS = 2
 ALLOCATION_MARGIN = 0.02
 
 
-def _row_sample(inp: EncodeInput, shape: tuple[int, ...]) -> tuple[EncodeInput, tuple[int, ...], float]:
-    """``(input, shape, scale)``: evenly spaced rows of a large matrix (``scale`` = rows / sampled rows), else the input."""
-    rows, cols = matrix_view_shape(shape)
-    keep = max(1, MEASURE_NUMEL // max(cols, 1), MEASURE_MIN_ROWS, rows // MEASURE_FRACTION)
-    if len(shape) < 2 or rows <= 2 * keep:
-        return inp, shape, 1.0
-    idx = torch.linspace(0, rows - 1, keep).round().long().unique()
-    pick = lambda t: t.reshape(rows, cols).index_select(0, idx)  # noqa: E731
-    assert inp.base is not None
-    sub = EncodeInput(name=inp.name, finetuned=pick(inp.finetuned), base=pick(inp.base), calibration=inp.calibration)
-    return sub, (len(idx), cols), rows / len(idx)
-
-
 def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dtype) -> Curve:
     """Stored bytes (with their manifest and header overhead) and distortion of each candidate for one tensor,
     measured on a row sample of large matrices and scaled to the whole tensor."""
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
-    d2_full = inp.delta_sumsq()
-    full, full_shape = inp, shape
-    cands = [(cname, cparams, *job.codecs.get(cname, cparams)) for cname, cparams in job.candidates_for(inp.name, shape)]
+    return _measure_curve(job, inp.name, shape, dtype, inp.delta_sumsq(), lambda idx: _pick_rows(inp, shape, idx), lambda: inp)
+
+
+def _pick_rows(inp: EncodeInput, shape: tuple[int, ...], idx: torch.Tensor) -> EncodeInput:
+    """The rows ``idx`` of a full input's ``[rows, cols]`` view, as an input of its own."""
+    rows, cols = matrix_view_shape(shape)
+    assert inp.base is not None
+    pick = lambda t: t.reshape(rows, cols).index_select(0, idx)  # noqa: E731
+    return EncodeInput(name=inp.name, finetuned=pick(inp.finetuned), base=pick(inp.base), calibration=inp.calibration)
+
+
+def _sample_rows(shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The evenly spaced rows candidates are measured on (None: the whole tensor)."""
+    rows, cols = matrix_view_shape(shape)
+    keep = max(1, MEASURE_NUMEL // max(cols, 1), MEASURE_MIN_ROWS, rows // MEASURE_FRACTION)
+    if len(shape) < 2 or rows <= 2 * keep:
+        return None
+    return torch.linspace(0, rows - 1, keep).round().long().unique()
+
+
+def _gate_rows(shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The evenly spaced rows the low-rank gate sketches (None: all of them)."""
+    rows, _ = matrix_view_shape(shape)
+    return torch.linspace(0, rows - 1, LOWRANK_GATE_ROWS).round().long().unique() if rows > LOWRANK_GATE_ROWS else None
+
+
+def _key_sample(ft_t: torch.Tensor, shape: tuple[int, ...]) -> bytes:
+    """What the measure pass hashes for a tensor's tie key: the bytes of its sample rows (the same rows for every
+    tensor of a shape, whether the tensor was read whole or only those rows)."""
+    idx = _sample_rows(shape)
+    rows, cols = matrix_view_shape(shape)
+    t = ft_t if idx is None else ft_t.reshape(rows, cols).index_select(0, idx)
+    return tensor_bytes(t).numpy().tobytes()
+
+
+def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str,
+                     base_digests: dict[str, str]) -> tuple[str, tuple[Any, ...] | None, Curve] | None:
+    """Measure an ``auto`` tensor from the rows its measurement looks at, reading only those (a tall matrix whose
+    base digest is known: it needs no hashing). None when the tensor must be read whole: not auto, no same-shape
+    float base, small, digest unknown, its sampled rows equal to the base's (possibly unchanged), or a low-rank
+    candidate passes the gate (those are measured on the whole matrix, read then)."""
+    info = ft_ckpt.info(name)
+    shape = tuple(info.shape)
+    if len(shape) < 2 or job.policy.choose(name, len(shape))[0] != AUTO or name not in base_ckpt:
+        return None
+    binfo = base_ckpt.info(name)
+    digest = base_digests.get(name) or (job.base_cache.get(name) if job.base_cache is not None else None)
+    idx = _sample_rows(shape)
+    if digest is None or idx is None or not _has_delta(binfo.shape, binfo.dtype, shape, info.dtype):
+        return None
+    gate = _gate_rows(shape)
+    union = torch.unique(idx if gate is None else torch.cat([idx, gate]))
+    rows, cols = matrix_view_shape(shape)
+    if len(union) * SAMPLED_READ_MAX > rows:
+        return None  # most rows needed anyway: one read of the whole tensor costs less
+    at = torch.full((rows,), -1, dtype=torch.long)
+    at[union] = torch.arange(len(union))
+    ft_rows, base_rows = ft_ckpt.read_rows(name, union.tolist()), base_ckpt.read_rows(name, union.tolist())
+    if same_bits(ft_rows, base_rows):
+        return None  # maybe unchanged: read it whole
+    calib = _layer_input(job.calib, name, shape)
+
+    def pick(sel: torch.Tensor) -> EncodeInput:
+        pos = at[sel]
+        return EncodeInput(name=name, finetuned=ft_rows.index_select(0, pos), base=base_rows.index_select(0, pos),
+                           calibration=calib)
+
+    whole: list[EncodeInput] = []
+
+    def full() -> EncodeInput:  # a low-rank candidate passed the gate: the whole tensor, read once
+        if not whole:
+            whole.append(EncodeInput(name=name, finetuned=ft_ckpt.read(name), base=base_ckpt.read(name), calibration=calib))
+        return whole[0]
+
+    # ||D||^2 estimated from the rows read (every candidate's distortion is scaled by it; only the allocation uses it)
+    d2 = EncodeInput(name=name, finetuned=ft_rows, base=base_rows).delta_sumsq() * rows / len(union)
+    key = job.ties.key_of(info.dtype, shape, (binfo.dtype, tuple(binfo.shape)), digest,
+                          tensor_bytes(pick(idx).finetuned).numpy().tobytes()) if job.ties is not None else None
+    return digest, key, _measure_curve(job, name, shape, info.dtype, d2, pick, full)
+
+
+def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: torch.dtype, d2_full: float,
+                   rows_of: Callable[[torch.Tensor], EncodeInput], full: Callable[[], EncodeInput]) -> Curve:
+    """The curve of one tensor from ``rows_of(row indices)`` (an input of those rows) and ``full()`` (the whole
+    tensor, for the candidates measured on whole matrices and for small tensors); ``d2_full`` is ``||D||^2``."""
+    cands = [(cname, cparams, *job.codecs.get(cname, cparams)) for cname, cparams in job.candidates_for(name, full_shape)]
     rest = [x for x in cands if not x[2].whole_matrix]
-    cands = rest + _whole_matrix_candidates(full, [x for x in cands if x[2].whole_matrix], gate=bool(rest))
-    sample = _row_sample(inp, shape)
-    curve = Curve(inp.name, math.prod(full_shape))
+    cands = rest + _whole_matrix_candidates(full_shape, rows_of, full, [x for x in cands if x[2].whole_matrix], gate=bool(rest))
+    idx = _sample_rows(full_shape)
+    if idx is None:
+        sample_inp, sample_shape, sample_scale = full(), full_shape, 1.0
+    else:
+        sample_inp, sample_shape = rows_of(idx), (len(idx), matrix_view_shape(full_shape)[1])
+        sample_scale = matrix_view_shape(full_shape)[0] / len(idx)
+    curve = Curve(name, math.prod(full_shape))
     for cname, cparams, c, p in cands:
         # A low-rank error is a property of the whole matrix: those candidates are measured on all of it.
-        inp, shape, scale = (full, full_shape, 1.0) if c.whole_matrix else sample
+        inp, shape, scale = (full(), full_shape, 1.0) if c.whole_matrix else (sample_inp, sample_shape, sample_scale)
         label = candidate_label(cname, cparams)
         try:
             enc = c.encode(inp, p)
@@ -742,17 +824,17 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
                 metric, err, e2 = "exact", 0.0, 0.0
             elif x is None and {"delta_l2", "error_l2", "error_dot"} <= enc.stats.keys():  # known without decoding
                 e2 = enc.stats["error_l2"] ** 2
-                metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], _metric_for(job, inp.name))
+                metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], _metric_for(job, name))
             else:
                 approx = c.decode_delta(enc.tensors, enc.params, shape)
-                metric, err = relative_error(inp.delta, approx, x, _metric_for(job, inp.name))
+                metric, err = relative_error(inp.delta, approx, x, _metric_for(job, name))
                 e2 = float((approx - inp.delta).pow(2).sum(dtype=torch.float64))
                 del approx
         except CodecError as exc:
-            logger.debug("allocation: %s cannot use %s: %s", inp.name, label, exc)
+            logger.debug("allocation: %s cannot use %s: %s", name, label, exc)
             continue
         fixed = sum(t.numel() * t.element_size() for r, t in enc.tensors.items() if r in c.fixed_size_roles)
-        nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(inp.name, c.name, enc, full_shape, dtype, label)
+        nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label)
         distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
         curve.points.append(Point(cname, p, nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
@@ -773,21 +855,26 @@ LOWRANK_GATE_RANK = 16
 LOWRANK_GATE_ROWS = 512
 
 
-def _whole_matrix_candidates(inp: EncodeInput, cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]], *,
+def _whole_matrix_candidates(shape: tuple[int, ...], rows_of: Callable[[torch.Tensor], EncodeInput],
+                             full: Callable[[], EncodeInput], cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]], *,
                              gate: bool) -> list[tuple[str, dict[str, Any], Any, dict[str, Any]]]:
-    """The low-rank candidates worth measuring on ``inp`` (with ``gate``, none when its spectrum is flat), with
-    the delta's SVD computed once, at their largest rank, and cached on ``inp`` for all of them."""
-    if not cands or inp.base is None or inp.finetuned.dim() < 2:
+    """The low-rank candidates worth measuring (with ``gate``, none when the spectrum is flat: sketched on
+    :data:`LOWRANK_GATE_ROWS` evenly spaced rows of a taller matrix, the same energy share in expectation), with
+    the delta's SVD computed once, at their largest rank, and cached on the whole input for all of them."""
+    if not cands or len(shape) < 2:
         return []
-    rows, cols = matrix_view_shape(inp.finetuned.shape)
-    if gate and rows > 2 * LOWRANK_GATE_ROWS:  # evenly spaced rows (the same energy share in expectation): no full delta
-        idx = torch.linspace(0, rows - 1, LOWRANK_GATE_ROWS).round().long()
-        pick = lambda t: t.reshape(rows, cols).index_select(0, idx).to(torch.float32)  # noqa: E731
-        energy = sketch_energy(pick(inp.finetuned) - pick(inp.base), LOWRANK_GATE_RANK)
+    rows, cols = matrix_view_shape(shape)
+    if gate:
+        idx = _gate_rows(shape)
+        sample = full() if idx is None else rows_of(idx)
+        energy = sketch_energy(sample.delta.reshape(-1, cols), LOWRANK_GATE_RANK)
     else:
-        energy = sketch_energy(inp.delta.reshape(rows, cols), LOWRANK_GATE_RANK) if gate else 1.0
+        energy = 1.0
     if energy < LOWRANK_GATE_ENERGY:
-        logger.debug("allocation: %s skips low-rank candidates (top-%d energy ~%.2f)", inp.name, LOWRANK_GATE_RANK, energy)
+        logger.debug("allocation: skips low-rank candidates (top-%d energy ~%.2f)", LOWRANK_GATE_RANK, energy)
+        return []
+    inp = full()
+    if inp.base is None:
         return []
     rank = min(max(c.svd_rank(p) for _, _, c, p in cands), rows, cols)
     if rank:  # randomised unless the rank is a large share of the matrix (truncated_svd's own rule)

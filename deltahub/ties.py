@@ -30,13 +30,13 @@ SAMPLE_BYTES = 1 << 16
 MAX_CANDIDATES = 4
 
 
-def _sample_hash(t: torch.Tensor) -> bytes:
-    """sha256 of an evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
+def _sample_bytes(t: torch.Tensor) -> bytes:
+    """An evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
     raw = tensor_bytes(t).numpy()
     step = max(1, raw.size // SAMPLE_BYTES)
     # numpy's strided copy: one thread (a torch copy of this size would start torch's intra-op threads from the
     # calling thread, which costs more than the copy while compress's workers hold the cores)
-    return hashlib.sha256(raw[::step].tobytes()).digest()
+    return raw[::step].tobytes()
 
 
 class TieFinder:
@@ -74,14 +74,26 @@ class TieFinder:
             return self._decided[name]
         return self.decide(name, self.key(ft_t, base_t, base_digest), ft_t, base_t)
 
-    def key(self, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None) -> tuple[Any, ...] | None:
+    def key(self, ft_t: torch.Tensor, base_t: torch.Tensor | None, base_digest: str | None,
+            sample: bytes | None = None) -> tuple[Any, ...] | None:
         """The tensor's key (None when no other tensor shares its dtype and shape): O(1), safe from any thread,
-        so workers can compute it while the tensor is in memory and :meth:`decide` runs later, in order."""
-        shape = tuple(ft_t.shape)
-        if (ft_t.dtype, shape) not in self._shared or ft_t.numel() == 0:
+        so workers can compute it while the tensor is in memory and :meth:`decide` runs later, in order.
+        ``sample``: the bytes to hash instead of a strided sample of ``ft_t`` (a caller that hashes the same
+        part of every tensor of a shape)."""
+        if ft_t.numel() == 0:
             return None
-        base_key = None if base_t is None else (base_t.dtype, tuple(base_t.shape), base_digest)
-        return (ft_t.dtype, shape, base_key, _sample_hash(ft_t))
+        base = None if base_t is None else (base_t.dtype, tuple(base_t.shape))
+        return self.key_of(ft_t.dtype, tuple(ft_t.shape), base, base_digest,
+                           sample if sample is not None else _sample_bytes(ft_t))
+
+    def key_of(self, dtype: torch.dtype, shape: tuple[int, ...], base: tuple[torch.dtype, tuple[int, ...]] | None,
+               base_digest: str | None, sample: bytes) -> tuple[Any, ...] | None:
+        """:meth:`key` from a tensor's dtype and shape, its base's ``(dtype, shape)`` (None without one), and the
+        bytes sampled from it (a caller that read only part of the tensor)."""
+        if (dtype, shape) not in self._shared:
+            return None
+        base_key = None if base is None else (*base, base_digest)
+        return (dtype, shape, base_key, hashlib.sha256(sample).digest())
 
     def decide(self, name: str, key: tuple[Any, ...] | None, ft_t: torch.Tensor | None = None,
                base_t: torch.Tensor | None = None) -> str | None:

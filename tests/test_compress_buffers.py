@@ -92,3 +92,85 @@ def test_thread_scratch_takes_buffers_from_a_pool_and_the_pool_trims() -> None:
     pool.trim(1)
     assert [b.numel() for b in pool._free] == [400]  # the largest kept
     assert s.get("ft", 500).numel() >= 500 and pool._free[0].numel() == 400  # outgrown: dropped, not pooled
+
+
+def _tall_pair(root: Path, *, tie: bool = False, unchanged: bool = False) -> tuple[Path, Path]:
+    """Tall matrices (4096 x 64: the measure pass can read only their sampled rows) in a block, a norm, and
+    optionally a second name with the same bytes (tied) or a matrix equal to its base."""
+    g = torch.Generator().manual_seed(7)
+    base = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(4096, 64, generator=g) * 0.02 for i in range(3)}
+    base["model.norm.weight"] = torch.ones(64)
+    ft = {k: v + torch.randn(v.shape, generator=g) * 1e-3 * (1 + torch.rand(v.shape[0], 1, generator=g)) if v.dim() == 2 else v * 1.01
+          for k, v in base.items()}
+    if tie:
+        base["model.layers.3.mlp.down_proj.weight"] = base["model.layers.0.mlp.down_proj.weight"].clone()
+        ft["model.layers.3.mlp.down_proj.weight"] = ft["model.layers.0.mlp.down_proj.weight"].clone()
+    if unchanged:
+        ft["model.layers.1.mlp.down_proj.weight"] = base["model.layers.1.mlp.down_proj.weight"].clone()
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(base, root / "base.safetensors")
+    save_file(ft, root / "ft.safetensors")
+    return root / "base.safetensors", root / "ft.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["plain", "tie", "unchanged"])
+def test_measure_pass_reads_only_sampled_rows_of_tall_tensors(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the base's digests cached, tall matrices are measured from their sampled rows alone (no whole read in
+    the measure pass); the allocation matches a measure pass that reads everything, ties and unchanged tensors
+    are still found, and the delta fits its budget and rebuilds."""
+    import deltahub.compression as comp
+    from deltahub.format.io import SafetensorsFile
+
+    from deltahub.format import digest_cache
+
+    monkeypatch.setenv("DELTAHUB_DIGEST_CACHE", str(tmp_path / "digests"))
+    monkeypatch.setattr(digest_cache, "RACY_WINDOW_NS", -10**18)  # the files were just written: cache them anyway
+    base, ft = _tall_pair(tmp_path / "pair", tie=kind == "tie", unchanged=kind == "unchanged")
+    budget = 120_000
+    compress(base, ft, tmp_path / "cold", max_bytes=budget, progress=False)  # hashes the base: digests cached
+    rows_read: list[str] = []
+    whole_reads: list[str] = []
+    orig_rows, orig_bytes, orig_alloc = SafetensorsFile.read_rows, SafetensorsFile.read_bytes, comp._allocate
+    in_measure = threading.Event()
+
+    def read_rows(self, name, rows):  # type: ignore[no-untyped-def]
+        rows_read.append(name)
+        return orig_rows(self, name, rows)
+
+    def read_bytes(self, name, out=None):  # type: ignore[no-untyped-def]
+        if in_measure.is_set():
+            whole_reads.append(name)
+        return orig_bytes(self, name, out)
+
+    def allocate(*a, **k):  # type: ignore[no-untyped-def]
+        in_measure.set()
+        try:
+            return orig_alloc(*a, **k)
+        finally:
+            in_measure.clear()
+
+    monkeypatch.setattr(SafetensorsFile, "read_rows", read_rows)
+    monkeypatch.setattr(SafetensorsFile, "read_bytes", read_bytes)
+    monkeypatch.setattr(comp, "_allocate", allocate)
+    m = compress(base, ft, tmp_path / "warm", max_bytes=budget, progress=False)
+    tall = [n for n in m.tensors if n.endswith("down_proj.weight")]
+    assert set(rows_read) >= {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    assert "model.layers.2.mlp.down_proj.weight" not in whole_reads  # measured from its rows alone
+    assert sum(p.stat().st_size for p in (tmp_path / "warm").iterdir()) <= budget
+    if kind == "tie":
+        assert m.tensors["model.layers.3.mlp.down_proj.weight"].codec == "alias"
+    if kind == "unchanged":
+        assert m.tensors["model.layers.1.mlp.down_proj.weight"].codec == "unchanged"
+    monkeypatch.setattr(comp, "_measure_sampled", lambda *a, **k: None)  # every tensor read whole
+    m_full = compress(base, ft, tmp_path / "full", max_bytes=budget, progress=False)
+    for n in tall:  # the same settings chosen (the sampled rows are the rows the full path samples too)
+        assert m.tensors[n].codec == m_full.tensors[n].codec
+        assert m.tensors[n].stats.get("auto_choice") == m_full.tensors[n].stats.get("auto_choice")
+    out = apply_delta(tmp_path / "warm", base, tmp_path / "out", progress=False)
+    rebuilt = load_file(next(Path(out).glob("*.safetensors")))
+    want = load_file(ft)
+    for n in tall:  # the rebuild errs by what the final pass measured on the whole tensor
+        e = m.tensors[n]
+        if e.codec in ("alias", "unchanged"):
+            continue
+        assert float((rebuilt[n].double() - want[n].double()).norm()) == pytest.approx(e.stats["error_l2"], rel=1e-3)

@@ -24,7 +24,7 @@ import struct
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +167,28 @@ class SafetensorsFile:
             if got != info.nbytes:
                 raise CorruptFileError(f"tensor {name!r}: read {got} of {info.nbytes} bytes (file truncated?)", path=self.path)
         return buf
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (ascending, distinct) of the tensor's ``[rows, cols]`` view (all axes but the last folded
+        into rows), as a ``[len(rows), cols]`` tensor of its dtype: only those bytes are read."""
+        info = self.tensors[name]
+        cols = info.shape[-1] if info.shape else 1
+        nrows = info.nbytes // max(cols * info.dtype.itemsize, 1) if cols else 0
+        row_bytes = cols * info.dtype.itemsize
+        buf = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        i = 0
+        while i < len(rows):  # runs of consecutive rows in one read
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            if not 0 <= rows[i] <= rows[j - 1] < nrows:
+                raise ValueError(f"rows {rows[i]}..{rows[j - 1]} outside the {nrows} rows of {name!r}")
+            n = (j - i) * row_bytes
+            if n and self._read_into(view[i * row_bytes:i * row_bytes + n], info.start + rows[i] * row_bytes) != n:
+                raise CorruptFileError(f"tensor {name!r}: short read (file truncated?)", path=self.path)
+            i = j
+        return buf.view(info.dtype).reshape(len(rows), cols) if buf.numel() else torch.empty(len(rows), cols, dtype=info.dtype)
 
     def _read_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; the bytes read (fewer only at the end of the file)."""
@@ -444,6 +466,9 @@ class Checkpoint:
 
     def read_bytes(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._index[name].read_bytes(name, out)
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        return self._index[name].read_rows(name, rows)
 
     def config(self) -> dict[str, Any] | None:
         """The directory's ``config.json`` as a dict, or None when there is none."""
