@@ -259,6 +259,14 @@ static void init_expand(void) {
     }
 }
 
+/* The 8 flags (bytes of 0/1) at f as the bits of one byte, flag k in bit k: the multiply gathers byte k of the
+ * little-endian word into bit 56 + k, with no carries between the terms. */
+static inline ALWAYS_INLINE unsigned flags8(const uint8_t *f) {
+    uint64_t w;
+    memcpy(&w, f, 8);
+    return (unsigned)((w * 0x0102040810204080ULL) >> 56);
+}
+
 /* d[j] (+)= flags[j] ? vals[next kept] : 0.0f for j < n; vals holds the kept values in order and 8
  * readable floats past the last one used (the scratch is padded). `acc` adds (d + 0.0f for dropped
  * elements: the bits of adding the decoded delta), else overwrites. */
@@ -268,9 +276,7 @@ static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *v
 #if defined(__GNUC__) && !defined(__clang__)
     typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
-        uint64_t w;
-        memcpy(&w, flags + j, 8);  /* 8 bytes of 0/1: the multiply gathers byte k into bit 56 + k */
-        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        unsigned m = flags8(flags + j);
         v8f x, y;
         v8s p, lanes;
         memcpy(&x, vals + v, sizeof x);
@@ -300,9 +306,7 @@ static size_t compress_kept(float *o, const uint8_t *flags, size_t n, const floa
 #if defined(__GNUC__) && !defined(__clang__)
     typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
-        uint64_t w;
-        memcpy(&w, flags + j, 8);
-        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        unsigned m = flags8(flags + j);
         v8f x;
         v8s p;
         memcpy(&x, d + j, sizeof x);
@@ -455,9 +459,7 @@ static void expand_kept_16(uint16_t *d, const uint8_t *flags, size_t n, const fl
 #if defined(__GNUC__) && !defined(__clang__)
     typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
-        uint64_t w;
-        memcpy(&w, flags + j, 8);
-        unsigned m = (unsigned)((w * 0x0102040810204080ULL) >> 56);
+        unsigned m = flags8(flags + j);
         v8f x;
         v8s p, lanes;
         v8h h;
