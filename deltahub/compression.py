@@ -718,7 +718,23 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     measured on a row sample of large matrices and scaled to the whole tensor."""
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
-    return _measure_curve(job, inp.name, shape, dtype, inp.delta_sumsq(), lambda idx: _pick_rows(inp, shape, idx), lambda: inp)
+    union = _read_rows_plan(shape)
+    # ||D||^2 as the row-sampled measurement estimates it (so a tensor read whole gets the allocation it gets
+    # when only its rows are read: the same delta whether or not the base's digests were cached)
+    d2 = inp.delta_sumsq() if union is None else (
+        _pick_rows(inp, shape, union).delta_sumsq() * matrix_view_shape(shape)[0] / len(union))
+    return _measure_curve(job, inp.name, shape, dtype, d2, lambda idx: _pick_rows(inp, shape, idx), lambda: inp)
+
+
+def _read_rows_plan(shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The rows a tall tensor's measurement reads (its sample and gate rows), or None when it reads most of them
+    anyway (then the whole tensor is read)."""
+    idx = _sample_rows(shape)
+    if len(shape) < 2 or idx is None:
+        return None
+    gate = _gate_rows(shape)
+    union = torch.unique(idx if gate is None else torch.cat([idx, gate]))
+    return None if len(union) * SAMPLED_READ_MAX > matrix_view_shape(shape)[0] else union
 
 
 def _pick_rows(inp: EncodeInput, shape: tuple[int, ...], idx: torch.Tensor) -> EncodeInput:
@@ -765,14 +781,12 @@ def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name
         return None
     binfo = base_ckpt.info(name)
     digest = base_digests.get(name) or (job.base_cache.get(name) if job.base_cache is not None else None)
-    idx = _sample_rows(shape)
-    if digest is None or idx is None or not _has_delta(binfo.shape, binfo.dtype, shape, info.dtype):
+    union = _read_rows_plan(shape)
+    if digest is None or union is None or not _has_delta(binfo.shape, binfo.dtype, shape, info.dtype):
         return None
-    gate = _gate_rows(shape)
-    union = torch.unique(idx if gate is None else torch.cat([idx, gate]))
+    idx = _sample_rows(shape)
+    assert idx is not None
     rows, cols = matrix_view_shape(shape)
-    if len(union) * SAMPLED_READ_MAX > rows:
-        return None  # most rows needed anyway: one read of the whole tensor costs less
     at = torch.full((rows,), -1, dtype=torch.long)
     at[union] = torch.arange(len(union))
     ft_rows, base_rows = ft_ckpt.read_rows(name, union.tolist()), base_ckpt.read_rows(name, union.tolist())

@@ -166,6 +166,14 @@ def test_measure_pass_reads_only_sampled_rows_of_tall_tensors(kind: str, tmp_pat
     for n in tall:  # the same settings chosen (the sampled rows are the rows the full path samples too)
         assert m.tensors[n].codec == m_full.tensors[n].codec
         assert m.tensors[n].stats.get("auto_choice") == m_full.tensors[n].stats.get("auto_choice")
+    # the same delta, byte for byte, whether the measure pass read the rows alone or the whole tensors
+    files = sorted(p.name for p in (tmp_path / "warm").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "full").iterdir())
+    for f in files:
+        assert (tmp_path / "warm" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+    cold = tmp_path / "cold"  # and as the first compress against this base, which hashed it (full reads)
+    for f in files:
+        assert (cold / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
     out = apply_delta(tmp_path / "warm", base, tmp_path / "out", progress=False)
     rebuilt = load_file(next(Path(out).glob("*.safetensors")))
     want = load_file(ft)
