@@ -45,7 +45,6 @@ from .format.io import (
     base_digest,
     check_output,
     default_workers,
-    _one_torch_thread,
     one_torch_thread,
     fingerprint,
     pipelined,
