@@ -1,7 +1,11 @@
 """``compress``: (base, fine-tune) checkpoints -> a delta directory, streaming tensor by tensor.
 
-Memory holds one fine-tuned tensor, its base tensor, their codec output and at most one
-output shard of stored tensors; the base fingerprint is computed from the same reads.
+With the default ``auto`` policy there are two passes, each on worker threads (one torch thread each):
+the measure pass sizes every candidate setting of every tensor on a row sample (a tall tensor whose base
+digest is cached is read only at those rows) and allocates the byte budget; the final pass encodes each
+tensor with its chosen setting, written in storage order (the same bytes as a serial run). Memory holds,
+per worker, one fine-tuned tensor, its base tensor and their delta in reused buffers, plus the encoded
+tensors not yet written; the base fingerprint is computed from the same reads.
 """
 
 from __future__ import annotations
