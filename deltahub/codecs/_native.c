@@ -267,6 +267,21 @@ static inline ALWAYS_INLINE unsigned flags8(const uint8_t *f) {
     return (unsigned)((w * 0x0102040810204080ULL) >> 56);
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+typedef int32_t v8s __attribute__((vector_size(32)));
+
+/* The 8 lanes of a step with mask m: lane k gets the next kept value (from vals, in order) where bit k is set,
+ * else 0.0f. vals must have 8 readable floats. */
+static inline ALWAYS_INLINE v8f expand8(const float *vals, unsigned m) {
+    v8f x;
+    v8s p, lanes;
+    memcpy(&x, vals, sizeof x);
+    memcpy(&p, EXPAND_PERM[m], sizeof p);
+    memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
+    return (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
+}
+#endif
+
 /* d[j] (+)= flags[j] ? vals[next kept] : 0.0f for j < n; vals holds the kept values in order and 8
  * readable floats past the last one used (the scratch is padded). `acc` adds (d + 0.0f for dropped
  * elements: the bits of adding the decoded delta), else overwrites. */
@@ -274,15 +289,9 @@ CLONES
 static void expand_kept(float *d, const uint8_t *flags, size_t n, const float *vals, int acc) {
     size_t j = 0, v = 0;
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
         unsigned m = flags8(flags + j);
-        v8f x, y;
-        v8s p, lanes;
-        memcpy(&x, vals + v, sizeof x);
-        memcpy(&p, EXPAND_PERM[m], sizeof p);
-        memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
-        x = (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
+        v8f x = expand8(vals + v, m), y;
         if (acc) {
             memcpy(&y, d + j, sizeof y);
             x = y + x;
@@ -304,7 +313,6 @@ CLONES
 static size_t compress_kept(float *o, const uint8_t *flags, size_t n, const float *d) {
     size_t j = 0, v = 0;
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
         unsigned m = flags8(flags + j);
         v8f x;
@@ -457,16 +465,10 @@ CLONES
 static void expand_kept_16(uint16_t *d, const uint8_t *flags, size_t n, const float *vals, int kind) {
     size_t j = 0, v = 0;
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int32_t v8s __attribute__((vector_size(32)));
     for (; j + 8 <= n; j += 8) {
         unsigned m = flags8(flags + j);
-        v8f x;
-        v8s p, lanes;
+        v8f x = expand8(vals + v, m);
         v8h h;
-        memcpy(&x, vals + v, sizeof x);
-        memcpy(&p, EXPAND_PERM[m], sizeof p);
-        memcpy(&lanes, EXPAND_LANES[m], sizeof lanes);
-        x = (v8f)((v8s)__builtin_shuffle(x, p) & lanes);
         memcpy(&h, d + j, sizeof h);
         h = v_add16(h, x, kind);
         memcpy(d + j, &h, sizeof h);
