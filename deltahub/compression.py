@@ -722,11 +722,14 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
     union = _read_rows_plan(shape)
-    # ||D||^2 as the row-sampled measurement estimates it (so a tensor read whole gets the allocation it gets
-    # when only its rows are read: the same delta whether or not the base's digests were cached)
-    d2 = inp.delta_sumsq() if union is None else (
-        _pick_rows(inp, shape, union).delta_sumsq() * matrix_view_shape(shape)[0] / len(union))
+    d2 = inp.delta_sumsq() if union is None else _estimated_sumsq(_pick_rows(inp, shape, union), shape)
     return _measure_curve(job, inp.name, shape, dtype, d2, lambda idx: _pick_rows(inp, shape, idx), lambda: inp)
+
+
+def _estimated_sumsq(rows: EncodeInput, shape: tuple[int, ...]) -> float:
+    """``||D||^2`` of a tall tensor as the row-sampled measurement estimates it, from the rows it reads (used
+    whether those rows or the whole tensor were read: the same delta with or without cached base digests)."""
+    return rows.delta_sumsq() * matrix_view_shape(shape)[0] / rows.finetuned.shape[0]
 
 
 def _read_rows_plan(shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -809,10 +812,9 @@ def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name
             whole.append(EncodeInput(name=name, finetuned=ft_ckpt.read(name), base=base_ckpt.read(name), calibration=calib))
         return whole[0]
 
-    # ||D||^2 estimated from the rows read (every candidate's distortion is scaled by it; only the allocation uses it)
-    d2 = EncodeInput(name=name, finetuned=ft_rows, base=base_rows).delta_sumsq() * rows / len(union)
+    d2 = _estimated_sumsq(EncodeInput(name=name, finetuned=ft_rows, base=base_rows), shape)
     key = job.ties.key_of(info.dtype, shape, (binfo.dtype, tuple(binfo.shape)), digest,
-                          tensor_bytes(pick(idx).finetuned).numpy().tobytes()) if job.ties is not None else None
+                          tensor_bytes(ft_rows.index_select(0, at[idx])).numpy().tobytes()) if job.ties is not None else None
     return digest, key, _measure_curve(job, name, shape, info.dtype, d2, pick, full)
 
 

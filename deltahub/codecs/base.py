@@ -21,8 +21,9 @@ from ..errors import CodecError, InvalidCodecParamsError
 
 
 def _fused_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the native kernels can read both tensors as flat buffers of the same length (CPU, contiguous, float kinds)."""
-    return (a.dtype in HALF_KINDS and b.dtype in HALF_KINDS and a.numel() == b.numel() and a.is_contiguous()
+    """Whether the native kernels can read both tensors elementwise as flat buffers (same shape, CPU, contiguous,
+    float kinds)."""
+    return (a.dtype in HALF_KINDS and b.dtype in HALF_KINDS and a.shape == b.shape and a.is_contiguous()
             and b.is_contiguous() and a.device.type == "cpu" and b.device.type == "cpu")
 
 
