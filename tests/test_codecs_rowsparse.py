@@ -279,3 +279,25 @@ def test_one_bit_row_fast_path_is_the_row_quantizer_optimum(shape: tuple[int, in
     assert torch.allclose(enc.tensors["scale"], ref_scale, rtol=1e-6, atol=0)
     err = float(((decode_rows(codes, enc.tensors["scale"], rows, cols, 1, None) - d) ** 2).sum(dtype=torch.float64))
     assert enc.stats["error_l2"] == pytest.approx(math.sqrt(err), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group_size,cols", [(1, None, 24), (1, None, 21), (2, None, 24), (3, 5, 23), (4, 8, 24), (8, None, 9)])
+def test_in_place_rebuild_has_the_bits_of_reconstruct(dtype: torch.dtype, bits: int, group_size: int | None, cols: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """reconstruct_ (into the base buffer, a block of rows at a time, or BitDelta's sign-add for 1-bit rows) gives
+    the bits of reconstruct, including dropped rows (``-0.0 + 0.0`` is ``+0.0``) and blocks that start inside a
+    kept row's packed code word."""
+    import deltahub.codecs.rowsparse as rs
+
+    monkeypatch.setattr(rs, "REBUILD_BLOCK", 3 * cols)  # blocks of 8 rows: several, unaligned with the codes
+    base, ft = _pair(rows=67, cols=cols, seed=3)
+    base, ft = base.to(dtype), ft.to(dtype)
+    enc = RS.encode(EncodeInput("w", ft, base), RS.validate_params({"density": 0.4, "bits": bits, "group_size": group_size}))
+    base[:, 0] = -0.0  # in kept and dropped rows
+    base[6, 2] = float("nan")
+    want = RS.reconstruct(enc.tensors, enc.params, base.clone(), (67, cols), dtype)
+    for buf in (base.clone(), base.to(torch.float32)):
+        got = RS.reconstruct_(enc.tensors, enc.params, buf, (67, cols), dtype)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8) if dtype != torch.float32 else got.view(torch.int32),
+                                                  want.view(torch.uint8) if dtype != torch.float32 else want.view(torch.int32))

@@ -65,6 +65,25 @@ def expand_scales(scale: torch.Tensor, rows: int, cols: int, granularity: str, g
     return scale[:, torch.arange(cols, device=scale.device) // min(group_size, max(cols, 1))]
 
 
+def sign_add_(target: torch.Tensor, sign: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, stride: int,
+              gcols: int) -> None:
+    """``target[r, c] = dtype(float32(target[r, c]) + (bit(r, c) ? s : -s))`` in place by the native kernel, with
+    ``s = scale[r * stride + c // gcols]`` (float32) and ``sign`` the packed bits ``[rows, ceil(cols / 8)]``; a block
+    of rows per task on the caller's torch threads. ``target``: contiguous float32, bfloat16 or float16 of
+    ``rows * cols`` elements; the caller checks that :func:`native` is built."""
+    nat = native()
+    half = HALF_KINDS[target.dtype]
+    flat = (target.view(torch.int16) if half else target).view(rows, cols).numpy()  # 16-bit floats as their bits
+    sign_np, scale_np = sign.contiguous().numpy(), scale.reshape(-1).numpy()
+    step = max(1, SIGN_BLOCK // max(cols, 1))
+
+    def block(r0: int, m: int) -> None:
+        nat.sign_add(flat[r0:r0 + m], sign_np[r0:r0 + m], scale_np[r0 * stride:] if stride else scale_np, m, cols,
+                     stride, gcols, half)
+
+    map_blocks(block, [(r, min(step, rows - r)) for r in range(0, rows, step)])
+
+
 @register_codec
 class BitDelta(Codec):
     """1-bit sign of the delta, packed 8 per byte along the last axis, with float32 scales."""
@@ -167,15 +186,7 @@ class BitDelta(Codec):
         scale = scale.to(torch.float32).contiguous()
         stride = 0 if granularity == "tensor" else (1 if granularity == "row" else scale.shape[1])
         gcols = max(cols, 1) if granularity != "group" else min(g, max(cols, 1))
-        flat = (base.view(torch.int16) if half else base).view(rows, cols).numpy()  # 16-bit floats as their bits
-        sign_np, scale_np = sign.contiguous().numpy(), scale.reshape(-1).numpy()
-        step = max(1, SIGN_BLOCK // max(cols, 1))
-
-        def block(r0: int, m: int) -> None:
-            nat.sign_add(flat[r0:r0 + m], sign_np[r0:r0 + m], scale_np[r0 * stride:] if stride else scale_np, m, cols,
-                         stride, gcols, half)
-
-        map_blocks(block, [(r, min(step, rows - r)) for r in range(0, rows, step)])
+        sign_add_(base, sign, scale, rows, cols, stride, gcols)
         return base.reshape(shape).to(dtype)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int:

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from . import register_codec
-from ._accel import native
+from ._accel import HALF_KINDS, native
 from ._bits import pack_signs, packed_cols
 from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
-from ._quant import load_stream, packed_nbytes, store_stream, stored_bytes
+from .bitdelta import sign_add_
+from ._quant import load_packed, load_stream, packed_nbytes, store_stream, stored_bytes, unpack_codes
 from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
@@ -48,6 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: Clip factors (times the absmax-derived scale) the ``mse`` scale fit tries before refining.
 CLIP_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 REFITS = 3
+#: Elements of the row blocks :meth:`RowSparse.reconstruct_` rebuilds at a time (settings without the native path).
+REBUILD_BLOCK = 1 << 20
 
 
 def kept_rows(density: float, base_rows: int) -> int:
@@ -266,9 +269,9 @@ class RowSparse(Codec):
         if k * cols > MAX_NUMEL:
             raise InvalidCodecParamsError(f"codec 'rowsparse': {k} kept rows of {cols} columns is too large")
 
-    def _kept(self, stored: dict[str, torch.Tensor], params: dict[str, Any], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(row mask [base_rows], kept rows' deltas [K, cols])``, checking the mask against ``K``."""
-        base_rows, bits, g = params["base_rows"], params["bits"], params.get("group_size")
+    def _mask_scale(self, stored: dict[str, torch.Tensor], params: dict[str, Any], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row mask [base_rows], scales)``, the mask checked against ``K`` and the scales against its rows."""
+        base_rows, g = params["base_rows"], params.get("group_size")
         k = kept_rows(params["density"], base_rows)
         mask = decode_mask(params["mask_encoding"], stored["mask"], 1, base_rows).reshape(base_rows)
         if int(mask.sum()) != k:
@@ -277,8 +280,14 @@ class RowSparse(Codec):
         scale = stored["scale"]
         if scale.dtype != torch.float32 or tuple(scale.shape) != ((k,) if g is None else (k, scale_cols(cols, g))):
             raise CodecError(f"rowsparse: scale {scale.dtype} {list(scale.shape)} does not fit {k} kept rows")
-        codes = load_stream(stored["codes"], k * cols, bits)
-        return mask, decode_rows(codes, scale, k, cols, bits, g)
+        return mask, scale
+
+    def _kept(self, stored: dict[str, torch.Tensor], params: dict[str, Any], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row mask [base_rows], kept rows' deltas [K, cols])``, checking the mask against ``K``."""
+        mask, scale = self._mask_scale(stored, params, cols)
+        k = scale.shape[0]
+        codes = load_stream(stored["codes"], k * cols, params["bits"])
+        return mask, decode_rows(codes, scale, k, cols, params["bits"], params.get("group_size"))
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
         """The float32 delta; only for unresized entries (added rows have no delta: use :meth:`reconstruct`)."""
@@ -311,6 +320,46 @@ class RowSparse(Codec):
                 raise CodecError(f"rowsparse: new_rows {new.dtype} {list(new.shape)} do not fit {rows - base_rows} added rows")
             out[base_rows:] = new
         return out.reshape(shape)
+
+    def reconstruct_(self, stored: dict[str, torch.Tensor], params: dict[str, Any], base: torch.Tensor | None,
+                     shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`reconstruct` into the caller's ``base`` buffer (float32, or the output's 16-bit dtype), same bits,
+        without a float32 copy of the whole matrix: 1-bit rows with one scale each (every preset) by BitDelta's
+        native sign-add (a dropped row adds +0.0 as the rule does), other settings a block of rows at a time."""
+        rows, cols = matrix_view_shape(shape)
+        if (base is None or params["base_rows"] != rows or base.dtype not in HALF_KINDS
+                or (base.dtype != torch.float32 and base.dtype != dtype) or not base.is_contiguous()
+                or base.numel() != rows * cols):
+            return self.reconstruct(stored, params, base, shape, dtype)
+        mask, scale = self._mask_scale(stored, params, cols)
+        k, bits, g = scale.shape[0], params["bits"], params.get("group_size")
+        target = base.reshape(rows, cols)
+        if bits == 1 and g is None and cols % 8 == 0 and native() is not None:
+            # Every row as a BitDelta row: kept rows their sign codes and scale, dropped rows +1 x 0.0.
+            signs = torch.full((rows, cols // 8), 0xFF, dtype=torch.uint8)
+            signs[mask] = load_packed(stored["codes"], k * cols, 1).view(k, cols // 8)
+            scales = torch.zeros(rows, dtype=torch.float32)
+            scales[mask] = scale
+            sign_add_(target, signs, scales, rows, cols, 1, max(cols, 1))
+            return base.reshape(shape).to(dtype)
+        packed = load_packed(stored["codes"], k * cols, bits)
+        at = mask.nonzero().reshape(-1)  # the row of each kept row
+        step = max(8, REBUILD_BLOCK // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            j0, j1 = (int(j) for j in torch.searchsorted(at, torch.tensor([r0, r1])))
+            part = target[r0:r1]
+            f = part if part.dtype == torch.float32 else part.to(torch.float32)
+            delta = torch.zeros(r1 - r0, cols, dtype=torch.float32)
+            if j1 > j0:  # codes of kept rows j0..j1, unpacked from the 8-code word holding the first
+                c0, c1 = j0 * cols, j1 * cols
+                a = c0 - c0 % 8
+                codes = unpack_codes(packed[a * bits // 8:a * bits // 8 + packed_nbytes(c1 - a, bits)], c1 - a, bits)[c0 - a:]
+                delta[at[j0:j1] - r0] = decode_rows(codes, scale[j0:j1], j1 - j0, cols, bits, g)
+            f.add_(delta)
+            if f is not part:
+                part.copy_(f)
+        return base.reshape(shape).to(dtype)
 
     def expected_nbytes(self, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
         """Exact for a ``bitmap`` mask without entropy coding (None otherwise: see :func:`max_nbytes`), and
