@@ -11,6 +11,7 @@ tensors not yet written; the base fingerprint is computed from the same reads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
 from .autoselect import check_metric, error_from_sums, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
+from .codecs.base import diff_into
 from .codecs._svd import OVERSAMPLE as SVD_OVERSAMPLE
 from .codecs._svd import delta_svd, sketch_energy
 from .codecs.unchanged import same_bits
@@ -67,7 +69,7 @@ from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
 from .ties import TieFinder
 from .utils.logging import get_logger
 from .utils.gc_pause import paused_gc
-from .utils.scratch import BufferPool, ThreadScratch
+from .utils.scratch import BufferPool, ThreadScratch, release_free_heap
 
 logger = get_logger(__name__)
 
@@ -430,12 +432,23 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
     names = list(ft_ckpt.keys())
     ties = job.ties
     job.buffers.trim(2 * default_workers())  # the fine-tune and base buffers of each worker; the rest is freed
+    release_free_heap()
     scratch = ThreadScratch(SCRATCH_BYTES, job.buffers)
     load = _loader(ft_ckpt, base_ckpt, base_digests, job.base_cache, scratch=scratch)
 
     def encode(name: str) -> tuple[TensorEntry, str | None, tuple[Any, ...] | None, tuple[dict[str, torch.Tensor], str] | None]:
-        ft_t, base_t, digest = load(name)
         info = ft_ckpt.info(name)
+        if _streams_delta(job, name, info, base_ckpt):
+            n = math.prod(info.shape)
+            delta, digest = _read_delta(ft_ckpt, base_ckpt, name, base_digests.get(name), job.base_cache,
+                                        scratch.get("delta", 4 * n))
+            if delta is not None:  # (else unchanged: read whole below)
+                binfo = base_ckpt.info(name)
+                shapes = (torch.empty(info.shape, dtype=info.dtype, device="meta"),
+                          torch.empty(binfo.shape, dtype=binfo.dtype, device="meta"))  # no data: delta_only codecs
+                entry, tensors, codec = _encode_entry(job, name, info, *shapes, digest, scratch, delta=delta)
+                return entry, digest, None, (tensors, codec)
+        ft_t, base_t, digest = load(name)
         key = None
         if ties is not None:
             if ties.is_decided(name):
@@ -493,13 +506,75 @@ def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str], c
     return load
 
 
-def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None) -> tuple[Any, dict[str, Any], bool]:
-    """``(codec, params, auto)`` for one tensor: the policy's choice, unless it is unchanged or has no usable base."""
+def _streams_delta(job: _Job, name: str, info: Any, base_ckpt: Checkpoint) -> bool:
+    """Whether compress's final pass may read ``name`` as its delta alone (:func:`_read_delta`): a float tensor
+    with a same-shape float base, whose tie (if ties are looked for) the allocation pass decided as none,
+    coded by a :attr:`~deltahub.codecs.base.Codec.delta_only` codec."""
+    if name not in base_ckpt or not info.nbytes:
+        return False
+    binfo = base_ckpt.info(name)
+    if not _has_delta(binfo.shape, binfo.dtype, info.shape, info.dtype):
+        return False
+    if job.ties is not None and (not job.ties.is_decided(name) or job.ties.decide(name, None) is not None):
+        return False
+    codec_name, _ = job.policy.choose(name, len(info.shape))
+    if codec_name == AUTO:
+        point = (job.decisions or {}).get(name)
+        if point is None:
+            return False
+        codec_name = point.codec
+    return get_codec(codec_name).delta_only
+
+
+#: Elements per chunk when compress computes a delta straight from the files (the base is read a chunk at a time).
+DELTA_CHUNK = 1 << 17
+
+
+def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
+                cache: CheckpointDigests | None, buf: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
+    """``(float32(fine-tune) - float32(base), base digest)`` of one tensor, without either tensor whole in memory
+    beside the delta: the fine-tune is read into the upper part of the delta's buffer (``buf``, at least 4 bytes per
+    element, else a fresh one) and overwritten by the delta a chunk at a time while the base is read a chunk at a
+    time (and hashed on the way unless ``digest`` or ``cache`` knows it). The delta is None when the two tensors
+    have the same bits (unchanged)."""
+    info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
+    n, fs, bs = math.prod(info.shape), info.dtype.itemsize, binfo.dtype.itemsize
+    raw = buf.view(-1)[:4 * n] if buf is not None and buf.numel() >= 4 * n else torch.empty(4 * n, dtype=torch.uint8)
+    at = (4 - fs) * n  # where the fine-tune's bytes sit: every chunk's delta lands at or below its own bytes
+    ft_ckpt.read_span(name, 0, raw[at:])
+    if digest is None and cache is not None:
+        digest = cache.get(name)
+    h = hashlib.sha256() if digest is None else None
+    same = info.dtype == binfo.dtype
+    delta = raw.view(torch.float32)
+    chunk = torch.empty(min(n, DELTA_CHUNK) * bs, dtype=torch.uint8)
+    for i0 in range(0, n, DELTA_CHUNK):
+        i1 = min(n, i0 + DELTA_CHUNK)
+        b = base_ckpt.read_span(name, i0 * bs, chunk[:(i1 - i0) * bs])
+        if h is not None:
+            h.update(memoryview(b.numpy()))
+        f = raw[at + i0 * fs:at + i1 * fs]
+        same = same and bool(torch.equal(f, b))
+        if 4 * i1 > at + i0 * fs:  # this chunk's delta overwrites its own fine-tune bytes: diff from a copy
+            f = f.clone()
+        diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
+    if h is not None:
+        digest = h.hexdigest()
+        if cache is not None:
+            cache.put(name, digest)
+    assert digest is not None
+    return (None if same else delta.view(info.shape)), digest
+
+
+def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None, *,
+                  unchanged: bool | None = None) -> tuple[Any, dict[str, Any], bool]:
+    """``(codec, params, auto)`` for one tensor: the policy's choice, unless it is unchanged (``unchanged``: known
+    already, else compared) or has no usable base."""
     codec_name, p = job.policy.choose(name, len(info.shape))
     auto = codec_name == AUTO
     c, p = (None, p) if auto else job.codecs.get(codec_name, p)
     compatible = base_t is not None and _has_delta(base_t.shape, base_t.dtype, ft_t.shape, info.dtype)
-    if base_t is not None and same_bits(base_t, ft_t):
+    if base_t is not None and (same_bits(base_t, ft_t) if unchanged is None else unchanged):
         return (*job.codecs.get("unchanged", {}), False)
     if auto and not compatible and base_t is not None and _grown(base_t, ft_t):
         return None, p, True  # allocated among row-sparse settings (base rows coded, added rows exact)
@@ -539,14 +614,16 @@ def _record(entry: TensorEntry, tensors: dict[str, torch.Tensor], codec: str, wr
 
 
 def _encode_entry(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
-                  digest: str | None, scratch: ThreadScratch | None = None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
+                  digest: str | None, scratch: ThreadScratch | None = None,
+                  delta: torch.Tensor | None = None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
     """Encode one tensor: its manifest entry (digests not yet known), its stored tensors by stored name, the codec.
 
     With ``scratch``, the delta is computed in the thread's buffer, and stored tensors that would be views of
-    one of its buffers (``raw`` may store the fine-tune's bytes as they are) are copied out."""
-    c, p, auto = _select_codec(job, name, info, ft_t, base_t)
+    one of its buffers (``raw`` may store the fine-tune's bytes as they are) are copied out. ``delta`` given (a
+    tensor that differs from its base, see :func:`_read_delta`): ``ft_t`` and ``base_t`` only carry shapes and dtypes."""
+    c, p, auto = _select_codec(job, name, info, ft_t, base_t, unchanged=None if delta is None else False)
     inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape),
-                      _delta_buffer=None if scratch is None else (lambda n: scratch.get("delta", n)))
+                      _delta=delta, _delta_buffer=None if scratch is None else (lambda n: scratch.get("delta", n)))
     c, enc, auto_stats = _run_codec(job, inp, c, p, auto)
     if scratch is not None:
         enc.tensors = {r: t.clone() if scratch.owns(t) else t for r, t in enc.tensors.items()}

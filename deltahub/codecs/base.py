@@ -32,6 +32,18 @@ def _raw(t: torch.Tensor) -> Any:
     return (t.view(torch.int16) if t.element_size() == 2 else t).reshape(-1).numpy()
 
 
+def diff_into(ft: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = float32(ft) - float32(base)`` (torch's bits) for same-shape float32 / 16-bit tensors and a contiguous
+    float32 ``out`` of their size: one native pass when built, no widened copies; returns ``out``."""
+    nat = native()
+    if nat is not None and _fused_ok(ft, base) and out.is_contiguous():
+        if out.numel():
+            nat.diff(_raw(ft), HALF_KINDS[ft.dtype], _raw(base), HALF_KINDS[base.dtype], out.view(-1).numpy())
+        return out
+    torch.sub(ft.to(torch.float32), base.to(torch.float32), out=out.view(ft.shape))
+    return out
+
+
 #: Elements squared in float64 at a time by :meth:`EncodeInput.delta_sumsq` without the native kernels.
 SUMSQ_BLOCK = 1 << 20
 
@@ -65,12 +77,9 @@ class EncodeInput:
             fits = ft.shape == base.shape and ft.dtype in HALF_KINDS and base.dtype in HALF_KINDS
             buf = self._delta_buffer(ft.numel() * 4) if self._delta_buffer is not None and fits else None
             out = buf.view(-1)[:ft.numel() * 4].view(torch.float32).view(ft.shape) if buf is not None else None
-            nat = native()
-            if nat is not None and fits and _fused_ok(ft, base):  # one pass, no widened copies; torch's bits
+            if native() is not None and fits and _fused_ok(ft, base):  # one pass, no widened copies; torch's bits
                 out = torch.empty(ft.shape, dtype=torch.float32) if out is None else out
-                if out.numel():
-                    nat.diff(_raw(ft), HALF_KINDS[ft.dtype], _raw(base), HALF_KINDS[base.dtype], out.view(-1).numpy())
-                self._delta = out
+                self._delta = diff_into(ft, base, out)
             elif out is not None:  # the same bits: exact widening, one float32 subtraction
                 self._delta = out.copy_(ft).sub_(base)
             else:
@@ -146,6 +155,10 @@ class Codec(ABC):
     #: True when the codec's error is a property of the whole matrix (low rank), so it cannot be measured
     #: on a sample of rows: the allocation then measures it on the whole tensor.
     whole_matrix: ClassVar[bool] = False
+    #: True when :meth:`encode` reads nothing of an input but :attr:`EncodeInput.delta` (and the shapes and dtypes of
+    #: its tensors): compress may then hand it only the delta, computed from the files a chunk at a time, so a large
+    #: tensor is never in memory three times (fine-tune, base, float32 delta).
+    delta_only: ClassVar[bool] = False
     #: Stored roles whose size does not grow with the rows coded (a codebook): compress's allocation, which
     #: measures candidates on a row sample, scales the other roles' bytes to the whole tensor, not these.
     fixed_size_roles: ClassVar[frozenset[str]] = frozenset()

@@ -89,6 +89,7 @@ class BitDelta(Codec):
     """1-bit sign of the delta, packed 8 per byte along the last axis, with float32 scales."""
 
     name = "bitdelta"
+    delta_only = True
     default_params: dict[str, Any] = {"granularity": "tensor", "group_size": 128}
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Dare(Codec):
     """Bernoulli drop-and-rescale with a seeded (zero-byte) mask and 16-bit kept values."""
 
     name = "dare"
+    delta_only = True
     default_params: dict[str, Any] = {"p": 0.9, "seed": 0, "stream": None, "dtype": "float16"}
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -311,6 +311,7 @@ class DeltaDQ(Codec):
     """Group-wise dropout (seeded, zero-byte mask) + separate quantization of the kept values."""
 
     name = "deltadq"
+    delta_only = True
     presets = PRESETS
     default_params: dict[str, Any] = {
         "preset": "16x", "p": None, "bits": None, "parts": None, "quantizer": None, "qgroup": None,

@@ -97,6 +97,7 @@ class LowRank(Codec):
     """Top-``rank`` SVD factors of the delta, float16/bfloat16 singular vectors and float32 singular values."""
 
     name = "lowrank"
+    delta_only = True
     whole_matrix = True
     default_params: dict[str, Any] = {"rank": 16, "dtype": "float16"}
 

@@ -85,6 +85,7 @@ class LowRankMP(Codec):
     """Singular vectors quantized band by band (``uniform`` 3.7), float32 singular values."""
 
     name = "lowrank-mp"
+    delta_only = True
     whole_matrix = True
     presets = PRESETS
     default_params: dict[str, Any] = {"preset": "r8", "bands": None, "qgroup": DEFAULT_QGROUP}

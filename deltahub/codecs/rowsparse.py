@@ -49,7 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: Clip factors (times the absmax-derived scale) the ``mse`` scale fit tries before refining.
 CLIP_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 REFITS = 3
-#: Elements of the row blocks :meth:`RowSparse.reconstruct_` rebuilds at a time (settings without the native path).
+#: Elements of the row blocks the encoder packs and :meth:`RowSparse.reconstruct_` rebuilds (settings without the
+#: native path) at a time.
 REBUILD_BLOCK = 1 << 20
 
 
@@ -113,6 +114,21 @@ def _sq_error(x: torch.Tensor, s: torch.Tensor, bits: int, w: torch.Tensor) -> t
     return ((rec - x).square_().mul_(w)).sum(1)
 
 
+def _kept_signs(d2: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
+    """The packed sign bits of the ``k`` rows ``keep`` marks, in order (flat uint8; ``cols % 8 == 0``): packed a
+    block of rows at a time, so only the kept rows' bits are ever held whole."""
+    rows, cols = d2.shape
+    out = torch.empty(k, cols // 8, dtype=torch.uint8)
+    step, j = max(1, REBUILD_BLOCK // max(cols, 1)), 0
+    for r0 in range(0, rows, step):
+        sel = keep[r0:r0 + step]
+        m = int(sel.sum())
+        if m:
+            out[j:j + m] = pack_signs(d2[r0:r0 + step])[sel]
+            j += m
+    return out.reshape(-1)
+
+
 def _row_sums(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a float32 matrix: ``(sum x^2, sum |x|)`` in float64 (one native pass when built)."""
     rows, cols = d2.shape
@@ -142,6 +158,7 @@ class RowSparse(Codec):
     """Keep the rows of largest delta norm, ``bits``-bit codes + per-row (or per-group) float32 scales."""
 
     name = "rowsparse"
+    delta_only = True
     presets = PRESETS
     default_params: dict[str, Any] = {"preset": None, "density": None, "bits": None, "group_size": None,
                                       "mask_encoding": "auto", "entropy": "none", "scale_fit": "mse"}
@@ -201,7 +218,7 @@ class RowSparse(Codec):
             # optimum quantize_rows converges to, computed in one pass each; the error in closed form. With whole
             # bytes per row the code stream is the kept rows of the packed signs (no copy of the kept rows).
             if cols % 8 == 0:
-                packed = pack_signs(d2)[keep].reshape(-1)
+                packed = _kept_signs(d2, keep, k)
             else:
                 codes = (d2[keep] >= 0).to(torch.uint8)
             l1 = l1_rows[keep]

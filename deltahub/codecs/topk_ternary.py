@@ -51,6 +51,7 @@ class TopkTernary(Codec):
     """Magnitude top-k mask (bitmap or indices) + sign bits + one float32 scale per tensor."""
 
     name = "topk-ternary"
+    delta_only = True
     default_params: dict[str, Any] = {"density": 0.1, "mask_encoding": "auto"}
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:

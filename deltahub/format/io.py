@@ -168,6 +168,17 @@ class SafetensorsFile:
                 raise CorruptFileError(f"tensor {name!r}: read {got} of {info.nbytes} bytes (file truncated?)", path=self.path)
         return buf
 
+    def read_span(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """Bytes ``[offset, offset + out.numel())`` of the tensor's data into ``out`` (a contiguous uint8 tensor),
+        returned; only those bytes are read (a large tensor a chunk at a time)."""
+        info = self.tensors[name]
+        n = out.numel()
+        if not 0 <= offset <= offset + n <= info.nbytes or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError(f"bytes {offset}..{offset + n} outside the {info.nbytes} of {name!r} (or not a uint8 buffer)")
+        if n and self._read_into(memoryview(out.numpy()), info.start + offset) != n:
+            raise CorruptFileError(f"tensor {name!r}: short read (file truncated?)", path=self.path)
+        return out
+
     def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         """Rows ``rows`` (ascending, distinct) of the tensor's ``[rows, cols]`` view (all axes but the last folded
         into rows), as a ``[len(rows), cols]`` tensor of its dtype: only those bytes are read."""
@@ -469,6 +480,9 @@ class Checkpoint:
 
     def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         return self._index[name].read_rows(name, rows)
+
+    def read_span(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        return self._index[name].read_span(name, offset, out)
 
     def config(self) -> dict[str, Any] | None:
         """The directory's ``config.json`` as a dict, or None when there is none."""

@@ -9,6 +9,9 @@ touches those pages once.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 
 import torch
@@ -92,3 +95,25 @@ class BufferPool:
             self._free.append(buf)
             if len(self._free) > self.keep:
                 self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+
+_LIBC: list[object] = []
+
+
+def release_free_heap() -> None:
+    """Hand the allocator's free heap pages back to the kernel (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Many small buffers freed by one pass stay in the allocator's arenas, counted in the process's RSS; compress
+    calls this between its passes so the next pass's large buffers are not stacked on them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(getattr(libc, "malloc_trim", None))
+        except OSError:
+            _LIBC.append(None)
+    trim = _LIBC[0]
+    if trim is not None:
+        trim(0)  # type: ignore[operator]
