@@ -11,7 +11,6 @@ tensors not yet written; the base fingerprint is computed from the same reads.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,9 @@ from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
 from .autoselect import check_metric, error_from_sums, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
-from .codecs.base import diff_into
+from .codecs.base import ROW_BLOCK, diff_into
+from .codecs.rowsparse import row_sums, streams_rows
+from .codecs.raw import xor_into
 from .codecs._svd import OVERSAMPLE as SVD_OVERSAMPLE
 from .codecs._svd import delta_svd, sketch_energy
 from .codecs.unchanged import same_bits
@@ -42,6 +43,7 @@ from .errors import (
 )
 from .format.delta_files import DeltaShardWriter
 from .format.digest_cache import CheckpointDigests
+from .format import io as _io
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import (
     Checkpoint,
@@ -66,7 +68,7 @@ from .format.spec import (
     dtype_name,
 )
 from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
-from .ties import TieFinder
+from .ties import TieFinder, sample_of_bytes, sample_step
 from .utils.logging import get_logger
 from .utils.gc_pause import paused_gc
 from .utils.scratch import BufferPool, ThreadScratch, release_free_heap
@@ -438,16 +440,34 @@ def _encode_all(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, writer: D
 
     def encode(name: str) -> tuple[TensorEntry, str | None, tuple[Any, ...] | None, tuple[dict[str, torch.Tensor], str] | None]:
         info = ft_ckpt.info(name)
-        if _streams_delta(job, name, info, base_ckpt):
-            n = math.prod(info.shape)
-            delta, digest = _read_delta(ft_ckpt, base_ckpt, name, base_digests.get(name), job.base_cache,
-                                        scratch.get("delta", 4 * n))
-            if delta is not None:  # (else unchanged: read whole below)
+        kind = _stream_kind(job, name, info, base_ckpt)
+        if kind is not None:
+            undecided = ties is not None and not ties.is_decided(name)
+            known = base_digests.get(name)
+            xor = rows = None
+            if kind == "delta":
+                delta, digest, sample = _read_delta(ft_ckpt, base_ckpt, name, known, job.base_cache,
+                                                    scratch.get("delta", 4 * math.prod(info.shape)), sample=undecided)
+            elif kind == "rows":
+                rows_of = _DeltaRows(ft_ckpt, base_ckpt, name)
+                sums, same, digest, sample = _row_pass(rows_of, known, job.base_cache, undecided)
+                delta, rows = None, None if same else (rows_of, sums)
+            else:
+                payload, digest, sample = _read_xor(ft_ckpt, base_ckpt, name, known, job.base_cache,
+                                                    scratch.get("delta", info.nbytes), kind == "xor-planes",
+                                                    sample=undecided)
+                delta, xor = None, None if payload is None else (payload, kind == "xor-planes")
+            if delta is not None or xor is not None or rows is not None:  # (else unchanged: read whole below)
                 binfo = base_ckpt.info(name)
+                key = None
+                if undecided:  # decided in storage order below; an alias then drops this coding
+                    assert ties is not None and sample is not None
+                    key = ties.key_of(info.dtype, tuple(info.shape), (binfo.dtype, tuple(binfo.shape)), digest, sample)
                 shapes = (torch.empty(info.shape, dtype=info.dtype, device="meta"),
-                          torch.empty(binfo.shape, dtype=binfo.dtype, device="meta"))  # no data: delta_only codecs
-                entry, tensors, codec = _encode_entry(job, name, info, *shapes, digest, scratch, delta=delta)
-                return entry, digest, None, (tensors, codec)
+                          torch.empty(binfo.shape, dtype=binfo.dtype, device="meta"))  # no data: the input is given
+                entry, tensors, codec = _encode_entry(job, name, info, *shapes, digest, scratch, delta=delta, xor=xor,
+                                                      rows=rows)
+                return entry, digest, key, (tensors, codec)
         ft_t, base_t, digest = load(name)
         key = None
         if ties is not None:
@@ -506,64 +526,187 @@ def _loader(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, known: dict[str, str], c
     return load
 
 
-def _streams_delta(job: _Job, name: str, info: Any, base_ckpt: Checkpoint) -> bool:
-    """Whether compress's final pass may read ``name`` as its delta alone (:func:`_read_delta`): a float tensor
-    with a same-shape float base, whose tie (if ties are looked for) the allocation pass decided as none,
-    coded by a :attr:`~deltahub.codecs.base.Codec.delta_only` codec."""
+def _stream_kind(job: _Job, name: str, info: Any, base_ckpt: Checkpoint) -> str | None:
+    """How compress's final pass may read ``name`` without the whole tensors in memory: ``"delta"``
+    (:func:`_read_delta`: a float tensor with a same-shape float base, coded by a
+    :attr:`~deltahub.codecs.base.Codec.delta_only` codec), ``"xor"`` / ``"xor-planes"`` (:func:`_read_xor`, the
+    payload as it is or in byte planes: ``raw`` ``xor`` of a same-shape, same-dtype base), ``"rows"`` (a large
+    delta that ``rowsparse`` codes a block of rows at a time: :func:`_row_pass`, then :class:`_DeltaRows`), or None
+    (read whole).
+    Never for a tensor the allocation pass decided is an alias."""
     if name not in base_ckpt or not info.nbytes:
-        return False
-    binfo = base_ckpt.info(name)
-    if not _has_delta(binfo.shape, binfo.dtype, info.shape, info.dtype):
-        return False
-    if job.ties is not None and (not job.ties.is_decided(name) or job.ties.decide(name, None) is not None):
-        return False
-    codec_name, _ = job.policy.choose(name, len(info.shape))
+        return None
+    if job.ties is not None and job.ties.is_decided(name) and job.ties.decide(name, None) is not None:
+        return None  # an alias: nothing to encode
+    codec_name, p = job.policy.choose(name, len(info.shape))
     if codec_name == AUTO:
         point = (job.decisions or {}).get(name)
         if point is None:
-            return False
-        codec_name = point.codec
-    return get_codec(codec_name).delta_only
+            return None
+        codec_name, p = point.codec, point.params
+    binfo = base_ckpt.info(name)
+    if codec_name == "raw":
+        p = job.codecs.get(codec_name, p)[1]
+        if p["mode"] == "full" or tuple(binfo.shape) != tuple(info.shape) or binfo.dtype != info.dtype:
+            return None
+        return "xor-planes" if p["shuffle"] and p["zstd_level"] > 0 and info.dtype.itemsize > 1 else "xor"
+    if not _has_delta(binfo.shape, binfo.dtype, info.shape, info.dtype):
+        return None
+    if codec_name == "rowsparse" and 4 * math.prod(info.shape) >= ROWS_STREAM_MIN_BYTES:
+        if streams_rows(job.codecs.get(codec_name, p)[1], tuple(info.shape)):
+            return "rows"
+    return "delta" if get_codec(codec_name).delta_only else None
 
 
 #: Elements per chunk when compress computes a delta straight from the files (the base is read a chunk at a time).
 DELTA_CHUNK = 1 << 17
 
 
-def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
-                cache: CheckpointDigests | None, buf: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
-    """``(float32(fine-tune) - float32(base), base digest)`` of one tensor, without either tensor whole in memory
-    beside the delta: the fine-tune is read into the upper part of the delta's buffer (``buf``, at least 4 bytes per
-    element, else a fresh one) and overwritten by the delta a chunk at a time while the base is read a chunk at a
-    time (and hashed on the way unless ``digest`` or ``cache`` knows it). The delta is None when the two tensors
-    have the same bits (unchanged)."""
-    info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
-    n, fs, bs = math.prod(info.shape), info.dtype.itemsize, binfo.dtype.itemsize
-    raw = buf.view(-1)[:4 * n] if buf is not None and buf.numel() >= 4 * n else torch.empty(4 * n, dtype=torch.uint8)
-    at = (4 - fs) * n  # where the fine-tune's bytes sit: every chunk's delta lands at or below its own bytes
-    ft_ckpt.read_span(name, 0, raw[at:])
+def _base_chunks(base_ckpt: Checkpoint, name: str, digest: str | None, cache: CheckpointDigests | None,
+                 found: list[str]) -> Any:
+    """``(i0, i1, bytes)`` of the base tensor ``name`` a chunk of :data:`DELTA_CHUNK` elements at a time (one
+    reused buffer), hashed on the way unless ``digest`` or ``cache`` knows it; after the last chunk ``found``
+    holds the digest (and ``cache`` a computed one)."""
+    binfo = base_ckpt.info(name)
+    n, bs = math.prod(binfo.shape), binfo.dtype.itemsize
     if digest is None and cache is not None:
         digest = cache.get(name)
-    h = hashlib.sha256() if digest is None else None
-    same = info.dtype == binfo.dtype
-    delta = raw.view(torch.float32)
+    h = _io.tensor_hasher() if digest is None else None
     chunk = torch.empty(min(n, DELTA_CHUNK) * bs, dtype=torch.uint8)
     for i0 in range(0, n, DELTA_CHUNK):
         i1 = min(n, i0 + DELTA_CHUNK)
         b = base_ckpt.read_span(name, i0 * bs, chunk[:(i1 - i0) * bs])
         if h is not None:
             h.update(memoryview(b.numpy()))
-        f = raw[at + i0 * fs:at + i1 * fs]
-        same = same and bool(torch.equal(f, b))
-        if 4 * i1 > at + i0 * fs:  # this chunk's delta overwrites its own fine-tune bytes: diff from a copy
-            f = f.clone()
-        diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
+        yield i0, i1, b
     if h is not None:
         digest = h.hexdigest()
         if cache is not None:
             cache.put(name, digest)
     assert digest is not None
-    return (None if same else delta.view(info.shape)), digest
+    found.append(digest)
+
+
+def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
+                cache: CheckpointDigests | None, buf: torch.Tensor | None,
+                sample: bool = False) -> tuple[torch.Tensor | None, str, bytes | None]:
+    """``(float32(fine-tune) - float32(base), base digest)`` of one tensor, without either tensor whole in memory
+    beside the delta: the fine-tune is read into the upper part of the delta's buffer (``buf``, at least 4 bytes per
+    element, else a fresh one) and overwritten by the delta a chunk at a time while the base is read a chunk at a
+    time (:func:`_base_chunks`). The delta is None when the two tensors have the same bits (unchanged). With
+    ``sample``, also the fine-tune's tie sample (:func:`~deltahub.ties.sample_of_bytes`, taken before its bytes
+    are overwritten), else None."""
+    info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
+    n, fs = math.prod(info.shape), info.dtype.itemsize
+    raw = buf.view(-1)[:4 * n] if buf is not None and buf.numel() >= 4 * n else torch.empty(4 * n, dtype=torch.uint8)
+    at = (4 - fs) * n  # where the fine-tune's bytes sit: every chunk's delta lands at or below its own bytes
+    ft_ckpt.read_span(name, 0, raw[at:])
+    tie_sample = sample_of_bytes(raw[at:]) if sample else None
+    same = info.dtype == binfo.dtype
+    delta = raw.view(torch.float32)
+    found: list[str] = []
+    for i0, i1, b in _base_chunks(base_ckpt, name, digest, cache, found):
+        f = raw[at + i0 * fs:at + i1 * fs]
+        same = same and bool(torch.equal(f, b))
+        if 4 * i1 > at + i0 * fs:  # this chunk's delta overwrites its own fine-tune bytes: diff from a copy
+            f = f.clone()
+        diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
+    return (None if same else delta.view(info.shape)), found[0], tie_sample
+
+
+def _read_xor(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
+              cache: CheckpointDigests | None, buf: torch.Tensor | None, shuffle: bool,
+              sample: bool = False) -> tuple[torch.Tensor | None, str, bytes | None]:
+    """``raw``'s ``xor`` payload of one tensor (``bits(fine-tune) XOR bits(base)`` as uint8, in byte planes with
+    ``shuffle``), both tensors read a chunk at a time into ``buf`` (at least the tensor's bytes, else a fresh
+    one): the payload is the only whole-tensor buffer. Returns ``(payload or None when the bits are equal,
+    base digest, tie sample or None)`` as :func:`_read_delta`."""
+    info = ft_ckpt.info(name)
+    n, its = math.prod(info.shape), info.dtype.itemsize
+    out = buf.view(-1)[:n * its] if buf is not None and buf.numel() >= n * its else torch.empty(n * its, dtype=torch.uint8)
+    step = sample_step(n * its)
+    parts: list[bytes] = []
+    same = True
+    fchunk = torch.empty(min(n, DELTA_CHUNK) * its, dtype=torch.uint8)
+    found: list[str] = []
+    for i0, i1, b in _base_chunks(base_ckpt, name, digest, cache, found):
+        f = ft_ckpt.read_span(name, i0 * its, fchunk[:(i1 - i0) * its])
+        if sample:  # the bytes whose offsets are multiples of the step: sample_of_bytes of the whole tensor
+            parts.append(f.numpy()[-(i0 * its) % step::step].tobytes())
+        same = same and bool(torch.equal(f, b))
+        xor_into(f, b, out, i0, n, its, shuffle)
+    return (None if same else out), found[0], (b"".join(parts) if sample else None)
+
+
+#: A ``rowsparse`` delta of at least these float32 bytes is never held whole by compress's final pass (a large
+#: vocabulary's embedding): its rows are streamed from the files twice (:func:`_row_pass`, :class:`_DeltaRows`).
+ROWS_STREAM_MIN_BYTES = 64 << 20
+
+
+class _DeltaRows:
+    """``(r0, r1) -> float32(fine-tune rows) - float32(base rows)`` of one tensor's ``[rows, cols]`` view, read from
+    the files into reused block buffers (:attr:`~deltahub.codecs.base.EncodeInput._delta_rows`): the returned view
+    lives until the next call."""
+
+    def __init__(self, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str) -> None:
+        self.ft, self.base, self.name = ft_ckpt, base_ckpt, name
+        info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
+        self.dtype, self.bdtype = info.dtype, binfo.dtype
+        self.rows, self.cols = matrix_view_shape(info.shape)
+        self._bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def raw(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fine-tune's and the base's bytes of rows ``[r0, r1)``."""
+        n = (r1 - r0) * self.cols
+        fs, bs = self.dtype.itemsize, self.bdtype.itemsize
+        if self._bufs is None or self._bufs[2].numel() < n:
+            self._bufs = (torch.empty(n * fs, dtype=torch.uint8), torch.empty(n * bs, dtype=torch.uint8),
+                          torch.empty(n, dtype=torch.float32))
+        f = self.ft.read_span(self.name, r0 * self.cols * fs, self._bufs[0][:n * fs])
+        b = self.base.read_span(self.name, r0 * self.cols * bs, self._bufs[1][:n * bs])
+        return f, b
+
+    def diff(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The float32 delta of bytes :meth:`raw` returned, as ``[rows, cols]``."""
+        assert self._bufs is not None
+        n = f.numel() // self.dtype.itemsize
+        out = diff_into(f.view(self.dtype), b.view(self.bdtype), self._bufs[2][:n])
+        return out.view(-1, self.cols)
+
+    def __call__(self, r0: int, r1: int) -> torch.Tensor:
+        return self.diff(*self.raw(r0, r1))
+
+
+def _row_pass(rows_of: _DeltaRows, digest: str | None, cache: CheckpointDigests | None,
+              sample: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], bool, str, bytes | None]:
+    """One pass over a tensor's rows (:class:`_DeltaRows`): ``((sum d^2, sum |d|) per row, same bits?, base digest,
+    tie sample or None)``, the base hashed on the way unless ``digest`` or ``cache`` knows it (as
+    :func:`_read_delta`)."""
+    rows, cols, name = rows_of.rows, rows_of.cols, rows_of.name
+    if digest is None and cache is not None:
+        digest = cache.get(name)
+    h = _io.tensor_hasher() if digest is None else None
+    fs = rows_of.dtype.itemsize
+    step_s = sample_step(rows * cols * fs)
+    parts: list[bytes] = []
+    same = rows_of.dtype == rows_of.bdtype
+    sq, ab = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    step = max(1, ROW_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        f, b = rows_of.raw(r0, r1)
+        if h is not None:
+            h.update(memoryview(b.numpy()))
+        if sample:
+            parts.append(f.numpy()[-(r0 * cols * fs) % step_s::step_s].tobytes())
+        same = same and bool(torch.equal(f, b))
+        sq[r0:r1], ab[r0:r1] = row_sums(rows_of.diff(f, b))
+    if h is not None:
+        digest = h.hexdigest()
+        if cache is not None:
+            cache.put(name, digest)
+    assert digest is not None
+    return (sq, ab), same, digest, (b"".join(parts) if sample else None)
 
 
 def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None, *,
@@ -615,15 +758,24 @@ def _record(entry: TensorEntry, tensors: dict[str, torch.Tensor], codec: str, wr
 
 def _encode_entry(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None,
                   digest: str | None, scratch: ThreadScratch | None = None,
-                  delta: torch.Tensor | None = None) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
+                  delta: torch.Tensor | None = None,
+                  xor: tuple[torch.Tensor, bool] | None = None,
+                  rows: tuple[Callable[[int, int], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> tuple[TensorEntry, dict[str, torch.Tensor], str]:
     """Encode one tensor: its manifest entry (digests not yet known), its stored tensors by stored name, the codec.
 
     With ``scratch``, the delta is computed in the thread's buffer, and stored tensors that would be views of
-    one of its buffers (``raw`` may store the fine-tune's bytes as they are) are copied out. ``delta`` given (a
-    tensor that differs from its base, see :func:`_read_delta`): ``ft_t`` and ``base_t`` only carry shapes and dtypes."""
-    c, p, auto = _select_codec(job, name, info, ft_t, base_t, unchanged=None if delta is None else False)
+    one of its buffers (``raw`` may store the fine-tune's bytes as they are) are copied out. ``delta``, ``xor`` or
+    ``rows`` (the delta's row reader and its row sums) given (a tensor that differs from its base, see
+    :func:`_read_delta`, :func:`_read_xor`, :func:`_row_pass`): ``ft_t`` and ``base_t`` only carry shapes and
+    dtypes."""
+    given = delta is not None or xor is not None or rows is not None
+    c, p, auto = _select_codec(job, name, info, ft_t, base_t, unchanged=False if given else None)
     inp = EncodeInput(name=name, finetuned=ft_t, base=base_t, calibration=_layer_input(job.calib, name, info.shape),
-                      _delta=delta, _delta_buffer=None if scratch is None else (lambda n: scratch.get("delta", n)))
+                      _delta=delta, _xor=xor, _delta_rows=None if rows is None else rows[0],
+                      _delta_buffer=None if scratch is None else (lambda n: scratch.get("delta", n)))
+    if rows is not None:
+        inp._memo["rowsparse.row_sums"] = rows[1]
     c, enc, auto_stats = _run_codec(job, inp, c, p, auto)
     if scratch is not None:
         enc.tensors = {r: t.clone() if scratch.owns(t) else t for r, t in enc.tensors.items()}

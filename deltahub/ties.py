@@ -32,11 +32,22 @@ MAX_CANDIDATES = 4
 
 def _sample_bytes(t: torch.Tensor) -> bytes:
     """An evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
-    raw = tensor_bytes(t).numpy()
-    step = max(1, raw.size // SAMPLE_BYTES)
+    return sample_of_bytes(tensor_bytes(t))
+
+
+def sample_of_bytes(raw_t: torch.Tensor) -> bytes:
+    """:func:`_sample_bytes` of a tensor given as its flat ``uint8`` bytes (a caller holding only the bytes)."""
+    raw = raw_t.numpy()
+    step = sample_step(raw.size)
     # numpy's strided copy: one thread (a torch copy of this size would start torch's intra-op threads from the
     # calling thread, which costs more than the copy while compress's workers hold the cores)
     return raw[::step].tobytes()
+
+
+def sample_step(nbytes: int) -> int:
+    """The byte stride of a tensor's tie sample (a caller sampling its bytes a chunk at a time takes every byte
+    whose offset is a multiple of it)."""
+    return max(1, nbytes // SAMPLE_BYTES)
 
 
 class TieFinder:

@@ -38,15 +38,15 @@ def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, P
 
 @pytest.fixture
 def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts base-tensor sha256 computations (stored-tensor digests are another function)."""
+    """Counts base-tensor sha256 computations, whole or streamed (stored-tensor digests are another function)."""
     calls: list[int] = []
-    real = io_mod._bytes_sha256
+    real = io_mod.tensor_hasher
 
-    def counting(raw: torch.Tensor) -> str:
-        calls.append(raw.numel())
-        return real(raw)
+    def counting() -> object:
+        calls.append(1)
+        return real()
 
-    monkeypatch.setattr(io_mod, "_bytes_sha256", counting)
+    monkeypatch.setattr(io_mod, "tensor_hasher", counting)
     return calls
 
 

@@ -182,3 +182,112 @@ def test_measure_pass_reads_only_sampled_rows_of_tall_tensors(kind: str, tmp_pat
         if e.codec in ("alias", "unchanged"):
             continue
         assert float((rebuilt[n].double() - want[n].double()).norm()) == pytest.approx(e.stats["error_l2"], rel=1e-3)
+
+
+@pytest.mark.parametrize("ft_dtype,base_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float16)])
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 17])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_streamed_delta_has_the_bits_of_the_whole_one(ft_dtype: torch.dtype, base_dtype: torch.dtype, chunk: int,
+                                                      reuse: bool, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """compress's final pass reads a delta-only codec's input as ``ft - base`` straight from the files, in chunks
+    and in place: the same bits as the delta of the whole tensors, the base's sha256 computed on the way (or taken
+    from the caller), and None for a tensor whose bits equal its base's."""
+    import deltahub.compression as comp
+    from deltahub.format.io import Checkpoint, sha256_of
+    from deltahub.ties import _sample_bytes
+
+    monkeypatch.setattr(comp, "DELTA_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    base = {"w": (torch.randn(53, 31, generator=g) * 0.02).to(base_dtype)}
+    base["w"].view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")]).to(base_dtype)
+    ft = {"w": (base["w"].float() + torch.randn(53, 31, generator=g) * 1e-3).to(ft_dtype)}
+    ft["w"].view(-1)[1] = float("nan")
+    base["same"] = torch.randn(9, 5, generator=g).to(base_dtype)
+    ft["same"] = base["same"].to(ft_dtype)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    bc, fc = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "ft.safetensors")
+    buf = torch.full((4 * 53 * 31 + 100,), 0xAB, dtype=torch.uint8) if reuse else None
+    got, digest, sample = comp._read_delta(fc, bc, "w", None, None, buf, sample=True)
+    want = EncodeInput("w", ft["w"], base["w"]).delta
+    assert got is not None and got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert digest == sha256_of(base["w"])
+    assert sample == _sample_bytes(ft["w"])  # the tie key's sample, taken before the bytes were overwritten
+    if buf is not None:
+        assert got.data_ptr() == buf.data_ptr()
+    assert comp._read_delta(fc, bc, "w", "given", None, None)[1] == "given"  # a known digest is not recomputed
+    same, d_same, no_sample = comp._read_delta(fc, bc, "same", None, None, None)
+    assert no_sample is None
+    assert d_same == sha256_of(base["same"])
+    assert (same is None) == (ft_dtype == base_dtype)  # same bits only when the dtypes agree
+
+
+@pytest.mark.parametrize("codec", ["bitdelta", "deltadq", "auto", "raw", "rowsparse"])
+@pytest.mark.parametrize("kind", ["tie", "unchanged"])
+def test_compress_writes_the_same_bytes_with_and_without_the_streamed_delta(codec: str, kind: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed final-pass reads (:func:`deltahub.compression._read_delta`, ``_read_xor``) are an optimisation
+    only: with a tied tensor or one equal to its base, the delta's files are byte-identical to those of
+    whole-tensor reads."""
+    import deltahub.compression as comp
+
+    base, ft = _tall_pair(tmp_path / "pair", tie=kind == "tie", unchanged=kind == "unchanged")
+    kw = {"max_bytes": 120_000} if codec == "auto" else {}
+    streamed: list[str] = []
+    fn = {"raw": "_read_xor", "rowsparse": "_row_pass"}.get(codec, "_read_delta")
+    orig = getattr(comp, fn)
+    monkeypatch.setattr(comp, "ROWS_STREAM_MIN_BYTES", 0)  # rowsparse: rows streamed whatever the size
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        streamed.append(a[0].name if fn == "_row_pass" else a[2])
+        return orig(*a, **k)
+
+    monkeypatch.setattr(comp, fn, spy)
+    m = compress(base, ft, tmp_path / "a", codec=codec, progress=False, **kw)
+    if kind == "tie":
+        assert m.tensors["model.layers.3.mlp.down_proj.weight"].codec == "alias"
+    else:
+        assert m.tensors["model.layers.1.mlp.down_proj.weight"].codec == "unchanged"
+    assert "model.layers.2.mlp.down_proj.weight" in streamed  # the path under test ran
+    monkeypatch.setattr(comp, "_stream_kind", lambda *a: None)
+    compress(base, ft, tmp_path / "b", codec=codec, progress=False, **kw)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("chunk", [7, 1 << 17])  # 7: chunks not a multiple of the tie sample's stride
+def test_streamed_xor_payload_is_the_whole_one(dtype: torch.dtype, shuffle: bool, chunk: int, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``raw``'s xor payload read a chunk at a time from the files has the bytes of the whole-tensor XOR (in byte
+    planes when shuffled), the base's sha256 and the tie sample of the whole fine-tune; equal bits give None."""
+    import deltahub.compression as comp
+    from deltahub.codecs.raw import _int_view, _shuffle
+    from deltahub.format.io import Checkpoint, sha256_of, tensor_bytes
+    from deltahub.ties import _sample_bytes
+
+    monkeypatch.setattr(comp, "DELTA_CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    if dtype.is_floating_point:
+        base = {"w": torch.randn(250, 200, generator=g).to(dtype)}
+        ft = {"w": (base["w"].float() + torch.randn(250, 200, generator=g) * 1e-2).to(dtype)}
+    else:
+        base = {"w": torch.randint(0, 200, (250, 200), generator=g).to(dtype)}
+        ft = {"w": base["w"] ^ torch.randint(0, 3, (250, 200), generator=g).to(dtype)}
+    base["same"], ft["same"] = base["w"][:3].clone(), base["w"][:3].clone()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    bc, fc = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "ft.safetensors")
+    got, digest, sample = comp._read_xor(fc, bc, "w", None, None, None, shuffle, sample=True)
+    want = tensor_bytes(_int_view(ft["w"]) ^ _int_view(base["w"]))
+    want = _shuffle(want, dtype.itemsize) if shuffle else want
+    assert got is not None and torch.equal(got, want)
+    assert digest == sha256_of(base["w"]) and sample == _sample_bytes(ft["w"])
+    assert comp._read_xor(fc, bc, "same", None, None, None, shuffle)[0] is None

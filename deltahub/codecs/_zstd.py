@@ -10,6 +10,7 @@ the allocation before anything is decompressed.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 import zstandard
@@ -24,7 +25,11 @@ def compress(data: bytes | memoryview, level: int) -> torch.Tensor:
     header's Content_Checksum_flag is set; frames without it (format 1.0) stay readable.
     """
     blob = _compressor(level).compress(data)
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    if not blob:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the frame's own bytes, not a copy (a large frame would briefly exist twice):
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory, and stored tensors are only ever read
+        return torch.frombuffer(blob, dtype=torch.uint8)
 
 
 _LOCAL = threading.local()

@@ -46,6 +46,8 @@ def diff_into(ft: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> torch.
 
 #: Elements squared in float64 at a time by :meth:`EncodeInput.delta_sumsq` without the native kernels.
 SUMSQ_BLOCK = 1 << 20
+#: Elements of a block of delta rows (:attr:`EncodeInput._delta_rows`) a codec asks for at a time.
+ROW_BLOCK = 1 << 20
 
 
 @dataclass
@@ -66,12 +68,26 @@ class EncodeInput:
     #: ``nbytes -> uint8 buffer or None``: where :attr:`delta` may be computed (a worker's reused scratch, so no
     #: fresh pages per tensor); the caller keeps codec outputs from aliasing it.
     _delta_buffer: Callable[[int], torch.Tensor | None] | None = field(default=None, repr=False)
+    #: ``bits(finetuned) XOR bits(base)`` computed already, as ``(uint8 bytes, byte-plane shuffled?)``: ``raw``'s
+    #: ``xor`` payload (compress streams it from the files; ``finetuned`` and ``base`` then carry shapes only).
+    _xor: tuple[torch.Tensor, bool] | None = field(default=None, repr=False)
+    #: ``(r0, r1) -> float32 delta rows [r0, r1)`` of the ``[rows, cols]`` view (a view that lives until the next
+    #: call): the delta a block of rows at a time, for a codec that never needs it whole (compress streams a
+    #: large one from the files); :attr:`delta` assembles it from these when a codec asks for it anyway.
+    _delta_rows: Callable[[int, int], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
         """``float32(finetuned) - float32(base)``, computed once and cached."""
         if self.base is None:
             raise CodecError(f"tensor {self.name!r} has no base tensor, so it has no delta")
+        if self._delta is None and self._delta_rows is not None:
+            rows, cols = matrix_view_shape(self.finetuned.shape)
+            out = torch.empty(rows, cols, dtype=torch.float32)
+            step = max(1, ROW_BLOCK // max(cols, 1))
+            for r0 in range(0, rows, step):
+                out[r0:r0 + step] = self._delta_rows(r0, min(rows, r0 + step))
+            self._delta = out.view(self.finetuned.shape)
         if self._delta is None:
             ft, base = self.finetuned, self.base
             fits = ft.shape == base.shape and ft.dtype in HALF_KINDS and base.dtype in HALF_KINDS

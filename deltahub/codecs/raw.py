@@ -46,6 +46,22 @@ def _shuffle(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     return out.reshape(-1)
 
 
+def xor_into(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor, start: int, n: int, itemsize: int,
+             shuffle: bool) -> None:
+    """Elements ``[start, start + m)`` of the ``xor`` payload of an ``n``-element tensor, from their fine-tune
+    and base bytes (``f``, ``b``: uint8, ``m * itemsize`` each, aligned), into ``out`` (uint8, ``n * itemsize``):
+    as they are, or into their byte planes (``shuffle``, the layout :func:`_shuffle` gives the whole payload).
+    Lets a caller build the payload a chunk at a time, without either tensor whole in memory."""
+    m = f.numel() // itemsize
+    x = (f.view(_INT_OF_SIZE[itemsize]) ^ b.view(_INT_OF_SIZE[itemsize])).view(torch.uint8)
+    if not shuffle or itemsize == 1:
+        out[start * itemsize:(start + m) * itemsize] = x
+        return
+    planes, xs = out[:n * itemsize].view(itemsize, n), x.view(m, itemsize)
+    for k in range(itemsize):
+        planes[k, start:start + m] = xs[:, k]
+
+
 def _unshuffle(planes: torch.Tensor | np.ndarray, itemsize: int) -> torch.Tensor:
     """Inverse of :func:`_shuffle` (a fresh, writable tensor; ``planes`` may be a read-only array)."""
     if itemsize == 1:
@@ -95,15 +111,28 @@ class Raw(Codec):
                 f"tensor {inp.name!r}: raw mode 'xor' needs a base tensor of the same shape and dtype "
                 f"(fine-tune {ft.dtype} {list(ft.shape)}, base {None if base is None else (base.dtype, list(base.shape))})"
             )
+        itemsize = ft.element_size()
+        if mode == "xor" and inp._xor is not None:  # computed already (compress streams it from the files)
+            payload, shuffled = inp._xor
+            return self._store(None if shuffled else payload, payload if shuffled else None, mode, params, itemsize)
         payload = _int_view(ft) ^ _int_view(base) if mode == "xor" else ft
-        data = tensor_bytes(payload)
+        return self._store(tensor_bytes(payload), None, mode, params, itemsize)
+
+    def _store(self, data: torch.Tensor | None, planes: torch.Tensor | None, mode: str, params: dict[str, Any],
+               itemsize: int) -> Encoded:
+        """The stored tensors of a payload given as its bytes (``data``) or as its byte planes (``planes``)."""
         level = params["zstd_level"]
-        if level > 0 and data.numel():
-            planes = _shuffle(data, ft.element_size()) if params["shuffle"] else data
+        if planes is not None and not (params["shuffle"] and level > 0):
+            data, planes = _unshuffle(planes, itemsize), None
+        nbytes = (data if data is not None else planes).numel()  # type: ignore[union-attr]
+        if level > 0 and nbytes:
+            if planes is None:
+                planes = _shuffle(data, itemsize) if params["shuffle"] else data  # type: ignore[arg-type]
             comp = compress(memoryview(planes.numpy()), level)
-            if comp.numel() < data.numel():
-                out = {"mode": mode, "zstd_level": level, "shuffle": params["shuffle"]}
-                return Encoded({"zstd": comp}, out)
+            if comp.numel() < nbytes:
+                return Encoded({"zstd": comp}, {"mode": mode, "zstd_level": level, "shuffle": params["shuffle"]})
+        if data is None:
+            data = _unshuffle(planes, itemsize)  # type: ignore[arg-type]
         return Encoded({"data": data}, {"mode": mode, "zstd_level": 0, "shuffle": False})
 
     def check_decode(self, params: dict[str, Any], stored: Mapping[str, StoredSpec],

@@ -20,7 +20,7 @@ the fine-tune's dtype): there is no base row to diff them against.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from ._bits import pack_signs, packed_cols
 from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
 from .bitdelta import sign_add_
 from ._quant import load_packed, load_stream, packed_nbytes, store_stream, stored_bytes, unpack_codes
-from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+from .base import (MAX_NUMEL, ROW_BLOCK, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 
@@ -114,22 +114,40 @@ def _sq_error(x: torch.Tensor, s: torch.Tensor, bits: int, w: torch.Tensor) -> t
     return ((rec - x).square_().mul_(w)).sum(1)
 
 
-def _kept_signs(d2: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
-    """The packed sign bits of the ``k`` rows ``keep`` marks, in order (flat uint8; ``cols % 8 == 0``): packed a
-    block of rows at a time, so only the kept rows' bits are ever held whole."""
-    rows, cols = d2.shape
+def _kept_signs(rows_of: Callable[[int, int], torch.Tensor], rows: int, cols: int, keep: torch.Tensor,
+                k: int) -> torch.Tensor:
+    """The packed sign bits of the ``k`` rows ``keep`` marks, in order (flat uint8; ``cols % 8 == 0``), from the
+    delta's rows ``rows_of(r0, r1)``: packed a block of rows at a time, so only the kept rows' bits are ever held
+    whole."""
     out = torch.empty(k, cols // 8, dtype=torch.uint8)
-    step, j = max(1, REBUILD_BLOCK // max(cols, 1)), 0
+    step, j = max(1, ROW_BLOCK // max(cols, 1)), 0
     for r0 in range(0, rows, step):
         sel = keep[r0:r0 + step]
         m = int(sel.sum())
         if m:
-            out[j:j + m] = pack_signs(d2[r0:r0 + step])[sel]
+            out[j:j + m] = pack_signs(rows_of(r0, min(rows, r0 + step)))[sel]
             j += m
     return out.reshape(-1)
 
 
-def _row_sums(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_sums_of(rows_of: Callable[[int, int], torch.Tensor], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_sums` of a delta given a block of rows at a time (``rows_of(r0, r1)``)."""
+    sq, ab = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    step = max(1, ROW_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        sq[r0:r1], ab[r0:r1] = row_sums(rows_of(r0, r1))
+    return sq, ab
+
+
+def streams_rows(params: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+    """Whether :meth:`RowSparse.encode` of a same-shape delta with these (validated) params needs the delta only a
+    block of rows at a time (1 bit, a scale per row, whole bytes per row: two passes over the rows, row sums then
+    signs), so a caller may give :attr:`~deltahub.codecs.base.EncodeInput._delta_rows` instead of the delta."""
+    return params["bits"] == 1 and params["group_size"] is None and matrix_view_shape(shape)[1] % 8 == 0
+
+
+def row_sums(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a float32 matrix: ``(sum x^2, sum |x|)`` in float64 (one native pass when built)."""
     rows, cols = d2.shape
     nat = native()
@@ -199,14 +217,22 @@ class RowSparse(Codec):
             raise CodecError(f"tensor {inp.name!r}: rowsparse needs a base of the same shape or a 2-D base with fewer "
                              f"rows and the same columns; fine-tune {list(ft.shape)}, base {list(base.shape)}")
         base_rows = base.shape[0] if resized else rows
-        if resized:
-            d2 = (ft.reshape(rows, cols)[:base_rows].to(torch.float32) - base.reshape(base_rows, cols).to(torch.float32))
+        bits, g = params["bits"], params["group_size"]
+        by_rows = not resized and inp._delta is None and inp._delta_rows is not None and streams_rows(params, ft.shape)
+        if by_rows:  # the delta a block of rows at a time (two passes), never whole
+            assert inp._delta_rows is not None
+            rows_of = inp._delta_rows
+            sums = inp._memo.get("rowsparse.row_sums")
+            sq, l1_rows = sums if sums is not None else row_sums_of(rows_of, rows, cols)
         else:
-            d2 = inp.delta.reshape(rows, cols)
-        sq, l1_rows = _row_sums(d2)
+            if resized:
+                d2 = (ft.reshape(rows, cols)[:base_rows].to(torch.float32) - base.reshape(base_rows, cols).to(torch.float32))
+            else:
+                d2 = inp.delta.reshape(rows, cols)
+            sq, l1_rows = row_sums(d2)
+            rows_of = lambda r0, r1: d2[r0:r1]  # noqa: E731
         if not bool(torch.isfinite(sq).all()):  # a float32 squared cannot overflow a double: only NaN / Inf do
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; rowsparse cannot code them")
-        bits, g = params["bits"], params["group_size"]
         k = kept_rows(params["density"], base_rows)
         norms = sq.sqrt()
         keep = torch.zeros(base_rows, dtype=torch.bool)
@@ -218,7 +244,7 @@ class RowSparse(Codec):
             # optimum quantize_rows converges to, computed in one pass each; the error in closed form. With whole
             # bytes per row the code stream is the kept rows of the packed signs (no copy of the kept rows).
             if cols % 8 == 0:
-                packed = _kept_signs(d2, keep, k)
+                packed = _kept_signs(rows_of, base_rows, cols, keep, k)
             else:
                 codes = (d2[keep] >= 0).to(torch.uint8)
             l1 = l1_rows[keep]

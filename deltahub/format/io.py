@@ -263,8 +263,16 @@ def sha256_of(t: torch.Tensor) -> str:
 
 
 def _bytes_sha256(raw: torch.Tensor) -> str:
-    """Hex sha256 of a flat uint8 tensor (the one place a tensor's bytes are hashed for ``base_sha256``)."""
-    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
+    """Hex sha256 of a flat uint8 tensor (a tensor's ``base_sha256`` from its bytes in memory)."""
+    h = tensor_hasher()
+    h.update(memoryview(raw.numpy()))
+    return h.hexdigest()
+
+
+def tensor_hasher() -> Any:
+    """A fresh ``hashlib.sha256`` for one tensor's ``base_sha256`` (the one place a digest of a tensor's bytes
+    starts: whole, by :func:`_bytes_sha256`, or a chunk at a time by a caller streaming the bytes)."""
+    return hashlib.sha256()
 
 
 # --------------------------------------------------------------------------------------------- write

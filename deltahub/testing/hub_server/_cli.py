@@ -76,9 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = f", bandwidth={args.bandwidth:g} MB/s" if args.bandwidth is not None else ""
     print(f"Hub server running at {server.url} (root={server.root}, auth={'token' if args.token else 'open'}{link})")
     print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1   # Ctrl-C to stop", flush=True)
-    # Treat SIGTERM like Ctrl-C so the server shuts down cleanly (main thread only).
+    # Treat SIGTERM like Ctrl-C so the server shuts down cleanly (main thread only). SIGINT too, explicitly: a
+    # server started in the background by a non-interactive shell (`... &` in a script) inherits SIGINT ignored.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main_thread else None
     try:
         while True:
             time.sleep(3600)
@@ -88,4 +90,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     return 0
