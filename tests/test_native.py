@@ -251,20 +251,41 @@ def test_unshuffle_matches_numpy(itemsize: int) -> None:
         _native.unshuffle(out[:-1], planes, itemsize, False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_raw_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, shuffle: bool, decode_impl: str) -> None:
-    """raw xor's in-place rebuild (planes XORed into the base buffer) gives reconstruct's bits, native or not."""
+@pytest.mark.parametrize("stream_in", [7, 1 << 18])
+def test_raw_inplace_rebuild_matches_reconstruct(dtype: torch.dtype, shuffle: bool, stream_in: int, decode_impl: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """raw xor's in-place rebuild (planes XORed into the base buffer as they decompress, pieces straddling the
+    planes' boundaries) gives reconstruct's bits, native or not."""
+    import deltahub.codecs._zstd as zs
+
+    monkeypatch.setattr(zs, "STREAM_IN", stream_in)
     codec = get_codec("raw")
     g = torch.Generator().manual_seed(3)
     base = (torch.randn(67, 45, generator=g) * 100).to(dtype)
     ft = (base.to(torch.float32) + torch.randn(67, 45, generator=g)).to(dtype)
+    if dtype == torch.uint8:
+        base = torch.randint(0, 256, (67, 45), generator=g, dtype=torch.uint8)
+        ft = base ^ (torch.rand(67, 45, generator=g) < 0.1).to(torch.uint8)
     params = codec.validate_params({"mode": "xor", "shuffle": shuffle})
     enc = codec.encode(EncodeInput("w", ft, base), params)
     want = codec.reconstruct(enc.tensors, enc.params, base, tuple(ft.shape), dtype)
     assert torch.equal(want.view(-1).view(torch.uint8), ft.view(-1).view(torch.uint8))
     got = codec.reconstruct_(enc.tensors, enc.params, base.clone(), tuple(ft.shape), dtype)
     assert torch.equal(got.view(-1).view(torch.uint8), ft.view(-1).view(torch.uint8))
+
+
+@needs_native
+def test_xor_plane_checks_its_bounds() -> None:
+    from deltahub.codecs import _native  # type: ignore[attr-defined]
+
+    dst = torch.zeros(10, dtype=torch.int16)
+    _native.xor_plane(dst.numpy(), bytes([1, 2, 3]), 2, 1, 7)  # elements 7..9, high byte
+    assert dst[7:].tolist() == [256, 512, 768] and not dst[:7].any()
+    for args in ((2, 1, 8), (2, 2, 0), (2, -1, 0), (2, 0, -1), (0, 0, 0), (3, 0, 0)):
+        with pytest.raises(ValueError):
+            _native.xor_plane(dst.numpy(), bytes([1, 2, 3]), *args)
 
 
 def _half_base(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -509,3 +509,27 @@ def test_delta_codec_on_integer_dtype_refused(deltas: dict[str, Any], tmp_path: 
     with pytest.raises(ManifestError, match="floating-point") as ei:
         Delta(d)
     assert TARGET in _one_line(ei.value)
+
+
+@pytest.mark.parametrize("damage", ["trailing", "two_frames", "truncated", "checksum", "size", "no_size", "garbage"])
+def test_streamed_zstd_frame_is_checked_like_a_whole_one(damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """raw's in-place rebuild decompresses its frame in pieces (:func:`deltahub.codecs._zstd.stream_frame`): a
+    frame the whole-frame reader refuses is refused too (one-line CodecError), and a good one streams its bytes."""
+    import zstandard
+
+    import deltahub.codecs._zstd as zs
+    from deltahub.errors import CodecError
+
+    monkeypatch.setattr(zs, "STREAM_IN", 64)
+    data = bytes(range(256)) * 40
+    good = zs.compress(data, 3).numpy().tobytes()
+    assert b"".join(zs.stream_frame(memoryview(good), what="w", size=len(data))) == data
+    bad = {"trailing": good + b"\0", "two_frames": good + good, "truncated": good[:-9],
+           "checksum": good[:-1] + bytes([good[-1] ^ 1]), "size": good, "garbage": b"not a frame at all",
+           "no_size": zstandard.ZstdCompressor(write_content_size=False).compressobj().compress(data) +
+           zstandard.ZstdCompressor(write_content_size=False).compressobj().flush()}[damage]
+    size = len(data) + 1 if damage == "size" else len(data)
+    with pytest.raises(CodecError):
+        list(zs.stream_frame(memoryview(bad), what="w", size=size))
+    with pytest.raises(CodecError):
+        zs.decompress_frame(bad, what="w", size=size)

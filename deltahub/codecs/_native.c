@@ -1022,6 +1022,44 @@ done:
     return ret;
 }
 
+/* xor_plane(dst, seg, itemsize, k, i0): XOR seg[i] into byte k of element i0 + i of dst: one byte plane's
+ * segment of raw's shuffled xor payload, as a streamed decompression hands it out (so the payload is never
+ * whole in memory). */
+CLONES
+static void xor_plane2(uint16_t *d, const uint8_t *s, size_t m, int sh) {
+    for (size_t i = 0; i < m; i++) d[i] ^= (uint16_t)((uint16_t)s[i] << sh);
+}
+
+CLONES
+static void xor_plane4(uint32_t *d, const uint8_t *s, size_t m, int sh) {
+    for (size_t i = 0; i < m; i++) d[i] ^= (uint32_t)s[i] << sh;
+}
+
+static PyObject *py_xor_plane(PyObject *self, PyObject *args) {
+    Py_buffer dst = {0}, seg = {0};
+    Py_ssize_t itemsize, k, i0;
+    if (!PyArg_ParseTuple(args, "w*y*nnn", &dst, &seg, &itemsize, &k, &i0)) return NULL;
+    PyObject *ret = NULL;
+    if (itemsize < 1 || itemsize > 16 || k < 0 || k >= itemsize || i0 < 0 || dst.len % itemsize
+        || i0 > dst.len / itemsize || seg.len > dst.len / itemsize - i0) {
+        PyErr_SetString(PyExc_ValueError, "xor_plane: the segment does not fit the buffer"); goto done;
+    }
+    size_t m = (size_t)seg.len, isz = (size_t)itemsize;
+    uint8_t *d = (uint8_t *)dst.buf + (size_t)i0 * isz;
+    const uint8_t *p = (const uint8_t *)seg.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (isz == 4 && ((uintptr_t)d & 3) == 0) xor_plane4((uint32_t *)d, p, m, (int)(8 * k));
+    else if (isz == 2 && ((uintptr_t)d & 1) == 0) xor_plane2((uint16_t *)d, p, m, (int)(8 * k));
+    else for (size_t i = 0; i < m; i++) d[i * isz + (size_t)k] ^= p[i];
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    ret = Py_None;
+done:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&seg);
+    return ret;
+}
+
 /* ------------------------------------------------------------------------------------------ encoding
  * Encoder kernels (DeltaDQ's k-means and code streams). Their results are bit-identical to the
  * numpy/torch paths of _quant.py / deltadq.py for codes, codebooks and packed bytes; the float64
@@ -1499,6 +1537,7 @@ static PyMethodDef methods[] = {
     {"gather", py_gather, METH_VARARGS, "The kept values of a block, in order."},
     {"positions", py_positions, METH_VARARGS, "Kept row-major indices of whole groups of a block."},
     {"unshuffle", py_unshuffle, METH_VARARGS, "raw: byte planes into elements, written or XORed into a buffer."},
+    {"xor_plane", py_xor_plane, METH_VARARGS, "raw: one byte plane's segment XORed into a buffer's elements."},
     {"sign_add", py_sign_add, METH_VARARGS, "BitDelta: add +-scale by the packed sign bits, in place."},
     {"select_flags", py_select_flags, METH_VARARGS, "Test hook: the group selection on given u values."},
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},

@@ -10,6 +10,7 @@ the allocation before anything is decompressed.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 import warnings
 
 import torch
@@ -45,6 +46,45 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     if c is None:
         c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
     return c
+
+
+#: Compressed bytes fed to the decompressor at a time by :func:`stream_frame`.
+STREAM_IN = 1 << 18
+
+
+def stream_frame(blob: memoryview, *, what: str, size: int) -> Iterator[bytes]:
+    """The content of a single zstd frame that declares ``size`` bytes, in pieces as it decompresses (the
+    checks of :func:`decompress_frame`; a failure raises :class:`CodecError` after the pieces before it)."""
+    try:
+        declared = zstandard.frame_content_size(blob)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{what}: not a zstd frame ({exc})") from None
+    if declared != size:
+        raise CodecError(f"{what}: the zstd frame does not record its content size" if declared < 0
+                         else f"{what}: zstd frame holds {declared} bytes, expected {size}")
+    obj = zstandard.ZstdDecompressor().decompressobj()
+    out = fed = 0
+    try:
+        for a in range(0, len(blob), STREAM_IN):
+            if obj.eof:
+                break
+            chunk = blob[a:a + STREAM_IN]
+            fed = a + len(chunk)
+            piece = obj.decompress(chunk)
+            out += len(piece)
+            if out > size:
+                raise CodecError(f"{what}: zstd frame decompresses to more than its header's {size} bytes")
+            if piece:
+                yield piece
+        if not obj.eof:
+            raise zstandard.ZstdError("did not decompress full frame")
+        unused = len(obj.unused_data) + len(blob) - fed
+        if unused:
+            raise zstandard.ZstdError(f"{unused} bytes after the frame")
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{what}: corrupt zstd frame ({exc})") from None
+    if out != size:
+        raise CodecError(f"{what}: zstd frame decompressed to {out} bytes, its header says {size}")
 
 
 def decompress_frame(blob: bytes | memoryview, *, what: str, size: int | None = None, max_size: int | None = None) -> bytes:

@@ -18,7 +18,7 @@ import torch
 
 from . import register_codec
 from ._accel import native
-from ._zstd import compress, decompress_frame
+from ._zstd import compress, decompress_frame, stream_frame
 from .base import Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, param_choice, param_int
 from ..errors import CodecError, InvalidCodecParamsError
 from ..format.io import bytes_to_tensor, tensor_bytes
@@ -190,14 +190,25 @@ class Raw(Codec):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         """:meth:`reconstruct` into ``base`` (a buffer the caller owns): byte planes are XORed straight into the
-        base tensor's bytes by the native kernel, one pass, no unshuffled copy; otherwise as :meth:`reconstruct`."""
+        base tensor's bytes by the native kernel as they decompress (no payload copy; a corrupt frame raises with
+        ``base`` partly changed); otherwise as :meth:`reconstruct`."""
         nat = native()
         if (nat is None or params.get("mode") != "xor" or not params.get("shuffle") or "zstd" not in stored
                 or base is None or base.dtype != dtype or not base.is_contiguous() or base.numel() != math.prod(shape)
                 or base.element_size() == 1 or base.numel() == 0):
             return self.reconstruct(stored, params, base, shape, dtype)
-        raw = _frame(stored, base.numel() * base.element_size())
-        nat.unshuffle(base.view(-1).view(torch.uint8).numpy(), raw, base.element_size(), True)
+        n, its = base.numel(), base.element_size()
+        dst, pos = base.view(-1).view(torch.uint8).numpy(), 0
+        blob = memoryview(stored["zstd"].contiguous().numpy())
+        # Streamed: each decompressed piece (part of a byte plane) XORed into its elements as it comes, so the
+        # payload is never whole in memory beside the base.
+        for piece in stream_frame(blob, what="raw: zstd payload", size=n * its):
+            mv, off = memoryview(piece), 0
+            while off < len(mv):
+                k, i0 = divmod(pos, n)
+                m = min(len(mv) - off, n - i0)
+                nat.xor_plane(dst, mv[off:off + m], its, k, i0)
+                off, pos = off + m, pos + m
         return base.reshape(shape)
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
