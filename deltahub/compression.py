@@ -555,7 +555,8 @@ def _stream_kind(job: _Job, name: str, info: Any, base_ckpt: Checkpoint) -> str 
     if codec_name == "rowsparse" and 4 * math.prod(info.shape) >= ROWS_STREAM_MIN_BYTES:
         if streams_rows(job.codecs.get(codec_name, p)[1], tuple(info.shape)):
             return "rows"
-    return "delta" if get_codec(codec_name).delta_only else None
+    # the fine-tune is read into the delta's own buffer: at most 4 bytes per element (float64 reads whole)
+    return "delta" if get_codec(codec_name).delta_only and info.dtype.itemsize <= 4 else None
 
 
 #: Elements per chunk when compress computes a delta straight from the files (the base is read a chunk at a time).

@@ -291,3 +291,31 @@ def test_streamed_xor_payload_is_the_whole_one(dtype: torch.dtype, shuffle: bool
     assert got is not None and torch.equal(got, want)
     assert digest == sha256_of(base["w"]) and sample == _sample_bytes(ft["w"])
     assert comp._read_xor(fc, bc, "same", None, None, None, shuffle)[0] is None
+
+
+@pytest.mark.parametrize("ft_dtype,base_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("codec", ["bitdelta", "rowsparse", "raw"])
+def test_streamed_reads_of_mixed_and_wide_dtypes_write_the_same_bytes(ft_dtype: torch.dtype, base_dtype: torch.dtype,
+                                                                      codec: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 fine-tunes (8 bytes per element: not read into the delta's buffer) and mixed dtypes give the bytes
+    of whole-tensor reads, and rebuild to the fine-tune's dtype."""
+    import deltahub.compression as comp
+
+    monkeypatch.setattr(comp, "ROWS_STREAM_MIN_BYTES", 0)
+    g = torch.Generator().manual_seed(9)
+    base = {f"model.layers.{i}.mlp.down_proj.weight": (torch.randn(96, 64, generator=g) * 0.02).to(base_dtype)
+            for i in range(2)}
+    ft = {k: (v.double() + torch.randn(96, 64, generator=g, dtype=torch.float64) * 1e-3).to(ft_dtype)
+          for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "a", codec=codec, progress=False)
+    monkeypatch.setattr(comp, "_stream_kind", lambda *a: None)
+    compress(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", tmp_path / "b", codec=codec, progress=False)
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    out = apply_delta(tmp_path / "a", tmp_path / "base.safetensors", tmp_path / "out", progress=False)
+    rebuilt = load_file(next(Path(out).glob("*.safetensors")))
+    assert all(rebuilt[k].dtype == ft_dtype for k in ft)
