@@ -469,3 +469,27 @@ def test_row_sums_match_numpy(shape: tuple[int, int], monkeypatch: pytest.Monkey
     (sq_a, ab_a), (sq_b, ab_b) = _both(monkeypatch, lambda: row_sums(d))
     assert torch.allclose(sq_a, sq_b, rtol=1e-12) and torch.allclose(ab_a, ab_b, rtol=1e-12)
     assert torch.isfinite(sq_a).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dist", ["normal", "heavy", "few_values", "skewed"])
+@pytest.mark.parametrize("n", [2, 300, 16000, 70000])
+@pytest.mark.parametrize("k", [2, 16, 256])
+def test_companded_init_matches_numpy(dist: str, n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-means start codebook, native and numpy, bit for bit, and the values np.cbrt of the counts gives."""
+    from deltahub.codecs._quant import _companded_init
+
+    rng = np.random.default_rng(n + k)
+    x = {"normal": lambda: rng.standard_normal(n), "heavy": lambda: rng.standard_t(2, n),
+         "few_values": lambda: rng.integers(-3, 4, n) * 1e-3, "skewed": lambda: rng.exponential(1.0, n)}[dist]()
+    srt = np.sort((x * 1e-4).astype(np.float32))
+    a, b = _both(monkeypatch, lambda: _companded_init(srt, k))
+    assert np.array_equal(a.view(np.int32), b.view(np.int32))
+    bins = min(4096, max(256, n // 16))  # the straightforward numpy lines, cube roots computed directly
+    lo, hi = float(srt[0]), float(srt[-1])
+    width = (hi - lo) / bins
+    cuts = np.searchsorted(srt, (lo + width * np.arange(1, bins)).astype(np.float32), side="left")
+    cdf = np.cumsum(np.cbrt(np.diff(cuts, prepend=0, append=n).astype(np.float64)))
+    cdf /= cdf[-1]
+    idx = np.clip(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), 0, bins - 1)
+    assert np.array_equal(a.view(np.int32), (lo + (idx + 0.5) * width).astype(np.float32).view(np.int32))

@@ -1081,6 +1081,78 @@ static inline size_t upper_bound_f(const float *s, size_t n, float v) {
     return lo;
 }
 
+/* companded_init(sorted_f32, bins, cbrt_f64, out_f32) -> True, or False when a bin holds more values than the
+ * table covers: _companded_init's start codebook, step for step what its numpy lines compute (float64 bin
+ * edges rounded to float32, counts by binary search, cube roots from cbrt_f64[count] (numpy's own values:
+ * cbrt_f64[c] = cbrt(c)), sequential float64 prefix sums, quantiles by searchsorted side="left"). No
+ * target_clones: a fused multiply-add would round the edges differently. */
+static PyObject *py_companded_init(PyObject *self, PyObject *args) {
+    Py_buffer srt = {0}, tab = {0}, out = {0};
+    Py_ssize_t bins_;
+    if (!PyArg_ParseTuple(args, "y*ny*w*", &srt, &bins_, &tab, &out)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)out.len / sizeof(float);
+    size_t nt = (size_t)tab.len / sizeof(double);
+    double *cdf = NULL;
+    if (n < 1 || k < 1 || bins_ < 1 || srt.len % sizeof(float) || out.len % sizeof(float) || tab.len % sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "companded_init: bad sizes"); goto done;
+    }
+    size_t bins = (size_t)bins_;
+    cdf = (double *)malloc(bins * sizeof(double));
+    if (!cdf) { PyErr_NoMemory(); goto done; }
+    const float *s = (const float *)srt.buf;
+    const double *cb = (const double *)tab.buf;
+    float *o = (float *)out.buf;
+    int fits = 1;
+    Py_BEGIN_ALLOW_THREADS
+    double lo = (double)s[0], hi = (double)s[n - 1];
+    double width = (hi - lo) / (double)bins, acc = 0.0;
+    size_t prev = 0;
+    for (size_t i = 0; i < bins && fits; i++) {
+        size_t cut = n;
+        if (i + 1 < bins) {
+            double e64 = width * (double)(i + 1);
+            e64 = lo + e64;
+            float e = (float)e64;
+            size_t a = 0, b = n;  /* first index with s[j] >= e (side="left") */
+            while (a < b) {
+                size_t mid = a + (b - a) / 2;
+                if (s[mid] < e) a = mid + 1;
+                else b = mid;
+            }
+            cut = a;
+        }
+        size_t cnt = cut >= prev ? cut - prev : 0;
+        if (cut < prev || cnt >= nt) fits = 0;
+        else { acc += cb[cnt]; cdf[i] = acc; prev = cut; }
+    }
+    if (fits) {
+        double total = cdf[bins - 1];
+        for (size_t i = 0; i < bins; i++) cdf[i] /= total;
+        for (size_t j = 0; j < k; j++) {
+            double t = ((double)j + 0.5) / (double)k;
+            size_t a = 0, b = bins;  /* first index with cdf[i] >= t */
+            while (a < b) {
+                size_t mid = a + (b - a) / 2;
+                if (cdf[mid] < t) a = mid + 1;
+                else b = mid;
+            }
+            if (a > bins - 1) a = bins - 1;
+            double v = ((double)a + 0.5) * width;
+            v = lo + v;
+            o[j] = (float)v;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    ret = PyBool_FromLong(fits);
+done:
+    free(cdf);
+    PyBuffer_Release(&srt);
+    PyBuffer_Release(&tab);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
 /* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
  * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
  * float64 means rounded to float32, sorted). */
@@ -1542,6 +1614,7 @@ static PyMethodDef methods[] = {
     {"select_flags", py_select_flags, METH_VARARGS, "Test hook: the group selection on given u values."},
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},
     {"merge_parts", py_merge_parts, METH_VARARGS, "Codes from a part-id stream and per-part low-bit streams."},
+    {"companded_init", py_companded_init, METH_VARARGS, "k-means start codebook at the companded quantiles."},
     {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},

@@ -243,6 +243,20 @@ def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> to
     return torch.from_numpy(cb)
 
 
+_CBRT = np.zeros(1)
+
+
+def _cbrt_table(n: int) -> np.ndarray:
+    """``np.cbrt`` of the integers ``0..n`` (at least), computed once and grown on demand: the bin counts' cube
+    roots, looked up, so the native and numpy starts use the very same values."""
+    global _CBRT
+    table = _CBRT
+    if table.size <= n:
+        table = np.cbrt(np.arange(max(n + 1, 2 * table.size), dtype=np.float64))
+        _CBRT = table
+    return table
+
+
 def _companded_init(srt: np.ndarray, k: int, bins: int | None = None) -> np.ndarray:
     """Initial centroids (float32) at the quantiles of ``density^(1/3)``, the high-resolution optimum of
     MSE quantization (Panter-Dite), so Lloyd converges in few iterations even for heavy tails.
@@ -255,10 +269,16 @@ def _companded_init(srt: np.ndarray, k: int, bins: int | None = None) -> np.ndar
     lo, hi = float(srt[0]), float(srt[-1])
     if not hi > lo:
         return np.full(k, lo, dtype=np.float32)
+    table = _cbrt_table(srt.size)
+    nat = native()
+    if nat is not None and srt.dtype == np.float32 and srt.flags.c_contiguous:
+        out = np.empty(k, dtype=np.float32)
+        if nat.companded_init(srt, bins, table, out):  # the same steps in one call (~30x less overhead)
+            return out
     width = (hi - lo) / bins
     cuts = np.searchsorted(srt, (lo + width * np.arange(1, bins)).astype(srt.dtype), side="left")  # no float64 copy of srt
-    hist = np.diff(cuts, prepend=0, append=srt.size).astype(np.float64)
-    cdf = np.cumsum(np.cbrt(hist))
+    hist = np.diff(cuts, prepend=0, append=srt.size)
+    cdf = np.cumsum(table[hist])
     cdf /= cdf[-1]
     idx = np.clip(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), 0, bins - 1)
     return (lo + (idx + 0.5) * width).astype(np.float32)
