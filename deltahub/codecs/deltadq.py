@@ -30,7 +30,7 @@ from ._quant import (QUANTIZERS, dequantize_uniform, fit_sample, kmeans_codebook
                      merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream, stored_bytes)
 from ._accel import HALF_KINDS, native
 from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
-from .base import (Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+from .base import (SUMSQ_BLOCK, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
                    param_choice, param_float, param_int)
 from ..errors import CodecError, InvalidCodecParamsError
 from ..utils.logging import get_logger
@@ -283,11 +283,14 @@ def _scatter_native(nat: Any, numel: int, src: np.ndarray, table: np.ndarray | N
 
 def _closed_form_stats(d2: float, kept: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
     """``delta_l2``, ``error_l2`` and ``error_dot`` (``Σ e·Δ``) without decoding (``d2 = ||Δ||^2``): dropped
-    elements err by minus their value, kept ones by ``decoded - kept`` (in float64, as the native kernel; equal to
-    measuring the decoded tensor up to float rounding)."""
-    kept = kept.to(torch.float64)
-    err = decoded.to(torch.float64) - kept
-    return _stats_from_sums(d2, float(torch.dot(kept, kept)), float(torch.dot(err, err)), float(torch.dot(err, kept)))
+    elements err by minus their value, kept ones by ``decoded - kept`` (in float64, as the native kernel, a block
+    at a time: no float64 copy of all kept values; equal to measuring the decoded tensor up to float rounding)."""
+    k2 = q2 = qd = 0.0
+    for a in range(0, kept.numel(), SUMSQ_BLOCK):
+        k = kept[a:a + SUMSQ_BLOCK].to(torch.float64)
+        err = decoded[a:a + SUMSQ_BLOCK].to(torch.float64) - k
+        k2, q2, qd = k2 + float(torch.dot(k, k)), q2 + float(torch.dot(err, err)), qd + float(torch.dot(err, k))
+    return _stats_from_sums(d2, k2, q2, qd)
 
 
 def _stats_from_sums(d2: float, k2: float, q2: float, qd: float) -> dict[str, float]:
