@@ -319,3 +319,25 @@ def test_streamed_reads_of_mixed_and_wide_dtypes_write_the_same_bytes(ft_dtype: 
     out = apply_delta(tmp_path / "a", tmp_path / "base.safetensors", tmp_path / "out", progress=False)
     rebuilt = load_file(next(Path(out).glob("*.safetensors")))
     assert all(rebuilt[k].dtype == ft_dtype for k in ft)
+
+
+def test_large_zstd_frames_are_tensors_over_their_own_bytes() -> None:
+    """A large frame is not copied (it would briefly exist twice), stays valid after its bytes object is dropped
+    by the caller, and neither warns nor touches the process's warnings filters (compress's workers call it)."""
+    import gc
+    import os
+    import warnings
+
+    import deltahub.codecs._zstd as zs
+
+    data = os.urandom(zs.ZERO_COPY_MIN) + bytes(3 * zs.ZERO_COPY_MIN)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = zs.compress(data, 1)
+        small = zs.compress(b"abc" * 100, 1)
+    gc.collect()
+    assert warnings.filters == filters
+    assert t.numel() >= zs.ZERO_COPY_MIN and t.dtype == torch.uint8
+    assert zs.decompress_frame(t.numpy(), what="t", size=len(data)) == data
+    assert zs.decompress_frame(small.numpy(), what="s", size=300) == b"abc" * 100

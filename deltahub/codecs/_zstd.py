@@ -9,9 +9,9 @@ the allocation before anything is decompressed.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterator
-import warnings
 
 import torch
 import zstandard
@@ -26,11 +26,23 @@ def compress(data: bytes | memoryview, level: int) -> torch.Tensor:
     header's Content_Checksum_flag is set; frames without it (format 1.0) stay readable.
     """
     blob = _compressor(level).compress(data)
-    if not blob:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():  # the frame's own bytes, not a copy (a large frame would briefly exist twice):
-        warnings.simplefilter("ignore", UserWarning)  # read-only memory, and stored tensors are only ever read
-        return torch.frombuffer(blob, dtype=torch.uint8)
+    if len(blob) < ZERO_COPY_MIN:
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return _bytes_tensor(blob)
+
+
+#: Frames at least this large become tensors over their own bytes (:func:`_bytes_tensor`), not a copy.
+ZERO_COPY_MIN = 1 << 20
+
+
+def _bytes_tensor(blob: bytes) -> torch.Tensor:
+    """A uint8 tensor over the bytes of ``blob`` itself (kept alive by the tensor), so a large frame never exists
+    twice. ``torch.frombuffer`` wants a writable buffer (and a warnings filter is process-wide, not safe to
+    change from compress's worker threads), so the tensor views a ctypes array at the bytes' address that holds
+    the reference; stored tensors are only ever read."""
+    arr = (ctypes.c_ubyte * len(blob)).from_address(ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0)
+    arr._owner = blob  # type: ignore[attr-defined]
+    return torch.frombuffer(arr, dtype=torch.uint8)
 
 
 _LOCAL = threading.local()
