@@ -28,7 +28,7 @@ from .allocation import Curve, Point, allocate
 from .allocation import total as allocation_total
 from .autoselect import check_metric, error_from_sums, model_candidates, relative_error
 from .codecs import EncodeInput, get_codec, matrix_view_shape
-from .codecs.base import ROW_BLOCK, diff_into
+from .codecs.base import diff_into, row_blocks
 from .codecs.rowsparse import row_sums, streams_rows
 from .codecs.raw import xor_into
 from .codecs._svd import OVERSAMPLE as SVD_OVERSAMPLE
@@ -68,7 +68,7 @@ from .format.spec import (
     dtype_name,
 )
 from .policy import AUTO, Policy, check_preset, is_vocabulary_matrix
-from .ties import TieFinder, sample_of_bytes, sample_step
+from .ties import TieFinder, sample_step
 from .utils.logging import get_logger
 from .utils.gc_pause import paused_gc
 from .utils.scratch import BufferPool, ThreadScratch, release_free_heap
@@ -563,56 +563,73 @@ def _stream_kind(job: _Job, name: str, info: Any, base_ckpt: Checkpoint) -> str 
 DELTA_CHUNK = 1 << 17
 
 
-def _base_chunks(base_ckpt: Checkpoint, name: str, digest: str | None, cache: CheckpointDigests | None,
-                 found: list[str]) -> Any:
+class _Streamed:
+    """What compress learns of one tensor while reading its bytes a chunk at a time (:meth:`add`, in order): whether
+    the fine-tune's bits equal the base's, the base's digest (hashed on the way unless given or cached) and, with
+    ``sample``, the fine-tune's tie sample (the strided sample :class:`~deltahub.ties.TieFinder` keys a tensor by)."""
+
+    def __init__(self, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
+                 cache: CheckpointDigests | None, sample: bool) -> None:
+        info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
+        if digest is None and cache is not None:
+            digest = cache.get(name)
+        self.name, self.digest, self.cache = name, digest, cache
+        self.same = info.dtype == binfo.dtype
+        self._hash = _io.tensor_hasher() if digest is None else None
+        self._step = sample_step(info.nbytes) if sample else 0
+        self._parts: list[bytes] = []
+
+    def add(self, f: torch.Tensor, offset: int, b: torch.Tensor) -> None:
+        """The next chunk: the fine-tune's bytes ``f`` from byte ``offset`` and the base's bytes ``b`` of the same
+        elements."""
+        if self._hash is not None:
+            self._hash.update(memoryview(b.numpy()))
+        if self._step:  # the bytes whose offsets are multiples of the step
+            self._parts.append(f.numpy()[-offset % self._step::self._step].tobytes())
+        self.same = self.same and bool(torch.equal(f, b))
+
+    def finish(self) -> tuple[str, bytes | None]:
+        """``(base digest, tie sample or None)`` after the last chunk (a computed digest goes into the cache)."""
+        if self._hash is not None:
+            self.digest = self._hash.hexdigest()
+            if self.cache is not None:
+                self.cache.put(self.name, self.digest)
+        assert self.digest is not None
+        return self.digest, (b"".join(self._parts) if self._step else None)
+
+
+def _base_chunks(base_ckpt: Checkpoint, name: str) -> Any:
     """``(i0, i1, bytes)`` of the base tensor ``name`` a chunk of :data:`DELTA_CHUNK` elements at a time (one
-    reused buffer), hashed on the way unless ``digest`` or ``cache`` knows it; after the last chunk ``found``
-    holds the digest (and ``cache`` a computed one)."""
+    reused buffer)."""
     binfo = base_ckpt.info(name)
     n, bs = math.prod(binfo.shape), binfo.dtype.itemsize
-    if digest is None and cache is not None:
-        digest = cache.get(name)
-    h = _io.tensor_hasher() if digest is None else None
     chunk = torch.empty(min(n, DELTA_CHUNK) * bs, dtype=torch.uint8)
     for i0 in range(0, n, DELTA_CHUNK):
         i1 = min(n, i0 + DELTA_CHUNK)
-        b = base_ckpt.read_span(name, i0 * bs, chunk[:(i1 - i0) * bs])
-        if h is not None:
-            h.update(memoryview(b.numpy()))
-        yield i0, i1, b
-    if h is not None:
-        digest = h.hexdigest()
-        if cache is not None:
-            cache.put(name, digest)
-    assert digest is not None
-    found.append(digest)
+        yield i0, i1, base_ckpt.read_span(name, i0 * bs, chunk[:(i1 - i0) * bs])
 
 
 def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
                 cache: CheckpointDigests | None, buf: torch.Tensor | None,
                 sample: bool = False) -> tuple[torch.Tensor | None, str, bytes | None]:
-    """``(float32(fine-tune) - float32(base), base digest)`` of one tensor, without either tensor whole in memory
-    beside the delta: the fine-tune is read into the upper part of the delta's buffer (``buf``, at least 4 bytes per
-    element, else a fresh one) and overwritten by the delta a chunk at a time while the base is read a chunk at a
-    time (:func:`_base_chunks`). The delta is None when the two tensors have the same bits (unchanged). With
-    ``sample``, also the fine-tune's tie sample (:func:`~deltahub.ties.sample_of_bytes`, taken before its bytes
-    are overwritten), else None."""
+    """``(float32(fine-tune) - float32(base), base digest, tie sample)`` of one tensor (:class:`_Streamed`), without
+    either tensor whole in memory beside the delta: the fine-tune is read into the upper part of the delta's buffer
+    (``buf``, at least 4 bytes per element, else a fresh one) and overwritten by the delta a chunk at a time while
+    the base is read a chunk at a time. The delta is None when the two tensors have the same bits (unchanged)."""
     info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
     n, fs = math.prod(info.shape), info.dtype.itemsize
     raw = buf.view(-1)[:4 * n] if buf is not None and buf.numel() >= 4 * n else torch.empty(4 * n, dtype=torch.uint8)
     at = (4 - fs) * n  # where the fine-tune's bytes sit: every chunk's delta lands at or below its own bytes
     ft_ckpt.read_span(name, 0, raw[at:])
-    tie_sample = sample_of_bytes(raw[at:]) if sample else None
-    same = info.dtype == binfo.dtype
+    seen = _Streamed(ft_ckpt, base_ckpt, name, digest, cache, sample)
     delta = raw.view(torch.float32)
-    found: list[str] = []
-    for i0, i1, b in _base_chunks(base_ckpt, name, digest, cache, found):
+    for i0, i1, b in _base_chunks(base_ckpt, name):
         f = raw[at + i0 * fs:at + i1 * fs]
-        same = same and bool(torch.equal(f, b))
+        seen.add(f, i0 * fs, b)  # before any delta lands on these bytes
         if 4 * i1 > at + i0 * fs:  # this chunk's delta overwrites its own fine-tune bytes: diff from a copy
             f = f.clone()
         diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
-    return (None if same else delta.view(info.shape)), found[0], tie_sample
+    return (None if seen.same else delta.view(info.shape)), *seen.finish()
 
 
 def _read_xor(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,
@@ -625,18 +642,13 @@ def _read_xor(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str
     info = ft_ckpt.info(name)
     n, its = math.prod(info.shape), info.dtype.itemsize
     out = buf.view(-1)[:n * its] if buf is not None and buf.numel() >= n * its else torch.empty(n * its, dtype=torch.uint8)
-    step = sample_step(n * its)
-    parts: list[bytes] = []
-    same = True
+    seen = _Streamed(ft_ckpt, base_ckpt, name, digest, cache, sample)
     fchunk = torch.empty(min(n, DELTA_CHUNK) * its, dtype=torch.uint8)
-    found: list[str] = []
-    for i0, i1, b in _base_chunks(base_ckpt, name, digest, cache, found):
+    for i0, i1, b in _base_chunks(base_ckpt, name):
         f = ft_ckpt.read_span(name, i0 * its, fchunk[:(i1 - i0) * its])
-        if sample:  # the bytes whose offsets are multiples of the step: sample_of_bytes of the whole tensor
-            parts.append(f.numpy()[-(i0 * its) % step::step].tobytes())
-        same = same and bool(torch.equal(f, b))
+        seen.add(f, i0 * its, b)
         xor_into(f, b, out, i0, n, its, shuffle)
-    return (None if same else out), found[0], (b"".join(parts) if sample else None)
+    return (None if seen.same else out), *seen.finish()
 
 
 #: A ``rowsparse`` delta of at least these float32 bytes is never held whole by compress's final pass (a large
@@ -681,33 +693,15 @@ class _DeltaRows:
 def _row_pass(rows_of: _DeltaRows, digest: str | None, cache: CheckpointDigests | None,
               sample: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], bool, str, bytes | None]:
     """One pass over a tensor's rows (:class:`_DeltaRows`): ``((sum d^2, sum |d|) per row, same bits?, base digest,
-    tie sample or None)``, the base hashed on the way unless ``digest`` or ``cache`` knows it (as
-    :func:`_read_delta`)."""
-    rows, cols, name = rows_of.rows, rows_of.cols, rows_of.name
-    if digest is None and cache is not None:
-        digest = cache.get(name)
-    h = _io.tensor_hasher() if digest is None else None
-    fs = rows_of.dtype.itemsize
-    step_s = sample_step(rows * cols * fs)
-    parts: list[bytes] = []
-    same = rows_of.dtype == rows_of.bdtype
+    tie sample or None)`` (:class:`_Streamed`)."""
+    rows, cols = rows_of.rows, rows_of.cols
+    seen = _Streamed(rows_of.ft, rows_of.base, rows_of.name, digest, cache, sample)
     sq, ab = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-    step = max(1, ROW_BLOCK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    for r0, r1 in row_blocks(rows, cols):
         f, b = rows_of.raw(r0, r1)
-        if h is not None:
-            h.update(memoryview(b.numpy()))
-        if sample:
-            parts.append(f.numpy()[-(r0 * cols * fs) % step_s::step_s].tobytes())
-        same = same and bool(torch.equal(f, b))
+        seen.add(f, r0 * cols * rows_of.dtype.itemsize, b)
         sq[r0:r1], ab[r0:r1] = row_sums(rows_of.diff(f, b))
-    if h is not None:
-        digest = h.hexdigest()
-        if cache is not None:
-            cache.put(name, digest)
-    assert digest is not None
-    return (sq, ab), same, digest, (b"".join(parts) if sample else None)
+    return (sq, ab), seen.same, *seen.finish()
 
 
 def _select_codec(job: _Job, name: str, info: Any, ft_t: torch.Tensor, base_t: torch.Tensor | None, *,

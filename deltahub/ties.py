@@ -32,12 +32,7 @@ MAX_CANDIDATES = 4
 
 def _sample_bytes(t: torch.Tensor) -> bytes:
     """An evenly strided sample of ``t``'s bytes (at most ~:data:`SAMPLE_BYTES` of them)."""
-    return sample_of_bytes(tensor_bytes(t))
-
-
-def sample_of_bytes(raw_t: torch.Tensor) -> bytes:
-    """:func:`_sample_bytes` of a tensor given as its flat ``uint8`` bytes (a caller holding only the bytes)."""
-    raw = raw_t.numpy()
+    raw = tensor_bytes(t).numpy()
     step = sample_step(raw.size)
     # numpy's strided copy: one thread (a torch copy of this size would start torch's intra-op threads from the
     # calling thread, which costs more than the copy while compress's workers hold the cores)

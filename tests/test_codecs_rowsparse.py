@@ -312,8 +312,7 @@ def test_encode_from_delta_rows_has_the_bytes_of_the_whole_delta(params: dict[st
     import deltahub.codecs.base as cbase
     import deltahub.codecs.rowsparse as rs
 
-    monkeypatch.setattr(rs, "ROW_BLOCK", 7 * 64)  # blocks of 7 rows: the last one short
-    monkeypatch.setattr(cbase, "ROW_BLOCK", 5 * 64)
+    monkeypatch.setattr(cbase, "ROW_BLOCK", 7 * 64)  # blocks of 7 rows: the last one short
     g = torch.Generator().manual_seed(2)
     base = torch.randn(53, 64, generator=g).to(torch.bfloat16)
     ft = (base.float() + torch.randn(53, 64, generator=g) * torch.rand(53, 1, generator=g) * 1e-2).to(torch.bfloat16)

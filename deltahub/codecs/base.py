@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,6 +50,14 @@ SUMSQ_BLOCK = 1 << 20
 ROW_BLOCK = 1 << 20
 
 
+def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """``(r0, r1)``: the blocks of whole rows, about :data:`ROW_BLOCK` elements each, that a ``[rows, cols]`` delta
+    is handled in when it is not held whole."""
+    step = max(1, ROW_BLOCK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
 @dataclass
 class EncodeInput:
     """What a codec sees of one tensor: the base and fine-tuned tensors in their own dtypes."""
@@ -84,9 +92,8 @@ class EncodeInput:
         if self._delta is None and self._delta_rows is not None:
             rows, cols = matrix_view_shape(self.finetuned.shape)
             out = torch.empty(rows, cols, dtype=torch.float32)
-            step = max(1, ROW_BLOCK // max(cols, 1))
-            for r0 in range(0, rows, step):
-                out[r0:r0 + step] = self._delta_rows(r0, min(rows, r0 + step))
+            for r0, r1 in row_blocks(rows, cols):
+                out[r0:r1] = self._delta_rows(r0, r1)
             self._delta = out.view(self.finetuned.shape)
         if self._delta is None:
             ft, base = self.finetuned, self.base

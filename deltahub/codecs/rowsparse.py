@@ -31,8 +31,8 @@ from ._bits import pack_signs, packed_cols
 from ._masks import MASK_ENCODINGS, bitmap_nbytes, decode_mask, encode_mask
 from .bitdelta import sign_add_
 from ._quant import load_packed, load_stream, packed_nbytes, store_stream, stored_bytes, unpack_codes
-from .base import (MAX_NUMEL, ROW_BLOCK, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
-                   param_choice, param_float, param_int)
+from .base import (MAX_NUMEL, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
+                   param_choice, param_float, param_int, row_blocks)
 from ..errors import CodecError, InvalidCodecParamsError
 
 BITS = (1, 2, 3, 4, 8)
@@ -120,12 +120,12 @@ def _kept_signs(rows_of: Callable[[int, int], torch.Tensor], rows: int, cols: in
     delta's rows ``rows_of(r0, r1)``: packed a block of rows at a time, so only the kept rows' bits are ever held
     whole."""
     out = torch.empty(k, cols // 8, dtype=torch.uint8)
-    step, j = max(1, ROW_BLOCK // max(cols, 1)), 0
-    for r0 in range(0, rows, step):
-        sel = keep[r0:r0 + step]
+    j = 0
+    for r0, r1 in row_blocks(rows, cols):
+        sel = keep[r0:r1]
         m = int(sel.sum())
         if m:
-            out[j:j + m] = pack_signs(rows_of(r0, min(rows, r0 + step)))[sel]
+            out[j:j + m] = pack_signs(rows_of(r0, r1))[sel]
             j += m
     return out.reshape(-1)
 
@@ -133,9 +133,7 @@ def _kept_signs(rows_of: Callable[[int, int], torch.Tensor], rows: int, cols: in
 def row_sums_of(rows_of: Callable[[int, int], torch.Tensor], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`row_sums` of a delta given a block of rows at a time (``rows_of(r0, r1)``)."""
     sq, ab = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-    step = max(1, ROW_BLOCK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    for r0, r1 in row_blocks(rows, cols):
         sq[r0:r1], ab[r0:r1] = row_sums(rows_of(r0, r1))
     return sq, ab
 
