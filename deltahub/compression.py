@@ -626,8 +626,8 @@ def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: s
     for i0, i1, b in _base_chunks(base_ckpt, name):
         f = raw[at + i0 * fs:at + i1 * fs]
         seen.add(f, i0 * fs, b)  # before any delta lands on these bytes
-        if 4 * i1 > at + i0 * fs:  # this chunk's delta overwrites its own fine-tune bytes: diff from a copy
-            f = f.clone()
+        if 4 * i1 > at + i0 * fs and at:  # the delta overlaps its own fine-tune bytes, shifted: diff from a copy
+            f = f.clone()  # (a float32 fine-tune's chunk is its delta's very bytes: elementwise in place is exact)
         diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
     return (None if seen.same else delta.view(info.shape)), *seen.finish()
 
@@ -1079,7 +1079,7 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
         fixed = sum(t.numel() * t.element_size() for r, t in enc.tensors.items() if r in c.fixed_size_roles)
         nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label)
         distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
-        curve.points.append(Point(cname, p, nbytes, distortion, err, label, metric,
+        curve.points.append(Point(cname, c.measured_params(p, enc), nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
     return curve
 

@@ -341,3 +341,32 @@ def test_large_zstd_frames_are_tensors_over_their_own_bytes() -> None:
     assert t.numel() >= zs.ZERO_COPY_MIN and t.dtype == torch.uint8
     assert zs.decompress_frame(t.numpy(), what="t", size=len(data)) == data
     assert zs.decompress_frame(small.numpy(), what="s", size=300) == b"abc" * 100
+
+
+def test_auto_keeps_the_group_size_deltadq_chose_on_the_measured_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tall matrix measured on a row sample is encoded with the group size ``group_size="auto"`` chose on that
+    sample (what was measured is what is written), and the search does not run again on the whole matrix."""
+    from deltahub.codecs import deltadq
+
+    base, ft = _tall_pair(tmp_path / "pair")
+    calls: list[tuple[int, int]] = []
+    orig = deltadq.choose_group_size
+
+    def choose(d2d, p, calibration, memo=None):  # type: ignore[no-untyped-def]
+        g = orig(d2d, p, calibration, memo)
+        calls.append((d2d.shape[0], g))
+        return g
+
+    monkeypatch.setattr(deltadq, "choose_group_size", choose)
+    m = compress(base, ft, tmp_path / "d", codec="auto", candidates=[("deltadq", {"preset": "16x"})],
+                 max_bytes=10**6, progress=False)
+    tall = [n for n in m.tensors if n.endswith("down_proj.weight")]
+    assert calls and all(rows < 4096 for rows, _ in calls)  # only samples were searched
+    assert {m.tensors[n].params["group_size"] for n in tall} <= {g for _, g in calls}
+    assert all(m.tensors[n].codec == "deltadq" for n in tall)
+    out = apply_delta(tmp_path / "d", base, tmp_path / "out", progress=False)
+    rebuilt = load_file(next(Path(out).glob("*.safetensors")))
+    want = load_file(ft)
+    for n in tall:  # dropout keeping 1 in 4, rescaled x4: E||D_hat - D||^2 = p / (1 - p) ||D||^2 = 3 ||D||^2 (+ 4-bit codes)
+        err = (rebuilt[n] - want[n]).norm() / (load_file(base)[n] - want[n]).norm()
+        assert 3 ** 0.5 * 0.9 < err < 3 ** 0.5 * 1.1, n

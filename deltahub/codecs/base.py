@@ -251,6 +251,12 @@ class Codec(ABC):
         else:
             target.copy_((target.to(torch.float32) + self.decode_delta(stored, params, shape)).to(target.dtype))
 
+    def measured_params(self, params: dict[str, Any], sample: Encoded) -> dict[str, Any]:
+        """The params to encode a whole tensor with once ``params`` were measured on a row sample of it, giving
+        ``sample``: choices the codec made from the data (DeltaDQ's ``group_size="auto"``) are kept, so the tensor
+        is coded as it was measured and the choice is not made again on all of it. The default: ``params``."""
+        return params
+
     def svd_rank(self, params: Mapping[str, Any]) -> int:
         """Singular triplets :meth:`encode` takes from the delta's SVD (validated params; 0: no SVD), so a
         caller measuring several low-rank settings of one tensor can factorise it once, at the largest."""

@@ -363,6 +363,12 @@ class DeltaDQ(Codec):
             raise InvalidCodecParamsError(f"codec 'deltadq': entropy={m['entropy']!r} is not 'zstd' or 'none'")
         return m
 
+    def measured_params(self, params: dict[str, Any], sample: Encoded) -> dict[str, Any]:
+        """``group_size="auto"`` becomes the group size the sample chose (its columns are the tensor's)."""
+        if params["group_size"] == "auto":
+            return {**params, "group_size": sample.params["group_size"]}
+        return params
+
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         delta = inp.delta
         nat = native() if delta.dtype == torch.float32 else None
