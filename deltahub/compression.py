@@ -47,6 +47,7 @@ from .format import io as _io
 from .format.integrity import file_digest, is_weights_file, manifest_bytes
 from .format.io import (
     Checkpoint,
+    MappedBytes,
     atomic_directory,
     atomic_file,
     bytes_to_tensor,
@@ -619,6 +620,11 @@ def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: s
     info, binfo = ft_ckpt.info(name), base_ckpt.info(name)
     n, fs = math.prod(info.shape), info.dtype.itemsize
     raw = buf.view(-1)[:4 * n] if buf is not None and buf.numel() >= 4 * n else torch.empty(4 * n, dtype=torch.uint8)
+    if MAPPED_READS:
+        with ft_ckpt.mapped(name) as fm, base_ckpt.mapped(name) as bm:
+            if fm is not None and bm is not None:
+                return _mapped_delta(fm, bm, info, binfo, raw.view(torch.float32),
+                                     _Streamed(ft_ckpt, base_ckpt, name, digest, cache, sample))
     at = (4 - fs) * n  # where the fine-tune's bytes sit: every chunk's delta lands at or below its own bytes
     ft_ckpt.read_span(name, 0, raw[at:])
     seen = _Streamed(ft_ckpt, base_ckpt, name, digest, cache, sample)
@@ -630,6 +636,26 @@ def _read_delta(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: s
             f = f.clone()  # (a float32 fine-tune's chunk is its delta's very bytes: elementwise in place is exact)
         diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
     return (None if seen.same else delta.view(info.shape)), *seen.finish()
+
+
+#: compress reads the fine-tune and the base from mappings of their files where it can (no copy into a buffer).
+MAPPED_READS = True
+#: Elements per step of a mapped read (the pages of each step are dropped from the process once used).
+MAPPED_CHUNK = 1 << 20
+
+
+def _mapped_delta(fm: MappedBytes, bm: MappedBytes, info: Any, binfo: Any, delta: torch.Tensor,
+                  seen: _Streamed) -> tuple[torch.Tensor | None, str, bytes | None]:
+    """:func:`_read_delta` from the files' mappings: each step's delta computed from the page cache's pages."""
+    n, fs, bs = math.prod(info.shape), info.dtype.itemsize, binfo.dtype.itemsize
+    for i0 in range(0, n, MAPPED_CHUNK):
+        i1 = min(n, i0 + MAPPED_CHUNK)
+        f, b = fm.span(i0 * fs, (i1 - i0) * fs), bm.span(i0 * bs, (i1 - i0) * bs)
+        seen.add(f, i0 * fs, b)
+        diff_into(f.view(info.dtype), b.view(binfo.dtype), delta[i0:i1])
+        fm.done(i0 * fs, (i1 - i0) * fs)
+        bm.done(i0 * bs, (i1 - i0) * bs)
+    return (None if seen.same else delta[:n].view(info.shape)), *seen.finish()
 
 
 def _read_xor(ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name: str, digest: str | None,

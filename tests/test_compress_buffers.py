@@ -189,8 +189,9 @@ def test_measure_pass_reads_only_sampled_rows_of_tall_tensors(kind: str, tmp_pat
                                                  (torch.float32, torch.float16)])
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 17])
 @pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("mapped", [False, True])
 def test_streamed_delta_has_the_bits_of_the_whole_one(ft_dtype: torch.dtype, base_dtype: torch.dtype, chunk: int,
-                                                      reuse: bool, tmp_path: Path,
+                                                      reuse: bool, mapped: bool, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """compress's final pass reads a delta-only codec's input as ``ft - base`` straight from the files, in chunks
     and in place: the same bits as the delta of the whole tensors, the base's sha256 computed on the way (or taken
@@ -200,6 +201,8 @@ def test_streamed_delta_has_the_bits_of_the_whole_one(ft_dtype: torch.dtype, bas
     from deltahub.ties import _sample_bytes
 
     monkeypatch.setattr(comp, "DELTA_CHUNK", chunk)
+    monkeypatch.setattr(comp, "MAPPED_CHUNK", chunk)
+    monkeypatch.setattr(comp, "MAPPED_READS", mapped)
     g = torch.Generator().manual_seed(3)
     base = {"w": (torch.randn(53, 31, generator=g) * 0.02).to(base_dtype)}
     base["w"].view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")]).to(base_dtype)
@@ -370,3 +373,72 @@ def test_auto_keeps_the_group_size_deltadq_chose_on_the_measured_rows(tmp_path: 
     for n in tall:  # dropout keeping 1 in 4, rescaled x4: E||D_hat - D||^2 = p / (1 - p) ||D||^2 = 3 ||D||^2 (+ 4-bit codes)
         err = (rebuilt[n] - want[n]).norm() / (load_file(base)[n] - want[n]).norm()
         assert 3 ** 0.5 * 0.9 < err < 3 ** 0.5 * 1.1, n
+
+
+def _misaligned_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A valid safetensors file whose data starts at an odd offset (the header is not padded): no tensor's bytes
+    are aligned to its element size."""
+    import json
+    import struct
+
+    from deltahub.format.io import tensor_bytes
+
+    header: dict[str, object] = {}
+    blobs, at = [], 0
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    for k, v in tensors.items():
+        b = tensor_bytes(v.contiguous()).numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [at, at + len(b)]}
+        blobs.append(b)
+        at += len(b)
+    h = json.dumps(header).encode()
+    if (8 + len(h)) % 2 == 0:
+        h += b" "
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mapped_reads_are_used_where_aligned_and_give_the_bytes_of_plain_reads(dtype: torch.dtype, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """compress reads the delta from mappings of both files (no copy) when the tensors' bytes are aligned, and falls
+    back to reads when they are not (a valid file with an unpadded header): either way the delta's files are
+    byte-identical to those of plain reads."""
+    import deltahub.compression as comp
+
+    g = torch.Generator().manual_seed(11)
+    base = {f"model.layers.{i}.mlp.down_proj.weight": (torch.randn(80, 48, generator=g) * 0.02).to(dtype)
+            for i in range(2)}
+    ft = {k: (v.float() + torch.randn(80, 48, generator=g) * 1e-3).to(dtype) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(ft, tmp_path / "ft.safetensors")
+    _misaligned_safetensors(tmp_path / "odd-ft.safetensors", ft)
+    mapped: list[str] = []
+    orig = comp._mapped_delta
+    monkeypatch.setattr(comp, "_mapped_delta", lambda *a: mapped.append("x") or orig(*a))
+    monkeypatch.setattr(comp, "MAPPED_CHUNK", 1000)  # several steps per tensor, pages dropped between them
+    outs = {}
+    for tag, ft_file, on in [("mapped", "ft", True), ("odd", "odd-ft", True), ("read", "ft", False)]:
+        monkeypatch.setattr(comp, "MAPPED_READS", on)
+        mapped.clear()
+        compress(tmp_path / "base.safetensors", tmp_path / f"{ft_file}.safetensors", tmp_path / tag,
+                 codec="bitdelta", progress=False)
+        outs[tag] = {p.name: p.read_bytes() for p in (tmp_path / tag).iterdir() if p.suffix == ".safetensors"}
+        assert bool(mapped) == (tag == "mapped"), tag
+    assert outs["mapped"] == outs["read"]
+    assert outs["odd"] == outs["read"]
+
+
+def test_mapped_bytes_checks_spans_and_outlives_a_view(tmp_path: Path) -> None:
+    from deltahub.format.io import SafetensorsFile
+
+    t = torch.arange(5000, dtype=torch.float32)
+    save_file({"t": t}, tmp_path / "a.safetensors")
+    with SafetensorsFile(tmp_path / "a.safetensors") as f, f.mapped("t") as m:
+        assert m is not None and m.nbytes == 20000
+        assert torch.equal(m.span(400, 40).view(torch.float32), t[100:110])
+        with pytest.raises(ValueError):
+            m.span(19990, 20)
+        m.done(0, 12000)  # dropped pages read back from the file
+        assert torch.equal(m.span(0, 20000).view(torch.float32), t)
+        kept = m.span(0, 8)
+    assert torch.equal(kept.view(torch.float32), t[:2])  # a view alive at exit keeps the mapping

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+import numpy as np
 import torch
 
 from ..errors import CorruptFileError, DeltaHubError, MissingFileError, OutputExistsError, OutputWriteError, UnsafeOutputError, UnsafePathError
@@ -201,6 +203,29 @@ class SafetensorsFile:
             i = j
         return buf.view(info.dtype).reshape(len(rows), cols) if buf.numel() else torch.empty(len(rows), cols, dtype=info.dtype)
 
+    @contextlib.contextmanager
+    def mapped(self, name: str) -> Iterator[MappedBytes | None]:
+        """The tensor's bytes mapped from the file (no copy: the page cache's own pages), as :class:`MappedBytes`;
+        None where files cannot be mapped or the tensor's bytes are not aligned to its element size (the caller reads
+        instead). Unmapped on exit: views of it must not
+        outlive the block."""
+        info = self.tensors[name]
+        if not info.nbytes or info.start % info.dtype.itemsize or not hasattr(mmap, "MADV_DONTNEED"):
+            yield None
+            return
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), info.start + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        except (OSError, ValueError, OverflowError):
+            yield None
+            return
+        m = MappedBytes(mm, info.start - start, info.nbytes)
+        try:
+            yield m
+        finally:
+            m.close()
+
     def _read_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; the bytes read (fewer only at the end of the file)."""
         with self._lock:
@@ -242,6 +267,35 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class MappedBytes:
+    """One tensor's bytes in a private read-only use mapping of its file (:meth:`SafetensorsFile.mapped`): :meth:`span`
+    views them as a uint8 tensor, :meth:`done` drops the pages of a span already used from the process (they stay in
+    the page cache), so a pass over a large tensor holds only the span in hand."""
+
+    def __init__(self, mm: mmap.mmap, lead: int, nbytes: int) -> None:
+        self._mm, self._lead, self.nbytes = mm, lead, nbytes
+        self._arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=lead)  # writable (copy-on-write): no warning
+
+    def span(self, offset: int, n: int) -> torch.Tensor:
+        """Bytes ``[offset, offset + n)`` of the tensor (a view of the mapping)."""
+        if not 0 <= offset <= offset + n <= self.nbytes:
+            raise ValueError(f"bytes {offset}..{offset + n} outside the tensor's {self.nbytes}")
+        return torch.from_numpy(self._arr[offset:offset + n])
+
+    def done(self, offset: int, n: int) -> None:
+        """Bytes ``[offset, offset + n)`` will not be read again: unmap the whole pages inside them from this process."""
+        a = self._lead + offset
+        lo = -(-a // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (a + n) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        self._arr = None  # type: ignore[assignment]
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped when the last one goes
+            self._mm.close()
 
 
 def bytes_to_tensor(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -491,6 +545,9 @@ class Checkpoint:
 
     def read_span(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
         return self._index[name].read_span(name, offset, out)
+
+    def mapped(self, name: str) -> contextlib.AbstractContextManager[MappedBytes | None]:
+        return self._index[name].mapped(name)
 
     def config(self) -> dict[str, Any] | None:
         """The directory's ``config.json`` as a dict, or None when there is none."""
