@@ -11,6 +11,7 @@ tensors not yet written; the base fingerprint is computed from the same reads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1193,14 +1194,28 @@ _PLACEHOLDER_FLOAT = 0.12345678901234567
 
 
 def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str) -> int:
-    """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header entries."""
+    """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header
+    entries. The entry without its params and byte count is sized once per tensor, codec and stored roles (every
+    candidate of a tensor differs only there); the params' indented size and the count's digits are added."""
+    fixed = _entry_template_size(name, codec, tuple(shape), dtype, label, tuple((r, t.dim()) for r, t in enc.tensors.items()))
+    params = enc.params
+    if not params:
+        return fixed + len(str(enc.nbytes)) - 1
+    extra, lines = _indentation(params, 2)  # the params object sits two levels down: {name: {"params": {...}}}
+    return fixed + len(json.dumps(params, separators=(",", ": "))) - 2 + extra + 4 * lines + len(str(enc.nbytes)) - 1
+
+
+@functools.lru_cache(maxsize=8192)
+def _entry_template_size(name: str, codec: str, shape: tuple[int, ...], dtype: torch.dtype, label: str,
+                         roles: tuple[tuple[str, int], ...]) -> int:
+    """:func:`_entry_overhead` of an entry with empty params and a one-digit byte count."""
     stats = {"delta_l2": _PLACEHOLDER_FLOAT, "error_l2": _PLACEHOLDER_FLOAT}
     if label:
         stats.update(auto_choice=label, auto_metric="aligned_output", auto_error=_PLACEHOLDER_FLOAT)
-    entry = TensorEntry(codec=codec, shape=list(shape), dtype=dtype_name(dtype), params=enc.params,
-                        stored={r: f"{name}.{r}" for r in enc.tensors}, stored_bytes=enc.nbytes, base_sha256="0" * 64,
-                        stats=stats, digests=dict.fromkeys(enc.tensors, _PLACEHOLDER_DIGEST))
-    header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * t.dim() for r, t in enc.tensors.items())
+    entry = TensorEntry(codec=codec, shape=list(shape), dtype=dtype_name(dtype), params={},
+                        stored={r: f"{name}.{r}" for r, _ in roles}, stored_bytes=0, base_sha256="0" * 64,
+                        stats=stats, digests=dict.fromkeys((r for r, _ in roles), _PLACEHOLDER_DIGEST))
+    header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * dim for r, dim in roles)
     return _manifest_json_size({name: entry.to_dict()}) + header
 
 

@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from deltahub.allocation import Curve, Point, allocate, total
 from deltahub.errors import CodecError
@@ -84,3 +85,36 @@ def test_manifest_json_size_is_the_indented_dumps_size() -> None:
         obj = {"model.layers.0.w": value()}
         text = json.dumps(obj, indent=2)
         assert _manifest_json_size(obj) == len(text) + 4 * text.count("\n")
+
+
+@pytest.mark.parametrize("codec,params", [("deltadq", {"preset": "16x"}), ("deltadq", {"p": 0.5, "bits": 4, "parts": 2}),
+                                          ("bitdelta", {"granularity": "row"}), ("raw", {}), ("rowsparse", {"preset": "32x"}),
+                                          ("lowrank", {"rank": 4}), ("unchanged", {})])
+@pytest.mark.parametrize("label", ["", "deltadq:preset=16x"])
+def test_entry_overhead_is_the_written_entry_size(codec: str, params: dict, label: str) -> None:
+    """A candidate's manifest and header bytes, sized from a per-tensor template plus its params, equal those of
+    the whole entry written out (json indent 2, nested two levels) for every codec's params and byte counts."""
+    import json
+    from types import SimpleNamespace
+
+    from deltahub.codecs import EncodeInput, get_codec
+    from deltahub.compression import _PLACEHOLDER_DIGEST, _PLACEHOLDER_FLOAT, _entry_overhead
+    from deltahub.format.manifest import TensorEntry
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 96, generator=g)
+    ft = base + torch.randn(64, 96, generator=g) * 1e-2 if codec != "unchanged" else base.clone()
+    c = get_codec(codec)
+    enc = c.encode(EncodeInput("model.layers.7.self_attn.q_proj.weight", ft, base), c.validate_params(params))
+    for nbytes in (enc.nbytes, 7, 12345678901):  # the count's digits vary with the size
+        enc = SimpleNamespace(tensors=enc.tensors, params=enc.params, nbytes=nbytes)
+        name = "model.layers.7.self_attn.q_proj.weight"
+        stats = {"delta_l2": _PLACEHOLDER_FLOAT, "error_l2": _PLACEHOLDER_FLOAT}
+        if label:
+            stats.update(auto_choice=label, auto_metric="aligned_output", auto_error=_PLACEHOLDER_FLOAT)
+        entry = TensorEntry(codec=codec, shape=[64, 96], dtype="float32", params=enc.params,
+                            stored={r: f"{name}.{r}" for r in enc.tensors}, stored_bytes=enc.nbytes, base_sha256="0" * 64,
+                            stats=stats, digests=dict.fromkeys(enc.tensors, _PLACEHOLDER_DIGEST))
+        text = json.dumps({name: entry.to_dict()}, indent=2)
+        header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * t.dim() for r, t in enc.tensors.items())
+        assert _entry_overhead(name, codec, enc, (64, 96), torch.float32, label) == len(text) + 4 * text.count("\n") + header

@@ -180,5 +180,9 @@ def test_bitdelta_error_stats_match_direct_measurement(granularity: str, g: int)
     inp = EncodeInput("w", ft, base)
     enc = codec.encode(inp, params)
     err = (codec.decode_delta(enc.tensors, params, (12, 23)) - inp.delta).double().norm().item()
-    assert enc.stats["delta_l2"] == pytest.approx(inp.delta.double().norm().item(), rel=1e-6)
+    assert enc.stats["delta_l2"] == pytest.approx(inp.delta.double().norm().item(), rel=1e-12)  # summed in float64
     assert enc.stats["error_l2"] == pytest.approx(err, rel=1e-4)
+    # sum((approx - delta) * delta): what lets the allocation score BitDelta without decoding it
+    approx = codec.decode_delta(enc.tensors, params, (12, 23)).double()
+    dot = ((approx - inp.delta.double()) * inp.delta.double()).sum().item()
+    assert enc.stats["error_dot"] == pytest.approx(dot, rel=1e-5)

@@ -127,11 +127,12 @@ class BitDelta(Codec):
         if not bool(torch.isfinite(scale).all()):
             raise CodecError(f"tensor {inp.name!r}: the delta has NaN or Inf values; BitDelta cannot code them")
         sign = pack_signs(d2)
-        # ||delta - s*sign||^2 = ||delta||^2 - n*s^2 per scale group (s = mean|delta| is L2-optimal).
-        d_sq = float(torch.linalg.vector_norm(d2, 2)) ** 2
+        # ||delta - s*sign||^2 = ||delta||^2 - n*s^2 per scale group (s = mean|delta| is L2-optimal), and
+        # (s*sign - delta) . delta = s*sum|delta| - ||delta||^2 = n*s^2 - ||delta||^2: the allocation scores it undecoded.
+        d_sq = inp.delta_sumsq()  # float64, once per input
         s64 = scale.to(torch.float64)
         captured = float((s64 * s64 * counts).sum())
-        stats = {"delta_l2": d_sq**0.5, "error_l2": max(d_sq - captured, 0.0) ** 0.5}
+        stats = {"delta_l2": d_sq**0.5, "error_l2": max(d_sq - captured, 0.0) ** 0.5, "error_dot": captured - d_sq}
         return Encoded({"sign": sign, "scale": scale}, dict(params), stats)
 
     def decode_delta(self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
