@@ -139,7 +139,7 @@ def publish_measure(a: argparse.Namespace, base_local: Path, ft_local: Path, wor
         res["base_bytes"] = blob_bytes(root_a) - b0
         compress_cache = work / "cache-compress"
         manifest, res["compress_s"] = timed(lambda: compress(
-            f"{BASE_REPO}", ft_local, work / "delta", params={"granularity": a.granularity}, progress=False,
+            f"{BASE_REPO}", ft_local, work / "delta", **({"codec": a.codec} if a.codec else {}), progress=False,
             cache_dir=compress_cache, endpoint=url, finetuned_name_or_path="smollm2-python (local)"))
         assert manifest.base.revision == base_commit.oid, "base sha not recorded"
         api.create_repo(DELTA_REPO)
@@ -182,7 +182,7 @@ def publish_lines(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
 
     ratio = res["fp16_bytes"] / res["delta_bytes"]
     rows_bytes = [
-        ("fine-tune as a **delta** (BitDelta " + a.granularity + " + exact embeddings/norms, tokenizer files, model card)",
+        ("fine-tune as a **delta** (" + (f"`--codec {a.codec}`" if a.codec else "default whole-model policy") + "; tokenizer files, model card)",
          res["delta_files"], res["delta_commit_bytes"], res["delta_bytes"], res["push_delta_s"]),
         ("fine-tune as a **full fp16** checkpoint (weights, config, tokenizer files)",
          res["fp16_files"], res["fp16_commit_bytes"], res["fp16_bytes"], res["push_fp16_s"]),
@@ -208,7 +208,7 @@ def publish_lines(a: argparse.Namespace, res: dict[str, Any]) -> list[str]:
         f"**The delta uploads {ratio:.1f}x fewer bytes than the fp16 fine-tune** "
         f"({human_bytes(res['delta_bytes'])} vs {human_bytes(res['fp16_bytes'])}). Stored tensors by codec: "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res["by_codec"].items())
-        + " (`raw` = the exact embeddings / norms, xor + zstd; see `benchmarks/README.md` for other policies).",
+        + " (`raw` = exact tensors, xor + zstd; see `benchmarks/README.md` for other policies).",
         "",
         "| operation (loopback, no bandwidth limit) | wall time |",
         "|---|---:|",
@@ -367,7 +367,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="fine-tune steps of the real pair")
     ap.add_argument("--cache-dir", type=Path, default=None, help="demo cache (default ~/.cache/deltahub/demo)")
-    ap.add_argument("--granularity", default="row", help="BitDelta scale granularity (publish section)")
+    ap.add_argument("--codec", default=None, help="publish section: compress with this codec (default: the default policy)")
     ap.add_argument("--bandwidth", type=float, default=125.0, help="headline link, MB/s (125 = 1 Gbit/s)")
     ap.add_argument("--sweep", type=lambda s: [None if v in ("inf", "none") else float(v) for v in s.split(",") if v],
                     default=[15.0, 30.0, 60.0, 250.0, None], help="more links for the crossover fit, MB/s ('inf' = unlimited)")
@@ -388,7 +388,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deltahub-bench-hub-"))
     try:
         publish = (old_publish.rstrip("\n") if a.only == "link"
-                   else "\n".join(publish_lines(a, publish_measure(a, base_local, ft_local, work / "publish")) + footer))
+                   else "\n".join(publish_lines(a, publish_measure(a, base_local, ft_local, work / "publish")[0]) + footer))
         link_res = link_measure(a, base_local, ft_local, work / "link") if a.only != "publish" else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
