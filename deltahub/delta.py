@@ -595,6 +595,7 @@ def _nbytes(spec: tuple[str, torch.dtype, tuple[int, ...]]) -> int:
 
 
 @paused_gc()
+@paused_gc()  # reading the manifest too: its many small objects would trigger full collections over torch's
 def apply_delta(delta: str | Path, base: str | Path, output_dir: str | Path, **kwargs: Any) -> Path:
     """Rebuild the fine-tune from ``base`` + ``delta`` into ``output_dir`` (see :meth:`Delta.apply`)."""
     check_output(output_dir, inputs={"delta": delta, "base": base}, protect=kwargs.get("protect", ()),

@@ -64,6 +64,15 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 STREAM_IN = 1 << 18
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (a decompressor is not shared between threads; making one per frame allocated
+    and cleared its context for every stored stream)."""
+    d = getattr(_LOCAL, "decompressor", None)
+    if d is None:
+        d = _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 def stream_frame(blob: memoryview, *, what: str, size: int) -> Iterator[bytes]:
     """The content of a single zstd frame that declares ``size`` bytes, in pieces as it decompresses (the
     checks of :func:`decompress_frame`; a failure raises :class:`CodecError` after the pieces before it)."""
@@ -74,7 +83,7 @@ def stream_frame(blob: memoryview, *, what: str, size: int) -> Iterator[bytes]:
     if declared != size:
         raise CodecError(f"{what}: the zstd frame does not record its content size" if declared < 0
                          else f"{what}: zstd frame holds {declared} bytes, expected {size}")
-    obj = zstandard.ZstdDecompressor().decompressobj()
+    obj = zstandard.ZstdDecompressor().decompressobj()  # its own context: a suspended stream never shares one
     out = fed = 0
     try:
         for a in range(0, len(blob), STREAM_IN):
@@ -112,7 +121,7 @@ def decompress_frame(blob: bytes | memoryview, *, what: str, size: int | None = 
         raise CodecError(f"{what}: zstd frame holds {declared} bytes, expected {size}")
     if max_size is not None and declared > max_size:
         raise CodecError(f"{what}: zstd frame holds {declared} bytes, more than the {max_size} possible")
-    dec = zstandard.ZstdDecompressor()
+    dec = _decompressor()
     try:
         try:
             out = dec.decompress(blob, allow_extra_data=False)

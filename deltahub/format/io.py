@@ -403,6 +403,7 @@ def write_safetensors_parallel(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         _pwrite_all(fd, memoryview(head), 0)
+        wlock = threading.Lock()
 
         def job(i: int) -> None:
             name, dtype, shape = specs[i]
@@ -411,7 +412,8 @@ def write_safetensors_parallel(
                 raise CorruptFileError(f"tensor {name!r} is {t.dtype} {list(t.shape)}, planned as {dtype} {list(shape)}", path=path)
             b = tensor_bytes(t)
             if b.numel():
-                _pwrite_all(fd, memoryview(b.numpy()), offsets[i])
+                with wlock:
+                    _pwrite_all(fd, memoryview(b.numpy()), offsets[i])
 
         # A finished job has written its tensor and holds nothing: only running jobs (one per worker) hold
         # memory, so any number may finish ahead of the in-order progress reports (a large tensor at the
