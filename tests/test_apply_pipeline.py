@@ -118,8 +118,9 @@ def test_apply_dtype_cli_and_bad_value(pair: tuple[Path, Path, Path], tmp_path: 
 # ------------------------------------------------------------------------------------------ digest cache
 
 
-def _cache_files(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "digests").glob("*.json"))
+def _cache_files(tmp_path: Path, of: str = "model.safetensors") -> list[Path]:
+    """The digest cache files of the files named ``of`` (the base's by default; the delta's are cached too)."""
+    return sorted(p for p in (tmp_path / "digests").glob("*.json") if json.loads(p.read_text())["path"].endswith(os.sep + of))
 
 
 def test_repeated_apply_does_not_rehash_the_base(pair: tuple[Path, Path, Path], tmp_path: Path, hash_calls: list[int]) -> None:
@@ -407,3 +408,86 @@ def test_paused_gc_nests_and_restores() -> None:
         assert not gc.isenabled()  # a collector the caller had disabled stays disabled
     finally:
         gc.enable()
+
+
+@pytest.fixture
+def stored_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Stored tensors hashed to verify them (delta side), by key."""
+    import deltahub.format.delta_files as df
+
+    calls: list[str] = []
+    real = df.check_tensor
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(k["key"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(df, "check_tensor", counting)
+    return calls
+
+
+def test_a_delta_loaded_again_is_not_rehashed(pair: tuple[Path, Path, Path], tmp_path: Path, stored_hashes: list[str]) -> None:
+    """Stored tensors verified once are not hashed again while their file is unchanged (a server restart, a
+    repeated apply); the output is the same bytes."""
+    base, _, delta = pair
+    apply_delta(delta, base, tmp_path / "o1", progress=False)
+    n = len(stored_hashes)
+    assert n > 0 and len(_cache_files(tmp_path, "delta.safetensors")) == 1
+    stored_hashes.clear()
+    apply_delta(delta, base, tmp_path / "o2", progress=False)
+    assert stored_hashes == []
+    assert _files(tmp_path / "o1") == _files(tmp_path / "o2")
+    Delta(delta).close()  # opened again without reading: the cache is kept
+    apply_delta(delta, base, tmp_path / "o3", progress=False)
+    assert stored_hashes == []
+
+
+@pytest.mark.parametrize("change", ["corrupt a byte, mtime restored", "touch"])
+def test_a_changed_delta_file_is_hashed_and_refused_again(pair: tuple[Path, Path, Path], tmp_path: Path,
+                                                           stored_hashes: list[str], change: str) -> None:
+    """Any change to a delta file after its tensors were verified (ctime moves even when mtime is put back)
+    makes every stored tensor of it be hashed again: a corrupted byte is still an IntegrityError."""
+    from deltahub.errors import IntegrityError
+
+    base, _, delta = pair
+    apply_delta(delta, base, tmp_path / "o1", progress=False)
+    f = delta / "delta.safetensors"
+    st = os.stat(f)
+    if change == "touch":
+        os.utime(f)
+    else:
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0x01  # the last stored tensor's last byte
+        f.write_bytes(bytes(data))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stored_hashes.clear()
+    if change == "touch":
+        apply_delta(delta, base, tmp_path / "o2", progress=False)
+        assert len(stored_hashes) > 0
+    else:
+        with pytest.raises(IntegrityError, match="does not match its digest"):
+            apply_delta(delta, base, tmp_path / "o2", progress=False)
+        assert not (tmp_path / "o2").exists()
+
+
+def test_a_delta_file_changing_while_read_is_hashed(pair: tuple[Path, Path, Path], tmp_path: Path,
+                                                    stored_hashes: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is re-checked after each stored tensor is read: a change after the cache was loaded means the
+    bytes read may not be those that were hashed, so they are hashed."""
+    import deltahub.format.delta_files as df
+
+    base, _, delta = pair
+    apply_delta(delta, base, tmp_path / "o1", progress=False)
+    stored_hashes.clear()
+    real = df.DeltaFiles.stored
+    touched: list[int] = []
+
+    def touching(self, keys):  # type: ignore[no-untyped-def]
+        if not touched:
+            os.utime(delta / "delta.safetensors")
+            touched.append(1)
+        return real(self, keys)
+
+    monkeypatch.setattr(df.DeltaFiles, "stored", touching)
+    apply_delta(delta, base, tmp_path / "o2", progress=False)
+    assert len(stored_hashes) > 0

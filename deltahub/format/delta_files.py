@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError, ManifestError, MissingFileError, UnsafePathError
+from .digest_cache import CheckpointDigests
 from .integrity import check_file_bytes, check_tensor, tensor_digest
 from .io import SafetensorsFile, TensorInfo, bytes_to_tensor, save_tensors, shard_is_full, tensor_bytes, write_json_atomic
 from .manifest import Manifest
@@ -127,6 +128,9 @@ class DeltaFiles:
                     )
                 if role in entry.digests:
                     self._digests[key] = (name, role, entry.digests[role])
+        # Stored tensors verified before, in files unchanged since (the base's digest cache, one entry per delta
+        # file): a delta loaded again (a server restart, a repeated apply) is not hashed again.
+        self._verified = CheckpointDigests(list({id(f): f for f in self._by_key.values()}.values()))
 
     def stored(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
         """Read the stored tensors of one entry, keyed by role, each checked against its digest
@@ -138,9 +142,19 @@ class DeltaFiles:
             raw = f.read_bytes(key)
             if key in self._digests:
                 tname, trole, expected = self._digests[key]
-                check_tensor(expected, info.dtype, info.shape, memoryview(raw.numpy()), tensor=tname, key=key, role=trole, path=f.path)
+                if not self._known_good(key, expected):
+                    check_tensor(expected, info.dtype, info.shape, memoryview(raw.numpy()), tensor=tname, key=key, role=trole, path=f.path)
+                    if expected.startswith("sha256:"):
+                        self._verified.put(key, expected[7:])
             out[role] = bytes_to_tensor(raw, info.dtype, info.shape)
         return out
+
+    def _known_good(self, key: str, expected: str) -> bool:
+        """The stored tensor ``key`` was hashed to ``expected`` before (digest cache) and its file has not changed
+        since, checked after its bytes were read: they are the bytes that were hashed."""
+        if not expected.startswith("sha256:") or self._verified.get(key) != expected[7:]:
+            return False
+        return not self._verified.file_changed(key)
 
     def metadata(self) -> list[dict[str, str]]:
         """The ``__metadata__`` of every delta file."""
@@ -148,6 +162,7 @@ class DeltaFiles:
         return [f.metadata for f in seen.values()]
 
     def close(self) -> None:
+        self._verified.save()
         for f in {id(f): f for f in self._by_key.values()}.values():
             f.close()
 

@@ -186,6 +186,10 @@ class CheckpointDigests:
     def put(self, name: str, digest: str) -> None:
         self._by_name[name].put(name, digest)
 
+    def file_changed(self, name: str) -> bool:
+        """Whether the file holding ``name`` changed since the cache was read."""
+        return not self._by_name[name].unchanged()
+
     def changed_files(self) -> list[Path]:
         """Files whose identity changed since the cache was read (their bytes may not be what was hashed)."""
         return [f.path for f in self.files if not f.unchanged()]
