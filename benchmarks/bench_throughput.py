@@ -310,7 +310,7 @@ def _md(results: dict[str, Any]) -> str:
     lines = [
         "# Apply / compress throughput", "",
         f"{results['date']}, {results['machine']}; `python benchmarks/bench_throughput.py` (best of {results['repeats']} "
-        "runs on a shared machine: other jobs were running, so absolute times are noisy).", "",
+        "runs, each after `sync`; a 2-core VM, whose run-to-run spread is ~10%).", "",
         f"Yardstick: `cp` of the fine-tune's `model.safetensors` ({results['ft_mb']:.0f} MB, page cache warm): **{cp:.2f} s**. "
         f"Start-up: `import deltahub.cli` {imp['deltahub.cli']:.2f} s, `import deltahub.delta` {imp['deltahub.delta']:.2f} s "
         f"(`python -c pass`: {imp['python']:.2f} s), reported beside, not inside, the apply times.", "",
