@@ -495,3 +495,21 @@ def test_companded_init_matches_numpy(dist: str, n: int, k: int, monkeypatch: py
     cdf /= cdf[-1]
     idx = np.clip(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), 0, bins - 1)
     assert np.array_equal(a.view(np.int32), (lo + (idx + 0.5) * width).astype(np.float32).view(np.int32))
+
+
+@needs_native
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 2048, 70_001])
+def test_sort_f32_matches_numpy(n: int) -> None:
+    """The k-means fit's radix sort: numpy's order for every float32 (signs, subnormals, zeros, infinities,
+    values spanning every exponent), and only buffers of the same size."""
+    from deltahub.codecs._accel import native
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 38, n)).astype(np.float32)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 3.4e38, -3.4e38], dtype=np.float32)
+    x[: min(n, special.size)] = special[: min(n, special.size)]
+    out = np.empty_like(x)
+    native().sort_f32(x, out)
+    assert np.array_equal(out, np.sort(x))
+    with pytest.raises(ValueError):
+        native().sort_f32(x, np.empty(n + 1, dtype=np.float32))

@@ -1156,6 +1156,62 @@ done:
 /* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
  * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
  * float64 means rounded to float32, sorted). */
+/* sort_f32(values_f32, out_f32): out = values in ascending order (LSD radix sort on order-preserving uint32 keys,
+ *   three 11-bit passes; numpy's sort took ~20 ns per value here, this ~2). Values compare as floats do (-0.0 sorts
+ *   before +0.0: equal values, interchangeable for the k-means fit); NaNs sort to the ends (callers pass finite
+ *   values). */
+static inline uint32_t f32_key(uint32_t u) { return (u & 0x80000000u) ? ~u : (u ^ 0x80000000u); }
+static inline uint32_t key_f32(uint32_t k) { return (k & 0x80000000u) ? (k ^ 0x80000000u) : ~k; }
+
+static PyObject *py_sort_f32(PyObject *self, PyObject *args) {
+    Py_buffer src = {0}, dst = {0};
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
+    PyObject *ret = NULL;
+    uint32_t *tmp = NULL;
+    int ok = 0;
+    if (src.len != dst.len || src.len % sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "sort_f32: bad sizes"); goto done;
+    }
+    size_t n = (size_t)src.len / sizeof(float);
+    tmp = (uint32_t *)malloc((n ? n : 1) * sizeof(uint32_t));
+    if (!tmp) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    enum { B = 11, NB = 1 << B };
+    static const int shift[3] = {0, B, 2 * B};
+    size_t (*cnt)[NB] = calloc(3, sizeof(*cnt));
+    const uint32_t *in = (const uint32_t *)src.buf;
+    uint32_t *out = (uint32_t *)dst.buf;
+    if (cnt) {
+        for (size_t i = 0; i < n; i++) {
+            uint32_t k = f32_key(in[i]);
+            tmp[i] = k;
+            cnt[0][k & (NB - 1)]++;
+            cnt[1][(k >> B) & (NB - 1)]++;
+            cnt[2][k >> (2 * B)]++;
+        }
+        uint32_t *a = tmp, *b = out;
+        for (int pass = 0; pass < 3; pass++) {
+            size_t *c = cnt[pass], sum = 0;
+            for (size_t j = 0; j < NB; j++) { size_t t = c[j]; c[j] = sum; sum += t; }
+            int sh = shift[pass];
+            for (size_t i = 0; i < n; i++) { uint32_t k = a[i]; b[c[(k >> sh) & (NB - 1)]++] = k; }
+            uint32_t *t = a; a = b; b = t;
+        }
+        if (a != out) memcpy(out, a, n * sizeof(uint32_t));  /* (an odd pass count ends in out: never taken) */
+        for (size_t i = 0; i < n; i++) out[i] = key_f32(out[i]);
+        free(cnt);
+        ok = 1;
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok) { PyErr_NoMemory(); goto done; }
+    ret = Py_None; Py_INCREF(ret);
+done:
+    free(tmp);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
 static PyObject *py_lloyd(PyObject *self, PyObject *args) {
     Py_buffer srt = {0}, cb = {0};
     Py_ssize_t iters;
@@ -1615,6 +1671,7 @@ static PyMethodDef methods[] = {
     {"part_counts", py_part_counts, METH_VARARGS, "Members of each part in a packed part-id stream."},
     {"merge_parts", py_merge_parts, METH_VARARGS, "Codes from a part-id stream and per-part low-bit streams."},
     {"companded_init", py_companded_init, METH_VARARGS, "k-means start codebook at the companded quantiles."},
+    {"sort_f32", py_sort_f32, METH_VARARGS, "Ascending sort of float32 values (radix sort) into a buffer."},
     {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},

@@ -30,9 +30,11 @@ QUANTIZERS = ("uniform", "kmeans")
 #: Clipping factors the uniform encoder tries per group (encoder-only choice; decoders never need it).
 CLIP_ALPHAS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 KMEANS_ITERS = 100
-#: Lloyd fits on at most this many values (an even-stride subsample; at most 256 centroids, so thousands of values
-#: per centroid; sorting the sample is most of a fit's time); codes are then assigned to all.
-KMEANS_FIT_MAX = 1 << 20
+#: Lloyd fits on at most this many values (an even-stride subsample; at most 256 centroids, so hundreds of values
+#: per centroid; sorting the sample is most of a fit's time); codes are then assigned to all. On the real pair's
+#: block matrices (p=0.75, 2 and 4 bits) 65536 values gave the same relative error as 1M to within 0.05% (noise in
+#: both directions) at 3.8 instead of 6.9 ms per tensor.
+KMEANS_FIT_MAX = 1 << 16
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -220,9 +222,14 @@ def kmeans_fit(values: torch.Tensor, bits: int, iters: int = KMEANS_ITERS) -> to
     k = 1 << bits
     if values.numel() == 0:
         return torch.zeros(k)
-    srt = np.sort(fit_sample(values).numpy())  # numpy's SIMD sort; equal values are interchangeable
-    cb = _companded_init(srt, k)
     nat = native()
+    sample = fit_sample(values).numpy()
+    if nat is not None:  # a radix sort (numpy's took ~20 ns per value); equal values are interchangeable
+        srt = np.empty(sample.size, dtype=np.float32)
+        nat.sort_f32(np.ascontiguousarray(sample), srt)
+    else:
+        srt = np.sort(sample)
+    cb = _companded_init(srt, k)
     if nat is not None:
         nat.lloyd(srt, cb, iters)
         return torch.from_numpy(cb)
