@@ -229,10 +229,14 @@ def candidate_label(codec: str, params: dict[str, Any]) -> str:
 
 
 def _hub_protect(specs: tuple[str | Path, ...], cache_dir: str | Path | None) -> list[Path]:
-    """The Hub cache (never a valid output) when any input is a Hub id."""
+    """The Hub cache (never a valid output) when any input is a Hub id (an existing path is not: then the Hub
+    client, ~0.25 s of imports, is not loaded for a local compress)."""
+    ids = [x for x in specs if not isinstance(x, Path) and not Path(x).exists()]
+    if not ids:
+        return []
     from .hub import hub_cache_root, is_hub_spec
 
-    uses_hub = any(not isinstance(x, Path) and is_hub_spec(x) for x in specs)
+    uses_hub = any(is_hub_spec(x) for x in ids)
     return [hub_cache_root(cache_dir)] if uses_hub else []
 
 
@@ -304,7 +308,11 @@ class _Codecs:
         self._validated: dict[tuple[str, str], dict[str, Any]] = {}
 
     def get(self, codec_name: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        key = (codec_name, repr(sorted(params.items())))
+        try:  # called per candidate and tensor: a tuple key where the params are hashable
+            key: Any = (codec_name, tuple(params.items()))
+            hash(key)
+        except TypeError:
+            key = (codec_name, repr(sorted(params.items())))
         c = get_codec(codec_name)
         if key not in self._validated:
             self._validated[key] = c.validate_params(params)
@@ -917,7 +925,7 @@ def _allocate(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, aux: list[_
         logger.warning("the whole delta cannot be %gx smaller than the fp16 fine-tune (%d bytes of manifest, aux files and "
                        "exact tensors); coding the allocated tensors %gx smaller instead", job.target_ratio,
                        overhead + fixed, job.target_ratio)
-        budget = smallest + coded_fp16 / job.target_ratio
+        budget = (smallest + coded_fp16 / job.target_ratio) / (1 - ALLOCATION_MARGIN)  # the margin comes off below
     if budget < 0:
         raise CodecError(f"the budget of {int(directory)} bytes for the whole delta is smaller than what is not allocated: "
                          f"{overhead} bytes of manifest and aux files, {fixed} of tensors coded by rules or exact "
@@ -1083,6 +1091,7 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
         sample_inp, sample_shape = rows_of(idx), (len(idx), matrix_view_shape(full_shape)[1])
         sample_scale = matrix_view_shape(full_shape)[0] / len(idx)
     curve = Curve(name, math.prod(full_shape))
+    metric_name = _metric_for(job, name)
     for cname, cparams, c, p in cands:
         # A low-rank error is a property of the whole matrix: those candidates are measured on all of it.
         inp, shape, scale = (full(), full_shape, 1.0) if c.whole_matrix else (sample_inp, sample_shape, sample_scale)
@@ -1094,10 +1103,10 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
                 metric, err, e2 = "exact", 0.0, 0.0
             elif x is None and {"delta_l2", "error_l2", "error_dot"} <= enc.stats.keys():  # known without decoding
                 e2 = enc.stats["error_l2"] ** 2
-                metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], _metric_for(job, name))
+                metric, err = error_from_sums(enc.stats["delta_l2"] ** 2, e2, enc.stats["error_dot"], metric_name)
             else:
                 approx = c.decode_delta(enc.tensors, enc.params, shape)
-                metric, err = relative_error(inp.delta, approx, x, _metric_for(job, name))
+                metric, err = relative_error(inp.delta, approx, x, metric_name)
                 e2 = float((approx - inp.delta).pow(2).sum(dtype=torch.float64))
                 del approx
         except CodecError as exc:
@@ -1201,8 +1210,46 @@ def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dty
     params = enc.params
     if not params:
         return fixed + len(str(enc.nbytes)) - 1
+    size = _flat_json_size(params)
+    if size is not None:  # one line per item at depth 3 (10 spaces with the manifest's nesting) and the closing brace
+        n = len(params)
+        return fixed + size - 2 + n * 11 + 9 + len(str(enc.nbytes)) - 1
     extra, lines = _indentation(params, 2)  # the params object sits two levels down: {name: {"params": {...}}}
     return fixed + len(json.dumps(params, separators=(",", ": "))) - 2 + extra + 4 * lines + len(str(enc.nbytes)) - 1
+
+
+def _flat_json_size(obj: dict[str, Any]) -> int | None:
+    """``len(json.dumps(obj, separators=(",", ": ")))`` of a dict of plain keys and scalar values, without json's
+    encoder (sized per candidate and tensor); None for anything else (nested values, keys or strings needing
+    escapes, non-finite floats)."""
+    size = 1 + len(obj)  # braces and the separators: n - 1 commas + 2 braces
+    for k, v in obj.items():
+        if type(k) is not str or not _plain(k):
+            return None
+        t = type(v)
+        if t is bool:
+            n = 4 if v else 5
+        elif t is int:
+            n = len(int.__repr__(v))
+        elif t is float:
+            if not math.isfinite(v):
+                return None
+            n = len(float.__repr__(v))
+        elif t is str:
+            if not _plain(v):
+                return None
+            n = len(v) + 2
+        elif v is None:
+            n = 4
+        else:
+            return None
+        size += len(k) + 4 + n  # "key": value
+    return size
+
+
+def _plain(s: str) -> bool:
+    """Whether json writes ``s`` as its characters between quotes (printable ASCII, no quote or backslash)."""
+    return s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
 
 
 @functools.lru_cache(maxsize=8192)

@@ -118,3 +118,28 @@ def test_entry_overhead_is_the_written_entry_size(codec: str, params: dict, labe
         text = json.dumps({name: entry.to_dict()}, indent=2)
         header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * t.dim() for r, t in enc.tensors.items())
         assert _entry_overhead(name, codec, enc, (64, 96), torch.float32, label) == len(text) + 4 * text.count("\n") + header
+
+
+@pytest.mark.parametrize("params", [{"t": True, "f": False, "n": None, "x": 1e-300, "i": -5, "big": 12345678901234567890},
+                                    {"s": 'q"uote', "b": "back\\slash", "u": "é", "c": "tab\there"},
+                                    {"inf": float("inf"), "nan": float("nan")}, {"é": 1},
+                                    {"nested": {"x": [1, 2.5, "y"]}, "empty": {}, "list": []}, {"p": 0.1 + 0.2}])
+def test_entry_overhead_sizes_any_params_as_written(params: dict) -> None:
+    """Flat scalar params are sized without json's encoder; escapes, non-finite floats and nested values fall back
+    to it: either way the count is that of the entry as written."""
+    import json
+    from types import SimpleNamespace
+
+    from deltahub.compression import _PLACEHOLDER_DIGEST, _PLACEHOLDER_FLOAT, _entry_overhead
+    from deltahub.format.manifest import TensorEntry
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors = {"signs": torch.zeros(4, 8, dtype=torch.uint8), "scale": torch.zeros(4)}
+    enc = SimpleNamespace(tensors=tensors, params=params, nbytes=1234)
+    entry = TensorEntry(codec="bitdelta", shape=[4, 64], dtype="float32", params=params,
+                        stored={r: f"{name}.{r}" for r in tensors}, stored_bytes=1234, base_sha256="0" * 64,
+                        stats={"delta_l2": _PLACEHOLDER_FLOAT, "error_l2": _PLACEHOLDER_FLOAT},
+                        digests=dict.fromkeys(tensors, _PLACEHOLDER_DIGEST))
+    text = json.dumps({name: entry.to_dict()}, indent=2)
+    header = sum(len(json.dumps(f"{name}.{r}")) + 64 + 8 * t.dim() for r, t in tensors.items())
+    assert _entry_overhead(name, "bitdelta", enc, (4, 64), torch.float32, "") == len(text) + 4 * text.count("\n") + header

@@ -280,3 +280,25 @@ def test_calibrate_cli_and_text_calibration(pair: tuple[Path, Path], tmp_path: P
         assert r.exit_code == 0, r.output
         metrics = {k: e["stats"]["auto_metric"] for k, e in _auto(tmp_path / d).items()}
         assert metrics.pop("model.embed_tokens.weight") == "rel_l2" and set(metrics.values()) == {"aligned_l2"}
+
+
+@pytest.mark.parametrize("cols", [8, 16, 64])
+def test_default_policy_compresses_a_tiny_model_whose_manifest_takes_the_default_budget(tmp_path: Path, cols: int) -> None:
+    """A model so small that its manifest alone is larger than 1/20 of its fp16 bytes: the default policy (no
+    budget asked for) codes its matrices at the default ratio instead of failing, and the rebuild is close."""
+    from deltahub.format.io import save_tensors
+
+    g = torch.Generator().manual_seed(cols)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(cols, cols, generator=g), "model.norm.weight": torch.ones(cols)}
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for d, t in (("b", base), ("f", ft)):
+        (tmp_path / d).mkdir()
+        save_tensors(tmp_path / d / "model.safetensors", t)
+    compress(tmp_path / "b", tmp_path / "f", tmp_path / "d", progress=False)
+    out = apply_delta(tmp_path / "d", tmp_path / "b", tmp_path / "r", progress=False)
+    rebuilt = Checkpoint(tmp_path / "r").read("model.layers.0.mlp.up_proj.weight")
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(Checkpoint(tmp_path / "r").read("model.norm.weight"), ft["model.norm.weight"])
+    d, dhat = (ft[w] - base[w]).reshape(-1), (rebuilt - base[w]).reshape(-1)
+    assert float(d @ dhat) > 0.2 * float(d.norm() * dhat.norm())  # the coded delta points along the fine-tune's
+    assert out is not None

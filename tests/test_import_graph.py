@@ -103,3 +103,22 @@ def test_module_level_imports_are_acyclic() -> None:
 def test_cycle_finder_finds_cycles() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_local_compress_does_not_load_the_hub_client(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Compressing local directories never needs huggingface_hub's client modules (~0.25 s of imports)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from deltahub.format.io import save_tensors
+
+    for d, shift in (("b", 0.0), ("f", 0.01)):
+        (tmp_path / d).mkdir()
+        save_tensors(tmp_path / d / "model.safetensors", {"w": torch.ones(8, 8) + shift, "n": torch.ones(8)})
+    code = ("import sys; from deltahub.compression import compress; "
+            f"compress({str(tmp_path / 'b')!r}, {str(tmp_path / 'f')!r}, {str(tmp_path / 'out')!r}, progress=False); "
+            "print(sorted(m for m in sys.modules if m.startswith(('deltahub.hub', 'huggingface_hub.hf_api'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

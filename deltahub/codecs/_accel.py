@@ -8,6 +8,7 @@ scratch arrays. ``DELTAHUB_NATIVE=0`` forces the numpy paths (read at each call)
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
@@ -25,7 +26,12 @@ NATIVE_BLOCK = 1 << 18
 
 def native_enabled() -> bool:
     """Whether ``DELTAHUB_NATIVE`` allows native kernels (read at each call; ``0`` turns every one off)."""
-    return os.environ.get("DELTAHUB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _allows(os.environ.get("DELTAHUB_NATIVE"))
+
+
+@functools.lru_cache(maxsize=16)
+def _allows(value: str | None) -> bool:
+    return value is None or value.strip().lower() not in ("0", "false", "no", "off")
 
 
 def native() -> ModuleType | None:
