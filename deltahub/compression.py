@@ -401,6 +401,9 @@ class _Job:
     #: Read / scratch buffers shared by the measure and the final pass (the final pass reuses the pages the
     #: first one touched).
     buffers: BufferPool = dataclasses.field(default_factory=lambda: BufferPool(SCRATCH_BYTES, keep=2 * MEASURE_THREADS + 2))
+    #: The measure pass's row samples (and their deltas), one set of buffers per thread reused for every tensor: a
+    #: fresh 0.1-2 MB array per sample was page-faulted in each time (half the time of picking the rows).
+    picks: ThreadScratch = dataclasses.field(default_factory=lambda: ThreadScratch(PICK_SCRATCH_BYTES))
 
     def start(self, ft_ckpt: Checkpoint, calib: Mapping[str, torch.Tensor] | None) -> None:
         """Check the calibration against the fine-tune (headers only)."""
@@ -961,6 +964,9 @@ ENCODE_AHEAD_BYTES = 512 * 2**20
 SAMPLED_READ_MAX = 3
 #: Largest buffer a compress worker keeps for reuse (per buffer: fine-tune, base, delta tensor).
 SCRATCH_BYTES = 256 * 2**20
+#: Largest row sample (per buffer) the measure pass keeps for reuse; a larger one (a large vocabulary's rows) is
+#: allocated for its tensor alone, so idle buffers never add to the peak.
+PICK_SCRATCH_BYTES = 16 * 2**20
 #: Candidates are measured on evenly spaced rows of a matrix (the chosen one is then encoded on the whole tensor;
 #: distortion and bytes scale with the row count): at least this many elements, at least MEASURE_MIN_ROWS rows,
 #: and at least 1 / MEASURE_FRACTION of a large tensor's rows (its sample then costs little next to encoding
@@ -981,8 +987,9 @@ def _curve(job: _Job, inp: EncodeInput, shape: tuple[int, ...], dtype: torch.dty
     if inp.base is not None and tuple(inp.base.shape) != tuple(inp.finetuned.shape):
         return _resized_curve(job, inp, shape, dtype)
     union = _read_rows_plan(shape)
-    d2 = inp.delta_sumsq() if union is None else _estimated_sumsq(_pick_rows(inp, shape, union), shape)
-    return _measure_curve(job, inp.name, shape, dtype, d2, lambda idx: _pick_rows(inp, shape, idx), lambda: inp)
+    d2 = inp.delta_sumsq() if union is None else _estimated_sumsq(_pick_rows(inp, shape, union, job.picks, "union"), shape)
+    return _measure_curve(job, inp.name, shape, dtype, d2, lambda idx, slot: _pick_rows(inp, shape, idx, job.picks, slot),
+                          lambda: inp)
 
 
 def _estimated_sumsq(rows: EncodeInput, shape: tuple[int, ...]) -> float:
@@ -991,6 +998,7 @@ def _estimated_sumsq(rows: EncodeInput, shape: tuple[int, ...]) -> float:
     return rows.delta_sumsq() * matrix_view_shape(shape)[0] / rows.finetuned.shape[0]
 
 
+@functools.lru_cache(maxsize=256)  # per shape (a model has a handful); the index tensor is only read
 def _read_rows_plan(shape: tuple[int, ...]) -> torch.Tensor | None:
     """The rows a tall tensor's measurement reads (its sample and gate rows), or None when it reads most of them
     anyway (then the whole tensor is read)."""
@@ -1002,14 +1010,31 @@ def _read_rows_plan(shape: tuple[int, ...]) -> torch.Tensor | None:
     return None if len(union) * SAMPLED_READ_MAX > matrix_view_shape(shape)[0] else union
 
 
-def _pick_rows(inp: EncodeInput, shape: tuple[int, ...], idx: torch.Tensor) -> EncodeInput:
-    """The rows ``idx`` of a full input's ``[rows, cols]`` view, as an input of its own."""
+def _pick_rows(inp: EncodeInput, shape: tuple[int, ...], idx: torch.Tensor, scratch: ThreadScratch | None = None,
+               slot: str = "") -> EncodeInput:
+    """The rows ``idx`` of a full input's ``[rows, cols]`` view, as an input of its own; with ``scratch``, in (and its
+    delta computed into) this thread's buffers named after ``slot``: valid until the thread picks that slot again."""
     rows, cols = matrix_view_shape(shape)
     assert inp.base is not None
-    pick = lambda t: t.reshape(rows, cols).index_select(0, idx)  # noqa: E731
-    return EncodeInput(name=inp.name, finetuned=pick(inp.finetuned), base=pick(inp.base), calibration=inp.calibration)
+    return EncodeInput(name=inp.name, finetuned=_select_rows(inp.finetuned.reshape(rows, cols), idx, scratch, slot + ".ft"),
+                       base=_select_rows(inp.base.reshape(rows, cols), idx, scratch, slot + ".base"),
+                       calibration=inp.calibration, _delta_buffer=_slot_buffer(scratch, slot + ".delta"))
 
 
+def _select_rows(t: torch.Tensor, idx: torch.Tensor, scratch: ThreadScratch | None, slot: str) -> torch.Tensor:
+    """``t.index_select(0, idx)``, into the scratch buffer ``slot`` when there is one (and it fits its cap)."""
+    nbytes = len(idx) * t.shape[1] * t.element_size()
+    buf = scratch.get(slot, nbytes) if scratch is not None and nbytes else None
+    if buf is None:
+        return t.index_select(0, idx)
+    return torch.index_select(t, 0, idx, out=buf[:nbytes].view(t.dtype).view(len(idx), t.shape[1]))
+
+
+def _slot_buffer(scratch: ThreadScratch | None, slot: str) -> Callable[[int], torch.Tensor | None] | None:
+    return None if scratch is None else (lambda n: scratch.get(slot, n))
+
+
+@functools.lru_cache(maxsize=256)  # per shape (a model has a handful); the index tensor is only read
 def _sample_rows(shape: tuple[int, ...]) -> torch.Tensor | None:
     """The evenly spaced rows candidates are measured on (None: the whole tensor)."""
     rows, cols = matrix_view_shape(shape)
@@ -1019,6 +1044,7 @@ def _sample_rows(shape: tuple[int, ...]) -> torch.Tensor | None:
     return torch.linspace(0, rows - 1, keep).round().long().unique()
 
 
+@functools.lru_cache(maxsize=256)  # per shape (a model has a handful); the index tensor is only read
 def _gate_rows(shape: tuple[int, ...]) -> torch.Tensor | None:
     """The evenly spaced rows the low-rank gate sketches (None: all of them)."""
     rows, _ = matrix_view_shape(shape)
@@ -1059,10 +1085,11 @@ def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name
         return None  # maybe unchanged: read it whole
     calib = _layer_input(job.calib, name, shape)
 
-    def pick(sel: torch.Tensor) -> EncodeInput:
+    def pick(sel: torch.Tensor, slot: str) -> EncodeInput:
         pos = at[sel]
-        return EncodeInput(name=name, finetuned=ft_rows.index_select(0, pos), base=base_rows.index_select(0, pos),
-                           calibration=calib)
+        return EncodeInput(name=name, finetuned=_select_rows(ft_rows, pos, job.picks, slot + ".ft"),
+                           base=_select_rows(base_rows, pos, job.picks, slot + ".base"), calibration=calib,
+                           _delta_buffer=_slot_buffer(job.picks, slot + ".delta"))
 
     whole: list[EncodeInput] = []
 
@@ -1078,8 +1105,8 @@ def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name
 
 
 def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: torch.dtype, d2_full: float,
-                   rows_of: Callable[[torch.Tensor], EncodeInput], full: Callable[[], EncodeInput]) -> Curve:
-    """The curve of one tensor from ``rows_of(row indices)`` (an input of those rows) and ``full()`` (the whole
+                   rows_of: Callable[[torch.Tensor, str], EncodeInput], full: Callable[[], EncodeInput]) -> Curve:
+    """The curve of one tensor from ``rows_of(row indices, scratch slot)`` (an input of those rows) and ``full()`` (the whole
     tensor, for the candidates measured on whole matrices and for small tensors); ``d2_full`` is ``||D||^2``."""
     cands = [(cname, cparams, *job.codecs.get(cname, cparams)) for cname, cparams in job.candidates_for(name, full_shape)]
     rest = [x for x in cands if not x[2].whole_matrix]
@@ -1088,7 +1115,7 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
     if idx is None:
         sample_inp, sample_shape, sample_scale = full(), full_shape, 1.0
     else:
-        sample_inp, sample_shape = rows_of(idx), (len(idx), matrix_view_shape(full_shape)[1])
+        sample_inp, sample_shape = rows_of(idx, "sample"), (len(idx), matrix_view_shape(full_shape)[1])
         sample_scale = matrix_view_shape(full_shape)[0] / len(idx)
     curve = Curve(name, math.prod(full_shape))
     metric_name = _metric_for(job, name)
@@ -1134,7 +1161,7 @@ LOWRANK_GATE_RANK = 16
 LOWRANK_GATE_ROWS = 512
 
 
-def _whole_matrix_candidates(shape: tuple[int, ...], rows_of: Callable[[torch.Tensor], EncodeInput],
+def _whole_matrix_candidates(shape: tuple[int, ...], rows_of: Callable[[torch.Tensor, str], EncodeInput],
                              full: Callable[[], EncodeInput], cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]], *,
                              gate: bool) -> list[tuple[str, dict[str, Any], Any, dict[str, Any]]]:
     """The low-rank candidates worth measuring (with ``gate``, none when the spectrum is flat: sketched on
@@ -1145,7 +1172,7 @@ def _whole_matrix_candidates(shape: tuple[int, ...], rows_of: Callable[[torch.Te
     rows, cols = matrix_view_shape(shape)
     if gate:
         idx = _gate_rows(shape)
-        sample = full() if idx is None else rows_of(idx)
+        sample = full() if idx is None else rows_of(idx, "gate")
         energy = sketch_energy(sample.delta.reshape(-1, cols), LOWRANK_GATE_RANK)
     else:
         energy = 1.0

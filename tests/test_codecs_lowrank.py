@@ -167,6 +167,7 @@ def test_auto_and_allocation_pick_lowrank_for_a_low_rank_delta() -> None:
     class Job:  # the allocation's view of a compress job
         auto_metric = "aligned"
         codecs = comp._Codecs()
+        picks = None  # row samples as fresh arrays
 
         @staticmethod
         def candidates_for(n: str, shape: tuple) -> list:

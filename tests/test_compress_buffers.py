@@ -442,3 +442,34 @@ def test_mapped_bytes_checks_spans_and_outlives_a_view(tmp_path: Path) -> None:
         assert torch.equal(m.span(0, 20000).view(torch.float32), t)
         kept = m.span(0, 8)
     assert torch.equal(kept.view(torch.float32), t[:2])  # a view alive at exit keeps the mapping
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measure_pass_row_samples_in_reused_buffers_choose_the_same_delta(dtype: torch.dtype, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measure pass picks its row samples (and their deltas) into per-thread buffers reused across tensors of
+    several shapes; the allocation and the delta are byte for byte those of fresh arrays per sample (buffers off)."""
+    import deltahub.compression as comp
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(1200, 64), (96, 64), (700, 96), (1200, 64), (40, 32)]
+    base = {f"model.layers.{i}.mlp.w{i}.weight": (torch.randn(s, generator=g) * 0.02).to(dtype) for i, s in enumerate(shapes)}
+    ft = {k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).to(dtype) for k, v in base.items()}
+    (tmp_path / "pair").mkdir()
+    save_file(base, tmp_path / "pair" / "base.safetensors")
+    save_file(ft, tmp_path / "pair" / "ft.safetensors")
+    b, f = tmp_path / "pair" / "base.safetensors", tmp_path / "pair" / "ft.safetensors"
+    picked: list[bool] = []
+    orig = comp._select_rows
+
+    def spy(t, idx, scratch, slot):  # type: ignore[no-untyped-def]
+        picked.append(scratch is not None and scratch.get(slot, 1) is not None)
+        return orig(t, idx, scratch, slot)
+
+    monkeypatch.setattr(comp, "_select_rows", spy)
+    compress(b, f, tmp_path / "reused", target_ratio=12, progress=False)
+    assert picked and all(picked)
+    monkeypatch.setattr(comp, "PICK_SCRATCH_BYTES", 0)  # every sample a fresh array
+    compress(b, f, tmp_path / "fresh", target_ratio=12, progress=False)
+    for p in sorted((tmp_path / "fresh").iterdir()):
+        assert (tmp_path / "reused" / p.name).read_bytes() == p.read_bytes(), p.name
