@@ -183,8 +183,66 @@ ALWAYS_INLINE static inline v8u vh32(v8u x) {
     return x;
 }
 
-ALWAYS_INLINE static inline v8u vmin(v8u a, v8u b) { v8u m = (v8u)(a < b); return (a & m) | (b & ~m); }
-ALWAYS_INLINE static inline v8u vmax(v8u a, v8u b) { v8u m = (v8u)(a < b); return (b & m) | (a & ~m); }
+/* Lane-wise min / max written per lane with scalar MIN/MAX idioms, which GCC's SLP vectoriser turns into one
+ * vpminud / vpmaxud (the mask-and-blend form compiled to a compare, a masked move and two logic ops). */
+ALWAYS_INLINE static inline v8u vmin(v8u a, v8u b) {
+    v8u r;
+    for (int k = 0; k < LANES; k++) r[k] = a[k] < b[k] ? a[k] : b[k];
+    return r;
+}
+ALWAYS_INLINE static inline v8u vmax(v8u a, v8u b) {
+    v8u r;
+    for (int k = 0; k < LANES; k++) r[k] = a[k] < b[k] ? b[k] : a[k];
+    return r;
+}
+
+/* Flags of `ngroups` (a multiple of LANES) whole groups starting at element `first` (flags[0] is
+ * element `first`); the block must not cross a multiple of 2^32 (one key for all). Returns the
+ * number of lanes redone by the scalar rule. */
+/* One batch of LANES groups with a list of S (a compile-time constant in each expansion, so the list stays in
+ * vector registers: with S read at run time it lived on the stack, a load and a store per exchange). */
+#define LANE_BATCHES(S)                                                                                           \
+    for (size_t gi = 0; gi < ngroups; gi += LANES) {                                                             \
+        uint32_t lo0 = (uint32_t)(first + gi * g);                                                               \
+        v8u lst[(S)];                                                                                            \
+        for (size_t t = 0; t < (S); t++) lst[t] = largest ? (v8u){0} : ~(v8u){0};                                \
+        for (size_t j = 0; j < g; j++) {                                                                         \
+            v8u x;                                                                                               \
+            if (given) {  /* test hook: the u values are given (row-major groups), not generated */             \
+                for (int k = 0; k < LANES; k++) x[k] = given[(gi + (size_t)k) * g + j];                          \
+            } else {                                                                                             \
+                x = vh32((lane_off + (lo0 + (uint32_t)j)) ^ kh) ^ k1;                                            \
+            }                                                                                                    \
+            U[j] = x;                                                                                            \
+            if (largest) {                                                                                       \
+                for (size_t t = 0; t < (S); t++) { v8u hi = vmax(lst[t], x); x = vmin(lst[t], x); lst[t] = hi; } \
+            } else {                                                                                             \
+                for (size_t t = 0; t < (S); t++) { v8u lo = vmin(lst[t], x); x = vmax(lst[t], x); lst[t] = lo; } \
+            }                                                                                                    \
+        }                                                                                                        \
+        redo += lane_flags(flags + gi * g, U, lst[(S) - 1], g, keep, s, scratch);                                \
+    }
+
+/* Flags of one batch from its u values and each lane's threshold (u <= thr); a lane whose threshold value is
+ * tied (count != keep) is redone by the scalar rule. Returns the lanes redone. */
+ALWAYS_INLINE static inline size_t lane_flags(uint8_t *f, const v8u *U, v8u thr, size_t g, size_t keep, sel_t *s,
+                                              uint32_t *scratch) {
+    v8i cnt = {0};
+    size_t redo = 0;
+    for (size_t j = 0; j < g; j++) {
+        v8i le = (v8i)(U[j] <= thr);  /* -1 where flagged */
+        cnt -= le;
+        for (int k = 0; k < LANES; k++) f[k * g + j] = (uint8_t)(le[k] & 1);
+    }
+    for (int k = 0; k < LANES; k++) {
+        if ((size_t)cnt[k] != keep) {  /* a tie at the threshold: the scalar rule decides */
+            for (size_t j = 0; j < g; j++) scratch[j] = U[j][k];
+            select_group(scratch, f + k * g, g, keep, s);
+            redo++;
+        }
+    }
+    return redo;
+}
 
 /* Flags of `ngroups` (a multiple of LANES) whole groups starting at element `first` (flags[0] is
  * element `first`); the block must not cross a multiple of 2^32 (one key for all). Returns the
@@ -198,39 +256,23 @@ static size_t lane_select(uint8_t *flags, uint32_t k1, uint32_t kh, uint64_t fir
     for (int k = 0; k < LANES; k++) lane_off[k] = (uint32_t)(k * g);
     v8u U[64];
     size_t redo = 0;
-    for (size_t gi = 0; gi < ngroups; gi += LANES) {
-        uint32_t lo0 = (uint32_t)(first + gi * g);
-        v8u lst[LIST_MAX];
-        for (size_t t = 0; t < small; t++) lst[t] = largest ? (v8u){0} : ~(v8u){0};
-        for (size_t j = 0; j < g; j++) {
-            v8u x;
-            if (given) {  /* test hook: the u values are given (row-major groups), not generated */
-                for (int k = 0; k < LANES; k++) x[k] = given[(gi + (size_t)k) * g + j];
-            } else {
-                x = vh32((lane_off + (lo0 + (uint32_t)j)) ^ kh) ^ k1;
-            }
-            U[j] = x;
-            if (largest) {
-                for (size_t t = 0; t < small; t++) { v8u hi = vmax(lst[t], x); x = vmin(lst[t], x); lst[t] = hi; }
-            } else {
-                for (size_t t = 0; t < small; t++) { v8u lo = vmin(lst[t], x); x = vmax(lst[t], x); lst[t] = lo; }
-            }
-        }
-        v8u thr = lst[small - 1];
-        v8i cnt = {0};
-        uint8_t *f = flags + gi * g;
-        for (size_t j = 0; j < g; j++) {
-            v8i le = (v8i)(U[j] <= thr);  /* -1 where flagged */
-            cnt -= le;
-            for (int k = 0; k < LANES; k++) f[k * g + j] = (uint8_t)(le[k] & 1);
-        }
-        for (int k = 0; k < LANES; k++) {
-            if ((size_t)cnt[k] != keep) {  /* a tie at the threshold: the scalar rule decides */
-                for (size_t j = 0; j < g; j++) scratch[j] = U[j][k];
-                select_group(scratch, f + k * g, g, keep, s);
-                redo++;
-            }
-        }
+    switch (small) {
+        case 1: LANE_BATCHES(1) break;
+        case 2: LANE_BATCHES(2) break;
+        case 3: LANE_BATCHES(3) break;
+        case 4: LANE_BATCHES(4) break;
+        case 5: LANE_BATCHES(5) break;
+        case 6: LANE_BATCHES(6) break;
+        case 7: LANE_BATCHES(7) break;
+        case 8: LANE_BATCHES(8) break;
+        case 9: LANE_BATCHES(9) break;
+        case 10: LANE_BATCHES(10) break;
+        case 11: LANE_BATCHES(11) break;
+        case 12: LANE_BATCHES(12) break;
+        case 13: LANE_BATCHES(13) break;
+        case 14: LANE_BATCHES(14) break;
+        case 15: LANE_BATCHES(15) break;
+        default: LANE_BATCHES(LIST_MAX) break;  /* (callers use lanes only for small <= LIST_MAX) */
     }
     return redo;
 }
