@@ -111,6 +111,7 @@ typedef struct {
 } sel_t;
 
 /* flags[j] = 1 for the keep smallest keys (u[j], j) of one group of g (1 <= keep < g). */
+CLONES
 static void select_group(const uint32_t *u, uint8_t *flags, size_t g, size_t keep, sel_t *s) {
     size_t small = keep <= g - keep + 1 ? keep : g - keep + 1;
     if (small <= 8 && g <= 128) {
