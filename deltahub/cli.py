@@ -146,6 +146,10 @@ def _friendly(fn: F) -> F:
         except DeltaHubError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # the OS refused a path the user gave (too long, no permission, disk full): one line
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except Terminated:
             err_console.print("[yellow]terminated (SIGTERM); the partial output was removed[/]")
             raise typer.Exit(143) from None

@@ -231,13 +231,21 @@ def candidate_label(codec: str, params: dict[str, Any]) -> str:
 def _hub_protect(specs: tuple[str | Path, ...], cache_dir: str | Path | None) -> list[Path]:
     """The Hub cache (never a valid output) when any input is a Hub id (an existing path is not: then the Hub
     client, ~0.25 s of imports, is not loaded for a local compress)."""
-    ids = [x for x in specs if not isinstance(x, Path) and not Path(x).exists()]
+    ids = [x for x in specs if not isinstance(x, Path) and not _exists(x)]
     if not ids:
         return []
     from .hub import hub_cache_root, is_hub_spec
 
     uses_hub = any(is_hub_spec(x) for x in ids)
     return [hub_cache_root(cache_dir)] if uses_hub else []
+
+
+def _exists(spec: str | Path) -> bool:
+    """Whether ``spec`` names an existing path (False for names the OS refuses: too long, NUL bytes)."""
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, token: str | bool | None,
@@ -247,7 +255,7 @@ def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, 
     ``revision`` (when the id has no ``@rev``) is the revision to download; the recorded
     revision is always the resolved commit sha.
     """
-    if isinstance(spec, Path) or Path(spec).exists():
+    if isinstance(spec, Path) or _exists(spec):
         return spec, name, revision
     from .hub import is_hub_spec, parse_model_spec, resolve_model
 

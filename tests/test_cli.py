@@ -88,3 +88,18 @@ def test_info_shows_bytes_by_part_of_the_model(tmp_path: Path) -> None:
     assert groups["whole delta"]["bytes"] == on_disk
     assert groups["aux files (tokenizer, ...)"]["bytes"] == (tmp_path / "d" / "tokenizer.json").stat().st_size
     assert groups["embeddings / LM head"]["tensors"] == 1 and groups["attention"]["tensors"] == 8
+
+
+def test_paths_the_os_refuses_are_one_line_errors(tmp_path: Path) -> None:
+    """A path argument the OS cannot open (a name longer than NAME_MAX, or a whole path over PATH_MAX) ends in one
+    typed error line naming it, for every verb that reads one, never a traceback."""
+    base, ft = make_tiny_pair(tmp_path)
+    runner.invoke(app, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--codec", "bitdelta", "-q"])
+    for bad in ("d" * 300, "a/" * 3000):
+        for args in (["compress", bad, str(ft), "-o", str(tmp_path / "o")], ["compress", str(base), bad, "-o", str(tmp_path / "o")],
+                     ["apply", bad, "--base", str(base), "-o", str(tmp_path / "o")],
+                     ["apply", str(tmp_path / "d"), "--base", bad, "-o", str(tmp_path / "o")], ["info", bad]):
+            r = runner.invoke(app, args)
+            assert r.exit_code == 1, (args[0], r.output[-300:])
+            assert r.output.startswith("error:") and "Traceback" not in r.output and "too long" in r.output, r.output[-300:]
+            assert not (tmp_path / "o").exists()

@@ -474,7 +474,11 @@ class Checkpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
+        try:
+            found = self.path.exists()
+        except (OSError, ValueError) as exc:  # a name the OS refuses (too long, a NUL byte)
+            raise MissingFileError(f"model path cannot be opened: {getattr(exc, 'strerror', None) or exc}", path=self.path) from None
+        if not found:
             raise MissingFileError("model path not found", path=self.path)
         self.files: list[SafetensorsFile] = []
         if self.path.is_file():

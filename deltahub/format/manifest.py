@@ -197,7 +197,11 @@ class Manifest:
     def load(cls, directory: str | Path) -> Manifest:
         """Read ``delta_config.json`` from a delta directory."""
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except (OSError, ValueError) as exc:  # a name the OS refuses (too long, a NUL byte)
+            raise MissingFileError(f"delta path cannot be opened: {getattr(exc, 'strerror', None) or exc}", path=Path(directory)) from None
+        if not found:
             raise MissingFileError(f"no {MANIFEST_NAME}: not a deltahub delta directory", path=Path(directory))
         raw = path.read_bytes()
         try:

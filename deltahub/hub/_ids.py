@@ -36,8 +36,13 @@ def is_hub_spec(spec: str | os.PathLike[str]) -> bool:
 
     ``Path`` objects are always local: the caller said so.
     """
-    if isinstance(spec, os.PathLike) or Path(spec).exists():
+    if isinstance(spec, os.PathLike):
         return False
+    try:
+        if Path(spec).exists():
+            return False
+    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte): not a path; maybe an id
+        pass
     try:
         parse_model_spec(str(spec))
     except HubError:
