@@ -24,6 +24,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DeltaHubError
+from .format.names import path_exists
 from .policy import AUTO, Policy, Rule, parse_params
 from .report import auto_table, human_bytes, parse_size, storage_table, tensor_table
 from .utils import logging as dh_logging
@@ -524,7 +525,7 @@ def info(
     endpoint: EndpointOpt = None,
 ) -> None:
     """Summarize a delta: format, base, and a size table per codec (local, or on the Hub without downloading weights)."""
-    if Path(delta).exists() or not _looks_like_repo_id(delta):
+    if path_exists(delta) or not _looks_like_repo_id(delta):
         from .delta import Delta
 
         d = Delta(delta)

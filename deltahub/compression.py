@@ -62,6 +62,7 @@ from .format.io import (
     tensor_bytes,
 )
 from .format.manifest import BaseInfo, Manifest, TensorEntry
+from .format.names import path_exists
 from .format.spec import (
     ALIAS_CODEC,
     AUX_FILE_PATTERNS,
@@ -231,21 +232,13 @@ def candidate_label(codec: str, params: dict[str, Any]) -> str:
 def _hub_protect(specs: tuple[str | Path, ...], cache_dir: str | Path | None) -> list[Path]:
     """The Hub cache (never a valid output) when any input is a Hub id (an existing path is not: then the Hub
     client, ~0.25 s of imports, is not loaded for a local compress)."""
-    ids = [x for x in specs if not isinstance(x, Path) and not _exists(x)]
+    ids = [x for x in specs if not isinstance(x, Path) and not path_exists(x)]
     if not ids:
         return []
     from .hub import hub_cache_root, is_hub_spec
 
     uses_hub = any(is_hub_spec(x) for x in ids)
     return [hub_cache_root(cache_dir)] if uses_hub else []
-
-
-def _exists(spec: str | Path) -> bool:
-    """Whether ``spec`` names an existing path (False for names the OS refuses: too long, NUL bytes)."""
-    try:
-        return Path(spec).exists()
-    except (OSError, ValueError):
-        return False
 
 
 def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, token: str | bool | None,
@@ -255,7 +248,7 @@ def _resolve_input(spec: str | Path, name: str | None, revision: str | None, *, 
     ``revision`` (when the id has no ``@rev``) is the revision to download; the recorded
     revision is always the resolved commit sha.
     """
-    if isinstance(spec, Path) or _exists(spec):
+    if isinstance(spec, Path) or path_exists(spec):
         return spec, name, revision
     from .hub import is_hub_spec, parse_model_spec, resolve_model
 
@@ -1020,13 +1013,20 @@ def _read_rows_plan(shape: tuple[int, ...]) -> torch.Tensor | None:
 
 def _pick_rows(inp: EncodeInput, shape: tuple[int, ...], idx: torch.Tensor, scratch: ThreadScratch | None = None,
                slot: str = "") -> EncodeInput:
-    """The rows ``idx`` of a full input's ``[rows, cols]`` view, as an input of its own; with ``scratch``, in (and its
-    delta computed into) this thread's buffers named after ``slot``: valid until the thread picks that slot again."""
+    """The rows ``idx`` of a full input's ``[rows, cols]`` view, as an input of its own (:func:`_rows_input`)."""
     rows, cols = matrix_view_shape(shape)
     assert inp.base is not None
-    return EncodeInput(name=inp.name, finetuned=_select_rows(inp.finetuned.reshape(rows, cols), idx, scratch, slot + ".ft"),
-                       base=_select_rows(inp.base.reshape(rows, cols), idx, scratch, slot + ".base"),
-                       calibration=inp.calibration, _delta_buffer=_slot_buffer(scratch, slot + ".delta"))
+    return _rows_input(inp.name, inp.finetuned.reshape(rows, cols), inp.base.reshape(rows, cols), idx, inp.calibration,
+                       scratch, slot)
+
+
+def _rows_input(name: str, ft: torch.Tensor, base: torch.Tensor, idx: torch.Tensor, calibration: torch.Tensor | None,
+                scratch: ThreadScratch | None, slot: str) -> EncodeInput:
+    """Rows ``idx`` of the 2-D ``ft`` and ``base`` as an input; with ``scratch``, in (and its delta computed into) this
+    thread's buffers named after ``slot``: valid until the thread picks that slot again."""
+    return EncodeInput(name=name, finetuned=_select_rows(ft, idx, scratch, slot + ".ft"),
+                       base=_select_rows(base, idx, scratch, slot + ".base"), calibration=calibration,
+                       _delta_buffer=None if scratch is None else (lambda n: scratch.get(slot + ".delta", n)))
 
 
 def _select_rows(t: torch.Tensor, idx: torch.Tensor, scratch: ThreadScratch | None, slot: str) -> torch.Tensor:
@@ -1037,9 +1037,6 @@ def _select_rows(t: torch.Tensor, idx: torch.Tensor, scratch: ThreadScratch | No
         return t.index_select(0, idx)
     return torch.index_select(t, 0, idx, out=buf[:nbytes].view(t.dtype).view(len(idx), t.shape[1]))
 
-
-def _slot_buffer(scratch: ThreadScratch | None, slot: str) -> Callable[[int], torch.Tensor | None] | None:
-    return None if scratch is None else (lambda n: scratch.get(slot, n))
 
 
 @functools.lru_cache(maxsize=256)  # per shape (a model has a handful); the index tensor is only read
@@ -1094,10 +1091,7 @@ def _measure_sampled(job: _Job, ft_ckpt: Checkpoint, base_ckpt: Checkpoint, name
     calib = _layer_input(job.calib, name, shape)
 
     def pick(sel: torch.Tensor, slot: str) -> EncodeInput:
-        pos = at[sel]
-        return EncodeInput(name=name, finetuned=_select_rows(ft_rows, pos, job.picks, slot + ".ft"),
-                           base=_select_rows(base_rows, pos, job.picks, slot + ".base"), calibration=calib,
-                           _delta_buffer=_slot_buffer(job.picks, slot + ".delta"))
+        return _rows_input(name, ft_rows, base_rows, at[sel], calib, job.picks, slot)
 
     whole: list[EncodeInput] = []
 

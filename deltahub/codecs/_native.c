@@ -197,9 +197,6 @@ ALWAYS_INLINE static inline v8u vmax(v8u a, v8u b) {
     return r;
 }
 
-/* Flags of `ngroups` (a multiple of LANES) whole groups starting at element `first` (flags[0] is
- * element `first`); the block must not cross a multiple of 2^32 (one key for all). Returns the
- * number of lanes redone by the scalar rule. */
 /* One batch of LANES groups with a list of S (a compile-time constant in each expansion, so the list stays in
  * vector registers: with S read at run time it lived on the stack, a load and a store per exchange). */
 #define LANE_BATCHES(S)                                                                                           \
@@ -1196,9 +1193,6 @@ done:
     return ret;
 }
 
-/* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
- * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
- * float64 means rounded to float32, sorted). */
 /* sort_f32(values_f32, out_f32): out = values in ascending order (LSD radix sort on order-preserving uint32 keys,
  *   three 11-bit passes; numpy's sort took ~20 ns per value here, this ~2). Values compare as floats do (-0.0 sorts
  *   before +0.0: equal values, interchangeable for the k-means fit); NaNs sort to the ends (callers pass finite
@@ -1255,6 +1249,9 @@ done:
     return ret;
 }
 
+/* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
+ * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
+ * float64 means rounded to float32, sorted). */
 static PyObject *py_lloyd(PyObject *self, PyObject *args) {
     Py_buffer srt = {0}, cb = {0};
     Py_ssize_t iters;

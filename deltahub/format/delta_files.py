@@ -130,7 +130,8 @@ class DeltaFiles:
                     self._digests[key] = (name, role, entry.digests[role])
         # Stored tensors verified before, in files unchanged since (the base's digest cache, one entry per delta
         # file): a delta loaded again (a server restart, a repeated apply) is not hashed again.
-        self._verified = CheckpointDigests(list({id(f): f for f in self._by_key.values()}.values()))
+        self._files = list({id(f): f for f in self._by_key.values()}.values())  # each file once
+        self._verified = CheckpointDigests(self._files)
 
     def stored(self, keys: dict[str, str]) -> dict[str, torch.Tensor]:
         """Read the stored tensors of one entry, keyed by role, each checked against its digest
@@ -158,12 +159,11 @@ class DeltaFiles:
 
     def metadata(self) -> list[dict[str, str]]:
         """The ``__metadata__`` of every delta file."""
-        seen = {id(f): f for f in self._by_key.values()}
-        return [f.metadata for f in seen.values()]
+        return [f.metadata for f in self._files]
 
     def close(self) -> None:
         self._verified.save()
-        for f in {id(f): f for f in self._by_key.values()}.values():
+        for f in self._files:
             f.close()
 
     def infos(self, keys: dict[str, str]) -> dict[str, TensorInfo]:

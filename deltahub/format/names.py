@@ -114,3 +114,12 @@ def member(directory: str | Path, name: object, *, what: str, missing_ok: bool =
     if not stat.S_ISREG(st.st_mode):
         raise UnsafePathError(f"{what}: {name!r} is not a regular file", path=directory)
     return path
+
+
+def path_exists(spec: str | os.PathLike[str]) -> bool:
+    """Whether a user-given path exists; False, not an exception, for a name the OS refuses (longer than
+    NAME_MAX / PATH_MAX, a NUL byte): such a spec is no local path (callers then try it as a Hub id)."""
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):
+        return False

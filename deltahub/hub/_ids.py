@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from ..errors import HubError
+from ..format.names import path_exists
 
 # The Hub's repo-id grammar (huggingface_hub.utils.validate_repo_id), namespace required.
 _NAME = r"[A-Za-z0-9_](?:[\w.\-]{0,94}[A-Za-z0-9_])?"
@@ -36,13 +36,8 @@ def is_hub_spec(spec: str | os.PathLike[str]) -> bool:
 
     ``Path`` objects are always local: the caller said so.
     """
-    if isinstance(spec, os.PathLike):
+    if isinstance(spec, os.PathLike) or path_exists(spec):
         return False
-    try:
-        if Path(spec).exists():
-            return False
-    except (OSError, ValueError):  # a name the OS refuses (too long, a NUL byte): not a path; maybe an id
-        pass
     try:
         parse_model_spec(str(spec))
     except HubError:
