@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from _child import child_env  # noqa: E402  (benchmarks/, beside this script)
+
 _CHILD = r"""
 import json, os, resource, shutil, sys, time
 def rss():
@@ -98,7 +100,7 @@ def bf16_pair(base: Path, ft: Path, work: Path) -> tuple[Path, Path]:
 
 def run(base: Path, ft: Path, out: Path, repeats: int, native: bool = True) -> dict[str, Any]:
     """Best-of-``repeats`` compress in fresh processes (a first, unmeasured run warms the page and digest caches)."""
-    env = {**os.environ, "DELTAHUB_NATIVE": "1" if native else "0"}
+    env = child_env(out.parent, DELTAHUB_NATIVE="1" if native else "0")
     runs = []
     for i in range(repeats + 1):
         p = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(ft), str(out)], env=env, capture_output=True,

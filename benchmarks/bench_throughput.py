@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+from _child import child_env  # noqa: E402  (benchmarks/, beside this script)
 
 PRESETS = ("16x", "32x", "64x", "128x", "256x", "512x")
 DEFAULT = "default policy (auto)"
@@ -132,31 +135,38 @@ def time_cp(src: Path, work: Path, repeats: int) -> float:
     return s
 
 
-def time_imports(repeats: int) -> dict[str, float]:
-    """Fresh-interpreter import time of the CLI and of the rebuild module."""
+def time_imports(repeats: int, work: Path) -> dict[str, float]:
+    """Fresh-interpreter import time of the CLI and of the rebuild module (with their bytecode cached)."""
     out = {}
     for mod in ("deltahub.cli", "deltahub.delta"):
-        out[mod] = _best(lambda m=mod: subprocess.run([sys.executable, "-c", f"import {m}"], check=True, cwd=ROOT), repeats)
+        out[mod] = _best(lambda m=mod: subprocess.run([sys.executable, "-c", f"import {m}"], check=True, cwd=ROOT,
+                                                      env=child_env(work)), repeats + 1)  # the first fills the bytecode cache
     py = _best(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), repeats)
     return {**out, "python": py}
 
 
-def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, native: bool = True, **kwargs: Any) -> dict[str, Any]:
+def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, native: bool = True,
+               cp_src: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """Fresh-process apply runs: the first with an empty digest cache, then ``repeats`` warm; best of each.
-    ``native=False``: the numpy paths (``DELTAHUB_NATIVE=0``) instead of the native decode kernels."""
-    env = {**os.environ, "DELTAHUB_DIGEST_CACHE": str(cache_dir), "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT),
-           "DELTAHUB_NATIVE": "1" if native else "0"}
+    ``native=False``: the numpy paths (``DELTAHUB_NATIVE=0``) instead of the native decode kernels. With ``cp_src``,
+    ``cp`` of that file is timed just before each warm run, and the median of the paired ratios is reported too
+    (this VM's speed drifts between minutes: a pair taken seconds apart compares like with like)."""
+    env = child_env(work, DELTAHUB_DIGEST_CACHE=str(cache_dir), DELTAHUB_NATIVE="1" if native else "0")
     shutil.rmtree(cache_dir, ignore_errors=True)
-    runs = []
-    for _ in range(1 + repeats):
+    runs, ratios = [], []
+    for i in range(1 + repeats):
+        cp_s = time_cp(cp_src, work, 1) if cp_src is not None and i else None
         p = subprocess.run([sys.executable, "-c", _APPLY_CHILD, str(delta), str(base), str(work / "out"), json.dumps(kwargs)],
                            check=True, capture_output=True, text=True, env=env)
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        if cp_s is not None:
+            ratios.append(runs[-1]["apply_s"] / cp_s)
     shutil.rmtree(work / "out", ignore_errors=True)
     warm = min(runs[1:], key=lambda r: r["apply_s"])
     return {"cold_s": runs[0]["apply_s"], "warm_s": warm["apply_s"], "imports_s": warm["imports_s"],
             "cold_cpu_s": runs[0]["cpu_s"], "warm_cpu_s": min(r["cpu_s"] for r in runs[1:]),
-            "rss_after_imports_mib": warm["rss_after_imports_mib"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+            "rss_after_imports_mib": warm["rss_after_imports_mib"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "paired_ratio": statistics.median(ratios) if ratios else None}
 
 
 def apply_stages(delta_dir: Path, base: Path, work: Path, dtype: Any = None) -> dict[str, float]:
@@ -293,7 +303,7 @@ def half_runs(base: Path, ft: Path, work: Path, repeats: int) -> dict[str, Any]:
             d = work / f"{dtype}-d-{label.split()[-1].strip('()')}"
             if not d.exists():
                 compress(b16, f16, d, progress=False, **kw)
-            r["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests")
+            r["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests", cp_src=f16 / "model.safetensors")
         res[dtype] = r
     return res
 
@@ -302,6 +312,11 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table, first column left-aligned, the others right-aligned."""
     out = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _ratio(run: dict[str, Any]) -> str:
+    """The paired apply / cp ratio of a run, if measured."""
+    return f"{run['paired_ratio']:.1f}x" if run.get("paired_ratio") else ""
 
 
 def _md(results: dict[str, Any]) -> str:
@@ -317,20 +332,21 @@ def _md(results: dict[str, Any]) -> str:
         "## apply (Python, after imports; fresh process per run)", "",
     ]
     numpy_runs = results.get("apply_numpy", {})
-    rows = [[k, f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['warm_s'] / cp:.1f}x", f"{r['cold_cpu_s']:.2f}", f"{r['warm_cpu_s']:.2f}",
+    rows = [[k, f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['warm_s'] / cp:.1f}x", _ratio(r), f"{r['cold_cpu_s']:.2f}", f"{r['warm_cpu_s']:.2f}",
              f"{numpy_runs[k]['warm_s']:.2f}" if k in numpy_runs else "",
              f"{r['peak_rss_mib'] - r['rss_after_imports_mib']:.0f}",
              f"{(r['peak_rss_mib'] - r['rss_after_imports_mib']) / results['largest_shard_mib']:.2f}x"] for k, r in results["apply"].items()]
-    lines += [markdown_table(["delta", "wall, cold digest cache (s)", "wall, warm (s)", "warm / cp", "CPU cold (s)", "CPU warm (s)",
+    lines += [markdown_table(["delta", "wall, cold digest cache (s)", "wall, warm (s)", "warm / cp", "paired / cp", "CPU cold (s)", "CPU warm (s)",
                               "warm, numpy paths (s)", "peak RSS - imports (MiB)", "/ largest shard"], rows), "",
-              "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. Cold: the digest cache "
+              "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. warm / cp: best apply over "
+              "best `cp`; paired / cp: the median over the warm runs of apply / a `cp` timed just before it. Cold: the digest cache "
               "empty, so the base is hashed; warm: the next runs, which hash nothing. Numpy paths: the same warm "
               "runs with `DELTAHUB_NATIVE=0` (no native decode kernels, as on an install without a C compiler).", ""]
     halves = results.get("half", {})
     if halves:
         lines += ["## apply of the same pair in 16-bit dtypes (how most checkpoints ship)", "",
-                  markdown_table(["dtype", "delta", "wall, warm (s)", "`cp` (s)", "warm / cp", "CPU warm (s)"],
-                                 [[dt, k, f"{r['warm_s']:.2f}", f"{h['cp_s']:.2f}", f"{r['warm_s'] / h['cp_s']:.1f}x", f"{r['warm_cpu_s']:.2f}"]
+                  markdown_table(["dtype", "delta", "wall, warm (s)", "`cp` (s)", "warm / cp", "paired / cp", "CPU warm (s)"],
+                                 [[dt, k, f"{r['warm_s']:.2f}", f"{h['cp_s']:.2f}", f"{r['warm_s'] / h['cp_s']:.1f}x", _ratio(r), f"{r['warm_cpu_s']:.2f}"]
                                   for dt, h in halves.items() for k, r in h["apply"].items()]),
                   "", f"The fine-tune is {next(iter(halves.values()))['ft_mb']:.0f} MB in 16 bits: half the bytes of the float32 "
                   "pair, the same number of weights to decode.", ""]
@@ -373,14 +389,14 @@ def main() -> None:
                            "repeats": a.repeats, "ft_mb": sum(p.stat().st_size for p in shards) / 1e6,
                            "largest_shard_mib": shards[-1].stat().st_size / 2**20}
     res["cp_s"] = time_cp(shards[-1], a.work, max(a.repeats, 3))
-    res["imports"] = time_imports(a.repeats)
+    res["imports"] = time_imports(a.repeats, a.work)
     res["apply"], res["apply_numpy"] = {}, {}
     for label, d in deltas.items():
-        res["apply"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests")
+        res["apply"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests", cp_src=shards[-1])
         res["apply_numpy"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests", native=False)
         print(label, res["apply"][label], res["apply_numpy"][label]["warm_s"], flush=True)
     res["apply"]["default policy, --dtype bfloat16"] = apply_runs(deltas[DEFAULT], base, a.work, a.repeats, a.work / "digests",
-                                                                  dtype="bfloat16")
+                                                                  cp_src=shards[-1], dtype="bfloat16")
     if not a.no_half:
         res["half"] = half_runs(base, ft, a.work, a.repeats)
     if not a.no_stages:

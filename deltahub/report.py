@@ -6,9 +6,9 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported by the table builders only (compress and apply use the size helpers)
+    from rich.table import Table
 
-if TYPE_CHECKING:
     from .format.manifest import Manifest
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -124,9 +124,16 @@ def group_rows(manifest: Manifest, aux_bytes: int | None = None, directory_bytes
     return rows
 
 
+def _table(**kwargs: Any) -> Table:
+    """A rich table (rich is imported on first use: a library compress needs none)."""
+    from rich.table import Table
+
+    return Table(**kwargs)
+
+
 def group_table(rows: list[dict[str, Any]]) -> Table:
     """The ``deltahub info`` table of bytes by tensor group (and aux files, manifest) vs the fp16 fine-tune."""
-    table = Table(title="bytes by part of the model", title_justify="left")
+    table = _table(title="bytes by part of the model", title_justify="left")
     for col in ("part", "tensors", "params", "stored", "share", "vs fp16"):
         table.add_column(col, justify="left" if col == "part" else "right")
     total = rows[-1]["bytes"] or 1
@@ -141,7 +148,7 @@ def group_table(rows: list[dict[str, Any]]) -> Table:
 
 def storage_table(manifest: Manifest, title: str | None = None) -> Table:
     """The ``deltahub info`` size table."""
-    table = Table(title=title, title_justify="left")
+    table = _table(title=title, title_justify="left")
     for col, just in (("codec", "left"), ("tensors", "right"), ("params", "right"), ("share", "right"),
                       ("stored", "right"), ("bits/weight", "right"), ("vs fp16", "right"), ("delta rel. L2", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -184,7 +191,7 @@ def auto_table(manifest: Manifest, title: str | None = "auto: chosen per tensor"
     rows = auto_rows(manifest)
     if not rows:
         return None
-    table = Table(title=title, title_justify="left")
+    table = _table(title=title, title_justify="left")
     for col, just in (("choice", "left"), ("tensors", "right"), ("params", "right"), ("stored", "right"),
                       ("vs fp16", "right"), ("metric", "left"), ("mean error", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -197,7 +204,7 @@ def auto_table(manifest: Manifest, title: str | None = "auto: chosen per tensor"
 
 def tensor_table(manifest: Manifest, limit: int | None = None) -> Table:
     """Per-tensor rows: codec, shape, dtype, stored bytes, bits/weight, relative L2 of the delta."""
-    table = Table(title_justify="left")
+    table = _table(title_justify="left")
     for col in ("tensor", "codec", "shape", "dtype", "stored", "bits/weight", "rel. L2"):
         table.add_column(col, justify="left" if col in ("tensor", "codec", "shape", "dtype") else "right")
     items = list(manifest.tensors.items())[: limit or None]

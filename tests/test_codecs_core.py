@@ -164,6 +164,31 @@ def test_unknown_codec_lists_known_ones() -> None:
     assert {"bitdelta", "raw", "unchanged"} <= set(available_codecs())
 
 
+def test_get_codec_imports_only_the_named_codec() -> None:
+    """Rebuilding a delta loads the codecs it names; a name from a manifest is imported only when it is one of
+    the package's codec modules (never a path, a private module or ``base``)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deltahub.codecs import get_codec\n"
+        "from deltahub.errors import CodecError\n"
+        "assert get_codec('lowrank-mp').name == 'lowrank-mp'\n"
+        "assert 'deltahub.codecs.bitdelta' not in sys.modules and 'deltahub.codecs.deltadq' not in sys.modules\n"
+        "for bad in ('../raw', 'base', '_native', 'os', 'deltadq.x', '', None, ['raw']):\n"
+        "    try:\n"
+        "        get_codec(bad)\n"
+        "    except CodecError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
+        "assert 'os' not in [m.rsplit('.', 1)[-1] for m in sys.modules if m.startswith('deltahub.codecs.')]\n"
+        "assert get_codec('deltadq').name == 'deltadq'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_nan_delta_is_refused_by_bitdelta() -> None:
     codec = get_codec("bitdelta")
     base = torch.zeros(2, 2)
