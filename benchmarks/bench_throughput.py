@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,28 +144,21 @@ def time_imports(repeats: int, work: Path) -> dict[str, float]:
     return {**out, "python": py}
 
 
-def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, native: bool = True,
-               cp_src: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+def apply_runs(delta: Path, base: Path, work: Path, repeats: int, cache_dir: Path, native: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Fresh-process apply runs: the first with an empty digest cache, then ``repeats`` warm; best of each.
-    ``native=False``: the numpy paths (``DELTAHUB_NATIVE=0``) instead of the native decode kernels. With ``cp_src``,
-    ``cp`` of that file is timed just before each warm run, and the median of the paired ratios is reported too
-    (this VM's speed drifts between minutes: a pair taken seconds apart compares like with like)."""
+    ``native=False``: the numpy paths (``DELTAHUB_NATIVE=0``) instead of the native decode kernels."""
     env = child_env(work, DELTAHUB_DIGEST_CACHE=str(cache_dir), DELTAHUB_NATIVE="1" if native else "0")
     shutil.rmtree(cache_dir, ignore_errors=True)
-    runs, ratios = [], []
-    for i in range(1 + repeats):
-        cp_s = time_cp(cp_src, work, 1) if cp_src is not None and i else None
+    runs = []
+    for _ in range(1 + repeats):
         p = subprocess.run([sys.executable, "-c", _APPLY_CHILD, str(delta), str(base), str(work / "out"), json.dumps(kwargs)],
                            check=True, capture_output=True, text=True, env=env)
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-        if cp_s is not None:
-            ratios.append(runs[-1]["apply_s"] / cp_s)
     shutil.rmtree(work / "out", ignore_errors=True)
     warm = min(runs[1:], key=lambda r: r["apply_s"])
     return {"cold_s": runs[0]["apply_s"], "warm_s": warm["apply_s"], "imports_s": warm["imports_s"],
             "cold_cpu_s": runs[0]["cpu_s"], "warm_cpu_s": min(r["cpu_s"] for r in runs[1:]),
-            "rss_after_imports_mib": warm["rss_after_imports_mib"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-            "paired_ratio": statistics.median(ratios) if ratios else None}
+            "rss_after_imports_mib": warm["rss_after_imports_mib"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
 
 
 def apply_stages(delta_dir: Path, base: Path, work: Path, dtype: Any = None) -> dict[str, float]:
@@ -303,7 +295,7 @@ def half_runs(base: Path, ft: Path, work: Path, repeats: int) -> dict[str, Any]:
             d = work / f"{dtype}-d-{label.split()[-1].strip('()')}"
             if not d.exists():
                 compress(b16, f16, d, progress=False, **kw)
-            r["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests", cp_src=f16 / "model.safetensors")
+            r["apply"][label] = apply_runs(d, b16, work, repeats, work / "digests")
         res[dtype] = r
     return res
 
@@ -314,39 +306,34 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _ratio(run: dict[str, Any]) -> str:
-    """The paired apply / cp ratio of a run, if measured."""
-    return f"{run['paired_ratio']:.1f}x" if run.get("paired_ratio") else ""
-
-
 def _md(results: dict[str, Any]) -> str:
     """The throughput.md report."""
     cp, imp = results["cp_s"], results["imports"]
     lines = [
         "# Apply / compress throughput", "",
         f"{results['date']}, {results['machine']}; `python benchmarks/bench_throughput.py` (best of {results['repeats']} "
-        "runs, each after `sync`; a 2-core VM, whose run-to-run spread is ~10%).", "",
+        "runs, each after `sync`, in fresh processes with a bytecode cache as an installed package has; a 2-core VM, whose "
+        "run-to-run spread is ~10%).", "",
         f"Yardstick: `cp` of the fine-tune's `model.safetensors` ({results['ft_mb']:.0f} MB, page cache warm): **{cp:.2f} s**. "
         f"Start-up: `import deltahub.cli` {imp['deltahub.cli']:.2f} s, `import deltahub.delta` {imp['deltahub.delta']:.2f} s "
         f"(`python -c pass`: {imp['python']:.2f} s), reported beside, not inside, the apply times.", "",
         "## apply (Python, after imports; fresh process per run)", "",
     ]
     numpy_runs = results.get("apply_numpy", {})
-    rows = [[k, f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['warm_s'] / cp:.1f}x", _ratio(r), f"{r['cold_cpu_s']:.2f}", f"{r['warm_cpu_s']:.2f}",
+    rows = [[k, f"{r['cold_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['warm_s'] / cp:.1f}x", f"{r['cold_cpu_s']:.2f}", f"{r['warm_cpu_s']:.2f}",
              f"{numpy_runs[k]['warm_s']:.2f}" if k in numpy_runs else "",
              f"{r['peak_rss_mib'] - r['rss_after_imports_mib']:.0f}",
              f"{(r['peak_rss_mib'] - r['rss_after_imports_mib']) / results['largest_shard_mib']:.2f}x"] for k, r in results["apply"].items()]
-    lines += [markdown_table(["delta", "wall, cold digest cache (s)", "wall, warm (s)", "warm / cp", "paired / cp", "CPU cold (s)", "CPU warm (s)",
+    lines += [markdown_table(["delta", "wall, cold digest cache (s)", "wall, warm (s)", "warm / cp", "CPU cold (s)", "CPU warm (s)",
                               "warm, numpy paths (s)", "peak RSS - imports (MiB)", "/ largest shard"], rows), "",
-              "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. warm / cp: best apply over "
-              "best `cp`; paired / cp: the median over the warm runs of apply / a `cp` timed just before it. Cold: the digest cache "
+              "Wall = `apply_delta` alone, imports excluded; CPU = user + sys of the same call. Cold: the digest cache "
               "empty, so the base is hashed; warm: the next runs, which hash nothing. Numpy paths: the same warm "
               "runs with `DELTAHUB_NATIVE=0` (no native decode kernels, as on an install without a C compiler).", ""]
     halves = results.get("half", {})
     if halves:
         lines += ["## apply of the same pair in 16-bit dtypes (how most checkpoints ship)", "",
-                  markdown_table(["dtype", "delta", "wall, warm (s)", "`cp` (s)", "warm / cp", "paired / cp", "CPU warm (s)"],
-                                 [[dt, k, f"{r['warm_s']:.2f}", f"{h['cp_s']:.2f}", f"{r['warm_s'] / h['cp_s']:.1f}x", _ratio(r), f"{r['warm_cpu_s']:.2f}"]
+                  markdown_table(["dtype", "delta", "wall, warm (s)", "`cp` (s)", "warm / cp", "CPU warm (s)"],
+                                 [[dt, k, f"{r['warm_s']:.2f}", f"{h['cp_s']:.2f}", f"{r['warm_s'] / h['cp_s']:.1f}x", f"{r['warm_cpu_s']:.2f}"]
                                   for dt, h in halves.items() for k, r in h["apply"].items()]),
                   "", f"The fine-tune is {next(iter(halves.values()))['ft_mb']:.0f} MB in 16 bits: half the bytes of the float32 "
                   "pair, the same number of weights to decode.", ""]
@@ -392,11 +379,11 @@ def main() -> None:
     res["imports"] = time_imports(a.repeats, a.work)
     res["apply"], res["apply_numpy"] = {}, {}
     for label, d in deltas.items():
-        res["apply"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests", cp_src=shards[-1])
+        res["apply"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests")
         res["apply_numpy"][label] = apply_runs(d, base, a.work, a.repeats, a.work / "digests", native=False)
         print(label, res["apply"][label], res["apply_numpy"][label]["warm_s"], flush=True)
     res["apply"]["default policy, --dtype bfloat16"] = apply_runs(deltas[DEFAULT], base, a.work, a.repeats, a.work / "digests",
-                                                                  cp_src=shards[-1], dtype="bfloat16")
+                                                                  dtype="bfloat16")
     if not a.no_half:
         res["half"] = half_runs(base, ft, a.work, a.repeats)
     if not a.no_stages:

@@ -1121,12 +1121,15 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
         sample_scale = matrix_view_shape(full_shape)[0] / len(idx)
     curve = Curve(name, math.prod(full_shape))
     metric_name = _metric_for(job, name)
-    for cname, cparams, c, p in cands:
+    ladders = _ladders(sample_inp, cands)
+    for i, (cname, cparams, c, p) in enumerate(cands):
         # A low-rank error is a property of the whole matrix: those candidates are measured on all of it.
         inp, shape, scale = (full(), full_shape, 1.0) if c.whole_matrix else (sample_inp, sample_shape, sample_scale)
         label = candidate_label(cname, cparams)
         try:
-            enc = c.encode(inp, p)
+            enc = ladders[i] if i in ladders else c.encode(inp, p)
+            if isinstance(enc, CodecError):
+                raise enc
             x = inp.calibration if CALIBRATED_ERRORS else None
             if not c.needs_base:  # an exact codec (raw): no error
                 metric, err, e2 = "exact", 0.0, 0.0
@@ -1147,6 +1150,20 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
         curve.points.append(Point(cname, c.measured_params(p, enc), nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
     return curve
+
+
+def _ladders(inp: EncodeInput, cands: list[tuple[str, dict[str, Any], Any, dict[str, Any]]]) -> dict[int, Any]:
+    """The sample encodings of every codec with several candidates (DeltaDQ's ladder), each codec's settings in one
+    :meth:`~deltahub.codecs.base.Codec.encode_many` call: candidate index -> its result or error."""
+    by_codec: dict[str, list[int]] = {}
+    for i, (_, _, c, _) in enumerate(cands):
+        if not c.whole_matrix:
+            by_codec.setdefault(c.name, []).append(i)
+    out: dict[int, Any] = {}
+    for idx in by_codec.values():
+        if len(idx) > 1:
+            out.update(zip(idx, cands[idx[0]][2].encode_many(inp, [cands[i][3] for i in idx])))
+    return out
 
 
 #: Low-rank candidates are measured only on matrices whose top ``LOWRANK_GATE_RANK`` singular directions hold

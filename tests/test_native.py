@@ -16,6 +16,7 @@ from deltahub.codecs._accel import native_available
 from deltahub.codecs._quant import pack_codes, packed_nbytes
 from deltahub.codecs._rng import group_keep_block, stream_keys
 from deltahub.codecs.deltadq import gather_kept, keep_count, scatter_kept
+from deltahub.errors import CodecError
 
 needs_native = pytest.mark.skipif(not native_available(), reason="the native kernels were not built")
 
@@ -415,6 +416,54 @@ def test_encoder_error_sums_do_not_overflow(monkeypatch: pytest.MonkeyPatch) -> 
         assert math.isfinite(enc.stats["error_l2"])
 
 
+def _same_encoded(a: object, b: object) -> bool:
+    """Two encode results (or errors) alike bit for bit: params, stats, stored tensors; errors by type and text."""
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return type(a) is type(b) and str(a) == str(b)
+    return (a.params == b.params and a.stats == b.stats and a.tensors.keys() == b.tensors.keys()  # type: ignore[attr-defined]
+            and all(a.tensors[k].dtype == b.tensors[k].dtype and torch.equal(a.tensors[k], b.tensors[k])  # type: ignore[attr-defined]
+                    for k in a.tensors))  # type: ignore[attr-defined]
+
+
+LADDER = [{"preset": n} for n in ("16x", "32x", "64x", "128x", "256x", "512x")] + [
+    {"p": 0.5, "bits": 4, "parts": 2}, {"p": 0.3, "bits": 3, "parts": 1}, {"p": 0.6, "bits": 8, "parts": 4, "group_size": 10},
+    {"p": 0.75, "bits": 2, "quantizer": "uniform"}, {"p": 0.5, "bits": 1, "parts": 2, "seed": 7, "stream": 3},
+    {"p": 0.5, "bits": 2, "group_size": 7}, {"p": 0.5, "bits": 5, "parts": 1, "entropy": "none"}]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(57, 576), (16, 1536), (3, 20), (1, 70), (300, 40), (0, 40), (60, 576)])
+@pytest.mark.parametrize("kind", ["normal", "heavy", "constant", "three values", "spike", "nan"])
+@pytest.mark.parametrize("table", ["full", "tiny"])
+def test_deltadq_encode_many_is_encode(shape: tuple[int, int], kind: str, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocation's one-call ladder (``encode_many``: native ``dq_ladder``) stores what ``encode`` stores for each
+    setting in turn on the same input, bit for bit, errors included: group sizes that do not divide the row, a NaN
+    delta, a constant one (one distinct value), an empty one, a spike (most values equal). With a tiny cube-root
+    table the ladder's start codebooks do not fit it: those settings are encoded alone, with the same result."""
+    import deltahub.codecs.deltadq as dq
+
+    if table == "tiny":
+        monkeypatch.setattr(dq, "_cbrt_table", lambda n: np.cbrt(np.arange(2, dtype=np.float64)))
+    gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1] + len(kind))
+    base = torch.randn(shape, generator=gen)
+    delta = {"normal": lambda: torch.randn(shape, generator=gen) * 1e-3,
+             "heavy": lambda: torch.randn(shape, generator=gen) ** 5 * 1e-3,
+             "constant": lambda: torch.full(shape, 1e-3),
+             "three values": lambda: (torch.randint(0, 3, shape, generator=gen).float() - 1) * 1e-3,
+             "spike": lambda: torch.zeros(shape).index_fill_(-1, torch.tensor([0]), 1e-2),
+             "nan": lambda: torch.randn(shape, generator=gen).index_fill_(-1, torch.tensor([1]), float("nan"))}[kind]()
+    codec = get_codec("deltadq")
+    settings = [codec.validate_params(dict(s)) for s in LADDER]
+    many = codec.encode_many(EncodeInput(name="m.w", finetuned=base + delta, base=base), settings)
+    one = EncodeInput(name="m.w", finetuned=base + delta, base=base)
+    for params, got in zip(settings, many):
+        try:
+            want: object = codec.encode(one, params)
+        except CodecError as exc:
+            want = exc
+        assert _same_encoded(got, want), (params, got, want)
+
+
 @needs_native
 def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
     from deltahub.codecs._accel import native
@@ -441,6 +490,20 @@ def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
         nat.spread_sums(f, 2, 4, [4, 2])  # not ascending
     with pytest.raises(ValueError):
         nat.spread_sums(f, 1, 8, [3])  # neither a power of two nor the row
+    cbrt = np.cbrt(np.arange(64, dtype=np.float64))
+    for bad in [(1, 2, 3, 1, 2, 2),  # a group size that does not divide the 8 elements
+                (1, 2, 4, 5, 2, 2),  # keeps more than the group
+                (1, 2, 4, 0, 2, 2), (1, 2, 4, 2, 9, 1), (1, 2, 4, 2, 2, 3), (1, 2, 4, 2, 2, 8), (1, 2, 0, 1, 2, 1)]:
+        with pytest.raises(ValueError):
+            nat.dq_ladder(f, [bad], cbrt, 1 << 16, 100)
+    with pytest.raises(ValueError):
+        nat.dq_ladder(f, [(1, 2, 4, 2, 2, 2)], cbrt, 0, 100)  # no fit sample
+    with pytest.raises(TypeError):
+        nat.dq_ladder(f, [(1, 2, 4)], cbrt, 1 << 16, 100)
+    spike = np.zeros(64, dtype=np.float32)
+    spike[::4] = 1.0  # most kept values are 0: the first start bin holds many of them
+    assert nat.dq_ladder(spike, [(1, 2, 4, 2, 2, 2)], cbrt[:2], 1 << 16, 100) == [None]  # a bin outgrows the table
+    assert nat.dq_ladder(spike, [(1, 2, 4, 2, 2, 2)], cbrt, 1 << 16, 100)[0] is not None
 
 
 @needs_native

@@ -1126,28 +1126,12 @@ static inline size_t upper_bound_f(const float *s, size_t n, float v) {
  * edges rounded to float32, counts by binary search, cube roots from cbrt_f64[count] (numpy's own values:
  * cbrt_f64[c] = cbrt(c)), sequential float64 prefix sums, quantiles by searchsorted side="left"). No
  * target_clones: a fused multiply-add would round the edges differently. */
-static PyObject *py_companded_init(PyObject *self, PyObject *args) {
-    Py_buffer srt = {0}, tab = {0}, out = {0};
-    Py_ssize_t bins_;
-    if (!PyArg_ParseTuple(args, "y*ny*w*", &srt, &bins_, &tab, &out)) return NULL;
-    PyObject *ret = NULL;
-    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)out.len / sizeof(float);
-    size_t nt = (size_t)tab.len / sizeof(double);
-    double *cdf = NULL;
-    if (n < 1 || k < 1 || bins_ < 1 || srt.len % sizeof(float) || out.len % sizeof(float) || tab.len % sizeof(double)) {
-        PyErr_SetString(PyExc_ValueError, "companded_init: bad sizes"); goto done;
-    }
-    size_t bins = (size_t)bins_;
-    cdf = (double *)malloc(bins * sizeof(double));
-    if (!cdf) { PyErr_NoMemory(); goto done; }
-    const float *s = (const float *)srt.buf;
-    const double *cb = (const double *)tab.buf;
-    float *o = (float *)out.buf;
-    int fits = 1;
-    Py_BEGIN_ALLOW_THREADS
+static int companded_c(const float *s, size_t n, size_t bins, const double *cb, size_t nt, float *o, size_t k,
+                       double *cdf) {
     double lo = (double)s[0], hi = (double)s[n - 1];
     double width = (hi - lo) / (double)bins, acc = 0.0;
     size_t prev = 0;
+    int fits = 1;
     for (size_t i = 0; i < bins && fits; i++) {
         size_t cut = n;
         if (i + 1 < bins) {
@@ -1183,6 +1167,26 @@ static PyObject *py_companded_init(PyObject *self, PyObject *args) {
             o[j] = (float)v;
         }
     }
+    return fits;
+}
+
+static PyObject *py_companded_init(PyObject *self, PyObject *args) {
+    Py_buffer srt = {0}, tab = {0}, out = {0};
+    Py_ssize_t bins_;
+    if (!PyArg_ParseTuple(args, "y*ny*w*", &srt, &bins_, &tab, &out)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)out.len / sizeof(float);
+    size_t nt = (size_t)tab.len / sizeof(double);
+    double *cdf = NULL;
+    if (n < 1 || k < 1 || bins_ < 1 || srt.len % sizeof(float) || out.len % sizeof(float) || tab.len % sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "companded_init: bad sizes"); goto done;
+    }
+    size_t bins = (size_t)bins_;
+    cdf = (double *)malloc(bins * sizeof(double));
+    if (!cdf) { PyErr_NoMemory(); goto done; }
+    int fits;
+    Py_BEGIN_ALLOW_THREADS
+    fits = companded_c((const float *)srt.buf, n, bins, (const double *)tab.buf, nt, (float *)out.buf, k, cdf);
     Py_END_ALLOW_THREADS
     ret = PyBool_FromLong(fits);
 done:
@@ -1200,12 +1204,39 @@ done:
 static inline uint32_t f32_key(uint32_t u) { return (u & 0x80000000u) ? ~u : (u ^ 0x80000000u); }
 static inline uint32_t key_f32(uint32_t k) { return (k & 0x80000000u) ? (k ^ 0x80000000u) : ~k; }
 
+/* Sorts the n floats of in (as their bits) into out; tmp: n words of scratch. -1 when out of memory. */
+static int sort_f32_c(const uint32_t *in, uint32_t *out, uint32_t *tmp, size_t n) {
+    enum { B = 11, NB = 1 << B };
+    static const int shift[3] = {0, B, 2 * B};
+    size_t (*cnt)[NB] = calloc(3, sizeof(*cnt));
+    if (!cnt) return -1;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t k = f32_key(in[i]);
+        tmp[i] = k;
+        cnt[0][k & (NB - 1)]++;
+        cnt[1][(k >> B) & (NB - 1)]++;
+        cnt[2][k >> (2 * B)]++;
+    }
+    uint32_t *a = tmp, *b = out;
+    for (int pass = 0; pass < 3; pass++) {
+        size_t *c = cnt[pass], sum = 0;
+        for (size_t j = 0; j < NB; j++) { size_t t = c[j]; c[j] = sum; sum += t; }
+        int sh = shift[pass];
+        for (size_t i = 0; i < n; i++) { uint32_t k = a[i]; b[c[(k >> sh) & (NB - 1)]++] = k; }
+        uint32_t *t = a; a = b; b = t;
+    }
+    if (a != out) memcpy(out, a, n * sizeof(uint32_t));  /* (an odd pass count ends in out: never taken) */
+    for (size_t i = 0; i < n; i++) out[i] = key_f32(out[i]);
+    free(cnt);
+    return 0;
+}
+
 static PyObject *py_sort_f32(PyObject *self, PyObject *args) {
     Py_buffer src = {0}, dst = {0};
     if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
     PyObject *ret = NULL;
     uint32_t *tmp = NULL;
-    int ok = 0;
+    int ok;
     if (src.len != dst.len || src.len % sizeof(float)) {
         PyErr_SetString(PyExc_ValueError, "sort_f32: bad sizes"); goto done;
     }
@@ -1213,32 +1244,7 @@ static PyObject *py_sort_f32(PyObject *self, PyObject *args) {
     tmp = (uint32_t *)malloc((n ? n : 1) * sizeof(uint32_t));
     if (!tmp) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    enum { B = 11, NB = 1 << B };
-    static const int shift[3] = {0, B, 2 * B};
-    size_t (*cnt)[NB] = calloc(3, sizeof(*cnt));
-    const uint32_t *in = (const uint32_t *)src.buf;
-    uint32_t *out = (uint32_t *)dst.buf;
-    if (cnt) {
-        for (size_t i = 0; i < n; i++) {
-            uint32_t k = f32_key(in[i]);
-            tmp[i] = k;
-            cnt[0][k & (NB - 1)]++;
-            cnt[1][(k >> B) & (NB - 1)]++;
-            cnt[2][k >> (2 * B)]++;
-        }
-        uint32_t *a = tmp, *b = out;
-        for (int pass = 0; pass < 3; pass++) {
-            size_t *c = cnt[pass], sum = 0;
-            for (size_t j = 0; j < NB; j++) { size_t t = c[j]; c[j] = sum; sum += t; }
-            int sh = shift[pass];
-            for (size_t i = 0; i < n; i++) { uint32_t k = a[i]; b[c[(k >> sh) & (NB - 1)]++] = k; }
-            uint32_t *t = a; a = b; b = t;
-        }
-        if (a != out) memcpy(out, a, n * sizeof(uint32_t));  /* (an odd pass count ends in out: never taken) */
-        for (size_t i = 0; i < n; i++) out[i] = key_f32(out[i]);
-        free(cnt);
-        ok = 1;
-    }
+    ok = sort_f32_c((const uint32_t *)src.buf, (uint32_t *)dst.buf, tmp, n) == 0;
     Py_END_ALLOW_THREADS
     if (!ok) { PyErr_NoMemory(); goto done; }
     ret = Py_None; Py_INCREF(ret);
@@ -1252,22 +1258,8 @@ done:
 /* lloyd(sorted_f32, codebook_f32 (in/out, sorted), iters) -> iterations run: 1-D Lloyd on sorted data,
  * each step exactly what kmeans_codebook's numpy loop computes (float32 midpoints, float64 prefix sums,
  * float64 means rounded to float32, sorted). */
-static PyObject *py_lloyd(PyObject *self, PyObject *args) {
-    Py_buffer srt = {0}, cb = {0};
-    Py_ssize_t iters;
-    if (!PyArg_ParseTuple(args, "y*w*n", &srt, &cb, &iters)) return NULL;
-    PyObject *ret = NULL;
-    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
-    double *csum = NULL;
-    if (k < 1 || k > 256 || srt.len % sizeof(float) || cb.len % sizeof(float) || iters < 0) {
-        PyErr_SetString(PyExc_ValueError, "lloyd: bad sizes"); goto done;
-    }
-    csum = (double *)malloc((n + 1) * sizeof(double));
-    if (!csum) { PyErr_NoMemory(); goto done; }
-    const float *s = (const float *)srt.buf;
-    float *c = (float *)cb.buf;
+static Py_ssize_t lloyd_c(const float *s, size_t n, float *c, size_t k, Py_ssize_t iters, double *csum) {
     Py_ssize_t it = 0;
-    Py_BEGIN_ALLOW_THREADS
     csum[0] = 0.0;
     for (size_t i = 0; i < n; i++) csum[i + 1] = csum[i] + (double)s[i];
     size_t cuts[257];
@@ -1284,6 +1276,24 @@ static PyObject *py_lloyd(PyObject *self, PyObject *args) {
         if (!memcmp(nw, c, k * sizeof(float))) break;
         memcpy(c, nw, k * sizeof(float));
     }
+    return it;
+}
+
+static PyObject *py_lloyd(PyObject *self, PyObject *args) {
+    Py_buffer srt = {0}, cb = {0};
+    Py_ssize_t iters;
+    if (!PyArg_ParseTuple(args, "y*w*n", &srt, &cb, &iters)) return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)srt.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
+    double *csum = NULL;
+    if (k < 1 || k > 256 || srt.len % sizeof(float) || cb.len % sizeof(float) || iters < 0) {
+        PyErr_SetString(PyExc_ValueError, "lloyd: bad sizes"); goto done;
+    }
+    csum = (double *)malloc((n + 1) * sizeof(double));
+    if (!csum) { PyErr_NoMemory(); goto done; }
+    Py_ssize_t it;
+    Py_BEGIN_ALLOW_THREADS
+    it = lloyd_c((const float *)srt.buf, n, (float *)cb.buf, k, iters, csum);
     Py_END_ALLOW_THREADS
     ret = PyLong_FromSsize_t(it);
 done:
@@ -1326,24 +1336,14 @@ static void assign_codes(uint8_t *codes, const float *kept, float scale, size_t 
     }
 }
 
-static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    Py_buffer kept = {0}, cb = {0}, codes = {0};
-    float scale;
-    int stats = 0;
-    PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*fy*w*|p", &kept, &scale, &cb, &codes, &stats)) return NULL;
-    size_t n = (size_t)kept.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
-    if (kept.len % sizeof(float) || cb.len % sizeof(float) || k < 1 || k > 256 || (size_t)codes.len != n) {
-        PyErr_SetString(PyExc_ValueError, "quantize: buffers do not fit"); goto done;
-    }
+/* Codes of float32(kept * scale) against the sorted codebook c (k entries), and with stats the float64 sums
+ * (kept^2, err^2, err*kept) into sums. */
+static void quantize_c(uint8_t *o, const float *kp, float scale, size_t n, const float *c, size_t k, int stats,
+                       double sums[3]) {
     float mids[255];
-    const float *c = (const float *)cb.buf;
     for (size_t j = 0; j + 1 < k; j++) mids[j] = (c[j] + c[j + 1]) / 2.0f;
-    const float *kp = (const float *)kept.buf;
-    uint8_t *o = (uint8_t *)codes.buf;
-    double k2 = 0.0, q2 = 0.0, qd = 0.0;
-    Py_BEGIN_ALLOW_THREADS
     assign_codes(o, kp, scale, n, mids, k - 1);
+    sums[0] = sums[1] = sums[2] = 0.0;
     if (stats) {
         double a[4] = {0}, b[4] = {0}, d[4] = {0};
         size_t i = 0;
@@ -1356,10 +1356,25 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
             double x = kp[i], e = (double)c[o[i]] - x;
             a[0] += x * x; b[0] += e * e; d[0] += e * x;
         }
-        k2 = (a[0] + a[1]) + (a[2] + a[3]); q2 = (b[0] + b[1]) + (b[2] + b[3]); qd = (d[0] + d[1]) + (d[2] + d[3]);
+        sums[0] = (a[0] + a[1]) + (a[2] + a[3]); sums[1] = (b[0] + b[1]) + (b[2] + b[3]); sums[2] = (d[0] + d[1]) + (d[2] + d[3]);
     }
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    Py_buffer kept = {0}, cb = {0}, codes = {0};
+    float scale;
+    int stats = 0;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*fy*w*|p", &kept, &scale, &cb, &codes, &stats)) return NULL;
+    size_t n = (size_t)kept.len / sizeof(float), k = (size_t)cb.len / sizeof(float);
+    if (kept.len % sizeof(float) || cb.len % sizeof(float) || k < 1 || k > 256 || (size_t)codes.len != n) {
+        PyErr_SetString(PyExc_ValueError, "quantize: buffers do not fit"); goto done;
+    }
+    double sums[3];
+    Py_BEGIN_ALLOW_THREADS
+    quantize_c((uint8_t *)codes.buf, (const float *)kept.buf, scale, n, (const float *)cb.buf, k, stats, sums);
     Py_END_ALLOW_THREADS
-    ret = Py_BuildValue("(ddd)", k2, q2, qd);
+    ret = Py_BuildValue("(ddd)", sums[0], sums[1], sums[2]);
 done:
     PyBuffer_Release(&kept);
     PyBuffer_Release(&cb);
@@ -1418,6 +1433,27 @@ static inline void bw_flush(bitw_t *w) {
     }
 }
 
+/* Packs codes into the part stream pw (pbits > 0) and the low streams lw[part] (lbits > 0), buffers sized by
+ * packed_nbytes of their counts. */
+static void pack_split(const uint8_t *c, size_t n, unsigned pbits, unsigned lbits, bitw_t *pw, bitw_t *lw) {
+    unsigned lmask = (1u << lbits) - 1, pmask = (1u << pbits) - 1;
+    if (pbits && lbits) {
+        for (size_t i = 0; i < n; i++) {
+            unsigned p = (c[i] >> lbits) & pmask;
+            bw_put(pw, p, pbits);
+            bw_put(&lw[p], c[i] & lmask, lbits);
+        }
+    } else if (pbits) {
+        for (size_t i = 0; i < n; i++) bw_put(pw, (c[i] >> lbits) & pmask, pbits);
+    } else if (lbits == 8) {
+        memcpy(lw[0].p, c, n);
+    } else {
+        for (size_t i = 0; i < n; i++) bw_put(&lw[0], c[i] & lmask, lbits);
+    }
+    if (pbits) bw_flush(pw);
+    if (lbits) for (unsigned j = 0; j < (1u << pbits); j++) bw_flush(&lw[j]);
+}
+
 /* split_pack(codes_u8, bits, parts) -> (part stream or None, [low stream of each part] or None): separate
  * quantization's streams packed as pack_codes packs them (part = code >> lbits, low = code & (2^lbits-1);
  * the lows of part j in order form stream j). Streams are bytearrays of exactly ceil(count * b / 8) bytes. */
@@ -1431,7 +1467,7 @@ static PyObject *py_split_pack(PyObject *self, PyObject *args) {
     if (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) {
         PyErr_SetString(PyExc_ValueError, "split_pack: bad bits / parts"); goto done;
     }
-    unsigned lbits = bits - pbits, lmask = (1u << lbits) - 1, pmask = (1u << pbits) - 1;
+    unsigned lbits = bits - pbits, pmask = (1u << pbits) - 1;
     size_t n = (size_t)codes.len;
     const uint8_t *c = (const uint8_t *)codes.buf;
     uint64_t counts[256] = {0};
@@ -1456,27 +1492,153 @@ static PyObject *py_split_pack(PyObject *self, PyObject *args) {
         }
     } else { Py_INCREF(Py_None); lows = Py_None; }
     Py_BEGIN_ALLOW_THREADS
-    if (pbits && lbits) {
-        for (size_t i = 0; i < n; i++) {
-            unsigned p = (c[i] >> lbits) & pmask;
-            bw_put(&pw, p, pbits);
-            bw_put(&lw[p], c[i] & lmask, lbits);
-        }
-    } else if (pbits) {
-        for (size_t i = 0; i < n; i++) bw_put(&pw, (c[i] >> lbits) & pmask, pbits);
-    } else if (lbits == 8) {
-        memcpy(lw[0].p, c, n);
-    } else {
-        for (size_t i = 0; i < n; i++) bw_put(&lw[0], c[i] & lmask, lbits);
-    }
-    if (pbits) bw_flush(&pw);
-    if (lbits) for (unsigned j = 0; j < parts; j++) bw_flush(&lw[j]);
+    pack_split(c, n, pbits, lbits, &pw, lw);
     Py_END_ALLOW_THREADS
     ret = PyTuple_Pack(2, part_obj, lows);
 done:
     Py_XDECREF(part_obj);
     Py_XDECREF(lows);
     PyBuffer_Release(&codes);
+    return ret;
+}
+
+/* dq_ladder(delta_f32, settings, cbrt_f64, fit_max, iters) -> [result or None per setting]: DeltaDQ's native kmeans
+ * encoder (deltadq.DeltaDQ.encode) for several settings of one delta in one call, as the allocation measures its
+ * ladder on a row sample. settings: (k1, k2, group_size, keep, bits, parts) tuples. For each, exactly the steps of
+ * encode: the kept values (gather), the fit sample (every ceil(n / fit_max)-th kept value, times float32(g / keep)),
+ * sorted, its companded start (_companded_init; cbrt_f64[c] = cbrt(c)), Lloyd, the codes and error sums (quantize)
+ * and the packed streams (split_pack). A result is (codebook float32 bytes, (sum kept^2, sum err^2, sum err*kept),
+ * part stream or None, [low streams] or None); None where the companded start needs a larger cube-root table (the
+ * caller encodes that setting alone). */
+typedef struct {
+    uint32_t k1, k2;
+    size_t g, keep, nk, k, cnt[256];
+    unsigned bits, pbits, lbits;
+    float *kept, cb[256];
+    uint8_t *codes;
+    double sums[3];
+    int ok;
+} ladder_t;
+
+static PyObject *py_dq_ladder(PyObject *self, PyObject *args) {
+    Py_buffer d = {0}, tab = {0};
+    PyObject *settings, *seq = NULL, *ret = NULL;
+    Py_ssize_t fit_max, iters;
+    if (!PyArg_ParseTuple(args, "y*Oy*nn", &d, &settings, &tab, &fit_max, &iters)) return NULL;
+    ladder_t *L = NULL;
+    Py_ssize_t ns = 0;
+    size_t length = (size_t)d.len / sizeof(float), nt = (size_t)tab.len / sizeof(double);
+    seq = PySequence_Fast(settings, "settings must be a sequence");
+    if (!seq) goto done;
+    ns = PySequence_Fast_GET_SIZE(seq);
+    if (d.len % sizeof(float) || tab.len % sizeof(double) || fit_max < 1 || iters < 0 || ns > 64) {
+        PyErr_SetString(PyExc_ValueError, "dq_ladder: bad arguments"); goto done;
+    }
+    L = (ladder_t *)calloc(ns ? (size_t)ns : 1, sizeof(ladder_t));
+    if (!L) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        unsigned int k1, k2, bits, parts;
+        Py_ssize_t g, keep;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "IInnII", &k1, &k2, &g, &keep, &bits, &parts)) goto done;
+        if (check_groups(0, (Py_ssize_t)length, g, keep)) goto done;
+        unsigned pbits = 0;
+        while ((1u << pbits) < parts) pbits++;
+        if (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) {
+            PyErr_SetString(PyExc_ValueError, "dq_ladder: bad bits / parts"); goto done;
+        }
+        ladder_t *x = &L[i];
+        x->k1 = k1; x->k2 = k2; x->g = (size_t)g; x->keep = (size_t)keep; x->bits = bits; x->pbits = pbits;
+        x->lbits = bits - pbits; x->k = (size_t)1 << bits; x->nk = length / (size_t)g * (size_t)keep;
+        x->kept = (float *)malloc((x->nk ? x->nk : 1) * sizeof(float));
+        x->codes = (uint8_t *)malloc(x->nk ? x->nk : 1);
+        if (!x->kept || !x->codes) { PyErr_NoMemory(); goto done; }
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    size_t most = 1;
+    for (Py_ssize_t i = 0; i < ns; i++) most = L[i].nk > most ? L[i].nk : most;
+    size_t fm = (size_t)fit_max < most ? (size_t)fit_max : most;
+    float *fit = (float *)malloc(fm * sizeof(float)), *srt = (float *)malloc(fm * sizeof(float));
+    uint32_t *tmp = (uint32_t *)malloc(fm * sizeof(uint32_t));
+    double *csum = (double *)malloc((fm + 1) * sizeof(double)), *cdf = (double *)malloc(4096 * sizeof(double));
+    if (!fit || !srt || !tmp || !csum || !cdf) failed = 1;
+    for (Py_ssize_t i = 0; i < ns && !failed; i++) {
+        ladder_t *x = &L[i];
+        walk_t w = {0};
+        w.mode = MODE_GATHER;
+        w.dense = (float *)d.buf;
+        w.kept = x->kept;
+        if (walk_groups(&w, x->k1, x->k2, 0, length, x->g, x->keep) < 0) { failed = 1; break; }
+        float scale = (float)((double)x->g / (double)x->keep);
+        size_t n = x->nk, step = (n + (size_t)fit_max - 1) / (size_t)fit_max, m = 0;
+        if (step < 1) step = 1;
+        for (size_t j = 0; j < n; j += step) fit[m++] = x->kept[j] * scale;
+        x->ok = 1;
+        if (m == 0) {
+            for (size_t j = 0; j < x->k; j++) x->cb[j] = 0.0f;
+        } else {
+            if (sort_f32_c((const uint32_t *)fit, (uint32_t *)srt, tmp, m) < 0) { failed = 1; break; }
+            if (!((double)srt[m - 1] > (double)srt[0])) {
+                for (size_t j = 0; j < x->k; j++) x->cb[j] = srt[0];
+            } else {
+                size_t bins = m / 16 > 256 ? m / 16 : 256;
+                if (bins > 4096) bins = 4096;
+                x->ok = companded_c(srt, m, bins, (const double *)tab.buf, nt, x->cb, x->k, cdf);
+            }
+            if (x->ok) lloyd_c(srt, m, x->cb, x->k, iters, csum);
+        }
+        if (!x->ok) continue;
+        quantize_c(x->codes, x->kept, scale, n, x->cb, x->k, 1, x->sums);
+        if (x->pbits) {
+            unsigned pmask = (1u << x->pbits) - 1;
+            for (size_t j = 0; j < n; j++) x->cnt[(x->codes[j] >> x->lbits) & pmask]++;
+        } else x->cnt[0] = n;
+    }
+    free(fit); free(srt); free(tmp); free(csum); free(cdf);
+    Py_END_ALLOW_THREADS
+    if (failed) { PyErr_NoMemory(); goto done; }
+    ret = PyList_New(ns);
+    if (!ret) goto done;
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        ladder_t *x = &L[i];
+        if (!x->ok) { Py_INCREF(Py_None); PyList_SET_ITEM(ret, i, Py_None); continue; }
+        unsigned parts = 1u << x->pbits;
+        bitw_t pw = {0}, lw[256];
+        memset(lw, 0, sizeof lw);
+        PyObject *cb = PyByteArray_FromStringAndSize((const char *)x->cb, (Py_ssize_t)(x->k * sizeof(float)));
+        PyObject *part = NULL, *lows = NULL, *item = NULL;
+        if (!cb) goto fail;
+        if (x->pbits) {
+            part = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(x->nk, x->pbits));
+            if (!part) goto fail;
+            pw.p = (uint8_t *)PyByteArray_AS_STRING(part);
+        } else { Py_INCREF(Py_None); part = Py_None; }
+        if (x->lbits) {
+            lows = PyList_New(parts);
+            if (!lows) goto fail;
+            for (unsigned j = 0; j < parts; j++) {
+                PyObject *b = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(x->cnt[j], x->lbits));
+                if (!b) goto fail;
+                PyList_SET_ITEM(lows, j, b);
+                lw[j].p = (uint8_t *)PyByteArray_AS_STRING(b);
+            }
+        } else { Py_INCREF(Py_None); lows = Py_None; }
+        pack_split(x->codes, x->nk, x->pbits, x->lbits, &pw, lw);
+        item = Py_BuildValue("(N(ddd)NN)", cb, x->sums[0], x->sums[1], x->sums[2], part, lows);
+        if (!item) { cb = part = lows = NULL; goto fail; }  /* N steals even on failure */
+        PyList_SET_ITEM(ret, i, item);
+        continue;
+    fail:
+        Py_XDECREF(cb); Py_XDECREF(part); Py_XDECREF(lows);
+        Py_CLEAR(ret);
+        goto done;
+    }
+done:
+    if (L) for (Py_ssize_t i = 0; i < ns; i++) { free(L[i].kept); free(L[i].codes); }
+    free(L);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&tab);
     return ret;
 }
 
@@ -1713,6 +1875,7 @@ static PyMethodDef methods[] = {
     {"companded_init", py_companded_init, METH_VARARGS, "k-means start codebook at the companded quantiles."},
     {"sort_f32", py_sort_f32, METH_VARARGS, "Ascending sort of float32 values (radix sort) into a buffer."},
     {"lloyd", py_lloyd, METH_VARARGS, "1-D Lloyd iterations on sorted float32 values (k-means codebook)."},
+    {"dq_ladder", py_dq_ladder, METH_VARARGS, "DeltaDQ's kmeans encoder for several settings of one delta at once."},
     {"quantize", py_quantize, METH_VARARGS, "Nearest-centroid codes, and the error sums against the kept values."},
     {"sumsq", py_sumsq, METH_VARARGS, "float64 sum of squares of float32 values."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "BitDelta: the packed sign bits (delta >= 0) of a float32 matrix."},

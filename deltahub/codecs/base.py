@@ -200,6 +200,18 @@ class Codec(ABC):
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
         """Compress one tensor. ``params`` were validated by :meth:`validate_params`."""
 
+    def encode_many(self, inp: EncodeInput, params_list: list[dict[str, Any]]) -> list[Encoded | CodecError]:
+        """:meth:`encode` of one tensor with each of several settings (the allocation measures a codec's ladder on
+        one row sample): each result, or the :class:`CodecError` its setting raised. A codec may share work between
+        the settings (DeltaDQ: one native call for all); the results are those :meth:`encode` gives."""
+        out: list[Encoded | CodecError] = []
+        for params in params_list:
+            try:
+                out.append(self.encode(inp, params))
+            except CodecError as exc:
+                out.append(exc)
+        return out
+
     def decode_delta(
         self, stored: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, ...]
     ) -> torch.Tensor:

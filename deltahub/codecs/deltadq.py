@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from . import register_codec
-from ._quant import (QUANTIZERS, dequantize_uniform, fit_sample, kmeans_codebook, kmeans_fit, load_packed, load_stream,
-                     merge_parts, num_groups, packed_nbytes, quantize_uniform, split_parts, store_stream, stored_bytes)
+from ._quant import (CBRT_NATIVE_MAX, KMEANS_FIT_MAX, KMEANS_ITERS, QUANTIZERS, _cbrt_table, dequantize_uniform, fit_sample,
+                     kmeans_codebook, kmeans_fit, load_packed, load_stream, merge_parts, num_groups, packed_nbytes,
+                     quantize_uniform, split_parts, store_stream, stored_bytes)
 from ._accel import HALF_KINDS, native
 from ._rng import block_ranges, check_seed, group_keep_block, map_blocks, name_stream, stream_keys
 from .base import (SUMSQ_BLOCK, Codec, EncodeInput, Encoded, StoredSpec, check_range, expect_stored, matrix_view_shape,
@@ -298,6 +299,19 @@ def _stats_from_sums(d2: float, k2: float, q2: float, qd: float) -> dict[str, fl
     return {"delta_l2": math.sqrt(d2), "error_l2": math.sqrt(max(d2 - k2, 0.0) + q2), "error_dot": qd - (d2 - k2)}
 
 
+def _native_encoded(d2: float, out: dict[str, Any], codebook: torch.Tensor, sums: tuple[float, float, float],
+                    part: bytearray | None, lows: list[bytearray] | None) -> Encoded:
+    """The :class:`Encoded` of the native k-means path from its codebook, error sums and packed streams (each stream
+    stored as a zstd frame when that is smaller and ``out``'s entropy is ``zstd``)."""
+    entropy = out["entropy"] == "zstd"
+    tensors = {"codebook": codebook}
+    if part is not None:
+        tensors["part"] = stored_bytes(_bytes_tensor(part), entropy=entropy)
+    for j, low in enumerate(lows or ()):
+        tensors[f"low{j}"] = stored_bytes(_bytes_tensor(low), entropy=entropy)
+    return Encoded(tensors, out, _stats_from_sums(d2, *sums))
+
+
 def _bytes_tensor(buf: bytearray) -> torch.Tensor:
     """A native kernel's bytearray as a uint8 tensor (``torch.frombuffer`` refuses an empty one)."""
     return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
@@ -370,8 +384,53 @@ class DeltaDQ(Codec):
         return params
 
     def encode(self, inp: EncodeInput, params: dict[str, Any]) -> Encoded:
+        d2, d2d, g, keep, out = self._setting(inp, params)
+        nat = native() if d2d.dtype == torch.float32 else None
+        kept = gather_kept(d2d.reshape(-1), params["seed"], out["stream"], g, keep)
+        if params["quantizer"] == "kmeans" and nat is not None:
+            # Native: codes, error sums and the packed streams in three passes over the kept values.
+            # The kept values rescaled, float32(kept * (g / keep)), only for the fit sample; the kernel rescales the rest.
+            codebook = kmeans_fit(fit_sample(kept) * (g / keep), params["bits"])
+            codes = np.empty(kept.numel(), dtype=np.uint8)
+            sums = nat.quantize(kept.numpy(), g / keep, codebook.numpy(), codes, True)
+            return _native_encoded(d2, out, codebook, sums, *nat.split_pack(codes, params["bits"], params["parts"]))
+        return self._numpy_encode(kept, d2, g, keep, params, out)
+
+    def encode_many(self, inp: EncodeInput, params_list: list[dict[str, Any]]) -> list[Encoded | CodecError]:
+        """The k-means settings of float32 deltas in one native call (:func:`_native.dq_ladder`: the same bytes as
+        :meth:`encode`, without a Python round trip per step); the others one by one."""
+        nat = native() if inp.delta.dtype == torch.float32 else None
+        results: list[Encoded | CodecError | None] = [None] * len(params_list)
+        batch: list[tuple[int, float, torch.Tensor, dict[str, Any], int, int]] = []
+        for i, params in enumerate(params_list):
+            try:
+                if nat is None or params["quantizer"] != "kmeans":
+                    results[i] = self.encode(inp, params)
+                    continue
+                d2, d2d, g, keep, out = self._setting(inp, params)
+            except CodecError as exc:
+                results[i] = exc
+                continue
+            batch.append((i, d2, d2d, out, g, keep))
+        if batch:
+            d2d = batch[0][2]
+            fit_most = min(max(d2d.numel() // g * keep for _, _, _, _, g, keep in batch), KMEANS_FIT_MAX)
+            settings = [(*stream_keys(out["seed"], out["stream"]), g, keep, out["bits"], out["parts"])
+                        for _, _, _, out, g, keep in batch]
+            done = nat.dq_ladder(d2d.reshape(-1).numpy(), settings, _cbrt_table(min(fit_most, CBRT_NATIVE_MAX)),
+                                 KMEANS_FIT_MAX, KMEANS_ITERS)
+            for (i, d2, _, out, _, _), r in zip(batch, done):
+                if r is None:  # the companded start needs the numpy lines: this setting alone
+                    results[i] = self.encode(inp, params_list[i])
+                else:
+                    cb, sums, part, lows = r
+                    results[i] = _native_encoded(d2, out, torch.frombuffer(cb, dtype=torch.float32), sums, part, lows)
+        return results  # type: ignore[return-value]
+
+    def _setting(self, inp: EncodeInput, params: dict[str, Any]) -> tuple[float, torch.Tensor, int, int, dict[str, Any]]:
+        """What every setting of :meth:`encode` starts from: ``(||D||^2, the [rows, cols] delta, group size, keep
+        count, the stored params)``; a delta with NaN / Inf or a group size that does not divide the row raise."""
         delta = inp.delta
-        nat = native() if delta.dtype == torch.float32 else None
         rows, cols = matrix_view_shape(delta.shape)
         d2d = delta.reshape(rows, cols)
         if params["group_size"] == "auto" and inp.calibration is None:
@@ -387,27 +446,17 @@ class DeltaDQ(Codec):
         elif cols % g:
             raise InvalidCodecParamsError(
                 f"codec 'deltadq': group_size={g} does not divide the last dimension ({cols}) of tensor {inp.name!r}")
-        keep = keep_count(p, g)
         stream = params["stream"] if params["stream"] is not None else name_stream(inp.name)
-        kept = gather_kept(d2d.reshape(-1), params["seed"], stream, g, keep)
         out = {"p": p, "bits": bits, "parts": parts, "group_size": g, "quantizer": params["quantizer"],
                "seed": params["seed"], "stream": stream, "entropy": params["entropy"]}
+        return d2, d2d, g, keep_count(p, g), out
+
+    def _numpy_encode(self, kept: torch.Tensor, d2: float, g: int, keep: int, params: dict[str, Any],
+                      out: dict[str, Any]) -> Encoded:
+        """:meth:`encode` without the native kernels (or with the uniform quantizer)."""
+        bits, parts = params["bits"], params["parts"]
         tensors: dict[str, torch.Tensor] = {}
         entropy = params["entropy"] == "zstd"
-        if params["quantizer"] == "kmeans" and nat is not None:
-            # Native: codes, error sums and the packed streams in three passes over the kept values.
-            # The kept values rescaled, float32(kept * (g / keep)), only for the fit sample; the kernel rescales the rest.
-            codebook = kmeans_fit(fit_sample(kept) * (g / keep), bits)
-            tensors["codebook"] = codebook
-            codes = np.empty(kept.numel(), dtype=np.uint8)
-            k2, q2, qd = nat.quantize(kept.numpy(), g / keep, codebook.numpy(), codes, True)
-            stats = _stats_from_sums(d2, k2, q2, qd)
-            part, lows = nat.split_pack(codes, bits, parts)
-            if part is not None:
-                tensors["part"] = stored_bytes(_bytes_tensor(part), entropy=entropy)
-            for j, low in enumerate(lows or ()):
-                tensors[f"low{j}"] = stored_bytes(_bytes_tensor(low), entropy=entropy)
-            return Encoded(tensors, out, stats)
         values = kept * (g / keep)
         if params["quantizer"] == "kmeans":
             codebook, codes_t = kmeans_codebook(values, bits)
