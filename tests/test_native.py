@@ -432,14 +432,15 @@ LADDER = [{"preset": n} for n in ("16x", "32x", "64x", "128x", "256x", "512x")] 
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(57, 576), (16, 1536), (3, 20), (1, 70), (300, 40), (0, 40), (60, 576)])
+@pytest.mark.parametrize("shape", [(57, 576), (16, 1536), (3, 20), (1, 70), (300, 40), (0, 40), (60, 576), (256, 576)])
 @pytest.mark.parametrize("kind", ["normal", "heavy", "constant", "three values", "spike", "nan"])
 @pytest.mark.parametrize("table", ["full", "tiny"])
 def test_deltadq_encode_many_is_encode(shape: tuple[int, int], kind: str, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The allocation's one-call ladder (``encode_many``: native ``dq_ladder``) stores what ``encode`` stores for each
     setting in turn on the same input, bit for bit, errors included: group sizes that do not divide the row, a NaN
-    delta, a constant one (one distinct value), an empty one, a spike (most values equal). With a tiny cube-root
-    table the ladder's start codebooks do not fit it: those settings are encoded alone, with the same result."""
+    delta, a constant one (one distinct value), an empty one, a spike (most values equal), more kept values than the
+    k-means fit sample (every other one fitted). With a tiny cube-root table the ladder's start codebooks do not fit
+    it: those settings are encoded alone, with the same result."""
     import deltahub.codecs.deltadq as dq
 
     if table == "tiny":
