@@ -171,7 +171,7 @@ def _md(res: dict[str, Any]) -> str:
     return "\n".join([
         "# Compress throughput (default policy)", "",
         f"{res['date']}, {res['machine']}; `python benchmarks/bench_compress.py` (best of {res['repeats']} fresh processes, "
-        "from Python after imports, page and digest caches warm).", "",
+        "from Python after imports, page, digest and bytecode caches warm).", "",
         "| pair | kernels | wall (s) | CPU (s) | GB/s of fp16 weights | peak RSS - imports (MiB) | / largest shard | delta (MB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|", *rows, "",
         "`native`: the C kernels (built at install where a compiler is); `numpy`: `DELTAHUB_NATIVE=0`, one run.",
