@@ -1250,9 +1250,12 @@ _PLACEHOLDER_FLOAT = 0.12345678901234567
 
 def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str) -> int:
     """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header
-    entries. The entry without its params and byte count is sized once per tensor, codec and stored roles (every
-    candidate of a tensor differs only there); the params' indented size and the count's digits are added."""
-    fixed = _entry_template_size(name, codec, tuple(shape), dtype, label, tuple((r, t.dim()) for r, t in enc.tensors.items()))
+    entries. The entry without its params and byte count is sized once per name length, shape, codec and stored
+    roles (every candidate of a tensor differs only there, and so do the same matrices of other layers); the
+    params' indented size and the count's digits are added."""
+    # a plain name (json writes it as it is) counts by its length alone: the layers of a model share their templates
+    fixed = _entry_template_size("n" * len(name) if _plain(name) else name, codec, tuple(shape), dtype, label,
+                                 tuple((r, t.dim()) for r, t in enc.tensors.items()))
     params = enc.params
     if not params:
         return fixed + len(str(enc.nbytes)) - 1

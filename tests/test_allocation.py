@@ -92,8 +92,9 @@ def test_manifest_json_size_is_the_indented_dumps_size() -> None:
                                           ("lowrank", {"rank": 4}), ("unchanged", {})])
 @pytest.mark.parametrize("label", ["", "deltadq:preset=16x"])
 def test_entry_overhead_is_the_written_entry_size(codec: str, params: dict, label: str) -> None:
-    """A candidate's manifest and header bytes, sized from a per-tensor template plus its params, equal those of
-    the whole entry written out (json indent 2, nested two levels) for every codec's params and byte counts."""
+    """A candidate's manifest and header bytes, sized from a template plus its params, equal those of the whole
+    entry written out (json indent 2, nested two levels) for every codec's params and byte counts, and for names
+    json writes as they are (the template is shared by names of one length) or escapes."""
     import json
     from types import SimpleNamespace
 
@@ -106,9 +107,10 @@ def test_entry_overhead_is_the_written_entry_size(codec: str, params: dict, labe
     ft = base + torch.randn(64, 96, generator=g) * 1e-2 if codec != "unchanged" else base.clone()
     c = get_codec(codec)
     enc = c.encode(EncodeInput("model.layers.7.self_attn.q_proj.weight", ft, base), c.validate_params(params))
-    for nbytes in (enc.nbytes, 7, 12345678901):  # the count's digits vary with the size
+    names = ("model.layers.7.self_attn.q_proj.weight", "model.layers.17.self_attn.q_proj.weight", "x.layers.7.self_attn.q_pro.weight",
+             "modèle.w", 'a"b\\c.w', "tab\there.w", "ü" * 3)
+    for nbytes, name in itertools.product((enc.nbytes, 7, 12345678901), names):  # the count's digits vary with the size
         enc = SimpleNamespace(tensors=enc.tensors, params=enc.params, nbytes=nbytes)
-        name = "model.layers.7.self_attn.q_proj.weight"
         stats = {"delta_l2": _PLACEHOLDER_FLOAT, "error_l2": _PLACEHOLDER_FLOAT}
         if label:
             stats.update(auto_choice=label, auto_metric="aligned_output", auto_error=_PLACEHOLDER_FLOAT)
