@@ -307,17 +307,31 @@ class _Codecs:
 
     def __init__(self) -> None:
         self._validated: dict[tuple[str, str], dict[str, Any]] = {}
+        self._labels: dict[tuple[str, str], str] = {}
 
-    def get(self, codec_name: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    @staticmethod
+    def _key(codec_name: str, params: dict[str, Any]) -> Any:
         try:  # called per candidate and tensor: a tuple key where the params are hashable
             key: Any = (codec_name, tuple(params.items()))
             hash(key)
         except TypeError:
             key = (codec_name, repr(sorted(params.items())))
+        return key
+
+    def get(self, codec_name: str, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        key = self._key(codec_name, params)
         c = get_codec(codec_name)
         if key not in self._validated:
             self._validated[key] = c.validate_params(params)
         return c, dict(self._validated[key])
+
+    def label(self, codec_name: str, params: dict[str, Any]) -> str:
+        """:func:`candidate_label`, made once per distinct candidate."""
+        key = self._key(codec_name, params)
+        label = self._labels.get(key)
+        if label is None:
+            label = self._labels[key] = candidate_label(codec_name, params)
+        return label
 
     def check_all(self, policy: Policy, candidates: list[tuple[str, dict[str, Any]]]) -> None:
         """Validate every codec the policy (and auto's candidates) names, so a typo fails before any work."""
@@ -1125,7 +1139,7 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
     for i, (cname, cparams, c, p) in enumerate(cands):
         # A low-rank error is a property of the whole matrix: those candidates are measured on all of it.
         inp, shape, scale = (full(), full_shape, 1.0) if c.whole_matrix else (sample_inp, sample_shape, sample_scale)
-        label = candidate_label(cname, cparams)
+        label = job.codecs.label(cname, cparams)
         try:
             enc = ladders[i] if i in ladders else c.encode(inp, p)
             if isinstance(enc, CodecError):
@@ -1145,7 +1159,9 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
             logger.debug("allocation: %s cannot use %s: %s", name, label, exc)
             continue
         fixed = sum(t.numel() * t.element_size() for r, t in enc.tensors.items() if r in c.fixed_size_roles)
-        nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label)
+        stored = enc.nbytes
+        nbytes = fixed + math.ceil((stored - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label,
+                                                                              stored)
         distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
         curve.points.append(Point(cname, c.measured_params(p, enc), nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
@@ -1248,7 +1264,8 @@ _PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 _PLACEHOLDER_FLOAT = 0.12345678901234567
 
 
-def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str) -> int:
+def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str,
+                    nbytes: int | None = None) -> int:
     """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header
     entries. The entry without its params and byte count is sized once per name length, shape, codec and stored
     roles (every candidate of a tensor differs only there, and so do the same matrices of other layers); the
@@ -1257,14 +1274,15 @@ def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dty
     fixed = _entry_template_size("n" * len(name) if _plain(name) else name, codec, tuple(shape), dtype, label,
                                  tuple((r, t.dim()) for r, t in enc.tensors.items()))
     params = enc.params
+    digits = len(str(enc.nbytes if nbytes is None else nbytes))  # (``nbytes``: the caller's enc.nbytes)
     if not params:
-        return fixed + len(str(enc.nbytes)) - 1
+        return fixed + digits - 1
     size = _flat_json_size(params)
     if size is not None:  # one line per item at depth 3 (10 spaces with the manifest's nesting) and the closing brace
         n = len(params)
-        return fixed + size - 2 + n * 11 + 9 + len(str(enc.nbytes)) - 1
+        return fixed + size - 2 + n * 11 + 9 + digits - 1
     extra, lines = _indentation(params, 2)  # the params object sits two levels down: {name: {"params": {...}}}
-    return fixed + len(json.dumps(params, separators=(",", ": "))) - 2 + extra + 4 * lines + len(str(enc.nbytes)) - 1
+    return fixed + len(json.dumps(params, separators=(",", ": "))) - 2 + extra + 4 * lines + digits - 1
 
 
 def _flat_json_size(obj: dict[str, Any]) -> int | None:
@@ -1296,6 +1314,7 @@ def _flat_json_size(obj: dict[str, Any]) -> int | None:
     return size
 
 
+@functools.lru_cache(maxsize=4096)  # the same param keys, values and names come back for every candidate
 def _plain(s: str) -> bool:
     """Whether json writes ``s`` as its characters between quotes (printable ASCII, no quote or backslash)."""
     return s.isascii() and s.isprintable() and '"' not in s and "\\" not in s

@@ -113,6 +113,46 @@ def _tall_pair(root: Path, *, tie: bool = False, unchanged: bool = False) -> tup
     return root / "base.safetensors", root / "ft.safetensors"
 
 
+@pytest.mark.parametrize("gap,span", [(0, 1 << 20), (64, 1 << 20), (10_000, 256), (10_000, 1 << 20), (1 << 20, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_rows_are_the_rows_whatever_reads_they_take(gap: int, span: int, dtype: torch.dtype, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows read by one call per run, by calls that also read (and drop) the rows between close ones, and by
+    calls cut at a span: the rows asked for, in order; rows outside the tensor are refused, a truncated file is a
+    typed error."""
+    import deltahub.format.io as fio
+    from deltahub.errors import CorruptFileError
+    from deltahub.format.io import SafetensorsFile
+
+    monkeypatch.setattr(fio, "ROW_READ_GAP", gap)
+    monkeypatch.setattr(fio, "ROW_READ_SPAN", span)
+    t = torch.randn(300, 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+    save_file({"w": t, "v": torch.ones(3)}, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    reads: list[int] = []
+    orig = f._read_into
+    monkeypatch.setattr(f, "_read_into", lambda view, off: reads.append(len(view)) or orig(view, off))
+    for rows in ([0], [299], list(range(300)), [0, 1, 2, 10, 11, 40, 41, 42, 43, 298, 299], list(range(0, 300, 3)),
+                 list(range(5, 300, 37)), []):
+        reads.clear()
+        got = f.read_rows("w", rows)
+        assert got.dtype == dtype and tuple(got.shape) == (len(rows), 7)
+        assert torch.equal(got, t[rows]) if rows else got.numel() == 0
+        if gap == 0:
+            assert len(reads) == sum(1 for i, r in enumerate(rows) if i == 0 or rows[i - 1] + 1 != r)  # one per run
+        rb = 7 * t.element_size()
+        assert sum(reads) <= len(rows) * (rb + gap)  # at most `gap` bytes read and dropped between two rows
+        if gap >= 37 * rb and span >= 300 * rb and rows:
+            assert len(reads) == 1  # every row asked for is close to the next: one read
+    with pytest.raises(ValueError):
+        f.read_rows("w", [5, 300])
+    f.close()
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) - 2000])
+    with pytest.raises(CorruptFileError):
+        SafetensorsFile(tmp_path / "cut.safetensors").read_rows("w", list(range(200, 300, 2)))
+
+
 @pytest.mark.parametrize("kind", ["plain", "tie", "unchanged"])
 def test_measure_pass_reads_only_sampled_rows_of_tall_tensors(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the base's digests cached, tall matrices are measured from their sampled rows alone (no whole read in

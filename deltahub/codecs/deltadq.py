@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -66,16 +67,21 @@ def keep_count(p: float, group_size: int) -> int:
 def auto_candidates(cols: int, p: float) -> list[int]:
     """Group sizes ``auto`` compares: powers of two dividing ``cols`` whose keep count is a whole,
     non-zero number (``(1 - p) * g`` integral), and ``cols`` itself (rounded keep count)."""
+    return list(_auto_candidates(cols, p, AUTO_MAX_GROUP))
+
+
+@functools.lru_cache(maxsize=1024)  # per row length and drop rate: the allocation asks per setting and matrix
+def _auto_candidates(cols: int, p: float, max_group: int) -> tuple[int, ...]:
     out = []
     g = 2
-    while g <= min(cols, AUTO_MAX_GROUP):
+    while g <= min(cols, max_group):
         exact = (1.0 - p) * g
         if cols % g == 0 and abs(exact - round(exact)) < 1e-9 and round(exact) >= 1:
             out.append(g)
         g *= 2
     if cols not in out and keep_count(p, cols) >= 1:
         out.append(cols)
-    return out
+    return tuple(out)
 
 
 def group_size_errors(delta2d: torch.Tensor, p: float, candidates: list[int],
