@@ -499,6 +499,7 @@ def test_native_encoders_refuse_arguments_that_do_not_fit() -> None:
             nat.dq_ladder(f, [bad], cbrt, 1 << 16, 100)
     with pytest.raises(ValueError):
         nat.dq_ladder(f, [(1, 2, 4, 2, 2, 2)], cbrt, 0, 100)  # no fit sample
+    assert len(nat.dq_ladder(f, [(1, 2, 4, 2, 2, 2)] * 100, cbrt, 1 << 16, 100)) == 100  # any number of settings
     with pytest.raises(TypeError):
         nat.dq_ladder(f, [(1, 2, 4)], cbrt, 1 << 16, 100)
     spike = np.zeros(64, dtype=np.float32)

@@ -1531,7 +1531,7 @@ static PyObject *py_dq_ladder(PyObject *self, PyObject *args) {
     seq = PySequence_Fast(settings, "settings must be a sequence");
     if (!seq) goto done;
     ns = PySequence_Fast_GET_SIZE(seq);
-    if (d.len % sizeof(float) || tab.len % sizeof(double) || fit_max < 1 || iters < 0 || ns > 64) {
+    if (d.len % sizeof(float) || tab.len % sizeof(double) || fit_max < 1 || iters < 0) {
         PyErr_SetString(PyExc_ValueError, "dq_ladder: bad arguments"); goto done;
     }
     L = (ladder_t *)calloc(ns ? (size_t)ns : 1, sizeof(ladder_t));
