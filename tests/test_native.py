@@ -392,6 +392,30 @@ def test_pack_codes_and_kmeans_match_numpy(bits: int, n: int, monkeypatch: pytes
 
 
 @needs_native
+@pytest.mark.parametrize("bits,parts", [(1, 2), (2, 2), (3, 2), (4, 2), (8, 2), (4, 4), (3, 1), (8, 256), (2, 4)])
+def test_split_pack_matches_numpy(bits: int, parts: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Separate quantization's packed streams from the native kernel (two parts: gathered a chunk at a time and
+    written eight 1-bit values per step) are those of the numpy split and packers, across chunk boundaries and
+    counts that are not a multiple of eight."""
+    from deltahub.codecs._accel import native
+    from deltahub.codecs._quant import split_parts
+
+    pbits = (parts - 1).bit_length()
+    for n in (0, 1, 7, 8, 9, 4095, 4096, 4097, 10001, 70003):
+        codes = np.random.default_rng(n + bits).integers(0, 1 << bits, n).astype(np.uint8)
+        part, lows = native().split_pack(codes, bits, parts)
+        monkeypatch.setenv("DELTAHUB_NATIVE", "0")
+        part_t, low = split_parts(torch.from_numpy(codes), bits, parts)
+        if pbits:
+            assert bytes(part) == bytes(pack_codes(part_t, pbits).numpy())
+        if bits > pbits:
+            for j in range(parts):
+                want = pack_codes(torch.from_numpy(np.compress(part_t.numpy() == j, low.numpy())), bits - pbits)
+                assert bytes(lows[j]) == bytes(want.numpy()), (n, j)
+        monkeypatch.setenv("DELTAHUB_NATIVE", "1")
+
+
+@needs_native
 def test_spread_sums_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     from deltahub.codecs.deltadq import auto_candidates, spread_sums
 

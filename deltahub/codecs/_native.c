@@ -1435,8 +1435,67 @@ static inline void bw_flush(bitw_t *w) {
 
 /* Packs codes into the part stream pw (pbits > 0) and the low streams lw[part] (lbits > 0), buffers sized by
  * packed_nbytes of their counts. */
+/* bw_put of k values in a row, the writer's state in registers. */
+static void bw_put_many(bitw_t *w, const uint8_t *v, size_t k, unsigned b) {
+    uint64_t acc = w->acc;
+    unsigned nb = w->n;
+    size_t pos = w->pos;
+    uint8_t *p = w->p;
+    size_t i = 0;
+    if (b == 1)  /* eight 0 / 1 values gathered into one byte by a multiply (bit j from value j), then put as 8 bits */
+        for (; i + 8 <= k; i += 8) {
+            uint64_t x;
+            memcpy(&x, v + i, 8);
+            acc |= (((x & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56) << nb;
+            nb += 8;
+            if (nb >= 32) {
+                uint32_t word = (uint32_t)acc;
+                memcpy(p + pos, &word, 4);
+                pos += 4;
+                acc >>= 32;
+                nb -= 32;
+            }
+        }
+    for (; i < k; i++) {
+        acc |= (uint64_t)v[i] << nb;
+        nb += b;
+        if (nb >= 32) {
+            uint32_t word = (uint32_t)acc;
+            memcpy(p + pos, &word, 4);
+            pos += 4;
+            acc >>= 32;
+            nb -= 32;
+        }
+    }
+    w->acc = acc; w->n = nb; w->pos = pos;
+}
+
 static void pack_split(const uint8_t *c, size_t n, unsigned pbits, unsigned lbits, bitw_t *pw, bitw_t *lw) {
     unsigned lmask = (1u << lbits) - 1, pmask = (1u << pbits) - 1;
+    if (pbits == 1 && lbits) {
+        /* two parts, a chunk at a time: the part ids and each part's low bits gathered branch-free (every low value
+         * stored in both buffers, the count of its own part advanced), then each stream written in a row */
+        enum { CH = 4096 };
+        uint8_t tp[CH], t0[CH], t1[CH];
+        for (size_t a = 0; a < n; a += CH) {
+            size_t m = n - a < CH ? n - a : CH, c0 = 0, c1 = 0;
+            for (size_t i = 0; i < m; i++) {
+                unsigned x = c[a + i], p = (x >> lbits) & 1u, v = x & lmask;
+                tp[i] = (uint8_t)p;
+                t0[c0] = (uint8_t)v;
+                t1[c1] = (uint8_t)v;
+                c0 += p ^ 1u;
+                c1 += p;
+            }
+            bw_put_many(pw, tp, m, 1);
+            bw_put_many(&lw[0], t0, c0, lbits);
+            bw_put_many(&lw[1], t1, c1, lbits);
+        }
+        bw_flush(pw);
+        bw_flush(&lw[0]);
+        bw_flush(&lw[1]);
+        return;
+    }
     if (pbits && lbits) {
         for (size_t i = 0; i < n; i++) {
             unsigned p = (c[i] >> lbits) & pmask;
