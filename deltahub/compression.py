@@ -1159,9 +1159,7 @@ def _measure_curve(job: _Job, name: str, full_shape: tuple[int, ...], dtype: tor
             logger.debug("allocation: %s cannot use %s: %s", name, label, exc)
             continue
         fixed = sum(t.numel() * t.element_size() for r, t in enc.tensors.items() if r in c.fixed_size_roles)
-        stored = enc.nbytes
-        nbytes = fixed + math.ceil((stored - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label,
-                                                                              stored)
+        nbytes = fixed + math.ceil((enc.nbytes - fixed) * scale) + _entry_overhead(name, c.name, enc, full_shape, dtype, label)
         distortion = err * err * d2_full if d2_full > 0 and math.isfinite(err) else e2 * scale  # a zero delta: its own error
         curve.points.append(Point(cname, c.measured_params(p, enc), nbytes, distortion, err, label, metric,
                                   math.sqrt(d2_full), math.sqrt(e2 * scale) if scale == 1.0 else None))
@@ -1264,8 +1262,7 @@ _PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 _PLACEHOLDER_FLOAT = 0.12345678901234567
 
 
-def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str,
-                    nbytes: int | None = None) -> int:
+def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dtype: torch.dtype, label: str) -> int:
     """Bytes one tensor adds beyond its payloads: its manifest entry (as written, indented) and safetensors header
     entries. The entry without its params and byte count is sized once per name length, shape, codec and stored
     roles (every candidate of a tensor differs only there, and so do the same matrices of other layers); the
@@ -1274,7 +1271,7 @@ def _entry_overhead(name: str, codec: str, enc: Any, shape: tuple[int, ...], dty
     fixed = _entry_template_size("n" * len(name) if _plain(name) else name, codec, tuple(shape), dtype, label,
                                  tuple((r, t.dim()) for r, t in enc.tensors.items()))
     params = enc.params
-    digits = len(str(enc.nbytes if nbytes is None else nbytes))  # (``nbytes``: the caller's enc.nbytes)
+    digits = len(str(enc.nbytes))
     if not params:
         return fixed + digits - 1
     size = _flat_json_size(params)

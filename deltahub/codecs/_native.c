@@ -1433,43 +1433,23 @@ static inline void bw_flush(bitw_t *w) {
     }
 }
 
-/* Packs codes into the part stream pw (pbits > 0) and the low streams lw[part] (lbits > 0), buffers sized by
- * packed_nbytes of their counts. */
-/* bw_put of k values in a row, the writer's state in registers. */
+/* bw_put of k values in a row (on a local copy of the writer, whose fields then stay in registers); 1-bit values
+ * eight at a time, gathered into one byte by a multiply (bit j from value j). */
 static void bw_put_many(bitw_t *w, const uint8_t *v, size_t k, unsigned b) {
-    uint64_t acc = w->acc;
-    unsigned nb = w->n;
-    size_t pos = w->pos;
-    uint8_t *p = w->p;
+    bitw_t s = *w;
     size_t i = 0;
-    if (b == 1)  /* eight 0 / 1 values gathered into one byte by a multiply (bit j from value j), then put as 8 bits */
+    if (b == 1)
         for (; i + 8 <= k; i += 8) {
             uint64_t x;
             memcpy(&x, v + i, 8);
-            acc |= (((x & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56) << nb;
-            nb += 8;
-            if (nb >= 32) {
-                uint32_t word = (uint32_t)acc;
-                memcpy(p + pos, &word, 4);
-                pos += 4;
-                acc >>= 32;
-                nb -= 32;
-            }
+            bw_put(&s, (unsigned)(((x & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56), 8);
         }
-    for (; i < k; i++) {
-        acc |= (uint64_t)v[i] << nb;
-        nb += b;
-        if (nb >= 32) {
-            uint32_t word = (uint32_t)acc;
-            memcpy(p + pos, &word, 4);
-            pos += 4;
-            acc >>= 32;
-            nb -= 32;
-        }
-    }
-    w->acc = acc; w->n = nb; w->pos = pos;
+    for (; i < k; i++) bw_put(&s, v[i], b);
+    *w = s;
 }
 
+/* Packs codes into the part stream pw (pbits > 0) and the low streams lw[part] (lbits > 0), buffers sized by
+ * packed_nbytes of their counts. */
 static void pack_split(const uint8_t *c, size_t n, unsigned pbits, unsigned lbits, bitw_t *pw, bitw_t *lw) {
     unsigned lmask = (1u << lbits) - 1, pmask = (1u << pbits) - 1;
     if (pbits == 1 && lbits) {
@@ -1513,22 +1493,18 @@ static void pack_split(const uint8_t *c, size_t n, unsigned pbits, unsigned lbit
     if (lbits) for (unsigned j = 0; j < (1u << pbits); j++) bw_flush(&lw[j]);
 }
 
-/* split_pack(codes_u8, bits, parts) -> (part stream or None, [low stream of each part] or None): separate
- * quantization's streams packed as pack_codes packs them (part = code >> lbits, low = code & (2^lbits-1);
- * the lows of part j in order form stream j). Streams are bytearrays of exactly ceil(count * b / 8) bytes. */
-static PyObject *py_split_pack(PyObject *self, PyObject *args) {
-    Py_buffer codes = {0};
-    unsigned int bits, parts;
-    if (!PyArg_ParseTuple(args, "y*II", &codes, &bits, &parts)) return NULL;
-    PyObject *ret = NULL, *part_obj = NULL, *lows = NULL;
+/* The bits of a part id for `parts` parts of `bits`-bit codes (parts a power of two, at most 2^bits), or -1. */
+static int part_bits(unsigned bits, unsigned parts) {
     unsigned pbits = 0;
-    while ((1u << pbits) < parts) pbits++;
-    if (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) {
-        PyErr_SetString(PyExc_ValueError, "split_pack: bad bits / parts"); goto done;
-    }
-    unsigned lbits = bits - pbits, pmask = (1u << pbits) - 1;
-    size_t n = (size_t)codes.len;
-    const uint8_t *c = (const uint8_t *)codes.buf;
+    while (pbits < 9 && (1u << pbits) < parts) pbits++;
+    return (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) ? -1 : (int)pbits;
+}
+
+/* (part stream or None, [low stream of each part] or None) of n codes: the parts counted and the streams made with
+ * the GIL, packed without it. */
+static PyObject *split_streams(const uint8_t *c, size_t n, unsigned pbits, unsigned lbits) {
+    PyObject *ret = NULL, *part_obj = NULL, *lows = NULL;
+    unsigned parts = 1u << pbits, pmask = parts - 1;
     uint64_t counts[256] = {0};
     if (pbits) {
         for (size_t i = 0; i < n; i++) counts[(c[i] >> lbits) & pmask]++;
@@ -1557,6 +1533,20 @@ static PyObject *py_split_pack(PyObject *self, PyObject *args) {
 done:
     Py_XDECREF(part_obj);
     Py_XDECREF(lows);
+    return ret;
+}
+
+/* split_pack(codes_u8, bits, parts) -> (part stream or None, [low stream of each part] or None): separate
+ * quantization's streams packed as pack_codes packs them (part = code >> lbits, low = code & (2^lbits-1);
+ * the lows of part j in order form stream j). Streams are bytearrays of exactly ceil(count * b / 8) bytes. */
+static PyObject *py_split_pack(PyObject *self, PyObject *args) {
+    Py_buffer codes = {0};
+    unsigned int bits, parts;
+    if (!PyArg_ParseTuple(args, "y*II", &codes, &bits, &parts)) return NULL;
+    PyObject *ret = NULL;
+    int pbits = part_bits(bits, parts);
+    if (pbits < 0) PyErr_SetString(PyExc_ValueError, "split_pack: bad bits / parts");
+    else ret = split_streams((const uint8_t *)codes.buf, (size_t)codes.len, (unsigned)pbits, bits - (unsigned)pbits);
     PyBuffer_Release(&codes);
     return ret;
 }
@@ -1571,7 +1561,7 @@ done:
  * caller encodes that setting alone). */
 typedef struct {
     uint32_t k1, k2;
-    size_t g, keep, nk, k, cnt[256];
+    size_t g, keep, nk, k;
     unsigned bits, pbits, lbits;
     float *kept, cb[256];
     uint8_t *codes;
@@ -1600,13 +1590,10 @@ static PyObject *py_dq_ladder(PyObject *self, PyObject *args) {
         Py_ssize_t g, keep;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "IInnII", &k1, &k2, &g, &keep, &bits, &parts)) goto done;
         if (check_groups(0, (Py_ssize_t)length, g, keep)) goto done;
-        unsigned pbits = 0;
-        while ((1u << pbits) < parts) pbits++;
-        if (bits < 1 || bits > 8 || parts < 1 || (1u << pbits) != parts || pbits > bits) {
-            PyErr_SetString(PyExc_ValueError, "dq_ladder: bad bits / parts"); goto done;
-        }
+        int pbits = part_bits(bits, parts);
+        if (pbits < 0) { PyErr_SetString(PyExc_ValueError, "dq_ladder: bad bits / parts"); goto done; }
         ladder_t *x = &L[i];
-        x->k1 = k1; x->k2 = k2; x->g = (size_t)g; x->keep = (size_t)keep; x->bits = bits; x->pbits = pbits;
+        x->k1 = k1; x->k2 = k2; x->g = (size_t)g; x->keep = (size_t)keep; x->bits = bits; x->pbits = (unsigned)pbits;
         x->lbits = bits - pbits; x->k = (size_t)1 << bits; x->nk = length / (size_t)g * (size_t)keep;
         x->kept = (float *)malloc((x->nk ? x->nk : 1) * sizeof(float));
         x->codes = (uint8_t *)malloc(x->nk ? x->nk : 1);
@@ -1648,10 +1635,6 @@ static PyObject *py_dq_ladder(PyObject *self, PyObject *args) {
         }
         if (!x->ok) continue;
         quantize_c(x->codes, x->kept, scale, n, x->cb, x->k, 1, x->sums);
-        if (x->pbits) {
-            unsigned pmask = (1u << x->pbits) - 1;
-            for (size_t j = 0; j < n; j++) x->cnt[(x->codes[j] >> x->lbits) & pmask]++;
-        } else x->cnt[0] = n;
     }
     free(fit); free(srt); free(tmp); free(csum); free(cdf);
     Py_END_ALLOW_THREADS
@@ -1661,36 +1644,14 @@ static PyObject *py_dq_ladder(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < ns; i++) {
         ladder_t *x = &L[i];
         if (!x->ok) { Py_INCREF(Py_None); PyList_SET_ITEM(ret, i, Py_None); continue; }
-        unsigned parts = 1u << x->pbits;
-        bitw_t pw = {0}, lw[256];
-        memset(lw, 0, sizeof lw);
         PyObject *cb = PyByteArray_FromStringAndSize((const char *)x->cb, (Py_ssize_t)(x->k * sizeof(float)));
-        PyObject *part = NULL, *lows = NULL, *item = NULL;
-        if (!cb) goto fail;
-        if (x->pbits) {
-            part = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(x->nk, x->pbits));
-            if (!part) goto fail;
-            pw.p = (uint8_t *)PyByteArray_AS_STRING(part);
-        } else { Py_INCREF(Py_None); part = Py_None; }
-        if (x->lbits) {
-            lows = PyList_New(parts);
-            if (!lows) goto fail;
-            for (unsigned j = 0; j < parts; j++) {
-                PyObject *b = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)packed_nbytes(x->cnt[j], x->lbits));
-                if (!b) goto fail;
-                PyList_SET_ITEM(lows, j, b);
-                lw[j].p = (uint8_t *)PyByteArray_AS_STRING(b);
-            }
-        } else { Py_INCREF(Py_None); lows = Py_None; }
-        pack_split(x->codes, x->nk, x->pbits, x->lbits, &pw, lw);
-        item = Py_BuildValue("(N(ddd)NN)", cb, x->sums[0], x->sums[1], x->sums[2], part, lows);
-        if (!item) { cb = part = lows = NULL; goto fail; }  /* N steals even on failure */
+        PyObject *streams = cb ? split_streams(x->codes, x->nk, x->pbits, x->lbits) : NULL;
+        PyObject *item = streams ? Py_BuildValue("(O(ddd)OO)", cb, x->sums[0], x->sums[1], x->sums[2],
+                                                 PyTuple_GET_ITEM(streams, 0), PyTuple_GET_ITEM(streams, 1)) : NULL;
+        Py_XDECREF(cb);
+        Py_XDECREF(streams);
+        if (!item) { Py_CLEAR(ret); goto done; }
         PyList_SET_ITEM(ret, i, item);
-        continue;
-    fail:
-        Py_XDECREF(cb); Py_XDECREF(part); Py_XDECREF(lows);
-        Py_CLEAR(ret);
-        goto done;
     }
 done:
     if (L) for (Py_ssize_t i = 0; i < ns; i++) { free(L[i].kept); free(L[i].codes); }
